@@ -1,0 +1,203 @@
+"""The decoding loop: draft → score → verify → commit → feedback.
+
+With no drafter this is plain autoregressive decoding through the very same loop (one
+target call per token), so AR and speculative runs share every piece of code except the
+draft.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from specdec.drafters import Drafter, Proposal
+from specdec.lm import LanguageModel
+from specdec.sampling import SamplingConfig, logits_to_probs
+from specdec.verify import Verifier, choose_verifier
+
+
+@dataclass
+class DecodeStats:
+    """What one `generate` call did. Field names are a public contract (CLI `--json`, bench)."""
+
+    new_tokens: int = 0
+    target_calls: int = 0
+    """Target forward passes after the prompt prefill (= decoding iterations)."""
+    draft_tokens: int = 0
+    """Tokens proposed by the drafter (and scored by the target)."""
+    accepted_tokens: int = 0
+    """Drafted tokens accepted by the verifier (recovered/bonus tokens not counted)."""
+    mean_accepted_per_call: float = 0.0
+    """accepted_tokens / target_calls."""
+    tokens_per_call: float = 0.0
+    """new_tokens / target_calls: accepted drafts plus the target's own token, per call."""
+    accepted_per_position: list[float] = field(default_factory=list)
+    """Acceptance rate at draft position i (accepted / proposed at that position)."""
+    tokens_per_s: float = 0.0
+    wall_s: float = 0.0
+    """Prefill + decoding, excluding model loading."""
+    draft_s: float = 0.0
+    target_s: float = 0.0
+    """Target forward time, prefill included."""
+    prompt_tokens: int = 0
+    stopped_by: str = ""
+    """"eos" or "length"."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sync(device: torch.device) -> None:
+    # Timings are only honest when queued GPU work is finished.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class SpeculativeDecoder:
+    """Generate with a target model, an optional drafter and an exact verifier (batch 1)."""
+
+    def __init__(
+        self,
+        target: LanguageModel,
+        drafter: Drafter | None = None,
+        sampling: SamplingConfig = SamplingConfig(),
+        gamma: int = 4,
+        verifier: Verifier | None = None,
+        eos_token_ids: Sequence[int] = (),
+    ) -> None:
+        if drafter is not None and gamma < 1:
+            raise ValueError(f"gamma (draft length) must be >= 1, got {gamma}")
+        draft_lm = getattr(drafter, "model", None)
+        if draft_lm is not None and draft_lm.vocab_size != target.vocab_size:
+            raise ValueError(
+                f"draft and target vocabularies differ ({draft_lm.vocab_size} vs {target.vocab_size} logits); "
+                "speculative decoding needs a drafter with the target's tokenizer"
+            )
+        self.target = target
+        self.drafter = drafter
+        self.sampling = sampling
+        self.gamma = gamma if drafter is not None else 0
+        has_probs = drafter is not None and drafter.has_draft_probs
+        self.verifier = verifier or choose_verifier(sampling.greedy, has_probs)
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self.last_stats: DecodeStats | None = None
+        self._device = getattr(target, "device", torch.device("cpu"))
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int] | Tensor,
+        max_new_tokens: int,
+        generator: torch.Generator | None = None,
+    ) -> tuple[list[int], DecodeStats]:
+        """All new token ids (prompt excluded) and the statistics of the run."""
+        out: list[int] = []
+        for chunk in self.stream(prompt_ids, max_new_tokens, generator):
+            out.extend(chunk)
+        assert self.last_stats is not None
+        return out, self.last_stats
+
+    def stream(
+        self,
+        prompt_ids: Sequence[int] | Tensor,
+        max_new_tokens: int,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[list[int]]:
+        """Yield the tokens each iteration commits; `last_stats` is set when it ends."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten().cpu()
+        if prompt.numel() == 0:
+            raise ValueError("the prompt is empty; give at least one token")
+        max_len = prompt.numel() + max_new_tokens + self.gamma + 1
+        if max_len > self.target.context_length:
+            raise ValueError(
+                f"prompt of {prompt.numel()} tokens + {max_new_tokens} new tokens (+{self.gamma + 1} for drafts) "
+                f"exceeds the target's context of {self.target.context_length} tokens"
+            )
+        stats = DecodeStats(prompt_tokens=prompt.numel())
+        self.last_stats = stats
+        per_pos_proposed = [0] * self.gamma
+        per_pos_accepted = [0] * self.gamma
+        # committed = prompt + emitted tokens; its last token (the pending root) is not yet in
+        # the target's cache: each iteration scores [root, drafts…] in one pass.
+        committed = prompt.clone()
+        t_start = time.perf_counter()
+
+        self.target.reset(max_len)
+        if self.drafter is not None:
+            self.drafter.begin(prompt, max_len)
+        if prompt.numel() > 1:
+            t0 = time.perf_counter()
+            self.target.forward(prompt[:-1], last_only=True)
+            self.target.commit(prompt.numel() - 1)
+            _sync(self._device)
+            stats.target_s += time.perf_counter() - t0
+
+        while stats.new_tokens < max_new_tokens:
+            # 1. Draft.
+            t0 = time.perf_counter()
+            gamma = min(self.gamma, max_new_tokens - stats.new_tokens - 1)
+            if self.drafter is not None and gamma > 0:
+                proposal = self.drafter.propose(committed, gamma, generator)
+            else:
+                proposal = Proposal(committed.new_empty(0), None)
+            _sync(self._device)
+            t1 = time.perf_counter()
+            stats.draft_s += t1 - t0
+            drafted = proposal.tokens.cpu()
+
+            # 2. Score: one target pass over the root and the drafts.
+            logits = self.target.forward(torch.cat([committed[-1:], drafted]))
+            target_probs = logits_to_probs(logits, self.sampling)  # [γ' + 1, V]
+
+            # 3. Verify.
+            result = self.verifier(drafted, proposal.draft_probs, target_probs, generator)
+            _sync(self._device)
+            stats.target_s += time.perf_counter() - t1
+            n_acc = result.num_accepted
+
+            # 4. Commit: the root and the accepted drafts enter the target cache; the
+            # recovered/bonus token becomes the next root.
+            self.target.commit(1 + n_acc)
+            new = drafted[:n_acc].tolist() + [result.next_token]
+            stats.target_calls += 1
+            stats.draft_tokens += drafted.numel()
+            stats.accepted_tokens += n_acc
+            for i in range(drafted.numel()):
+                per_pos_proposed[i] += 1
+                per_pos_accepted[i] += i < n_acc
+
+            # EOS: nothing after the first EOS (no bonus after an accepted EOS); then the length cap.
+            stop = ""
+            for i, tok in enumerate(new):
+                if tok in self.eos_token_ids:
+                    new, stop = new[: i + 1], "eos"
+                    break
+            room = max_new_tokens - stats.new_tokens
+            if len(new) >= room and not stop:
+                stop = "length"
+            new = new[:room]
+            committed = torch.cat([committed, torch.tensor(new, dtype=torch.long)])
+            stats.new_tokens += len(new)
+
+            # 5. Feedback.
+            if self.drafter is not None and not stop:
+                self.drafter.observe(committed, n_acc)
+            self._finish(stats, t_start, per_pos_proposed, per_pos_accepted)
+            stats.stopped_by = stop
+            yield new
+            if stop:
+                break
+
+    @staticmethod
+    def _finish(stats: DecodeStats, t_start: float, proposed: list[int], accepted: list[int]) -> None:
+        stats.wall_s = time.perf_counter() - t_start
+        calls = max(stats.target_calls, 1)
+        stats.mean_accepted_per_call = stats.accepted_tokens / calls
+        stats.tokens_per_call = stats.new_tokens / calls
+        stats.tokens_per_s = stats.new_tokens / stats.wall_s if stats.wall_s > 0 else 0.0
+        stats.accepted_per_position = [a / p if p else 0.0 for a, p in zip(accepted, proposed)]

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny randomly initialised transformers models and exact toy models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from specdec.lm import HFLanguageModel
+
+TINY_VOCAB = 97
+
+
+def tiny_hf_model(arch: str = "llama", seed: int = 0, vocab: int = TINY_VOCAB, layers: int = 2):
+    """A tiny random causal LM in float32 (tie-free logits for practical purposes)."""
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        raise ValueError(arch)
+    # Larger weights than the default init give peaked, input-dependent distributions, so
+    # greedy paths are not trivially constant.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return model.float().eval()
+
+
+def tiny_lm(arch: str = "llama", seed: int = 0, vocab: int = TINY_VOCAB) -> HFLanguageModel:
+    return HFLanguageModel(tiny_hf_model(arch, seed, vocab))
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def arch(request) -> str:
+    return request.param
+
