@@ -120,7 +120,8 @@ class HFLanguageModel:
     def __init__(self, model: "PreTrainedModel") -> None:
         self.model = model.eval()
         config = model.config.get_text_config(decoder=True)
-        self.vocab_size: int = model.get_output_embeddings().weight.shape[0]
+        head = model.get_output_embeddings()
+        self.vocab_size: int = int(getattr(head, "out_features", 0) or head.weight.shape[0])
         self.context_length: int = int(getattr(config, "max_position_embeddings", 1 << 20))
         self.num_layers: int = config.num_hidden_layers
         self.device = next(model.parameters()).device

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
 
 
@@ -101,18 +102,37 @@ class Pipeline:
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        draft_dtype: str | None = None,
+        fast_linear: str = "auto",
         progress: bool = True,
     ) -> None:
+        """Load the models.
+
+        dtype: the target's dtype (and the draft's unless `draft_dtype` says otherwise).
+        draft_dtype: None (same as the target), "float32", "bfloat16", "float16" or "int8"
+            (dynamic int8 quantization of the draft's linears, CPU). The draft's precision only
+            changes speed: every drafted token is verified against the target.
+        fast_linear: "auto" (default), "on" or "off": prepacked oneDNN linears on the CPU
+            (`specdec.fastpath`); same function up to float32 round-off.
+        """
+        from specdec.fastpath import enable_packed_linears, quantize_draft_int8
         from specdec.hub import load_model
 
         self.target_name, self.draft_name = target, draft
         target_model, self.tokenizer = load_model(target, dtype=dtype, device=device, progress=progress)
+        self.fast_linears = enable_packed_linears(target_model, fast_linear)
         self.target_lm: LanguageModel = HFLanguageModel(target_model)
         self.eos_token_ids = eos_ids(target_model, self.tokenizer)
         self.draft_lm: LanguageModel | None = None
         if draft is not None:
-            draft_model, draft_tok = load_model(draft, dtype=dtype, device=device, progress=progress)
+            int8 = draft_dtype == "int8"
+            ddtype = dtype if draft_dtype in (None, "int8") else _DTYPES[draft_dtype]
+            draft_model, draft_tok = load_model(draft, dtype=torch.float32 if int8 else ddtype, device=device, progress=progress)
             check_same_tokenizer(self.tokenizer, draft_tok)
+            if int8:
+                draft_model = quantize_draft_int8(draft_model)
+            else:
+                enable_packed_linears(draft_model, fast_linear)
             self.draft_lm = HFLanguageModel(draft_model)
             if self.draft_lm.vocab_size != self.target_lm.vocab_size:
                 raise ValueError(
