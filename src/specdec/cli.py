@@ -169,6 +169,71 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- bench ---------------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Every method (and the hf-* peers) on a prompt file: results.jsonl, summary.md, plots."""
+    from pathlib import Path
+
+    from specdec import bench
+
+    prompts = bench.load_prompts(args.prompts)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    prompts = bench.select_prompts(prompts, tasks=tasks, per_task=args.per_task)
+    opts: dict[str, Any] = {"max_ngram": args.max_ngram}
+    for name in ("budget", "expansion"):
+        if getattr(args, name) is not None:
+            opts[name] = bench.parse_value(getattr(args, name))
+    opts.update(bench.parse_opts(args.opt))
+    settings = bench.BenchSettings(
+        methods=bench.parse_methods(args.methods),
+        temperatures=bench.parse_temperatures(args.temperatures),
+        max_new_tokens=args.max_new_tokens,
+        repeats=args.repeats,
+        gamma=args.gamma,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        opts=opts,
+    )
+    # The command as it resolves, defaults included: re-running it resumes the same run.
+    argv = ["specdec", "bench", "--prompts", args.prompts, "--out", args.out, "--methods", ",".join(settings.methods),
+            "--temperatures", ",".join(f"{t:g}" for t in settings.temperatures),
+            "--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats), "--gamma", str(args.gamma),
+            "--max-ngram", str(args.max_ngram), "--top-k", str(args.top_k), "--top-p", f"{args.top_p:g}",
+            "--target", args.target, "--draft", args.draft, "--dtype", args.dtype, "--device", args.device]
+    argv += ["--per-task", str(args.per_task)] if args.per_task is not None else []
+    argv += ["--tasks", args.tasks] if args.tasks else []
+    for name in ("budget", "expansion"):
+        argv += [f"--{name}", getattr(args, name)] if getattr(args, name) is not None else []
+    for item in args.opt:
+        argv += ["--opt", item]
+    argv += ["--log", args.log] if args.log else []
+    argv += ["--no-plots"] if args.no_plots else []
+    command = bench.command_line(argv)
+
+    draft = args.draft if bench.needs_draft(settings.methods) else None
+    fp = bench.fingerprint(settings, args.target, str(DTYPES[args.dtype]))
+    bench.check_out_dir(args.out, fp, draft)
+    done = {bench.row_key(r) for r in bench.load_results(Path(args.out) / bench.RESULTS).rows}
+    todo = sum(
+        (p.id, m, t, r) not in done
+        for p in prompts for t in settings.temperatures for r in range(settings.repeats) for m in settings.methods
+    )
+    total = len(prompts) * len(settings.temperatures) * settings.repeats * len(settings.methods)
+    print(f"{len(prompts)} prompts x {len(settings.methods)} methods x {len(settings.temperatures)} temperatures x "
+          f"{settings.repeats} repeats = {total} rows, {total - todo} already in {args.out}", file=sys.stderr)
+    pipe = _load(args, draft is not None) if todo else None
+    report = bench.run_bench(pipe, prompts, args.out, settings, log_path=args.log, plots=not args.no_plots,
+                             command=command, draft_name=draft)
+    print(bench.render_tables(report.summary))
+    print(f"wrote {Path(args.out) / bench.RESULTS} ({len(report.rows)} rows, {report.ran} new), "
+          f"{Path(args.out) / bench.SUMMARY}" + "".join(f", {p}" for p in report.plots), file=sys.stderr)
+    bad = report.summary.greedy_mismatches()
+    if bad:
+        _err(f"{bad} greedy outputs differ from AR (see {Path(args.out) / bench.SUMMARY})")
+        return 1
+    return 0
+
+
 # ---- entry point ---------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specdec", description="Lossless speculative decoding.")
@@ -197,6 +262,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(demo)
     _add_decode_args(demo)
     demo.set_defaults(func=cmd_demo)
+
+    bench_p = sub.add_parser(
+        "bench",
+        help="benchmark methods and Hugging Face peers on a prompt file (resumable)",
+        description="Run every method on every prompt (AR first, then the others, per prompt), append one row "
+        "per (prompt, method, temperature, repeat) to OUT/results.jsonl, and write OUT/summary.md and plots. "
+        "Re-running with the same --out resumes: rows already there are skipped. Progress goes to stderr and, "
+        "one line per row, to the log file, so a long run can be left in the background: "
+        "nohup specdec bench ... > /dev/null 2>&1 &",
+    )
+    bench_p.add_argument("--prompts", required=True, help="JSONL prompt file: one object a line with id, task, turns "
+                         "(the first turn is sent, as a chat message when the target has a chat template)")
+    bench_p.add_argument("--out", required=True, help="output directory (created; re-use it to resume)")
+    bench_p.add_argument("--methods", default="ar,sps,pld",
+                         help=f"comma-separated; ours: {', '.join(METHODS)}; peers: hf-ar, hf-assisted, "
+                         "hf-assisted-tuned, hf-pld ('hf' = all peers). ar always runs (the baseline), and hf-ar "
+                         "when a peer is asked for (default ar,sps,pld)")
+    bench_p.add_argument("--temperatures", default="0", help="comma-separated, 0 = greedy (default 0)")
+    bench_p.add_argument("--max-new-tokens", type=int, default=128)
+    bench_p.add_argument("--repeats", type=int, default=1, help="runs per prompt, method and temperature (default 1)")
+    bench_p.add_argument("--per-task", type=int, default=None, metavar="N",
+                         help="the first N prompts of each task category, in file order (deterministic)")
+    bench_p.add_argument("--tasks", default=None, help="comma-separated task categories to keep (default all)")
+    bench_p.add_argument("--gamma", type=int, default=4,
+                         help="draft length per target call; also hf-assisted-tuned's num_assistant_tokens and "
+                         "hf-pld's prompt_lookup_num_tokens (default 4)")
+    bench_p.add_argument("--max-ngram", type=int, default=3, help="pld (and hf-pld): longest n-gram to look up")
+    bench_p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    bench_p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    bench_p.add_argument("--budget", default=None, help="passed to the methods as the option budget")
+    bench_p.add_argument("--expansion", default=None, help="passed to the methods as the option expansion")
+    bench_p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                         help="any other per-method option, passed to the methods (repeatable; VALUE parsed as JSON "
+                         "when it can be)")
+    bench_p.add_argument("--log", default=None, help="progress log, one line per row (default OUT/bench.log)")
+    bench_p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    _add_model_args(bench_p)
+    bench_p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -119,5 +119,7 @@ def quantize_draft_int8(model: nn.Module) -> nn.Module:
     import warnings
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # PyTorch's deprecation notice for quantized tensors
+        # PyTorch deprecates its quantized tensors (in favour of torchao); they still work.
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
