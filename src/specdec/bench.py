@@ -930,8 +930,8 @@ def render_summary(
         "**Speedup** = geometric mean over prompts (and repeats) of tokens/s of the method ÷ tokens/s of our AR on the "
         "same prompt, temperature and repeat, measured back to back. **tok/call** = new tokens per target call; "
         "**acc/call** = accepted draft tokens per target call; **acceptance by position** = mean over prompts of the "
-        "acceptance rate at draft position 1, 2, … (as the decoder reports it: 0 where a position was never "
-        "proposed); **SWI** where the method reports it; **≠AR** = greedy outputs "
+        "acceptance rate at draft position 1, 2, … (a prompt that never proposed a position does not count "
+        "there); **SWI** where the method reports it; **≠AR** = greedy outputs "
         "that differ from our AR (must be 0 for our methods; for hf-* it only reflects transformers' own kernels).",
         "",
     ]

@@ -46,7 +46,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=DEFAULT_TARGET, help=f"known model name, .gguf file, local dir or HF id (default {DEFAULT_TARGET})")
     p.add_argument("--draft", default=DEFAULT_DRAFT, help=f"draft model for methods that need one (default {DEFAULT_DRAFT})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="target dtype (default float32)")
+    p.add_argument(
+        "--draft-dtype", default=None, choices=sorted(DTYPES) + ["int8"],
+        help="draft precision; int8 = dynamic int8 quantization of the draft's linears (CPU). It changes speed "
+        "only, never the output: every drafted token is verified against the target",
+    )
+    p.add_argument(
+        "--fast-linear", default="auto", choices=["auto", "on", "off"],
+        help="prepacked oneDNN linears on the CPU (same model up to float32 round-off; auto = when verified faster)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, which honours OMP_NUM_THREADS)")
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
@@ -73,9 +83,16 @@ def _prompt(args: argparse.Namespace) -> tuple[str, bool | None]:
 
 
 def _load(args: argparse.Namespace, need_draft: bool) -> Pipeline:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     print(f"loading {args.target}" + (f" + {args.draft}" if need_draft else "") + " …", file=sys.stderr)
-    pipe = Pipeline(args.target, args.draft if need_draft else None, device=args.device, dtype=DTYPES[args.dtype])
+    pipe = Pipeline(
+        args.target, args.draft if need_draft else None, device=args.device, dtype=DTYPES[args.dtype],
+        draft_dtype=args.draft_dtype, fast_linear=args.fast_linear,
+    )
     print(f"loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return pipe
 
@@ -234,6 +251,42 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- profile -------------------------------------------------------------------------------
+def cmd_profile(args: argparse.Namespace) -> int:
+    """t(k) of the target (and draft) on the plain path and on the fast path, from one process."""
+    from specdec.fastpath import enable_packed_linears, quantize_draft_int8
+    from specdec.hub import cache_dir, load_model
+    from specdec.lm import HFLanguageModel
+    from specdec.profile import format_table, measure_forward
+
+    ks = tuple(int(k) for k in args.ks.split(","))
+    if not ks or min(ks) < 1:
+        raise ValueError("--ks must be a comma-separated list of positive integers")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    report: dict[str, Any] = {"device": args.device, "threads": torch.get_num_threads(), "models": {}}
+    roles = [("target", args.target)] + ([("draft", args.draft)] if args.draft else [])
+    for role, name in roles:
+        model, _ = load_model(name, dtype=DTYPES[args.dtype], device=args.device)
+        profiles = [measure_forward(HFLanguageModel(model), ks, args.context, args.repeats, path="plain")]
+        if enable_packed_linears(model, "on"):
+            profiles.append(measure_forward(HFLanguageModel(model), ks, args.context, args.repeats, path="packed oneDNN"))
+        if role == "draft" and args.device == "cpu":
+            del model
+            qmodel = quantize_draft_int8(load_model(name, dtype=torch.float32, device=args.device)[0])
+            profiles.append(measure_forward(HFLanguageModel(qmodel), ks, args.context, args.repeats, path="int8 dynamic"))
+            del qmodel
+        print(format_table(f"{role} {name}", profiles) + "\n")
+        report["models"][role] = {"name": name, "profiles": [p.to_dict() for p in profiles]}
+        model = None
+    safe = "__".join(Path(str(n)).name for n in (args.target, args.draft or "none", args.device))
+    out = Path(args.out) if args.out else cache_dir() / "profiles" / f"{safe}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"saved {out}", file=sys.stderr)
+    return 0
+
+
 # ---- entry point ---------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specdec", description="Lossless speculative decoding.")
@@ -255,6 +308,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     _add_decode_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    prof = sub.add_parser("profile", help="t(k): ms per forward over k new tokens, plain vs fast path")
+    prof.add_argument("--target", default=DEFAULT_TARGET)
+    prof.add_argument("--draft", default=None, help="also profile this draft model (plain, packed, int8)")
+    prof.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    prof.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    prof.add_argument("--ks", default="1,2,4,8,16,32,64,128,256", help="block sizes k to time")
+    prof.add_argument("--context", type=int, default=200, help="committed tokens in the cache before each timed pass")
+    prof.add_argument("--repeats", type=int, default=3, help="timed passes per k (median reported)")
+    prof.add_argument("--threads", type=int, default=None)
+    prof.add_argument("--out", default=None, help="JSON file for the measurements (default: in the cache)")
+    prof.set_defaults(func=cmd_profile)
 
     demo = sub.add_parser("demo", help="AR vs speculative decoding on the default models")
     demo.add_argument("--chat", help=f"the user message (default: {DEMO_PROMPT!r})")

@@ -200,4 +200,6 @@ class SpeculativeDecoder:
         stats.mean_accepted_per_call = stats.accepted_tokens / calls
         stats.tokens_per_call = stats.new_tokens / calls
         stats.tokens_per_s = stats.new_tokens / stats.wall_s if stats.wall_s > 0 else 0.0
-        stats.accepted_per_position = [a / p if p else 0.0 for a, p in zip(accepted, proposed)]
+        # Positions never proposed (short proposals, or none at all) have no rate: trim them.
+        used = sum(1 for p in proposed if p)
+        stats.accepted_per_position = [a / p for a, p in zip(accepted[:used], proposed[:used])]
