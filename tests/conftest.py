@@ -46,3 +46,12 @@ def tiny_lm(arch: str = "llama", seed: int = 0, vocab: int = TINY_VOCAB) -> HFLa
 def arch(request) -> str:
     return request.param
 
+
+
+@pytest.fixture
+def one_thread():
+    """Toy-model tests move tiny tensors: intra-op threads only add synchronisation overhead."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -91,7 +91,7 @@ def test_methods_are_validated_and_ordered():
     assert parse_methods("pld,sps") == ["ar", "pld", "sps"]
     assert parse_methods("hf-pld,sps,ar") == ["ar", "sps", "hf-ar", "hf-pld"]
     assert parse_methods("hf") == ["ar"] + list(bench.HF_PEERS)
-    with pytest.raises(ValueError, match="unknown method 'nope'; choose from: ar, sps, pld, hf-ar, hf-assisted"):
+    with pytest.raises(ValueError, match="unknown method 'nope'; choose from: ar, sps, pld, .*hf-ar, hf-assisted"):
         parse_methods("ar,nope")
     with pytest.raises(ValueError, match="temperature"):
         BenchSettings(methods=["ar"], temperatures=[-1.0])
@@ -255,7 +255,7 @@ def test_cli_reports_bad_input_before_loading_models(tmp_path, capsys):
     cases = [
         (["--prompts", str(tmp_path / "missing.jsonl")], "does not exist"),
         (["--prompts", str(bad)], "bad.jsonl line 2: invalid JSON"),
-        (["--prompts", str(good), "--methods", "ar,warp"], "unknown method 'warp'; choose from: ar, sps, pld, hf-ar"),
+        (["--prompts", str(good), "--methods", "ar,warp"], "unknown method 'warp'; choose from: ar, sps, pld"),
         (["--prompts", str(good), "--tasks", "qa,poetry"], "unknown task 'poetry'; the prompt file has: qa"),
         (["--prompts", str(good), "--temperatures", "0,hot"], "temperature 'hot' is not a number"),
         (["--prompts", str(good), "--opt", "novalue"], "expected KEY=VALUE"),

@@ -26,12 +26,8 @@ ALPHA = 1e-3
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # The toy tensors are tiny: intra-op threads only add synchronisation overhead.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _toy_threads(one_thread):
     yield
-    torch.set_num_threads(old)
 
 
 def exact_continuations(target: MarkovLM, sampling: SamplingConfig, eos: int | None) -> dict[tuple, float]:

@@ -44,7 +44,11 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
 # ---- generate ------------------------------------------------------------------------------
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=DEFAULT_TARGET, help=f"known model name, .gguf file, local dir or HF id (default {DEFAULT_TARGET})")
-    p.add_argument("--draft", default=DEFAULT_DRAFT, help=f"draft model for methods that need one (default {DEFAULT_DRAFT})")
+    p.add_argument(
+        "--draft", action="append", default=None,
+        help=f"draft model for methods that need one (default {DEFAULT_DRAFT}); repeat it to merge several "
+        "drafters' trees (specinfer)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="target dtype (default float32)")
     p.add_argument(
@@ -68,6 +72,7 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (T > 0)")
     p.add_argument("--max-ngram", type=int, default=3, help="pld: longest n-gram to look up")
+    p.add_argument("--expansion", default=None, help="specinfer: children per tree level, e.g. 1,1,3,1,1,1,1,1 (default)")
 
 
 def _sampling(args: argparse.Namespace) -> SamplingConfig:
@@ -82,15 +87,24 @@ def _prompt(args: argparse.Namespace) -> tuple[str, bool | None]:
     return given[0]
 
 
+def _drafts(args: argparse.Namespace) -> list[str]:
+    """The --draft values (repeatable), or the default draft model."""
+    value = getattr(args, "draft", None)
+    if value is None:
+        return [DEFAULT_DRAFT]
+    return [value] if isinstance(value, str) else list(value)
+
+
 def _load(args: argparse.Namespace, need_draft: bool) -> Pipeline:
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    print(f"loading {args.target}" + (f" + {args.draft}" if need_draft else "") + " …", file=sys.stderr)
+    drafts = _drafts(args) if need_draft else []
+    print(f"loading {args.target}" + "".join(f" + {d}" for d in drafts) + " …", file=sys.stderr)
     pipe = Pipeline(
-        args.target, args.draft if need_draft else None, device=args.device, dtype=DTYPES[args.dtype],
+        args.target, drafts or None, device=args.device, dtype=DTYPES[args.dtype],
         draft_dtype=args.draft_dtype, fast_linear=args.fast_linear,
     )
     print(f"loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -134,7 +148,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = _load(args, METHODS[args.method].needs_draft_model)
     dec, chunks = pipe.stream(
         text, args.method, args.max_new_tokens, sampling, gamma=args.gamma, seed=args.seed, chat=chat,
-        max_ngram=args.max_ngram,
+        max_ngram=args.max_ngram, expansion=args.expansion,
     )
     if args.json:
         ids: list[int] = []
@@ -216,7 +230,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "--temperatures", ",".join(f"{t:g}" for t in settings.temperatures),
             "--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats), "--gamma", str(args.gamma),
             "--max-ngram", str(args.max_ngram), "--top-k", str(args.top_k), "--top-p", f"{args.top_p:g}",
-            "--target", args.target, "--draft", args.draft, "--dtype", args.dtype, "--device", args.device]
+            "--target", args.target, "--dtype", args.dtype, "--device", args.device, "--fast-linear", args.fast_linear]
+    for name in _drafts(args):
+        argv += ["--draft", name]
+    argv += ["--draft-dtype", args.draft_dtype] if args.draft_dtype else []
+    argv += ["--threads", str(args.threads)] if args.threads else []
     argv += ["--per-task", str(args.per_task)] if args.per_task is not None else []
     argv += ["--tasks", args.tasks] if args.tasks else []
     for name in ("budget", "expansion"):
@@ -227,8 +245,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     argv += ["--no-plots"] if args.no_plots else []
     command = bench.command_line(argv)
 
-    draft = args.draft if bench.needs_draft(settings.methods) else None
+    draft = ",".join(_drafts(args)) if bench.needs_draft(settings.methods) else None
     fp = bench.fingerprint(settings, args.target, str(DTYPES[args.dtype]))
+    # Timings are only comparable on the same device and model paths.
+    fp.update(device=args.device, fast_linear=args.fast_linear, draft_dtype=args.draft_dtype, threads=args.threads)
     bench.check_out_dir(args.out, fp, draft)
     done = {bench.row_key(r) for r in bench.load_results(Path(args.out) / bench.RESULTS).rows}
     todo = sum(

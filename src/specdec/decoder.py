@@ -17,7 +17,8 @@ from torch import Tensor
 from specdec.drafters import Drafter, Proposal
 from specdec.lm import LanguageModel
 from specdec.sampling import SamplingConfig, logits_to_probs
-from specdec.verify import Verifier, choose_verifier
+from specdec.tree import TokenTree
+from specdec.verify import TreeVerifier, Verifier, choose_tree_verifier, choose_verifier
 
 
 @dataclass
@@ -36,7 +37,9 @@ class DecodeStats:
     tokens_per_call: float = 0.0
     """new_tokens / target_calls: accepted drafts plus the target's own token, per call."""
     accepted_per_position: list[float] = field(default_factory=list)
-    """Acceptance rate at draft position i (accepted / proposed at that position)."""
+    """Acceptance rate at draft position (tree depth) i: accepted / proposed at that position."""
+    tree_tokens: float = 0.0
+    """Drafted tokens scored per target call (tree size; the draft length for chains)."""
     tokens_per_s: float = 0.0
     wall_s: float = 0.0
     """Prefill + decoding, excluding model loading."""
@@ -68,6 +71,7 @@ class SpeculativeDecoder:
         gamma: int = 4,
         verifier: Verifier | None = None,
         eos_token_ids: Sequence[int] = (),
+        tree_verifier: TreeVerifier | None = None,
     ) -> None:
         if drafter is not None and gamma < 1:
             raise ValueError(f"gamma (draft length) must be >= 1, got {gamma}")
@@ -80,9 +84,11 @@ class SpeculativeDecoder:
         self.target = target
         self.drafter = drafter
         self.sampling = sampling
-        self.gamma = gamma if drafter is not None else 0
+        # Tree drafters fix their own depth; `gamma` is then the number of levels they draft.
+        self.gamma = int(getattr(drafter, "max_depth", gamma)) if drafter is not None else 0
         has_probs = drafter is not None and drafter.has_draft_probs
         self.verifier = verifier or choose_verifier(sampling.greedy, has_probs)
+        self.tree_verifier = tree_verifier or choose_tree_verifier(sampling.greedy, has_probs)
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.last_stats: DecodeStats | None = None
         self._device = getattr(target, "device", torch.device("cpu"))
@@ -112,15 +118,17 @@ class SpeculativeDecoder:
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten().cpu()
         if prompt.numel() == 0:
             raise ValueError("the prompt is empty; give at least one token")
-        max_len = prompt.numel() + max_new_tokens + self.gamma + 1
+        # Room for the largest block the target will score: the root plus every drafted node.
+        block = 1 + (getattr(self.drafter, "max_nodes", self.gamma) if self.drafter is not None else 0)
+        max_len = prompt.numel() + max_new_tokens + block
         if max_len > self.target.context_length:
             raise ValueError(
-                f"prompt of {prompt.numel()} tokens + {max_new_tokens} new tokens (+{self.gamma + 1} for drafts) "
+                f"prompt of {prompt.numel()} tokens + {max_new_tokens} new tokens (+{block} for drafts) "
                 f"exceeds the target's context of {self.target.context_length} tokens"
             )
         stats = DecodeStats(prompt_tokens=prompt.numel())
         self.last_stats = stats
-        per_pos_proposed = [0] * self.gamma
+        per_pos_proposed = [0] * self.gamma  # by draft position (chains) or tree depth
         per_pos_accepted = [0] * self.gamma
         # committed = prompt + emitted tokens; its last token (the pending root) is not yet in
         # the target's cache: each iteration scores [root, drafts…] in one pass.
@@ -149,25 +157,35 @@ class SpeculativeDecoder:
             t1 = time.perf_counter()
             stats.draft_s += t1 - t0
             drafted = proposal.tokens.cpu()
+            is_tree = isinstance(proposal, TokenTree)
 
-            # 2. Score: one target pass over the root and the drafts.
-            logits = self.target.forward(torch.cat([committed[-1:], drafted]))
-            target_probs = logits_to_probs(logits, self.sampling)  # [γ' + 1, V]
+            # 2. Score: one target pass over the root and the drafts (a chain or a whole tree).
+            block_ids = torch.cat([committed[-1:], drafted])
+            logits = self.target.forward(block_ids, proposal.target_parents() if is_tree else None)
+            target_probs = logits_to_probs(logits, self.sampling)  # [N + 1, V]
 
             # 3. Verify.
-            result = self.verifier(drafted, proposal.draft_probs, target_probs, generator)
+            if is_tree:
+                result = self.tree_verifier(proposal, target_probs, generator)
+            else:
+                result = self.verifier(drafted, proposal.draft_probs, target_probs, generator)
             _sync(self._device)
             stats.target_s += time.perf_counter() - t1
             n_acc = result.num_accepted
+            path = list(result.path())
 
-            # 4. Commit: the root and the accepted drafts enter the target cache; the
-            # recovered/bonus token becomes the next root.
-            self.target.commit(1 + n_acc)
-            new = drafted[:n_acc].tolist() + [result.next_token]
+            # 4. Commit: the root and the accepted drafts enter the target cache (gathered by
+            # index for a tree); the recovered/bonus token becomes the next root.
+            if is_tree:
+                self.target.commit(torch.tensor([0] + [node + 1 for node in path]))
+            else:
+                self.target.commit(1 + n_acc)
+            new = drafted[path].tolist() + [result.next_token]
             stats.target_calls += 1
             stats.draft_tokens += drafted.numel()
             stats.accepted_tokens += n_acc
-            for i in range(drafted.numel()):
+            proposed_depth = proposal.max_depth() if is_tree else drafted.numel()
+            for i in range(proposed_depth):
                 per_pos_proposed[i] += 1
                 per_pos_accepted[i] += i < n_acc
 
@@ -186,7 +204,7 @@ class SpeculativeDecoder:
 
             # 5. Feedback.
             if self.drafter is not None and not stop:
-                self.drafter.observe(committed, n_acc)
+                self.drafter.observe(committed, result)
             self._finish(stats, t_start, per_pos_proposed, per_pos_accepted)
             stats.stopped_by = stop
             yield new
@@ -198,6 +216,7 @@ class SpeculativeDecoder:
         stats.wall_s = time.perf_counter() - t_start
         calls = max(stats.target_calls, 1)
         stats.mean_accepted_per_call = stats.accepted_tokens / calls
+        stats.tree_tokens = stats.draft_tokens / calls
         stats.tokens_per_call = stats.new_tokens / calls
         stats.tokens_per_s = stats.new_tokens / stats.wall_s if stats.wall_s > 0 else 0.0
         # Positions never proposed (short proposals, or none at all) have no rate: trim them.

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from specdec.tree import ancestor_mask, chain_parents, depths
+from specdec.tree import ancestor_mask, depths, validate_parents
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -43,13 +43,18 @@ class LanguageModel(Protocol):
     def forward(
         self,
         input_ids: Tensor,  # [n] int64
-        parents: Tensor | None = None,  # [n] int64 block-relative parents (-1 = prefix); None = chain
+        parents: Tensor | None = None,  # [n] int64 parents within the pending region (-1 = prefix); None = chain
         last_only: bool = False,
+        append: bool = False,
     ) -> Tensor:  # [n, V] logits (or [1, V] when last_only)
-        """Score a block of n tokens placed after the committed prefix; commits nothing."""
+        """Score a block of n tokens placed after the committed prefix; commits nothing.
+
+        With `append`, the block joins the uncommitted tokens of earlier calls (the pending
+        region) and `parents` index into that whole region, so a tree can be grown level by level.
+        """
 
     def commit(self, keep: Tensor | int) -> None:
-        """Keep the first `keep` tokens of the last block, or the given block indices in order."""
+        """Keep the first `keep` pending tokens, or the given pending indices in path order."""
 
     def crop(self, length: int) -> None:
         """Forget committed tokens past `length`."""
@@ -114,6 +119,22 @@ class SlotCache(Cache):
                     layer.values[:, :, dst_start : dst_start + a] = layer.values.index_select(2, src_slots)
 
 
+def _check_supported(model: "PreTrainedModel", config) -> None:
+    """Refuse models whose attention our explicit 4D mask cannot express correctly."""
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
+        layer_types = ["sliding_attention"]
+    odd = sorted(set(layer_types) - {"full_attention"})
+    if odd:
+        raise ValueError(
+            f"{type(model).__name__} uses {', '.join(odd)} layers; specdec's tree attention supports full-attention "
+            "decoder layers only (a custom mask would silently ignore a sliding window)"
+        )
+    impl = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
+    if impl not in ("sdpa", "eager"):
+        raise ValueError(f"attention implementation {impl!r} is not supported; load the model with sdpa or eager")
+
+
 class HFLanguageModel:
     """A transformers causal LM behind the `LanguageModel` contract (batch 1, no forked modeling code)."""
 
@@ -124,12 +145,13 @@ class HFLanguageModel:
         self.vocab_size: int = int(getattr(head, "out_features", 0) or head.weight.shape[0])
         self.context_length: int = int(getattr(config, "max_position_embeddings", 1 << 20))
         self.num_layers: int = config.num_hidden_layers
+        _check_supported(model, config)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.kv_len = 0
         self._cache = SlotCache(self.num_layers, capacity=0)
-        self._block_start = 0  # slot of the first token of the last forward block
-        self._block_len = 0
+        # Parents (relative to the first pending slot) of the uncommitted tokens after the prefix.
+        self._pending_parents = torch.empty(0, dtype=torch.long)  # CPU: topology only
 
     # ---- sequence management -------------------------------------------------------------
     def reset(self, max_len: int) -> None:
@@ -141,28 +163,40 @@ class HFLanguageModel:
         if self._cache.capacity < max_len:
             self._cache = SlotCache(self.num_layers, capacity=max_len)
         self.kv_len = 0
-        self._block_len = 0
+        self._pending_parents = self._pending_parents[:0]
 
-    def forward(self, input_ids: Tensor, parents: Tensor | None = None, last_only: bool = False) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, parents: Tensor | None = None, last_only: bool = False, append: bool = False
+    ) -> Tensor:
         n = input_ids.shape[0]
-        if self.kv_len + n > self._cache.capacity:
-            raise ValueError(
-                f"cache overflow: {self.kv_len} cached + {n} new tokens > capacity {self._cache.capacity}"
-            )
         device = self.device
         input_ids = input_ids.to(device)
-        if parents is None:
-            parents = chain_parents(n, device=device)
+        # The pending region holds uncommitted blocks; `append` grows it (a draft tree built level
+        # by level), otherwise it restarts right after the committed prefix.
+        prev = self._pending_parents if append else self._pending_parents[:0]
+        n_prev = prev.shape[0]
+        start = self.kv_len + n_prev
+        if start + n > self._cache.capacity:
+            raise ValueError(f"cache overflow: {start} cached + {n} new tokens > capacity {self._cache.capacity}")
+        # Topology is tiny and lives on the CPU: validate it and derive positions and the mask
+        # there, then move the results once (no per-round device syncs).
+        if parents is None:  # a chain, continuing the pending region when appending
+            parents = torch.arange(n_prev - 1, n_prev + n - 1)
+            if n_prev == 0 or not append:
+                parents[0] = -1
         else:
-            parents = parents.to(device)
-        position_ids = (self.kv_len + depths(parents)).unsqueeze(0)  # [1, n]
-        # Additive mask over [prefix | block]: the prefix is visible to all, inside the block a
-        # token sees its ancestors and itself only (siblings and cousins stay hidden).
-        visible = torch.ones(n, self.kv_len + n, dtype=torch.bool, device=device)
-        visible[:, self.kv_len :] = ancestor_mask(parents)
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=device)
+            parents = parents.cpu()
+        all_parents = torch.cat([prev, parents])
+        validate_parents(all_parents)
+        position_ids = (self.kv_len + depths(all_parents)[n_prev:]).unsqueeze(0).to(device)  # [1, n]
+        # Additive mask over [prefix | pending region]: the prefix is visible to all; inside the
+        # region a token sees its ancestors and itself only (siblings and cousins stay hidden).
+        visible = torch.ones(n, start + n, dtype=torch.bool)
+        visible[:, self.kv_len :] = ancestor_mask(all_parents)[n_prev:]
+        mask = torch.zeros(visible.shape, dtype=self.dtype)
         mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
-        self._cache.write_start = self.kv_len
+        mask = mask.to(device)
+        self._cache.write_start = start
         with torch.inference_mode():
             out = self.model(
                 input_ids=input_ids.unsqueeze(0),
@@ -172,28 +206,30 @@ class HFLanguageModel:
                 use_cache=True,
                 logits_to_keep=1 if last_only else 0,
             )
-        self._block_start, self._block_len = self.kv_len, n
+        self._pending_parents = all_parents
         return out.logits[0]
 
     def commit(self, keep: Tensor | int) -> None:
+        pending = self._pending_parents.shape[0]
         if isinstance(keep, int):
-            if not 0 <= keep <= self._block_len:
-                raise ValueError(f"cannot commit {keep} tokens of a block of {self._block_len}")
-            self.kv_len = self._block_start + keep
+            if not 0 <= keep <= pending:
+                raise ValueError(f"cannot commit {keep} tokens of {pending} pending")
+            self.kv_len += keep
         else:
             keep = keep.to(self.device)
             a = keep.shape[0]
-            idx = torch.arange(a, device=self.device)
-            if not bool((keep == idx).all()):  # already in place for a chain prefix
-                self._cache.gather(self._block_start, self._block_start + keep)
-            self.kv_len = self._block_start + a
-        self._block_len = 0
+            if a and (int(keep.max()) >= pending or int(keep.min()) < 0):
+                raise ValueError(f"commit indices must lie in [0, {pending})")
+            if not bool((keep == torch.arange(a, device=self.device)).all()):  # else already in place
+                self._cache.gather(self.kv_len, self.kv_len + keep)
+            self.kv_len += a
+        self._pending_parents = self._pending_parents[:0]
 
     def crop(self, length: int) -> None:
         if not 0 <= length <= self.kv_len:
             raise ValueError(f"cannot crop to {length}: only {self.kv_len} tokens are cached")
         self.kv_len = length
-        self._block_len = 0
+        self._pending_parents = self._pending_parents[:0]
 
     def cached_kv(self, layer: int) -> tuple[Tensor, Tensor]:
         """K/V of the committed tokens of one layer ([1, H, kv_len, D] each), for tests and debugging."""

@@ -10,6 +10,7 @@ The command line, the benchmark and the server all go through this class.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from specdec.decoder import DecodeStats, SpeculativeDecoder
-from specdec.drafters import Drafter, ModelDrafter, PromptLookupDrafter
+from specdec.drafters import Drafter, ModelDrafter, PromptLookupDrafter, TreeDrafter
 from specdec.lm import HFLanguageModel, LanguageModel
 from specdec.sampling import SamplingConfig
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
+DEFAULT_EXPANSION = (1, 1, 3, 1, 1, 1, 1, 1)  # SpecInfer's default ⟨1,1,3,1,1,1,1,1⟩
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,23 @@ def _model_drafter(pipe: "Pipeline", sampling: SamplingConfig, opts: dict[str, A
     return ModelDrafter(pipe.draft_lm, sampling)
 
 
+def _expansion(value: Any) -> list[int]:
+    if value is None:
+        return list(DEFAULT_EXPANSION)
+    if isinstance(value, str):
+        try:
+            return [int(v) for v in value.replace(" ", "").strip("<>[]()").split(",") if v]
+        except ValueError:
+            raise ValueError(f"expansion must look like 1,1,3,1 (children per level), got {value!r}") from None
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def _tree_drafter(pipe: "Pipeline", sampling: SamplingConfig, opts: dict[str, Any]) -> Drafter:
+    return TreeDrafter(pipe.draft_lms, sampling, expansion=_expansion(opts.get("expansion")))
+
+
 def _pld_drafter(pipe: "Pipeline", sampling: SamplingConfig, opts: dict[str, Any]) -> Drafter:
     return PromptLookupDrafter(max_ngram=int(opts.get("max_ngram", 3)), min_ngram=int(opts.get("min_ngram", 1)))
 
@@ -54,6 +73,11 @@ METHODS: dict[str, MethodInfo] = {
     "ar": MethodInfo("ar", False, "plain autoregressive decoding (the baseline)", _no_drafter),
     "sps": MethodInfo("sps", True, "classic speculative sampling with a draft model (Leviathan; Chen)", _model_drafter),
     "pld": MethodInfo("pld", False, "prompt lookup: n-gram copy from prompt + output, no draft model", _pld_drafter),
+    "specinfer": MethodInfo(
+        "specinfer", True,
+        "SpecInfer token trees (--expansion, one or several --draft models merged), one-pass tree verification",
+        _tree_drafter,
+    ),
 }
 
 
@@ -98,7 +122,7 @@ class Pipeline:
     def __init__(
         self,
         target: str = DEFAULT_TARGET,
-        draft: str | None = None,
+        draft: str | list[str] | None = None,
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -123,22 +147,26 @@ class Pipeline:
         self.fast_linears = enable_packed_linears(target_model, fast_linear)
         self.target_lm: LanguageModel = HFLanguageModel(target_model)
         self.eos_token_ids = eos_ids(target_model, self.tokenizer)
-        self.draft_lm: LanguageModel | None = None
-        if draft is not None:
+        if draft_dtype is not None and draft_dtype not in (*_DTYPES, "int8"):
+            raise ValueError(f"draft dtype must be one of {', '.join((*_DTYPES, 'int8'))}, got {draft_dtype!r}")
+        self.draft_lms: list[LanguageModel] = []
+        for name in [draft] if isinstance(draft, str) else list(draft or []):
             int8 = draft_dtype == "int8"
             ddtype = dtype if draft_dtype in (None, "int8") else _DTYPES[draft_dtype]
-            draft_model, draft_tok = load_model(draft, dtype=torch.float32 if int8 else ddtype, device=device, progress=progress)
+            draft_model, draft_tok = load_model(name, dtype=torch.float32 if int8 else ddtype, device=device, progress=progress)
             check_same_tokenizer(self.tokenizer, draft_tok)
             if int8:
                 draft_model = quantize_draft_int8(draft_model)
             else:
                 enable_packed_linears(draft_model, fast_linear)
-            self.draft_lm = HFLanguageModel(draft_model)
-            if self.draft_lm.vocab_size != self.target_lm.vocab_size:
+            draft_lm = HFLanguageModel(draft_model)
+            if draft_lm.vocab_size != self.target_lm.vocab_size:
                 raise ValueError(
-                    f"draft model has {self.draft_lm.vocab_size} output logits, target {self.target_lm.vocab_size}; "
+                    f"draft model {name} has {draft_lm.vocab_size} output logits, target {self.target_lm.vocab_size}; "
                     "they must match"
                 )
+            self.draft_lms.append(draft_lm)
+        self.draft_lm: LanguageModel | None = self.draft_lms[0] if self.draft_lms else None
         self.device = torch.device(device)
 
     @classmethod
@@ -153,6 +181,7 @@ class Pipeline:
         pipe = cls.__new__(cls)
         pipe.target_name, pipe.draft_name = "custom", ("custom" if draft_lm is not None else None)
         pipe.target_lm, pipe.tokenizer, pipe.draft_lm = target_lm, tokenizer, draft_lm
+        pipe.draft_lms = [draft_lm] if draft_lm is not None else []
         pipe.eos_token_ids = list(eos_token_ids or [])
         pipe.device = getattr(target_lm, "device", torch.device("cpu"))
         return pipe
@@ -210,7 +239,8 @@ class Pipeline:
         generator = None
         if not sampling.greedy:
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(seed if seed is not None else torch.seed())
+            # An unseeded run draws its seed without touching torch's global RNG.
+            generator.manual_seed(seed if seed is not None else secrets.randbits(63))
         return dec, dec.stream(ids, max_new_tokens, generator)
 
     def generate(self, prompt: str | list[int], method: str = "sps", max_new_tokens: int = 128, **kw: Any) -> GenerationResult:

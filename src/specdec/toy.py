@@ -27,7 +27,8 @@ class MarkovLM:
         self.kv_len = 0
         self.calls = 0
         self._tokens: list[int] = []
-        self._block: Tensor = torch.empty(0, dtype=torch.long)
+        self._pending: list[int] = []  # uncommitted tokens after the prefix
+        self._pending_parents: list[int] = []
 
     @classmethod
     def random(cls, vocab_size: int, seed: int, sharpness: float = 1.0, dtype=torch.float64) -> "MarkovLM":
@@ -39,31 +40,39 @@ class MarkovLM:
             raise ValueError(f"{max_len} tokens exceed the context of {self.context_length}")
         self.kv_len = 0
         self._tokens = []
+        self._pending, self._pending_parents = [], []
 
-    def forward(self, input_ids: Tensor, parents: Tensor | None = None, last_only: bool = False) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, parents: Tensor | None = None, last_only: bool = False, append: bool = False
+    ) -> Tensor:
         n = input_ids.shape[0]
+        prev_tokens = self._pending if append else []
+        prev_parents = self._pending_parents if append else []
         if parents is None:
-            parents = chain_parents(n)
-        ids = input_ids.tolist()
-        plist = parents.tolist()
-        prev_committed = self._tokens[-1] if self._tokens else 0
-        prev = [ids[p] if p >= 0 else prev_committed for p in plist]
-        logits = self.table[torch.tensor(prev), torch.tensor(ids)]  # [n, V]
+            first = len(prev_tokens) - 1 if prev_tokens else -1
+            plist = [first] + list(range(len(prev_tokens), len(prev_tokens) + n - 1))
+        else:
+            plist = parents.tolist()
+        tokens = prev_tokens + input_ids.tolist()
+        last_committed = self._tokens[-1] if self._tokens else 0
+        before = [tokens[p] if p >= 0 else last_committed for p in plist]  # the token each node follows
+        logits = self.table[torch.tensor(before), input_ids.cpu()]  # [n, V]
         self.calls += 1
-        self._block = input_ids.clone()
-        self.kv_len = len(self._tokens)
+        self._pending, self._pending_parents = tokens, prev_parents + plist
         return logits[-1:] if last_only else logits
 
     def commit(self, keep: Tensor | int) -> None:
-        kept = self._block[:keep] if isinstance(keep, int) else self._block[keep]
-        self._tokens.extend(kept.tolist())
+        kept = self._pending[:keep] if isinstance(keep, int) else [self._pending[i] for i in keep.tolist()]
+        self._tokens.extend(kept)
         self.kv_len = len(self._tokens)
+        self._pending, self._pending_parents = [], []
 
     def crop(self, length: int) -> None:
         if not 0 <= length <= self.kv_len:
             raise ValueError(f"cannot crop to {length}")
         del self._tokens[length:]
         self.kv_len = length
+        self._pending, self._pending_parents = [], []
 
     def next_probs(self, a: int, b: int, sampling: SamplingConfig) -> Tensor:  # [V]
         """The processed distribution of the token after (…, a, b)."""

@@ -27,17 +27,14 @@ def validate_parents(parents: Tensor) -> None:
 
 
 def depths(parents: Tensor) -> Tensor:  # [n] int64, 0 for tokens attached to the prefix
-    """Depth of every token below the committed prefix (vectorised by pointer jumping)."""
+    """Depth of every token below the committed prefix (parents come first, so one pass)."""
     n = parents.shape[0]
-    depth = torch.zeros(n, dtype=torch.long, device=parents.device)
-    anc = parents.clone()
-    # Each round adds 1 for every token whose current ancestor pointer is still inside the block;
-    # at most max-depth rounds, each one tensor op instead of a Python loop over nodes.
-    while bool((anc >= 0).any()):
-        alive = anc >= 0
-        depth += alive.long()
-        anc = torch.where(alive, parents[anc.clamp_min(0)], anc)
-    return depth
+    if n == 0 or bool((parents == torch.arange(-1, n - 1, device=parents.device)).all()):
+        return torch.arange(n, device=parents.device)  # a chain
+    depth = [0] * n
+    for i, p in enumerate(parents.tolist()):
+        depth[i] = depth[p] + 1 if p >= 0 else 0
+    return torch.tensor(depth, dtype=torch.long, device=parents.device)
 
 
 def ancestor_mask(parents: Tensor) -> Tensor:  # [n, n] bool; [i, j] = j is i or an ancestor of i
@@ -63,3 +60,79 @@ def path_to(parents: Tensor, node: int) -> list[int]:
         path.append(node)
         node = plist[node]
     return path[::-1]
+
+
+class TokenTree:
+    """A drafted token tree below the pending root, with its verification candidates.
+
+    Nodes are unique (parent, token) pairs and own one KV slot each. Candidates are the draws
+    that proposed them: several drafters (or repeated i.i.d. draws) proposing the same token
+    share the node but stay separate candidates, each verified with the distribution it was
+    drawn from (algorithms.md §1.2: merging them into one candidate biases the output).
+    Candidates of one parent are listed in proposal order, which never depends on their values.
+    """
+
+    def __init__(
+        self,
+        tokens: Tensor,  # [N] int64
+        parents: Tensor,  # [N] int64: parent among drafted nodes, -1 = child of the root; parents[i] < i
+        cand_nodes: Tensor | None = None,  # [C] node each candidate proposes; None = one per node
+        cand_draft_row: Tensor | None = None,  # [C] row of `draft_probs` each candidate was drawn from
+        draft_probs: Tensor | None = None,  # [Q, V] draft distributions; None = deterministic children
+    ) -> None:
+        validate_parents(parents)
+        self.tokens = tokens
+        self.parents = parents
+        self.cand_nodes = cand_nodes if cand_nodes is not None else torch.arange(tokens.shape[0])
+        self.cand_draft_row = cand_draft_row
+        self.draft_probs = draft_probs
+        if draft_probs is not None and cand_draft_row is None:
+            raise ValueError("a tree with draft distributions needs cand_draft_row")
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def depths(self) -> Tensor:  # [N], 1 for children of the root
+        return depths(self.parents) + 1
+
+    def max_depth(self) -> int:
+        return int(self.depths().max()) if self.num_nodes else 0
+
+    def target_parents(self) -> Tensor:  # [N + 1]: the block the target scores, root first
+        """Parents for the target pass over [root, nodes…]: node i sits at block index i + 1."""
+        return torch.cat([torch.tensor([-1]), self.parents.cpu() + 1])
+
+    def path(self, node: int) -> list[int]:
+        return path_to(self.parents, node)
+
+
+def paths_to_parents(paths: list[tuple[int, ...]]) -> tuple[Tensor, Tensor]:
+    """Compile a static tree in path-tuple form (Medusa/vLLM: `(0,), (1,), (0, 0)`, …).
+
+    Each tuple lists child ranks from the root. Returns (parents [N], ranks [N]) with nodes in
+    breadth-first order (shorter paths first, then by ranks), so parents precede children.
+    """
+    uniq = sorted(set(tuple(p) for p in paths), key=lambda p: (len(p), p))
+    index = {p: i for i, p in enumerate(uniq)}
+    parents, ranks = [], []
+    for p in uniq:
+        if not p or min(p) < 0:
+            raise ValueError(f"bad path {p!r}: paths are non-empty tuples of child ranks >= 0")
+        if len(p) > 1 and p[:-1] not in index:
+            raise ValueError(f"path {p!r} has no parent path {p[:-1]!r}")
+        parents.append(index[p[:-1]] if len(p) > 1 else -1)
+        ranks.append(p[-1])
+    return torch.tensor(parents, dtype=torch.long), torch.tensor(ranks, dtype=torch.long)
+
+
+def expansion_paths(expansion: list[int]) -> list[tuple[int, ...]]:
+    """SpecInfer's expansion ⟨k1,…,km⟩: every node at depth i-1 gets k_i children."""
+    if not expansion or min(expansion) < 1:
+        raise ValueError(f"expansion must be a non-empty list of positive integers, got {expansion!r}")
+    level: list[tuple[int, ...]] = [()]
+    paths: list[tuple[int, ...]] = []
+    for k in expansion:
+        level = [p + (r,) for p in level for r in range(k)]
+        paths.extend(level)
+    return paths

@@ -23,14 +23,21 @@ import torch
 from torch import Tensor
 
 from specdec.sampling import residual, sample
+from specdec.tree import TokenTree, ancestor_mask
 
 
 @dataclass(frozen=True)
 class VerifyResult:
     num_accepted: int
-    """How many drafted tokens were accepted (a prefix of the chain)."""
+    """How many drafted tokens were accepted (the length of the accepted path)."""
     next_token: int
     """The recovered token (after a rejection) or the bonus token (all accepted)."""
+    accepted_nodes: tuple[int, ...] | None = None
+    """Tree verifiers: drafted node indices of the accepted path, root first; None for chains
+    (where the accepted nodes are simply 0 … num_accepted-1)."""
+
+    def path(self) -> tuple[int, ...]:
+        return self.accepted_nodes if self.accepted_nodes is not None else tuple(range(self.num_accepted))
 
 
 class Verifier(Protocol):
@@ -132,3 +139,114 @@ def choose_verifier(greedy: bool, has_draft_probs: bool) -> Verifier:
     if greedy:
         return verify_greedy
     return verify_speculative_sampling if has_draft_probs else verify_sample_and_match
+
+
+# ---- trees ---------------------------------------------------------------------------------
+# `target_probs` has N + 1 rows: row 0 is the target's distribution after the root, row i + 1
+# the distribution after drafted node i (following its root-to-node path).
+
+
+class TreeVerifier(Protocol):
+    def __call__(
+        self, tree: TokenTree, target_probs: Tensor, generator: torch.Generator | None  # target_probs: [N + 1, V]
+    ) -> VerifyResult: ...
+
+
+def _follow_matching_children(
+    tree: TokenTree,
+    choice: Tensor,  # [N + 1] the token the target picks at the root and at every node
+) -> VerifyResult:
+    """Descend from the root while some child's token equals the target's pick at its parent.
+
+    Siblings hold distinct tokens, so the nodes whose whole path matches form one path; it is
+    found for all nodes at once through the ancestor mask (no walk in Python).
+    """
+    n = tree.num_nodes
+    if n == 0:
+        return VerifyResult(0, int(choice[0].item()), ())
+    tokens = tree.tokens.to(choice.device)
+    parent_rows = tree.parents.to(choice.device) + 1
+    match = tokens == choice[parent_rows]  # [N]
+    anc = ancestor_mask(tree.parents.to(choice.device))  # [N, N]
+    on_path = ~(anc & ~match[None, :]).any(-1)  # every node on the way matched
+    depth_if_on = torch.where(on_path, anc.sum(-1), torch.zeros_like(match, dtype=torch.long))
+    deepest_depth = int(depth_if_on.max().item())
+    if deepest_depth == 0:
+        return VerifyResult(0, int(choice[0].item()), ())
+    deepest = int(depth_if_on.argmax().item())
+    path = tuple(tree.path(deepest))
+    return VerifyResult(len(path), int(choice[deepest + 1].item()), path)
+
+
+def verify_tree_greedy(tree: TokenTree, target_probs: Tensor, generator: torch.Generator | None = None) -> VerifyResult:
+    """Greedy tree verification: follow the child equal to the target argmax; emit the argmax."""
+    return _follow_matching_children(tree, target_probs.argmax(-1))
+
+
+def verify_tree_sample_and_match(
+    tree: TokenTree, target_probs: Tensor, generator: torch.Generator | None = None
+) -> VerifyResult:
+    """Sample-and-match on a tree of deterministic children (top-k, best-first): exact at any T."""
+    return _follow_matching_children(tree, sample(target_probs, generator))
+
+
+def mss_node(
+    target_row: Tensor,  # [V] target distribution at the node
+    cand_tokens: Tensor,  # [k] int64 candidates in proposal order
+    cand_draft_probs: Tensor,  # [k, V] distribution each candidate was drawn from
+) -> tuple[Tensor, Tensor]:  # ([k] acceptance probabilities, [V] final residual)
+    """The deterministic core of MSS at one node.
+
+    Returns a_j = P(accept candidate j | candidates before it were rejected), computed against
+    the target distribution as updated by the earlier rejections (p ← norm(max(p − q_i, 0)),
+    q unchanged), and the residual left after rejecting every candidate.
+    """
+    dist = target_row
+    accept = torch.empty(cand_tokens.shape[0], dtype=target_row.dtype, device=target_row.device)
+    for j in range(cand_tokens.shape[0]):
+        draft_row = cand_draft_probs[j].to(dist.dtype)
+        accept[j] = acceptance_probability(cand_tokens[j : j + 1], draft_row[None], dist[None])[0]
+        dist = recovery_distribution(dist, draft_row)
+    return accept, dist
+
+
+def verify_tree_mss(tree: TokenTree, target_probs: Tensor, generator: torch.Generator | None = None) -> VerifyResult:
+    """SpecInfer's multi-step speculative sampling, for children drawn i.i.d. from their q.
+
+    At each node the candidates are tried in proposal order; candidate x drawn from q is
+    accepted with probability min(1, p(x)/q(x)); after a rejection the target distribution
+    becomes norm(max(p − q, 0)) while q stays as it is (`mss_node`). With no candidate left,
+    the recovered token is drawn from the final residual.
+    """
+    if tree.draft_probs is None or tree.cand_draft_row is None:
+        raise ValueError("MSS needs the distribution each child was drawn from; use sample-and-match instead")
+    device = target_probs.device
+    by_parent: dict[int, list[int]] = {}
+    parents = tree.parents.tolist()
+    for c, node in enumerate(tree.cand_nodes.tolist()):
+        by_parent.setdefault(parents[node], []).append(c)
+    path: list[int] = []
+    node = -1
+    while True:
+        cands = torch.tensor(by_parent.get(node, []), dtype=torch.long)
+        if cands.numel() == 0:
+            return VerifyResult(len(path), int(sample(target_probs[node + 1], generator).item()), tuple(path))
+        cand_nodes = tree.cand_nodes[cands]
+        accept, leftover = mss_node(
+            target_probs[node + 1],
+            tree.tokens[cand_nodes].to(device),
+            tree.draft_probs[tree.cand_draft_row[cands]].to(device),
+        )
+        u = torch.rand(cands.numel(), generator=generator, device=device, dtype=accept.dtype)
+        hits = (u < accept).nonzero()
+        if hits.numel() == 0:
+            return VerifyResult(len(path), int(sample(leftover, generator).item()), tuple(path))
+        node = int(cand_nodes[int(hits[0])])
+        path.append(node)
+
+
+def choose_tree_verifier(greedy: bool, has_draft_probs: bool) -> TreeVerifier:
+    """Greedy at T=0; MSS for i.i.d.-sampled children; sample-and-match for deterministic ones."""
+    if greedy:
+        return verify_tree_greedy
+    return verify_tree_mss if has_draft_probs else verify_tree_sample_and_match
