@@ -72,3 +72,20 @@ def test_cli_generate_json_on_smollm2(capsys):
         assert key in result["stats"]
     assert result["stats"]["new_tokens"] == len(result["token_ids"]) > 0
     assert result["stats"]["accepted_tokens"] == result["stats"]["draft_tokens"]  # same model drafts
+
+
+def test_specinfer_greedy_equivalence_on_smollm2(smol):
+    from specdec.drafters import TreeDrafter
+
+    model, tok = smol
+    prompt = tok("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")["input_ids"]
+    eos = eos_ids(model, tok)
+    target = HFLanguageModel(model)
+    ref, _ = SpeculativeDecoder(target, None, GREEDY, eos_token_ids=eos).generate(prompt, 40)
+    shallow = HFLanguageModel(_shallow_copy(model, 8))
+    for expansion, drafts in [([1, 1, 3, 1, 1], [shallow]), ([2, 2, 1], [shallow]),
+                              ([1, 2, 1], [shallow, HFLanguageModel(_shallow_copy(model, 12))])]:
+        dec = SpeculativeDecoder(target, TreeDrafter(drafts, GREEDY, expansion=expansion), GREEDY, eos_token_ids=eos)
+        out, stats = dec.generate(prompt, 40)
+        assert out == ref, f"specinfer {expansion} with {len(drafts)} drafter(s) changed the greedy output"
+        assert stats.accepted_tokens > 0

@@ -231,3 +231,31 @@ def test_specinfer_mutation_without_residual_update_fails(monkeypatch, one_threa
     n = 5000
     counts = Counter(tuple(dec.generate(PROMPT, 3, gen)[0]) for _ in range(n))
     assert chi_square_pvalue(counts, exact_continuations(target, sampling, None), n) < 1e-3
+
+
+@pytest.mark.parametrize("kind", ["sps", "specinfer", "specinfer-2"])
+def test_drafter_caches_hold_exactly_committed_tokens(kind, one_thread):
+    """Output tests cannot see a drafter rollback bug (any q is exact): check the caches directly."""
+    from specdec.drafters import ModelDrafter
+
+    sampling = SamplingConfig(temperature=1.0)
+    target = MarkovLM.random(6, seed=1, sharpness=2.0)
+    drafts = [MarkovLM.random(6, seed=2, sharpness=2.0), MarkovLM.random(6, seed=3, sharpness=2.0)]
+    if kind == "sps":
+        drafts = drafts[:1]
+        drafter = ModelDrafter(drafts[0], sampling)
+        dec = SpeculativeDecoder(target, drafter, sampling, gamma=3)
+    else:
+        drafts = drafts[: 1 if kind == "specinfer" else 2]
+        dec = SpeculativeDecoder(target, TreeDrafter(drafts, sampling, expansion=[2, 1, 2]), sampling)
+    gen = torch.Generator().manual_seed(0)
+    prompt = [1, 2, 3, 4]
+    committed = list(prompt)
+    for chunk in dec.stream(prompt, 60, gen):
+        committed += chunk
+        if dec.last_stats.stopped_by:
+            break  # the last iteration may skip drafting and feedback
+        assert target._tokens == committed[:-1]
+        for lm in drafts:
+            assert lm._tokens == committed[: lm.kv_len]
+            assert lm.kv_len >= len(committed) - len(chunk)  # caught up before drafting, then kept what held

@@ -183,7 +183,6 @@ class SpeculativeDecoder:
             new = drafted[path].tolist() + [result.next_token]
             stats.target_calls += 1
             stats.draft_tokens += drafted.numel()
-            stats.accepted_tokens += n_acc
             proposed_depth = proposal.max_depth() if is_tree else drafted.numel()
             for i in range(proposed_depth):
                 per_pos_proposed[i] += 1
@@ -201,6 +200,7 @@ class SpeculativeDecoder:
             new = new[:room]
             committed = torch.cat([committed, torch.tensor(new, dtype=torch.long)])
             stats.new_tokens += len(new)
+            stats.accepted_tokens += min(n_acc, len(new))  # drafts cut by EOS or the cap do not count
 
             # 5. Feedback.
             if self.drafter is not None and not stop:
