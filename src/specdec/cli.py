@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -203,8 +204,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---- bench ---------------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace) -> int:
     """Every method (and the hf-* peers) on a prompt file: results.jsonl, summary.md, plots."""
-    from pathlib import Path
-
     from specdec import bench
 
     prompts = bench.load_prompts(args.prompts)
