@@ -265,3 +265,20 @@ def test_cli_reports_bad_input_before_loading_models(tmp_path, capsys):
         assert main(["bench", "--out", out, "--target", "no-such-model", *extra]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_out_dir_refuses_rows_made_with_other_run_settings(tmp_path):
+    settings = BenchSettings(methods=["ar"], run_info={"device": "cpu", "fast_linear": "auto"})
+    fp = bench.fingerprint(settings, "t", "torch.float32")
+    bench._write_config(tmp_path, fp, None, "cmd", "s1")
+    bench.check_out_dir(tmp_path, fp)  # same settings: resumes
+    other = bench.fingerprint(
+        BenchSettings(methods=["ar"], run_info={"device": "cpu", "fast_linear": "off"}), "t", "torch.float32"
+    )
+    with pytest.raises(ValueError, match="fast_linear"):
+        bench.check_out_dir(tmp_path, other)
+    # A directory written before `run` was recorded can still be resumed.
+    legacy = dict(fp)
+    del legacy["run"]
+    bench._write_config(tmp_path, legacy, None, "cmd", "s0")
+    bench.check_out_dir(tmp_path, other)

@@ -251,6 +251,9 @@ class BenchSettings:
     top_p: float = 1.0
     opts: dict[str, Any] = field(default_factory=dict)
     """Per-method options passed to `Pipeline.generate` (max_ngram, budget, expansion, …)."""
+    run_info: dict[str, Any] = field(default_factory=dict)
+    """What changes timings but not outputs (device, fast linear path, draft dtype, threads):
+    rows in one directory must share it to be compared."""
     warmup_tokens: int = 4
 
     def __post_init__(self) -> None:
@@ -280,6 +283,7 @@ def fingerprint(settings: BenchSettings, target: str | None, dtype: str | None) 
         "top_k": settings.top_k,
         "top_p": settings.top_p,
         "opts": settings.opts,
+        "run": settings.run_info,
     }
 
 
@@ -295,8 +299,11 @@ def check_out_dir(out_dir: str | os.PathLike[str], fp: dict[str, Any], draft: st
         old = cfg["fingerprint"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"{cfg_path}: unreadable ({exc}); fix or delete it to resume") from None
+    # Keys an older directory did not record cannot be compared; every recorded one must match.
     diffs = [
-        f"{k}={old.get(k)!r} (now {v!r})" for k, v in fp.items() if json.dumps(old.get(k)) != json.dumps(v)
+        f"{k}={old.get(k)!r} (now {v!r})"
+        for k, v in fp.items()
+        if k in old and json.dumps(old.get(k), sort_keys=True) != json.dumps(v, sort_keys=True)
     ]
     old_draft = cfg.get("draft")
     if draft is not None and old_draft is not None and draft != old_draft:

@@ -223,6 +223,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         opts=opts,
+        # Timings are only comparable on the same device and model paths.
+        run_info={"device": args.device, "fast_linear": args.fast_linear, "draft_dtype": args.draft_dtype,
+                  "threads": args.threads},
     )
     # The command as it resolves, defaults included: re-running it resumes the same run.
     argv = ["specdec", "bench", "--prompts", args.prompts, "--out", args.out, "--methods", ",".join(settings.methods),
@@ -246,8 +249,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     draft = ",".join(_drafts(args)) if bench.needs_draft(settings.methods) else None
     fp = bench.fingerprint(settings, args.target, str(DTYPES[args.dtype]))
-    # Timings are only comparable on the same device and model paths.
-    fp.update(device=args.device, fast_linear=args.fast_linear, draft_dtype=args.draft_dtype, threads=args.threads)
     bench.check_out_dir(args.out, fp, draft)
     done = {bench.row_key(r) for r in bench.load_results(Path(args.out) / bench.RESULTS).rows}
     todo = sum(
