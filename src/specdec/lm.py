@@ -193,14 +193,19 @@ class HFLanguageModel:
         # region a token sees its ancestors and itself only (siblings and cousins stay hidden).
         visible = torch.ones(n, start + n, dtype=torch.bool)
         visible[:, self.kv_len :] = ancestor_mask(all_parents)[n_prev:]
-        mask = torch.zeros(visible.shape, dtype=self.dtype)
-        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
-        mask = mask.to(device)
+        if n == 1 and n_prev == 0:
+            # One token after the prefix sees everything the cache returns: no mask, which lets
+            # sdpa take its grouped-query path instead of copying K/V per query head.
+            mask = None
+        else:
+            mask = torch.zeros(visible.shape, dtype=self.dtype)
+            mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+            mask = mask.to(device)[None, None]
         self._cache.write_start = start
         with torch.inference_mode():
             out = self.model(
                 input_ids=input_ids.unsqueeze(0),
-                attention_mask=mask[None, None],
+                attention_mask=mask,
                 position_ids=position_ids,
                 past_key_values=self._cache,
                 use_cache=True,
