@@ -82,10 +82,11 @@ def test_specinfer_greedy_equivalence_on_smollm2(smol):
     eos = eos_ids(model, tok)
     target = HFLanguageModel(model)
     ref, _ = SpeculativeDecoder(target, None, GREEDY, eos_token_ids=eos).generate(prompt, 40)
-    shallow = HFLanguageModel(_shallow_copy(model, 8))
-    for expansion, drafts in [([1, 1, 3, 1, 1], [shallow]), ([2, 2, 1], [shallow]),
-                              ([1, 2, 1], [shallow, HFLanguageModel(_shallow_copy(model, 12))])]:
+    shallow = HFLanguageModel(_shallow_copy(model, 8))  # a poor drafter: few of its tokens are accepted
+    full = HFLanguageModel(model)  # the target itself as drafter: its top-1 child is always accepted
+    for expansion, drafts in [([1, 1, 3, 1, 1], [full]), ([2, 2, 1], [shallow]), ([1, 2, 1], [shallow, full])]:
         dec = SpeculativeDecoder(target, TreeDrafter(drafts, GREEDY, expansion=expansion), GREEDY, eos_token_ids=eos)
         out, stats = dec.generate(prompt, 40)
         assert out == ref, f"specinfer {expansion} with {len(drafts)} drafter(s) changed the greedy output"
-        assert stats.accepted_tokens > 0
+        if any(d is full for d in drafts):
+            assert stats.mean_accepted_per_call >= len(expansion) - 0.5
