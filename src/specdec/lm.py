@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from specdec.tree import ancestor_mask, depths, validate_parents
+from specdec.tree import ancestor_mask, chain_parents, depths, validate_parents
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -181,8 +181,8 @@ class HFLanguageModel:
         # Topology is tiny and lives on the CPU: validate it and derive positions and the mask
         # there, then move the results once (no per-round device syncs).
         if parents is None:  # a chain, continuing the pending region when appending
-            parents = torch.arange(n_prev - 1, n_prev + n - 1)
-            if n_prev == 0 or not append:
+            parents = chain_parents(n) + n_prev
+            if n_prev == 0:
                 parents[0] = -1
         else:
             parents = parents.cpu()
@@ -191,13 +191,13 @@ class HFLanguageModel:
         position_ids = (self.kv_len + depths(all_parents)[n_prev:]).unsqueeze(0).to(device)  # [1, n]
         # Additive mask over [prefix | pending region]: the prefix is visible to all; inside the
         # region a token sees its ancestors and itself only (siblings and cousins stay hidden).
-        visible = torch.ones(n, start + n, dtype=torch.bool)
-        visible[:, self.kv_len :] = ancestor_mask(all_parents)[n_prev:]
         if n == 1 and n_prev == 0:
             # One token after the prefix sees everything the cache returns: no mask, which lets
             # sdpa take its grouped-query path instead of copying K/V per query head.
             mask = None
         else:
+            visible = torch.ones(n, start + n, dtype=torch.bool)
+            visible[:, self.kv_len :] = ancestor_mask(all_parents)[n_prev:]
             mask = torch.zeros(visible.shape, dtype=self.dtype)
             mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
             mask = mask.to(device)[None, None]

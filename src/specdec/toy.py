@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 from specdec.sampling import SamplingConfig, logits_to_probs
-from specdec.tree import chain_parents
 
 
 class MarkovLM:
