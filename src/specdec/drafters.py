@@ -191,6 +191,9 @@ class TreeDrafter:
         self.sampling = sampling
         self.shape_parents, _ = paths_to_parents(paths if paths is not None else expansion_paths(expansion or []))
         self.shape_size = int(self.shape_parents.shape[0])
+        self._shape_children: dict[int, list[int]] = {}  # shape node (-1 = root) -> its children
+        for i, p in enumerate(self.shape_parents.tolist()):
+            self._shape_children.setdefault(p, []).append(i)
         self.max_depth = int(depths(self.shape_parents).max()) + 1
         self.max_nodes = self.shape_size * len(models)
         """Upper bound on the merged tree's size (the target scores at most this many drafts)."""
@@ -208,9 +211,7 @@ class TreeDrafter:
         unseen = committed_ids[lm.kv_len :]
         logits = lm.forward(unseen, last_only=True)[-1]
         lm.commit(unseen.shape[0])
-        shape_children: dict[int, list[int]] = {}
-        for i, p in enumerate(self.shape_parents.tolist()):
-            shape_children.setdefault(p, []).append(i)
+        shape_children = self._shape_children
         # frontier: local node (-1 = root) -> (its draft logits, the shape nodes it stands for)
         frontier: dict[int, tuple[Tensor, list[int]]] = {-1: (logits, [-1])}
         for _ in range(max_depth):
