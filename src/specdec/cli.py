@@ -74,6 +74,17 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (T > 0)")
     p.add_argument("--max-ngram", type=int, default=3, help="pld: longest n-gram to look up")
     p.add_argument("--expansion", default=None, help="specinfer: children per tree level, e.g. 1,1,3,1,1,1,1,1 (default)")
+    # ---- cascade options (issue 6) below this line; add each dest to METHOD_OPTION_ARGS ----
+    # ---- SpecExec / Sequoia options (issue 7) below this line; add each dest to METHOD_OPTION_ARGS ----
+
+
+# Decode flags that are per-method options: passed to Pipeline.generate(**opts) when given.
+# A method's drafter factory reads the ones it knows (pipeline.METHODS).
+METHOD_OPTION_ARGS: list[str] = ["max_ngram", "expansion"]
+
+
+def _method_opts(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in METHOD_OPTION_ARGS if getattr(args, name, None) is not None}
 
 
 def _sampling(args: argparse.Namespace) -> SamplingConfig:
@@ -149,7 +160,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = _load(args, METHODS[args.method].needs_draft_model)
     dec, chunks = pipe.stream(
         text, args.method, args.max_new_tokens, sampling, gamma=args.gamma, seed=args.seed, chat=chat,
-        max_ngram=args.max_ngram, expansion=args.expansion,
+        **_method_opts(args),
     )
     if args.json:
         ids: list[int] = []
@@ -180,7 +191,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"temperature {sampling.temperature}", file=sys.stderr)
     results = {}
     for method in ["ar"] + [m for m in args.methods.split(",") if m != "ar"]:
-        res = pipe.generate(ids, method, args.max_new_tokens, sampling=sampling, gamma=args.gamma, seed=args.seed)
+        res = pipe.generate(ids, method, args.max_new_tokens, sampling=sampling, gamma=args.gamma, seed=args.seed,
+                            **_method_opts(args))
         results[method] = res
         print(f"[{method}] " + _format_stats(res.stats.to_dict()), file=sys.stderr)
     ar = results["ar"]
@@ -385,6 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     _add_model_args(bench_p)
     bench_p.set_defaults(func=cmd_bench)
+
+    # ---- issue 6 subcommands (bigram) register below this line ----
+    # ---- issue 7 subcommands (tune) register below this line ----
+    # ---- issue 8 subcommand (serve) registers below this line ----
     return parser
 
 

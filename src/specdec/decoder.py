@@ -87,8 +87,13 @@ class SpeculativeDecoder:
         # Tree drafters fix their own depth; `gamma` is then the number of levels they draft.
         self.gamma = int(getattr(drafter, "max_depth", gamma)) if drafter is not None else 0
         has_probs = drafter is not None and drafter.has_draft_probs
-        self.verifier = verifier or choose_verifier(sampling.greedy, has_probs)
-        self.tree_verifier = tree_verifier or choose_tree_verifier(sampling.greedy, has_probs)
+        # A drafter whose proposals need a particular rule (e.g. children drawn without replacement)
+        # names it as `drafter.verifier` / `drafter.tree_verifier`; otherwise the rule follows from
+        # the sampling mode and whether the drafter reports its distribution.
+        self.verifier = verifier or getattr(drafter, "verifier", None) or choose_verifier(sampling.greedy, has_probs)
+        self.tree_verifier = (
+            tree_verifier or getattr(drafter, "tree_verifier", None) or choose_tree_verifier(sampling.greedy, has_probs)
+        )
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.last_stats: DecodeStats | None = None
         self._device = getattr(target, "device", torch.device("cpu"))

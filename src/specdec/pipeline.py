@@ -78,6 +78,8 @@ METHODS: dict[str, MethodInfo] = {
         "SpecInfer token trees (--expansion, one or several --draft models merged), one-pass tree verification",
         _tree_drafter,
     ),
+    # ---- cascade methods (issue 6: csd, maxgram) register below this line ----
+    # ---- SpecExec / Sequoia methods (issue 7: specexec, sequoia) register below this line ----
 }
 
 
