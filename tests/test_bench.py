@@ -201,6 +201,31 @@ def test_new_methods_and_unknown_options_go_through(tmp_path, tiny_pipe, monkeyp
     assert "| `fancy` |" in rep.summary_md
 
 
+def test_variants_run_one_method_with_their_own_options(tmp_path, tiny_pipe, monkeypatch):
+    seen = []
+
+    def make(pipe, sampling, opts):
+        seen.append(dict(opts))
+        return None
+
+    monkeypatch.setitem(METHODS, "fancy", MethodInfo("fancy", False, "a method added later", make))
+    variants = bench.parse_variants(["f-a=fancy expansion=2,2,1", "f-b=fancy expansion=1 budget=8"])
+    assert variants == {"f-a": ("fancy", {"expansion": "2,2,1"}), "f-b": ("fancy", {"expansion": 1, "budget": 8})}
+    prompts = load_prompts(_write(tmp_path / "p.jsonl", [_prompt_line("a", "qa")]))
+    settings = BenchSettings(methods=parse_methods("f-a,f-b", variants), variants=variants, max_new_tokens=3,
+                             opts={"budget": 16})
+    rep = run_bench(tiny_pipe, prompts, tmp_path / "o", settings, encode=encode, progress=False, plots=False)
+    assert [r["method"] for r in rep.rows] == ["ar", "f-a", "f-b"]
+    # warm-up and timed run each build a drafter; the variant's options win over the global ones
+    assert {"budget": 16, "expansion": "2,2,1"} in seen and {"budget": 8, "expansion": 1} in seen
+    assert "| `f-b` |" in rep.summary_md
+    for bad in ["nolabel", "x=nope", "x=ar", "sps=fancy", "x=fancy gamma=3"]:
+        with pytest.raises(ValueError):
+            bench.parse_variants([bad])
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_methods("f-c", variants)
+
+
 # ---- summary math --------------------------------------------------------------------------
 def _row(pid, task, method, tps, t=0.0, rep=0, equal=True, **stats):
     base = {"new_tokens": 10, "target_calls": 10, "draft_tokens": 0, "accepted_tokens": 0,

@@ -73,6 +73,33 @@ RESERVED_OPTS = frozenset({"prompt", "method", "max_new_tokens", "sampling", "ga
 MISSING = "—"
 
 
+def parse_variants(items: Iterable[str]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """`--variant "LABEL=METHOD KEY=VALUE ..."` strings as {label: (method, options)}.
+
+    A variant is one of our methods with its own options (e.g. several SpecInfer tree shapes in one
+    run, each measured against the same AR rows); its label is used like a method name in
+    `--methods`, in results.jsonl and in the summary.
+    """
+    variants: dict[str, tuple[str, dict[str, Any]]] = {}
+    for item in items:
+        head, _, rest = item.strip().partition(" ")
+        label, sep, method = head.partition("=")
+        label, method = label.strip(), method.strip()
+        if not sep or not label or not method:
+            raise ValueError(f"--variant {item!r}: expected 'LABEL=METHOD KEY=VALUE ...' (e.g. 'si-221=specinfer expansion=2,2,1')")
+        if method not in METHODS or method == "ar":
+            raise ValueError(f"--variant {item!r}: {method!r} is not a speculative method; choose from: "
+                             f"{', '.join(m for m in METHODS if m != 'ar')}")
+        if label in METHODS or label in HF_PEERS or label == "hf" or label in variants:
+            raise ValueError(f"--variant {item!r}: label {label!r} is already a method or variant name")
+        opts = parse_opts(rest.split())
+        clash = sorted(RESERVED_OPTS & set(opts))
+        if clash:
+            raise ValueError(f"--variant {item!r}: option{'s' if len(clash) > 1 else ''} {', '.join(clash)} cannot be set here")
+        variants[label] = (method, opts)
+    return variants
+
+
 def all_methods() -> list[str]:
     """Every name `--methods` accepts: the pipeline's methods (looked up now) and the HF peers."""
     return list(METHODS) + list(HF_PEERS)
@@ -82,22 +109,25 @@ def is_hf(method: str) -> bool:
     return method in HF_PEERS
 
 
-def parse_methods(spec: str | Sequence[str]) -> list[str]:
+def parse_methods(
+    spec: str | Sequence[str], variants: dict[str, tuple[str, dict[str, Any]]] | None = None
+) -> list[str]:
     """Validated method names in run order: `ar` first (always run, it is the baseline), then the
-    pipeline's methods as given, then `hf-ar` (added when any peer is asked for) and the other peers.
-    `hf` stands for all the peers."""
+    pipeline's methods and variant labels as given, then `hf-ar` (added when any peer is asked
+    for) and the other peers. `hf` stands for all the peers."""
+    variants = variants or {}
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec)]
     names = [n for n in names if n]
     expanded: list[str] = []
     for n in names:
         expanded.extend(HF_PEERS if n == "hf" else [n])
-    unknown = [n for n in expanded if n not in METHODS and n not in HF_PEERS]
+    unknown = [n for n in expanded if n not in METHODS and n not in HF_PEERS and n not in variants]
     if unknown:
         raise ValueError(
             f"unknown method{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-            f"choose from: {', '.join(all_methods())} (or 'hf' for all the hf-* peers)"
+            f"choose from: {', '.join(all_methods() + list(variants))} (or 'hf' for all the hf-* peers)"
         )
-    ours = ["ar"] + [n for n in dict.fromkeys(expanded) if n in METHODS and n != "ar"]
+    ours = ["ar"] + [n for n in dict.fromkeys(expanded) if (n in METHODS or n in variants) and n != "ar"]
     peers = [n for n in dict.fromkeys(expanded) if n in HF_PEERS]
     if peers and HF_BASELINE not in peers:
         peers.insert(0, HF_BASELINE)
@@ -107,11 +137,15 @@ def parse_methods(spec: str | Sequence[str]) -> list[str]:
     return ours + peers
 
 
-def needs_draft(methods: Iterable[str]) -> bool:
-    """Whether any of these methods or peers needs the draft model loaded."""
-    return any(
-        (m in METHODS and METHODS[m].needs_draft_model) or m in HF_NEEDS_DRAFT for m in methods
-    )
+def base_method(method: str, variants: dict[str, tuple[str, dict[str, Any]]] | None = None) -> str:
+    """The pipeline method a name runs: itself, or the method a variant label stands for."""
+    return (variants or {}).get(method, (method, {}))[0]
+
+
+def needs_draft(methods: Iterable[str], variants: dict[str, tuple[str, dict[str, Any]]] | None = None) -> bool:
+    """Whether any of these methods, variants or peers needs the draft model loaded."""
+    bases = [base_method(m, variants) for m in methods]
+    return any((m in METHODS and METHODS[m].needs_draft_model) or m in HF_NEEDS_DRAFT for m in bases)
 
 
 def parse_temperatures(spec: str | Sequence[float]) -> list[float]:
@@ -251,13 +285,15 @@ class BenchSettings:
     top_p: float = 1.0
     opts: dict[str, Any] = field(default_factory=dict)
     """Per-method options passed to `Pipeline.generate` (max_ngram, budget, expansion, …)."""
+    variants: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    """Labelled runs of one of our methods with their own options (see `parse_variants`)."""
     run_info: dict[str, Any] = field(default_factory=dict)
     """What changes timings but not outputs (device, fast linear path, draft dtype, threads):
     rows in one directory must share it to be compared."""
     warmup_tokens: int = 4
 
     def __post_init__(self) -> None:
-        self.methods = parse_methods(self.methods)
+        self.methods = parse_methods(self.methods, self.variants)
         self.temperatures = parse_temperatures(self.temperatures)
         for name in ("max_new_tokens", "repeats", "gamma"):
             value = getattr(self, name)
@@ -284,6 +320,7 @@ def fingerprint(settings: BenchSettings, target: str | None, dtype: str | None) 
         "top_p": settings.top_p,
         "opts": settings.opts,
         "run": settings.run_info,
+        **({"variants": {k: [m, o] for k, (m, o) in settings.variants.items()}} if settings.variants else {}),
     }
 
 
@@ -692,7 +729,8 @@ def _run_plan(
     methods_needed = list(dict.fromkeys(m for _, _, _, m in plan))
     peers = _HFPeers(pipe, settings) if any(is_hf(m) for m in methods_needed) else None
     for m in methods_needed:
-        if m in METHODS and METHODS[m].needs_draft_model and pipe.draft_lm is None:
+        b = base_method(m, settings.variants)
+        if b in METHODS and METHODS[b].needs_draft_model and pipe.draft_lm is None:
             raise ValueError(f"method {m!r} needs a draft model (--draft)")
         if m in HF_NEEDS_DRAFT and pipe.draft_lm is None:
             raise ValueError(f"peer {m!r} needs a draft model (--draft)")
@@ -719,7 +757,9 @@ def _run_plan(
         if is_hf(method):
             assert peers is not None
             return peers.generate(method, ids, max_new, sampling, seed)
-        res = pipe.generate(ids, method, max_new, sampling=sampling, gamma=settings.gamma, seed=seed, **settings.opts)
+        base, variant_opts = settings.variants.get(method, (method, {}))
+        opts = {**settings.opts, **variant_opts}
+        res = pipe.generate(ids, base, max_new, sampling=sampling, gamma=settings.gamma, seed=seed, **opts)
         return res.token_ids, res.stats.to_dict(), None
 
     # Warm-up: one short untimed generation per method and temperature still to run.

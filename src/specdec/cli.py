@@ -226,8 +226,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             opts[name] = bench.parse_value(getattr(args, name))
     opts.update(bench.parse_opts(args.opt))
+    variants = bench.parse_variants(args.variant)
     settings = bench.BenchSettings(
-        methods=bench.parse_methods(args.methods),
+        methods=bench.parse_methods(args.methods, variants),
+        variants=variants,
         temperatures=bench.parse_temperatures(args.temperatures),
         max_new_tokens=args.max_new_tokens,
         repeats=args.repeats,
@@ -255,11 +257,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         argv += [f"--{name}", getattr(args, name)] if getattr(args, name) is not None else []
     for item in args.opt:
         argv += ["--opt", item]
+    for item in args.variant:
+        argv += ["--variant", item]
     argv += ["--log", args.log] if args.log else []
     argv += ["--no-plots"] if args.no_plots else []
     command = bench.command_line(argv)
 
-    draft = ",".join(_drafts(args)) if bench.needs_draft(settings.methods) else None
+    draft = ",".join(_drafts(args)) if bench.needs_draft(settings.methods, variants) else None
     fp = bench.fingerprint(settings, args.target, str(DTYPES[args.dtype]))
     bench.check_out_dir(args.out, fp, draft)
     done = {bench.row_key(r) for r in bench.load_results(Path(args.out) / bench.RESULTS).rows}
@@ -393,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                          help="any other per-method option, passed to the methods (repeatable; VALUE parsed as JSON "
                          "when it can be)")
+    bench_p.add_argument("--variant", action="append", default=[], metavar="'LABEL=METHOD KEY=VALUE ...'",
+                         help="a labelled run of one of our methods with its own options, usable in --methods "
+                         "like a method name, e.g. --variant 'si-221=specinfer expansion=2,2,1' (repeatable)")
     bench_p.add_argument("--log", default=None, help="progress log, one line per row (default OUT/bench.log)")
     bench_p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     _add_model_args(bench_p)
