@@ -111,6 +111,22 @@ class SpeculativeDecoder:
         assert self.last_stats is not None
         return out, self.last_stats
 
+    def check_fits(self, prompt_len: int, max_new_tokens: int) -> int:
+        """The KV length a run needs; ValueError when it exceeds the target's context.
+
+        Callers that must refuse a request before any compute (the server) call it up front;
+        `stream` calls it too.
+        """
+        # Room for the largest block the target will score: the root plus every drafted node.
+        block = 1 + (getattr(self.drafter, "max_nodes", self.gamma) if self.drafter is not None else 0)
+        max_len = prompt_len + max_new_tokens + block
+        if max_len > self.target.context_length:
+            raise ValueError(
+                f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens (+{block} for drafts) "
+                f"exceeds the target's context of {self.target.context_length} tokens"
+            )
+        return max_len
+
     def stream(
         self,
         prompt_ids: Sequence[int] | Tensor,
@@ -123,14 +139,7 @@ class SpeculativeDecoder:
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten().cpu()
         if prompt.numel() == 0:
             raise ValueError("the prompt is empty; give at least one token")
-        # Room for the largest block the target will score: the root plus every drafted node.
-        block = 1 + (getattr(self.drafter, "max_nodes", self.gamma) if self.drafter is not None else 0)
-        max_len = prompt.numel() + max_new_tokens + block
-        if max_len > self.target.context_length:
-            raise ValueError(
-                f"prompt of {prompt.numel()} tokens + {max_new_tokens} new tokens (+{block} for drafts) "
-                f"exceeds the target's context of {self.target.context_length} tokens"
-            )
+        max_len = self.check_fits(prompt.numel(), max_new_tokens)
         stats = DecodeStats(prompt_tokens=prompt.numel())
         self.last_stats = stats
         per_pos_proposed = [0] * self.gamma  # by draft position (chains) or tree depth
