@@ -408,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     # ---- issue 6 subcommands (bigram) register below this line ----
     # ---- issue 7 subcommands (tune) register below this line ----
     # ---- issue 8 subcommand (serve) registers below this line ----
+    from specdec import server  # importable without the server extra; `serve` says what to install
+
+    server.add_serve_parser(sub, _add_model_args, _add_decode_args)
     return parser
 
 
