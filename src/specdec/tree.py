@@ -136,3 +136,16 @@ def expansion_paths(expansion: list[int]) -> list[tuple[int, ...]]:
         level = [p + (r,) for p in level for r in range(k)]
         paths.extend(level)
     return paths
+
+
+def keep_subtree(
+    parents: Tensor,  # [N] int64, parents[i] < i
+    keep: Tensor,  # [N] bool, ancestor-closed: a kept node's parent is kept too
+) -> Tensor:  # [K] int64: the kept nodes' parents, renumbered among the kept nodes
+    """Drop the nodes outside `keep` and renumber the rest, preserving their order (parents first)."""
+    kept_parents = parents[keep]
+    has_parent = kept_parents >= 0
+    if bool((has_parent & ~keep[kept_parents.clamp_min(0)]).any()):
+        raise ValueError("keep must be ancestor-closed: a kept node's parent was dropped")
+    new_index = keep.long().cumsum(0) - 1  # [N] position of each node among the kept ones
+    return torch.where(has_parent, new_index[kept_parents.clamp_min(0)], kept_parents)

@@ -9,6 +9,8 @@ Each rule is exact only with its matching draft sampler (algorithms.md §1.2):
 - `verify_greedy`: temperature 0, any drafter; equals AR greedy token for token.
 - `verify_speculative_sampling`: drafts drawn from `draft_probs` (Leviathan/Chen).
 - `verify_sample_and_match`: deterministic drafters with no distribution (prompt lookup).
+Tree forms: greedy tree walk, MSS (i.i.d. children), SWOR (children drawn without replacement,
+Sequoia) and tree sample-and-match (deterministic children: top-k, best-first / SpecExec).
 
 Inputs describe a chain of γ drafted tokens; `target_probs` has γ + 1 rows: row i is the
 target's distribution after the root and the first i drafts (row γ gives the bonus token).
@@ -210,6 +212,73 @@ def mss_node(
     return accept, dist
 
 
+def without_token(
+    draft_row: Tensor,  # [V] distribution the next sibling would be drawn from
+    token: Tensor,  # [] int64, the sibling just drawn (and rejected)
+) -> Tensor:  # [V]
+    """q with `token` removed and renormalised: where the next child of a SWOR draw comes from.
+
+    If `token` held all the remaining mass the row becomes all zeros (no further sibling can
+    have been drawn), never 0/0.
+    """
+    q = draft_row.clone()
+    q[token] = 0.0
+    mass = q.sum()
+    return q / mass if float(mass) > 0 else q
+
+
+def swor_node(
+    target_row: Tensor,  # [V] target distribution at the node
+    cand_tokens: Tensor,  # [k] int64 children in sampling order (distinct)
+    draft_row: Tensor,  # [V] the draft distribution the children were drawn from without replacement
+) -> tuple[Tensor, Tensor]:  # ([k] acceptance probabilities, [V] final residual)
+    """The deterministic core of SWOR verification (Sequoia) at one node.
+
+    Child j was drawn from q_j = q with children 1..j-1 removed, so it is tested against q_j:
+    a_j = min(1, p_j(x_j) / q_j(x_j)); a rejection updates the target to the residual
+    norm(max(p_j − q_j, 0)) computed with q_j (before x_j is removed) and only then removes x_j
+    from q. Leaving out the removal is MSS on SWOR children, which is biased (algorithms.md §1.2).
+    """
+    dist = target_row
+    q = draft_row.to(dist.dtype)
+    accept = torch.empty(cand_tokens.shape[0], dtype=target_row.dtype, device=target_row.device)
+    for j in range(cand_tokens.shape[0]):  # sequential by nature: each test depends on the ones before
+        accept[j] = acceptance_probability(cand_tokens[j : j + 1], q[None], dist[None])[0]
+        dist = recovery_distribution(dist, q)
+        q = without_token(q, cand_tokens[j])
+    return accept, dist
+
+
+def _walk_candidates(
+    tree: TokenTree,
+    target_probs: Tensor,  # [N + 1, V]
+    generator: torch.Generator | None,
+    node_rule,  # (target_row [V], cand_tokens [k], cand_rows [k] int64 rows of tree.draft_probs) -> (accept [k], leftover [V])
+) -> VerifyResult:
+    """Walk from the root: at each node test its candidates in proposal order with `node_rule`.
+
+    The first candidate whose uniform draw falls under its (conditional) acceptance probability is
+    accepted and the walk descends into its node; with none accepted, the recovered token is
+    drawn from the rule's final residual. Only the nodes on the accepted path are visited.
+    """
+    device = target_probs.device
+    cand_parent = tree.parents[tree.cand_nodes]  # [C] node (-1 = root) whose children each candidate proposes
+    path: list[int] = []
+    node = -1
+    while True:
+        cands = (cand_parent == node).nonzero().flatten()  # this node's candidates, in proposal order
+        if cands.numel() == 0:
+            return VerifyResult(len(path), int(sample(target_probs[node + 1], generator).item()), tuple(path))
+        cand_nodes = tree.cand_nodes[cands]
+        accept, leftover = node_rule(target_probs[node + 1], tree.tokens[cand_nodes].to(device), tree.cand_draft_row[cands])
+        u = torch.rand(cands.numel(), generator=generator, device=device, dtype=accept.dtype)
+        hits = (u < accept).nonzero()
+        if hits.numel() == 0:
+            return VerifyResult(len(path), int(sample(leftover, generator).item()), tuple(path))
+        node = int(cand_nodes[int(hits[0])])
+        path.append(node)
+
+
 def verify_tree_mss(tree: TokenTree, target_probs: Tensor, generator: torch.Generator | None = None) -> VerifyResult:
     """SpecInfer's multi-step speculative sampling, for children drawn i.i.d. from their q.
 
@@ -220,29 +289,31 @@ def verify_tree_mss(tree: TokenTree, target_probs: Tensor, generator: torch.Gene
     """
     if tree.draft_probs is None or tree.cand_draft_row is None:
         raise ValueError("MSS needs the distribution each child was drawn from; use sample-and-match instead")
-    device = target_probs.device
-    by_parent: dict[int, list[int]] = {}
-    parents = tree.parents.tolist()
-    for c, node in enumerate(tree.cand_nodes.tolist()):
-        by_parent.setdefault(parents[node], []).append(c)
-    path: list[int] = []
-    node = -1
-    while True:
-        cands = torch.tensor(by_parent.get(node, []), dtype=torch.long)
-        if cands.numel() == 0:
-            return VerifyResult(len(path), int(sample(target_probs[node + 1], generator).item()), tuple(path))
-        cand_nodes = tree.cand_nodes[cands]
-        accept, leftover = mss_node(
-            target_probs[node + 1],
-            tree.tokens[cand_nodes].to(device),
-            tree.draft_probs[tree.cand_draft_row[cands]].to(device),
-        )
-        u = torch.rand(cands.numel(), generator=generator, device=device, dtype=accept.dtype)
-        hits = (u < accept).nonzero()
-        if hits.numel() == 0:
-            return VerifyResult(len(path), int(sample(leftover, generator).item()), tuple(path))
-        node = int(cand_nodes[int(hits[0])])
-        path.append(node)
+    draft_probs = tree.draft_probs.to(target_probs.device)
+
+    def rule(target_row: Tensor, cand_tokens: Tensor, cand_rows: Tensor) -> tuple[Tensor, Tensor]:
+        return mss_node(target_row, cand_tokens, draft_probs[cand_rows])
+
+    return _walk_candidates(tree, target_probs, generator, rule)
+
+
+def verify_tree_swor(tree: TokenTree, target_probs: Tensor, generator: torch.Generator | None = None) -> VerifyResult:
+    """Sequoia's verification, for children drawn without replacement (in sampling order) from one q.
+
+    As MSS, but after rejecting x the draft distribution also loses x (`swor_node`), because
+    the next sibling was drawn from q without x. Siblings must be listed in the order they were
+    drawn and share one draft row; re-sorting them biases the output (algorithms.md §1.2).
+    """
+    if tree.draft_probs is None or tree.cand_draft_row is None:
+        raise ValueError("SWOR verification needs the distribution the children were drawn from")
+    draft_probs = tree.draft_probs.to(target_probs.device)
+
+    def rule(target_row: Tensor, cand_tokens: Tensor, cand_rows: Tensor) -> tuple[Tensor, Tensor]:
+        if bool((cand_rows != cand_rows[0]).any()):
+            raise ValueError("SWOR siblings must all be drawn from one draft distribution (one cand_draft_row)")
+        return swor_node(target_row, cand_tokens, draft_probs[cand_rows[0]])
+
+    return _walk_candidates(tree, target_probs, generator, rule)
 
 
 def choose_tree_verifier(greedy: bool, has_draft_probs: bool) -> TreeVerifier:
