@@ -75,12 +75,24 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-ngram", type=int, default=3, help="pld: longest n-gram to look up")
     p.add_argument("--expansion", default=None, help="specinfer: children per tree level, e.g. 1,1,3,1,1,1,1,1 (default)")
     # ---- cascade options (issue 6) below this line; add each dest to METHOD_OPTION_ARGS ----
+    p.add_argument(
+        "--k-matrix", default=None,
+        help="csd: per-level quotas, rows split by ';' (levels: the --draft models largest first, then Max-Gram), "
+        "e.g. 4,2;0,6; row 0 sums to the tokens the target verifies (default derived from the number of drafters)",
+    )
+    p.add_argument("--lenience", type=float, default=None,
+                   help="csd: lenience L >= 1 for reviews below the target only (the target's review is always exact; "
+                   "default 1)")
+    p.add_argument("--no-maxgram", action="store_true", default=None, help="csd: drop the Max-Gram bottom level")
+    p.add_argument("--maxgram-fill", choices=["bigram", "none"], default=None,
+                   help="csd, maxgram: fill Max-Gram's proposals from the tokenizer's bigram table (default; built "
+                   "and cached on first use, see `specdec bigram build`) or not at all")
     # ---- SpecExec / Sequoia options (issue 7) below this line; add each dest to METHOD_OPTION_ARGS ----
 
 
 # Decode flags that are per-method options: passed to Pipeline.generate(**opts) when given.
 # A method's drafter factory reads the ones it knows (pipeline.METHODS).
-METHOD_OPTION_ARGS: list[str] = ["max_ngram", "expansion"]
+METHOD_OPTION_ARGS: list[str] = ["max_ngram", "expansion", "k_matrix", "lenience", "no_maxgram", "maxgram_fill"]
 
 
 def _method_opts(args: argparse.Namespace) -> dict[str, Any]:
@@ -406,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_p.set_defaults(func=cmd_bench)
 
     # ---- issue 6 subcommands (bigram) register below this line ----
+    from specdec.maxgram import add_bigram_parser
+
+    add_bigram_parser(sub)
     # ---- issue 7 subcommands (tune) register below this line ----
     # ---- issue 8 subcommand (serve) registers below this line ----
     from specdec import server  # importable without the server extra; `serve` says what to install

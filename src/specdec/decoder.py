@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from specdec.drafters import Drafter, Proposal
+from specdec.cost import cost_ratios, standardized_walltime_improvement
 from specdec.lm import LanguageModel
 from specdec.sampling import SamplingConfig, logits_to_probs
 from specdec.tree import TokenTree
@@ -49,6 +50,15 @@ class DecodeStats:
     prompt_tokens: int = 0
     stopped_by: str = ""
     """"eos" or "length"."""
+    swi: float | None = None
+    """Standardized walltime improvement (CS Drafting's cost model, `specdec.cost`): the cost of AR
+    decoding over this run's, each model's forward call costing its parameter count, Max-Gram and
+    prompt lookup free. 1.0 for AR; None when the drafter does not report its forward calls or a
+    parameter count is unknown. A cost model, not a clock: compare it with `tokens_per_s`."""
+    draft_forward_calls: list[int] = field(default_factory=list)
+    """Forward passes of each draft model (in the drafter's order, largest first), when reported."""
+    draft_cost_ratios: list[float] = field(default_factory=list)
+    """Parameter count of each draft model over the target's: what SWI charges per draft call."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,6 +107,7 @@ class SpeculativeDecoder:
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.last_stats: DecodeStats | None = None
         self._device = getattr(target, "device", torch.device("cpu"))
+        self._cost_ratios: list[float] | None = None  # per draft model, found on first use
 
     def generate(
         self,
@@ -220,10 +231,28 @@ class SpeculativeDecoder:
             if self.drafter is not None and not stop:
                 self.drafter.observe(committed, result)
             self._finish(stats, t_start, per_pos_proposed, per_pos_accepted)
+            self._record_cost(stats)
             stats.stopped_by = stop
             yield new
             if stop:
                 break
+
+    def _record_cost(self, stats: DecodeStats) -> None:
+        """SWI and the forward-call trace behind it (`specdec.cost`)."""
+        if self.drafter is None:  # AR: one target call per token by definition
+            stats.swi = standardized_walltime_improvement(stats.new_tokens, stats.target_calls, [], [])
+            return
+        report = getattr(self.drafter, "forward_calls", None)
+        if report is None:
+            return
+        calls = list(report())
+        stats.draft_forward_calls = calls
+        if self._cost_ratios is None:
+            self._cost_ratios = cost_ratios(self.target, list(getattr(self.drafter, "draft_models", [])))
+        if self._cost_ratios is None or len(self._cost_ratios) != len(calls):
+            return  # a parameter count is unknown: no SWI rather than a wrong one
+        stats.draft_cost_ratios = list(self._cost_ratios)
+        stats.swi = standardized_walltime_improvement(stats.new_tokens, stats.target_calls, calls, self._cost_ratios)
 
     @staticmethod
     def _finish(stats: DecodeStats, t_start: float, proposed: list[int], accepted: list[int]) -> None:

@@ -56,12 +56,19 @@ class ModelDrafter:
 
     def __init__(self, model: LanguageModel, sampling: SamplingConfig) -> None:
         self.model = model
+        self.draft_models = [model]
         self.sampling = sampling
         self._len_at_propose = 0
         self._gamma = 0
+        self._calls = 0
 
     def begin(self, prompt_ids: Tensor, max_len: int) -> None:
         self.model.reset(max_len)
+        self._calls = 0
+
+    def forward_calls(self) -> list[int]:
+        """Forward passes of the draft model since `begin` (for SWI, `specdec.cost`)."""
+        return [self._calls]
 
     def propose(self, committed_ids: Tensor, gamma: int, generator: torch.Generator | None) -> Proposal:
         self._len_at_propose, self._gamma = committed_ids.shape[0], gamma
@@ -70,6 +77,7 @@ class ModelDrafter:
         unseen = committed_ids[self.model.kv_len :]  # at least the pending root
         logits = self.model.forward(unseen, last_only=True)
         self.model.commit(unseen.shape[0])
+        self._calls += 1
         tokens: list[Tensor] = []
         probs: list[Tensor] = []
         for i in range(gamma):
@@ -83,6 +91,7 @@ class ModelDrafter:
             if i < gamma - 1:  # the last draft is only cached if it gets accepted (next propose)
                 logits = self.model.forward(token)
                 self.model.commit(1)
+                self._calls += 1
         return Proposal(
             torch.cat(tokens).to(committed_ids.device),
             torch.stack(probs) if probs else None,
@@ -114,6 +123,11 @@ class PromptLookupDrafter:
 
     def begin(self, prompt_ids: Tensor, max_len: int) -> None:
         pass
+
+    draft_models: tuple[LanguageModel, ...] = ()  # none: prompt lookup is free in the SWI cost model
+
+    def forward_calls(self) -> list[int]:
+        return []
 
     def propose(self, committed_ids: Tensor, gamma: int, generator: torch.Generator | None) -> Proposal:
         return Proposal(lookup_continuation(committed_ids, gamma, self.max_ngram, self.min_ngram), None)

@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from specdec.cascade import make_csd_drafter
 from specdec.decoder import DecodeStats, SpeculativeDecoder
 from specdec.drafters import Drafter, ModelDrafter, PromptLookupDrafter, TreeDrafter
 from specdec.lm import HFLanguageModel, LanguageModel
+from specdec.maxgram import make_maxgram_drafter
 from specdec.sampling import SamplingConfig
 
 if TYPE_CHECKING:
@@ -79,6 +81,16 @@ METHODS: dict[str, MethodInfo] = {
         _tree_drafter,
     ),
     # ---- cascade methods (issue 6: csd, maxgram) register below this line ----
+    "csd": MethodInfo(
+        "csd", True,
+        "Cascade Speculative Drafting: --draft models (largest first) + Max-Gram review each other's drafts "
+        "(--k-matrix, --lenience below the target, --no-maxgram)",
+        make_csd_drafter,
+    ),
+    "maxgram": MethodInfo(
+        "maxgram", False, "Max-Gram: longest earlier match of the text's suffix, then a bigram table; no draft model",
+        make_maxgram_drafter,
+    ),
     # ---- SpecExec / Sequoia methods (issue 7: specexec, sequoia) register below this line ----
 }
 
