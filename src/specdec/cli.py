@@ -88,11 +88,30 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
                    help="csd, maxgram: fill Max-Gram's proposals from the tokenizer's bigram table (default; built "
                    "and cached on first use, see `specdec bigram build`) or not at all")
     # ---- SpecExec / Sequoia options (issue 7) below this line; add each dest to METHOD_OPTION_ARGS ----
+    p.add_argument("--budget", type=int, default=None,
+                   help="specexec, sequoia: tree tokens the target verifies per call (default 32 specexec, 16 sequoia)")
+    p.add_argument("--max-depth", type=int, default=None, help="specexec, sequoia: deepest tree level (default 8 / 6)")
+    p.add_argument("--max-beams", type=int, default=None, help="specexec: nodes expanded per draft forward (default 8)")
+    p.add_argument("--branch-width", type=int, default=None,
+                   help="specexec: children proposed per expanded node (default 8)")
+    p.add_argument("--tree", default=None,
+                   help="sequoia: dp (default: the DP tree for --budget/--max-depth/--accept), auto (the `specdec tune` "
+                   "winner for this model pair, device, dtype and temperature) or a tune profile .json")
+    p.add_argument("--accept", default=None,
+                   help="sequoia --tree dp: acceptance vector, e.g. 0.7,0.1,0.05 (P(k-th child accepted)), or auto "
+                   "(measured by `specdec tune`; default: a typical prior)")
+    p.add_argument("--sequoia-mode", choices=["swor", "greedy"], default=None,
+                   help="sequoia: swor (default; children drawn without replacement, SWOR verification) or greedy "
+                   "(top-k children, sample-and-match); at T=0 both are top-k with the greedy walk")
+    p.add_argument("--offload", action="store_true", default=None,
+                   help="specexec, sequoia, auto: keep the target's weights in CPU RAM and stream them to the GPU layer "
+                   "by layer (CUDA only; on a CPU see `specdec tune --project-offload`)")
 
 
 # Decode flags that are per-method options: passed to Pipeline.generate(**opts) when given.
 # A method's drafter factory reads the ones it knows (pipeline.METHODS).
 METHOD_OPTION_ARGS: list[str] = ["max_ngram", "expansion", "k_matrix", "lenience", "no_maxgram", "maxgram_fill"]
+METHOD_OPTION_ARGS += ["budget", "max_depth", "max_beams", "branch_width", "tree", "accept", "sequoia_mode", "offload"]
 
 
 def _method_opts(args: argparse.Namespace) -> dict[str, Any]:
@@ -422,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bigram_parser(sub)
     # ---- issue 7 subcommands (tune) register below this line ----
+    from specdec.tune import register as register_tune
+
+    register_tune(sub, _add_model_args)
     # ---- issue 8 subcommand (serve) registers below this line ----
     from specdec import server  # importable without the server extra; `serve` says what to install
 

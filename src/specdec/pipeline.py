@@ -23,6 +23,8 @@ from specdec.drafters import Drafter, ModelDrafter, PromptLookupDrafter, TreeDra
 from specdec.lm import HFLanguageModel, LanguageModel
 from specdec.maxgram import make_maxgram_drafter
 from specdec.sampling import SamplingConfig
+from specdec.sequoia import make_auto_drafter, make_sequoia_drafter
+from specdec.specexec import make_specexec_drafter
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -92,6 +94,23 @@ METHODS: dict[str, MethodInfo] = {
         make_maxgram_drafter,
     ),
     # ---- SpecExec / Sequoia methods (issue 7: specexec, sequoia) register below this line ----
+    "specexec": MethodInfo(
+        "specexec", True,
+        "SpecExec: a best-first draft tree of up to --budget tokens (--max-depth, --max-beams, --branch-width), "
+        "sample-and-match verification",
+        make_specexec_drafter,
+    ),
+    "sequoia": MethodInfo(
+        "sequoia", True,
+        "Sequoia: a DP-optimal tree (--budget, --max-depth, --accept; --tree auto = the `specdec tune` winner), "
+        "children drawn without replacement and SWOR-verified (--sequoia-mode greedy: top-k, sample-and-match)",
+        make_sequoia_drafter,
+    ),
+    "auto": MethodInfo(
+        "auto", True, "whatever `specdec tune` found fastest for this model pair, device, dtype and temperature "
+        "(a Sequoia tree or no speculation)",
+        make_auto_drafter,
+    ),
 }
 
 
