@@ -268,7 +268,7 @@ def _sample_cascade(n: int, planted_bug: bool = False):
 
 
 def test_cascade_sampling_matches_target_distribution(one_thread):
-    n = 2500
+    n = 2000
     counts, expected, accepted = _sample_cascade(n)
     assert accepted > 0.1 * n, "the cascade's drafts were rarely accepted: verification would not be exercised"
     assert chi_square_pvalue(counts, expected, n) > ALPHA
@@ -411,7 +411,7 @@ def test_cascade_greedy_equivalence_on_smollm2(smol):
     prompt = tok("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")["input_ids"]
     eos = eos_ids(model, tok)
     target = HFLanguageModel(model)
-    ref, _ = SpeculativeDecoder(target, None, GREEDY, eos_token_ids=eos).generate(prompt, 32)
+    ref, _ = SpeculativeDecoder(target, None, GREEDY, eos_token_ids=eos).generate(prompt, 20)
     # a bigram table from a slice of the standard library (the real build reads ~4 MB)
     texts, _ = read_corpus(corpus_files(None), 200_000)
     table, _ = build_bigram_table(lambda s: tok(s, add_special_tokens=False, verbose=False)["input_ids"], texts,
@@ -420,17 +420,12 @@ def test_cascade_greedy_equivalence_on_smollm2(smol):
     shallow = HFLanguageModel(_shallow_copy(model, 8))
     tiny = HFLanguageModel(_shallow_copy(model, 2))
     exact_top = [[4, 0, 0], [0, 2, 4], [0, 0, 6]]  # the target sees only tokens `full` kept
-    for drafts, maxgram, k, lenience in [
-        ([full, shallow], True, exact_top, 1.0),
-        ([shallow], True, None, 3.0),
-        ([shallow, tiny], False, [[3, 1], [0, 2]], 2.0),
-        ([full, shallow], True, exact_top, 20.0),
-    ]:
-        drafter = CascadeDrafter(drafts, k, lenience, maxgram=maxgram, bigram=table)
-        out, stats = run_cascade_greedy(target, drafter, prompt, 32, eos=eos)
+    for drafts, k, lenience in [([full, shallow], exact_top, 1.0), ([shallow, tiny], None, 3.0)]:
+        drafter = CascadeDrafter(drafts, k, lenience, bigram=table)
+        out, stats = run_cascade_greedy(target, drafter, prompt, 20, eos=eos)
         assert out == ref, f"csd {k} lenience {lenience} changed the greedy output"
-        if drafts[0] is full and lenience == 1.0:
+        if drafts[0] is full:
             assert stats.accepted_tokens == stats.draft_tokens > 0
-    # the planted bug on the last configuration: the lenient copy's picks pass a lenient target too
+    # the planted bug: with lenience the copy keeps non-argmax tokens, and a lenient target passes them
     drafter = CascadeDrafter([full, shallow], exact_top, 20.0, bigram=table)
-    assert run_cascade_greedy(target, drafter, prompt, 32, eos=eos, target_lenience=20.0)[0] != ref
+    assert run_cascade_greedy(target, drafter, prompt, 20, eos=eos, target_lenience=20.0)[0] != ref

@@ -127,7 +127,7 @@ class _ModelLevel:
         new_conf = probs[torch.arange(n_acc + 1, device=probs.device), new_tokens.to(probs.device)].cpu()
         return torch.cat([seq[: start + n_acc], own]), torch.cat([conf[: start - base], new_conf])
 
-    def propose(self, seq: Tensor, conf: Tensor, need: int) -> tuple[Tensor, Tensor]:
+    def propose(self, seq: Tensor, conf: Tensor, need: int) -> tuple[Tensor, Tensor]:  # seq: [L]; conf: [L - base]
         """The bottom level when there is no Max-Gram: `need` greedy tokens, one pass each."""
         keep = self._reuse(seq, seq.shape[0] - 1)
         logits = self.lm.forward(seq[keep:], last_only=True)[-1]  # [V]
@@ -159,7 +159,7 @@ class _MaxGramLevel:
     def begin(self, prompt_ids: Tensor) -> None:
         self._next_token = self.bigram.with_prompt(prompt_ids).next_token.tolist() if self.bigram else None
 
-    def propose(self, seq: Tensor, conf: Tensor, need: int) -> tuple[Tensor, Tensor]:
+    def propose(self, seq: Tensor, conf: Tensor, need: int) -> tuple[Tensor, Tensor]:  # seq: [L]; conf: [L - base]
         tokens = maxgram_continuation(seq, need, self._next_token)
         return torch.cat([seq, tokens]), torch.cat([conf, torch.ones(tokens.shape[0], dtype=conf.dtype)])
 
@@ -307,7 +307,11 @@ class CascadeDrafter:
         return Proposal(seq[self._base : self._base + cap], None)
 
     def _fill(self, r: int, seq: Tensor, conf: Tensor, cap: int | None = None) -> tuple[Tensor, Tensor]:
-        """Levels r, r+1, … draft after `seq` until row r's quotas are met (horizontal cascade)."""
+        """Levels r, r+1, … draft after `seq` until row r's quotas are met (horizontal cascade).
+
+        seq: [L] committed tokens and this proposal's drafts so far; conf: [L - base] the
+        confidence of each draft (what lenience compares against). Returns both, extended.
+        """
         start = seq.shape[0]
         quota = 0
         for j in range(r, len(self.levels)):
@@ -320,7 +324,7 @@ class CascadeDrafter:
                     break
         return seq, conf
 
-    def _call(self, j: int, seq: Tensor, conf: Tensor, need: int) -> tuple[Tensor, Tensor]:
+    def _call(self, j: int, seq: Tensor, conf: Tensor, need: int) -> tuple[Tensor, Tensor]:  # as `_fill`
         """Level j's contribution: the bottom level proposes; any other reviews the levels below it
         (vertical cascade), with their quotas from row j + 1."""
         level = self.levels[j]
