@@ -338,7 +338,7 @@ def format_candidates(profile: dict[str, Any]) -> str:
         mine = [r for r in rows if r["mode"] == mode]
         depth_max = max(r["depth"] for r in mine)
         label = "children drawn without replacement, SWOR-verified" if mode == "swor" else \
-            "top-k children, sample-and-match (greedy walk at T=0)"
+            "top-k children, sample-and-match; the greedy walk at T=0"
         lines.append(f"\nsequoia mode {mode} ({label}): expected speedup by tree size (rows) and depth (columns)")
         lines.append("| size | " + " | ".join(f"d={d}" for d in range(1, depth_max + 1)) +
                      " | best d | tokens/call | target ms | draft ms |")
