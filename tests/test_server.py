@@ -234,6 +234,9 @@ def test_openai_client_sees_errors(client):
         client.completions.create(model=MODEL, prompt="hi", extra_body={"speculative": {"method": "nope"}})
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=-1)
+    # offload would change the target for every later request: never a per-request option
+    with pytest.raises(openai.BadRequestError, match="offload"):
+        client.completions.create(model=MODEL, prompt="hi", extra_body={"speculative": {"method": "sps", "offload": True}})
     with pytest.raises(openai.BadRequestError, match="not supported"):
         client.completions.create(model=MODEL, prompt="hi", frequency_penalty=1.0)
     with pytest.raises(openai.NotFoundError, match="does not exist"):

@@ -48,7 +48,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--draft", action="append", default=None,
         help=f"draft model for methods that need one (default {DEFAULT_DRAFT}); repeat it to merge several "
-        "drafters' trees (specinfer)",
+        "drafters' trees (specinfer), or to build a cascade, largest first (csd)",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="target dtype (default float32)")
@@ -150,6 +150,12 @@ def _load(args: argparse.Namespace, need_draft: bool) -> Pipeline:
         args.target, drafts or None, device=args.device, dtype=DTYPES[args.dtype],
         draft_dtype=args.draft_dtype, fast_linear=args.fast_linear,
     )
+    if getattr(args, "offload", None):
+        # Offloading is a property of the loaded target, so apply it here: every method of this
+        # run, the AR baseline included, then sees the same offloaded target.
+        from specdec.tune import apply_offload_option
+
+        apply_offload_option(pipe, {"offload": True})
     print(f"loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return pipe
 

@@ -468,7 +468,8 @@ def _known_method_options() -> frozenset[str]:
     # The CLI's list of per-method option flags is the one registry of option names.
     from specdec.cli import METHOD_OPTION_ARGS
 
-    return frozenset(METHOD_OPTION_ARGS)
+    # `offload` changes the loaded target for every later request: a server-level flag only.
+    return frozenset(METHOD_OPTION_ARGS) - {"offload"}
 
 
 def create_app(
