@@ -55,3 +55,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The real SmolLM2-135M-Instruct (model, tokenizer), loaded once for every `real` test."""
+    from specdec.hub import load_model
+
+    return load_model("smollm2-135m-instruct", progress=False)

@@ -394,13 +394,6 @@ def test_cli_generate_csd_json(tmp_path, monkeypatch, capsys):
 
 
 # ---- the real SmolLM2-135M ----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def smol():
-    from specdec.hub import load_model
-
-    return load_model("smollm2-135m-instruct", progress=False)
-
-
 @pytest.mark.real
 def test_cascade_greedy_equivalence_on_smollm2(smol):
     from specdec.maxgram import build_bigram_table, corpus_files, read_corpus

@@ -18,14 +18,6 @@ NAME = "smollm2-135m-instruct"
 GREEDY = SamplingConfig()
 
 
-@pytest.fixture(scope="module")
-def smol():
-    from specdec.hub import load_model
-
-    model, tok = load_model(NAME, progress=False)
-    return model, tok
-
-
 def _shallow_copy(model, layers: int):
     """The first `layers` blocks of the model: a genuinely weaker drafter with the same vocabulary."""
     small = copy.deepcopy(model)

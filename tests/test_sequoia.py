@@ -16,6 +16,7 @@ from specdec.toy import MarkovLM
 from specdec.tree import TokenTree, paths_to_parents
 from specdec.verify import swor_node, verify_tree_sample_and_match, verify_tree_swor
 from tests.conftest import tiny_lm
+from tests.helpers import stream_checking_caches
 from tests.test_distribution import PROMPT, chi_square_pvalue, exact_continuations
 
 GREEDY = SamplingConfig()
@@ -328,11 +329,4 @@ def test_sequoia_drafter_cache_holds_exactly_committed_tokens(one_thread):
     target = MarkovLM.random(6, seed=1, sharpness=2.0)
     draft = MarkovLM.random(6, seed=2, sharpness=2.0)
     dec = SpeculativeDecoder(target, SequoiaDrafter(draft, T1, [(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]), T1)
-    committed = [1, 2, 3, 4]
-    for chunk in dec.stream(committed, 60, torch.Generator().manual_seed(0)):
-        committed = committed + chunk
-        if dec.last_stats.stopped_by:
-            break
-        assert target._tokens == committed[:-1]
-        assert draft._tokens == committed[: draft.kv_len]
-        assert draft.kv_len >= len(committed) - len(chunk)
+    stream_checking_caches(dec, target, [draft], [1, 2, 3, 4], 60)

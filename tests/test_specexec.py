@@ -16,6 +16,7 @@ from specdec.specexec import SpecExecDrafter
 from specdec.toy import MarkovLM
 from specdec.tree import path_to
 from tests.conftest import tiny_lm
+from tests.helpers import stream_checking_caches
 from tests.test_distribution import PROMPT, chi_square_pvalue, exact_continuations
 
 GREEDY = SamplingConfig()
@@ -172,14 +173,7 @@ def test_specexec_drafter_cache_holds_exactly_committed_tokens(one_thread):
     target = MarkovLM.random(6, seed=1, sharpness=2.0)
     draft = MarkovLM.random(6, seed=2, sharpness=2.0)
     dec = SpeculativeDecoder(target, SpecExecDrafter(draft, T1, budget=8, max_depth=4, max_beams=3, branch_width=2), T1)
-    committed = [1, 2, 3, 4]
-    for chunk in dec.stream(committed, 60, torch.Generator().manual_seed(0)):
-        committed = committed + chunk
-        if dec.last_stats.stopped_by:
-            break
-        assert target._tokens == committed[:-1]
-        assert draft._tokens == committed[: draft.kv_len]
-        assert draft.kv_len >= len(committed) - len(chunk)
+    stream_checking_caches(dec, target, [draft], [1, 2, 3, 4], 60)
 
 
 def test_pipeline_methods_and_bad_options():
@@ -204,13 +198,6 @@ def test_pipeline_methods_and_bad_options():
 
 
 # ---- the real SmolLM2-135M ---------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def smol():
-    from specdec.hub import load_model
-
-    return load_model("smollm2-135m-instruct", progress=False)
-
-
 @pytest.mark.real
 def test_specexec_and_sequoia_greedy_equivalence_on_smollm2(smol):
     from specdec.lm import HFLanguageModel

@@ -15,6 +15,7 @@ from specdec.toy import MarkovLM
 from specdec.tree import TokenTree, expansion_paths, path_to, paths_to_parents
 from specdec.verify import mss_node, verify_tree_greedy, verify_tree_sample_and_match
 from tests.conftest import TINY_VOCAB, tiny_hf_model, tiny_lm
+from tests.helpers import stream_checking_caches
 from tests.test_distribution import PROMPT, chi_square_pvalue, exact_continuations
 
 GREEDY = SamplingConfig()
@@ -248,14 +249,4 @@ def test_drafter_caches_hold_exactly_committed_tokens(kind, one_thread):
     else:
         drafts = drafts[: 1 if kind == "specinfer" else 2]
         dec = SpeculativeDecoder(target, TreeDrafter(drafts, sampling, expansion=[2, 1, 2]), sampling)
-    gen = torch.Generator().manual_seed(0)
-    prompt = [1, 2, 3, 4]
-    committed = list(prompt)
-    for chunk in dec.stream(prompt, 60, gen):
-        committed += chunk
-        if dec.last_stats.stopped_by:
-            break  # the last iteration may skip drafting and feedback
-        assert target._tokens == committed[:-1]
-        for lm in drafts:
-            assert lm._tokens == committed[: lm.kv_len]
-            assert lm.kv_len >= len(committed) - len(chunk)  # caught up before drafting, then kept what held
+    stream_checking_caches(dec, target, drafts, [1, 2, 3, 4], 60)
