@@ -22,3 +22,25 @@ def stream_checking_caches(
             assert lm._tokens == committed[: lm.kv_len]
             assert lm.kv_len >= len(committed) - len(chunk)  # caught up before drafting, then kept what held
     return committed
+
+
+def chi_square_of_decoder(
+    dec: SpeculativeDecoder, target, sampling, eos: int | None, n: int, seed: int, max_tree_tokens: int | None = None
+) -> float:
+    """Decode 3 tokens after `PROMPT` n times and return the chi-square p-value of the outputs
+    against the target's exact distribution over 3-token continuations (toy `MarkovLM` target)."""
+    from collections import Counter
+
+    from tests.test_distribution import PROMPT, chi_square_pvalue, exact_continuations
+
+    gen = torch.Generator().manual_seed(seed)
+    counts: Counter = Counter()
+    accepted = 0
+    for _ in range(n):
+        out, stats = dec.generate(PROMPT, 3, gen)
+        counts[tuple(out)] += 1
+        accepted += stats.accepted_tokens
+        assert 1 <= stats.target_calls <= stats.new_tokens
+        assert max_tree_tokens is None or stats.tree_tokens <= max_tree_tokens
+    assert accepted > 0.2 * n, "drafts were rarely accepted: the test would not exercise verification"
+    return chi_square_pvalue(counts, exact_continuations(target, sampling, eos), n)

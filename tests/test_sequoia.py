@@ -16,8 +16,8 @@ from specdec.toy import MarkovLM
 from specdec.tree import TokenTree, paths_to_parents
 from specdec.verify import swor_node, verify_tree_sample_and_match, verify_tree_swor
 from tests.conftest import tiny_lm
-from tests.helpers import stream_checking_caches
-from tests.test_distribution import PROMPT, chi_square_pvalue, exact_continuations
+from tests.helpers import chi_square_of_decoder, stream_checking_caches
+from tests.test_distribution import PROMPT
 
 GREEDY = SamplingConfig()
 T1 = SamplingConfig(temperature=1.0)
@@ -282,16 +282,7 @@ def _chi_run(mode, sampling, eos, n):
     draft = MarkovLM.random(4, seed=16, sharpness=1.5)
     dec = SpeculativeDecoder(target, SequoiaDrafter(draft, sampling, CHI_PATHS, mode), sampling,
                              eos_token_ids=[eos] if eos is not None else [])
-    gen = torch.Generator().manual_seed(5)
-    counts: Counter = Counter()
-    accepted = 0
-    for _ in range(n):
-        out, stats = dec.generate(PROMPT, 3, gen)
-        counts[tuple(out)] += 1
-        accepted += stats.accepted_tokens
-        assert 1 <= stats.target_calls <= stats.new_tokens
-    assert accepted > 0.2 * n, "drafts were rarely accepted: the test would not exercise verification"
-    return chi_square_pvalue(counts, exact_continuations(target, sampling, eos), n)
+    return chi_square_of_decoder(dec, target, sampling, eos, n, seed=5)
 
 
 @pytest.mark.parametrize("mode,sampling,eos", CHI_CONFIGS)

@@ -3,7 +3,6 @@
 
 import copy
 import itertools
-from collections import Counter
 
 import pytest
 import torch
@@ -16,8 +15,7 @@ from specdec.specexec import SpecExecDrafter
 from specdec.toy import MarkovLM
 from specdec.tree import path_to
 from tests.conftest import tiny_lm
-from tests.helpers import stream_checking_caches
-from tests.test_distribution import PROMPT, chi_square_pvalue, exact_continuations
+from tests.helpers import chi_square_of_decoder, stream_checking_caches
 
 GREEDY = SamplingConfig()
 T1 = SamplingConfig(temperature=1.0)
@@ -103,16 +101,7 @@ def _chi_run(sampling, eos, n, **kw):
     draft = MarkovLM.random(4, seed=12, sharpness=1.5)
     drafter = SpecExecDrafter(draft, sampling, **kw)
     dec = SpeculativeDecoder(target, drafter, sampling, eos_token_ids=[eos] if eos is not None else [])
-    gen = torch.Generator().manual_seed(7)
-    counts: Counter = Counter()
-    accepted = 0
-    for _ in range(n):
-        out, stats = dec.generate(PROMPT, 3, gen)
-        counts[tuple(out)] += 1
-        accepted += stats.accepted_tokens
-        assert 1 <= stats.target_calls <= stats.new_tokens and stats.tree_tokens <= kw["budget"]
-    assert accepted > 0.2 * n, "drafts were rarely accepted: the test would not exercise verification"
-    return chi_square_pvalue(counts, exact_continuations(target, sampling, eos), n)
+    return chi_square_of_decoder(dec, target, sampling, eos, n, seed=7, max_tree_tokens=kw["budget"])
 
 
 @pytest.mark.parametrize("sampling,eos", [
