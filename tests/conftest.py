@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from specdec.lm import HFLanguageModel
+from specdec.models.hf import HFLanguageModel
 
 TINY_VOCAB = 97
 
@@ -60,6 +60,6 @@ def one_thread():
 @pytest.fixture(scope="session")
 def smol():
     """The real SmolLM2-135M-Instruct (model, tokenizer), loaded once for every `real` test."""
-    from specdec.hub import load_model
+    from specdec.models.hub import load_model
 
     return load_model("smollm2-135m-instruct", progress=False)

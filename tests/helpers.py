@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from specdec.decoder import SpeculativeDecoder
+from specdec.engine.decoder import SpeculativeDecoder
 
 
 def stream_checking_caches(
@@ -31,7 +31,7 @@ def chi_square_of_decoder(
     against the target's exact distribution over 3-token continuations (toy `MarkovLM` target)."""
     from collections import Counter
 
-    from tests.test_distribution import PROMPT, chi_square_pvalue, exact_continuations
+    from tests.engine.test_distribution import PROMPT, chi_square_pvalue, exact_continuations
 
     gen = torch.Generator().manual_seed(seed)
     counts: Counter = Counter()

@@ -1,0 +1,255 @@
+"""Running a benchmark: the plan of missing (prompt, temperature, repeat, method) rows, AR first in
+each group, one untimed warm-up per method and temperature, each row appended to results.jsonl as
+soon as it is measured, then summary.md and the plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from specdec.bench.peers import HF_NEEDS_DRAFT, HFPeers, is_hf
+from specdec.bench.plots import make_plots
+from specdec.bench.prompts import BenchPrompt, prompt_seed
+from specdec.bench.settings import BenchSettings, base_method, fingerprint, fmt_temp
+from specdec.bench.store import (
+    LOG, RESULTS, SUMMARY, RowKey, check_out_dir, load_results, lock_out_dir, read_fingerprint, row_key,
+    set_aside_truncated, write_config,
+)
+from specdec.bench.summary import Summary, render_summary, summarize
+from specdec.core.sampling import SamplingConfig
+from specdec.methods.registry import get_method
+
+if TYPE_CHECKING:
+    from specdec.engine.pipeline import Pipeline
+
+
+def default_encoder(pipe: "Pipeline") -> Callable[[str], list[int]]:
+    """The first turn as a chat message when the target has a chat template, else raw text."""
+    chat = pipe.has_chat_template()
+    return lambda text: pipe.encode(text, chat=chat)
+
+
+@dataclass
+class BenchReport:
+    out_dir: Path
+    rows: list[dict[str, Any]]
+    ran: int
+    skipped: int
+    summary: Summary
+    summary_md: str
+    plots: list[Path]
+    interrupted: bool = False
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
+
+
+def run_bench(
+    pipe: "Pipeline | None",
+    prompts: Sequence[BenchPrompt],
+    out_dir: str | os.PathLike[str],
+    settings: BenchSettings,
+    *,
+    encode: Callable[[str], list[int]] | None = None,
+    log_path: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    plots: bool = True,
+    command: str | None = None,
+    draft_name: str | None = None,
+) -> BenchReport:
+    """Measure every missing (prompt, temperature, repeat, method) row, then write the summary.
+
+    `encode` turns a prompt's first turn into token ids (default: the pipeline's tokenizer, chat
+    template when it has one). `pipe` may be None when nothing is left to run (summary only).
+    """
+    out = Path(out_dir)
+    results_path = out / RESULTS
+    log_file = Path(log_path) if log_path is not None else out / LOG
+    target_name = getattr(pipe, "target_name", None) if pipe is not None else None
+    dtype = str(getattr(pipe.target_lm, "dtype", None)) if pipe is not None else None
+    if pipe is not None:
+        draft_name = draft_name or getattr(pipe, "draft_name", None)
+    fp = fingerprint(settings, target_name, dtype)
+    if pipe is not None:
+        check_out_dir(out, fp, draft_name)
+    out.mkdir(parents=True, exist_ok=True)
+    session = time.strftime("%Y-%m-%dT%H:%M:%S")
+
+    def log(msg: str) -> None:
+        with log_file.open("a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+
+    def warn(msg: str) -> None:
+        print(f"specdec bench: warning: {msg}", file=sys.stderr)
+        log(f"warning: {msg}")
+
+    with lock_out_dir(out):
+        loaded = load_results(results_path)
+        set_aside_truncated(results_path, loaded, warn)
+        if loaded.duplicates:
+            warn(f"{RESULTS} has {loaded.duplicates} duplicate rows; the first of each is used")
+        done: dict[RowKey, dict[str, Any]] = {row_key(r): r for r in loaded.rows}
+
+        plan = [
+            (p, t, r, m)
+            for p in prompts
+            for t in settings.temperatures
+            for r in range(settings.repeats)
+            for m in settings.methods
+            if (p.id, m, t, r) not in done
+        ]
+        skipped = len(prompts) * len(settings.temperatures) * settings.repeats * len(settings.methods) - len(plan)
+        ran = 0
+        interrupted = False
+        if plan and pipe is None:
+            raise ValueError(f"{len(plan)} rows are still to run; a pipeline is needed")
+        if pipe is not None:
+            write_config(out, fp, draft_name, command, session)
+        if plan:
+            assert pipe is not None
+            ran, interrupted = _run_plan(
+                pipe, plan, prompts, settings, results_path, done, encode, log, progress, session, skipped
+            )
+
+        rows = list(done.values())
+        summary = summarize(rows)
+        md = render_summary(summary, command=command, out_dir=out, fingerprint_=read_fingerprint(out) or fp)
+        tmp = out / (SUMMARY + ".tmp")
+        tmp.write_text(md, encoding="utf-8")
+        os.replace(tmp, out / SUMMARY)
+        plot_paths: list[Path] = []
+        if plots:
+            try:
+                plot_paths = make_plots(summary, out)
+            except ImportError:
+                warn("matplotlib is not installed, no plots (pip install 'specdec[bench]')")
+        log(f"summary written: {out / SUMMARY} ({len(rows)} rows)")
+    report = BenchReport(out, rows, ran, skipped, summary, md, plot_paths, interrupted)
+    if interrupted:
+        raise KeyboardInterrupt
+    return report
+
+
+def _run_plan(
+    pipe: "Pipeline",
+    plan: list[tuple[BenchPrompt, float, int, str]],
+    prompts: Sequence[BenchPrompt],
+    settings: BenchSettings,
+    results_path: Path,
+    done: dict[RowKey, dict[str, Any]],
+    encode: Callable[[str], list[int]] | None,
+    log: Callable[[str], None],
+    progress: bool,
+    session: str,
+    skipped: int,
+) -> tuple[int, bool]:
+    """Run the plan's rows in order, appending each to `results_path` and `done`: (rows run, interrupted)."""
+    from tqdm.auto import tqdm
+
+    encode = encode or default_encoder(pipe)
+    methods_needed = list(dict.fromkeys(m for _, _, _, m in plan))
+    peers = None
+    if any(is_hf(m) for m in methods_needed):
+        peers = HFPeers(pipe, settings.gamma, settings.opts.get("max_ngram", 3))
+    for m in methods_needed:
+        if not is_hf(m) and get_method(base_method(m, settings.variants)).needs_draft_model and pipe.draft_lm is None:
+            raise ValueError(f"method {m!r} needs a draft model (--draft)")
+        if m in HF_NEEDS_DRAFT and pipe.draft_lm is None:
+            raise ValueError(f"peer {m!r} needs a draft model (--draft)")
+
+    # Encode every prompt up front: a prompt too long for the context fails now, not an hour in.
+    ids_of: dict[str, list[int]] = {}
+    limit = min(
+        int(getattr(pipe.target_lm, "context_length", 1 << 30)),
+        int(getattr(pipe.draft_lm, "context_length", 1 << 30)) if pipe.draft_lm is not None else 1 << 30,
+    )
+    for p in {p.id: p for p, _, _, _ in plan}.values():
+        ids = list(encode(p.text))
+        if not ids:
+            raise ValueError(f"prompt {p.id!r} (line {p.line}) encodes to no tokens")
+        need = len(ids) + settings.max_new_tokens + settings.gamma + 1
+        if need > limit:
+            raise ValueError(
+                f"prompt {p.id!r} (line {p.line}) has {len(ids)} tokens; with {settings.max_new_tokens} new tokens "
+                f"and drafts it needs {need} > the context of {limit} tokens (lower --max-new-tokens or drop it)"
+            )
+        ids_of[p.id] = ids
+
+    def run_one(method: str, ids: list[int], max_new: int, sampling: SamplingConfig, seed: int | None):
+        if is_hf(method):
+            assert peers is not None
+            return peers.generate(method, ids, max_new, sampling, seed)
+        base = base_method(method, settings.variants)
+        res = pipe.generate(ids, base, max_new, sampling=sampling, gamma=settings.method_gamma(method), seed=seed,
+                            **settings.method_options(method))
+        return res.token_ids, res.stats.to_dict(), None
+
+    # Warm-up: one short untimed generation per method and temperature still to run.
+    warm_ids = ids_of[plan[0][0].id][:16]
+    for m, t in dict.fromkeys((m, t) for _, t, _, m in plan):
+        run_one(m, warm_ids, settings.warmup_tokens, settings.sampling(t), 0 if t > 0 else None)
+
+    n_prompts = len({p.id for p, _, _, _ in plan})
+    log(
+        f"start: {len(plan)} rows to run ({skipped} already in {results_path.name}), {n_prompts} prompts, "
+        f"methods {','.join(settings.methods)}, temperatures {','.join(map(fmt_temp, settings.temperatures))}, "
+        f"{settings.max_new_tokens} new tokens, {settings.repeats} repeat(s)"
+    )
+    bar = tqdm(total=len(plan), desc="bench", unit="row", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    ran = 0
+    t_start = time.perf_counter()
+    try:
+        with results_path.open("a", encoding="utf-8") as f:
+            for p, t, r, m in plan:
+                bar.set_postfix_str(f"{p.id} {m} T={fmt_temp(t)}", refresh=False)
+                seed = prompt_seed(p.id, r) if t > 0 else None
+                tokens, stats, hf_settings = run_one(m, ids_of[p.id], settings.max_new_tokens, settings.sampling(t), seed)
+                ar = done.get((p.id, "ar", t, r))
+                equal = None
+                if t == 0:
+                    equal = True if m == "ar" else (None if ar is None else tokens == ar["token_ids"])
+                row: dict[str, Any] = {
+                    "id": p.id,
+                    "task": p.task,
+                    "method": m,
+                    "temperature": t,
+                    "repeat": r,
+                    "seed": seed,
+                    "output_equals_ar": equal,
+                    "text": pipe.decode(tokens),
+                    "token_ids": tokens,
+                    "stats": stats,
+                }
+                if hf_settings is not None:
+                    row["hf_settings"] = hf_settings
+                row["session"] = session
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                done[(p.id, m, t, r)] = row
+                ran += 1
+                bar.update(1)
+                elapsed = time.perf_counter() - t_start
+                eta = elapsed / ran * (len(plan) - ran)
+                verdict = "" if equal is None or m == "ar" else (", equal to AR" if equal else ", DIFFERS FROM AR")
+                log(
+                    f"[{skipped + ran}/{skipped + len(plan)}] {p.id} {m} T={fmt_temp(t)} r={r}: "
+                    f"{stats['new_tokens']} tokens, {stats['tokens_per_s']:.2f} tokens/s{verdict} | "
+                    f"elapsed {_fmt_duration(elapsed)}, ETA {_fmt_duration(eta)}"
+                )
+    except KeyboardInterrupt:
+        log(f"interrupted after {ran} rows; re-run the same command to resume")
+        return ran, True
+    finally:
+        bar.close()
+    log(f"done: {ran} rows in {_fmt_duration(time.perf_counter() - t_start)}")
+    return ran, False

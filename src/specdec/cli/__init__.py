@@ -1,0 +1,50 @@
+"""The `specdec` command line: one module per subcommand, each imported only when it is used.
+
+`specdec --help` therefore loads no model code (nor torch); a subcommand builds its own flags,
+method option flags included, from `cli.common`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module with `configure(parser)`, one line of help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("specdec.cli.models", "list or fetch the known models"),
+    "generate": ("specdec.cli.generate", "generate text with one method"),
+    "demo": ("specdec.cli.demo", "AR vs speculative decoding on the default models"),
+    "bench": ("specdec.cli.bench", "benchmark methods and Hugging Face peers on a prompt file (resumable)"),
+    "profile": ("specdec.cli.profile", "t(k): ms per forward over k new tokens, plain vs fast path"),
+    "tune": ("specdec.cli.tune", "measure this machine and pick the fastest Sequoia tree (for --method auto)"),
+    "serve": ("specdec.cli.serve", "OpenAI-compatible HTTP server (completions, chat, streaming, Prometheus metrics)"),
+    "bigram": ("specdec.cli.bigram", "the Max-Gram bigram table (csd, maxgram)"),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; subcommands other than `only` get their name and help but no flags (None = all)."""
+    parser = argparse.ArgumentParser(prog="specdec", description="Lossless speculative decoding.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_line) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_line, description=help_line)
+        if only is None or only == name:
+            importlib.import_module(module).configure(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in SUBCOMMANDS else "").parse_args(argv)
+    from specdec.models.hub import ModelError
+
+    try:
+        return int(args.func(args))
+    except (ModelError, ValueError) as exc:
+        print(f"specdec: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("specdec: error: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,60 @@
+"""`specdec generate`: one prompt, one method; streamed text or one JSON object."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from specdec.cli.common import (
+    add_method_args, add_model_args, add_sampling_args, format_stats, given_options, load_pipeline, options_for,
+    sampling_of,
+)
+from specdec.engine.text import TextAssembler
+from specdec.methods.registry import get_method
+
+
+def prompt_of(args: argparse.Namespace) -> tuple[str, bool | None]:
+    given = [(args.prompt, False), (args.chat, True), (args.text, None)]
+    given = [(t, c) for t, c in given if t is not None]
+    if len(given) != 1:
+        raise ValueError("give exactly one prompt: TEXT, --prompt TEXT (raw) or --chat TEXT (chat message)")
+    return given[0]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    text, chat = prompt_of(args)
+    sampling = sampling_of(args)
+    if args.max_new_tokens <= 0:
+        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    opts = options_for(args.method, given_options(args))
+    pipe = load_pipeline(args, get_method(args.method).needs_draft_model)
+    dec, chunks = pipe.stream(text, args.method, args.max_new_tokens, sampling, gamma=args.gamma, seed=args.seed,
+                              chat=chat, **opts)
+    if args.json:
+        ids: list[int] = []
+        for chunk in chunks:
+            ids.extend(chunk)
+        assert dec.last_stats is not None
+        print(json.dumps({"text": pipe.decode(ids), "token_ids": ids, "stats": dec.last_stats.to_dict()}))
+        return 0
+    text_out = TextAssembler(pipe.decode, [])
+    for chunk in chunks:
+        sys.stdout.write(text_out.push(chunk)[0])
+        sys.stdout.flush()
+    sys.stdout.write(text_out.flush() + "\n")
+    assert dec.last_stats is not None
+    print(f"[{args.method}] " + format_stats(dec.last_stats.to_dict()), file=sys.stderr)
+    return 0
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("text", nargs="?", help="prompt; rendered as a chat message when the model has a chat template")
+    p.add_argument("--prompt", help="raw prompt text (no chat template)")
+    p.add_argument("--chat", help="user message rendered with the target's chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    add_model_args(p)
+    add_sampling_args(p)
+    add_method_args(p)
+    p.set_defaults(func=cmd_generate)

@@ -1,0 +1,73 @@
+"""`specdec serve`: the OpenAI-compatible HTTP server (`specdec.serving`) on the loaded models.
+
+The decoding flags are the defaults of requests that leave them out; the server extra (FastAPI,
+uvicorn, prometheus_client) is needed only when the command runs, never to list it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from specdec.cli.common import (
+    add_method_args, add_model_args, add_sampling_args, given_options, load_pipeline, sampling_of,
+)
+from specdec.core.options import check_positive_int
+from specdec.methods.registry import get_method
+from specdec.serving import app as serving_app
+from specdec.serving.app import SERVER_EXTRA_HINT
+
+DESCRIPTION = (
+    "Serve the target with speculative decoding over an OpenAI-compatible API: POST /v1/completions, "
+    "POST /v1/chat/completions (stream: true for server-sent events), GET /v1/models, GET /health, "
+    "GET /metrics. The decoding flags (--method, --gamma, --max-new-tokens, --temperature, --top-p, --top-k, "
+    "--seed and the method options) are the defaults for requests that leave them out; a request may pick "
+    "another method with {\"speculative\": {\"method\": ...}}, and gets the method options its method has. "
+    f"Requests are served one at a time, in arrival order. Needs the server extra: {SERVER_EXTRA_HINT}."
+)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    # Looked up on the module at call time (tests stand in for a missing extra).
+    missing = serving_app.missing_server_dependencies()
+    if missing:
+        # cli.main prints ValueErrors as a one-line error with exit status 2.
+        raise ValueError(f"specdec serve needs {', '.join(missing)}, which is not installed: {SERVER_EXTRA_HINT}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0 … 65535, got {args.port}")
+    if args.max_new_tokens <= 0:
+        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if args.gamma is not None:
+        check_positive_int("--gamma", args.gamma)
+    sampling = sampling_of(args)
+    # Every option flag is a default for the methods that have it (not only --method's), checked
+    # here, before the models load, as create_app checks it again.
+    given = given_options(args)
+    serving_app.check_default_options(args.method, given, args.gamma)
+    # A --draft given with a draft-free default method is still loaded: requests may switch to sps.
+    pipe = load_pipeline(args, get_method(args.method).needs_draft_model or args.draft is not None)
+    app = serving_app.create_app(
+        pipe, args.method, given, args.model_name or args.target, gamma=args.gamma,
+        default_sampling=sampling, default_max_tokens=args.max_new_tokens, default_seed=args.seed,
+        max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue,
+    )
+    import uvicorn
+
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.description = DESCRIPTION
+    add_model_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    add_sampling_args(p)
+    add_method_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--model-name", default=None, help="the model id clients send and /v1/models lists (default: --target)")
+    p.add_argument("--max-tokens-limit", type=int, default=None,
+                   help="refuse requests asking for more than this many new tokens (default: only the context bounds it)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for the engine; more are answered 503 (default 64)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)

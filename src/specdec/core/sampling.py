@@ -1,0 +1,94 @@
+"""The one sampling operator.
+
+AR sampling, every drafter and every verifier turn logits into probabilities through
+`logits_to_probs`, so the distribution a verifier checks against is exactly the one plain
+decoding would sample from (docs/algorithms.md §1): temperature, then top-k, then top-p,
+the order Hugging Face's logits processors use. Temperature 0 is an explicit argmax
+(one-hot), never a division by a tiny number (§9.3).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are chosen from the model's logits."""
+
+    temperature: float = 0.0
+    """0 means greedy (argmax); > 0 divides the logits before the softmax."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 = off)."""
+    top_p: float = 1.0
+    """Keep the smallest set of most likely tokens whose mass reaches top_p (1.0 = off)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature):
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if self.temperature < 0 or math.isinf(self.temperature):
+            raise ValueError(f"temperature must be >= 0 and finite (0 = greedy), got {self.temperature}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def logits_to_probs(
+    logits: Tensor,  # [..., V]
+    cfg: SamplingConfig,
+) -> Tensor:  # [..., V], float32 (or float64 when the logits are float64)
+    """The processed distribution `dist(logits, cfg)` that every component samples from."""
+    work_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logits = logits.to(work_dtype)
+    if cfg.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(work_dtype)
+    logits = logits / cfg.temperature
+    if cfg.top_k and cfg.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if cfg.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        # Mass strictly before each token in descending order; a token is kept while that mass
+        # is still short of top_p, so the most likely token is always kept.
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        drop_sorted = mass_before >= cfg.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(
+    probs: Tensor,  # [..., V]
+    generator: torch.Generator | None = None,
+) -> Tensor:  # [...] int64
+    """One draw per row of `probs`."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    draws = torch.multinomial(flat, 1, generator=generator).squeeze(-1)
+    return draws.reshape(probs.shape[:-1])
+
+
+def residual(
+    target_probs: Tensor,  # [..., V]
+    draft_probs: Tensor,  # [..., V]
+) -> Tensor:  # [..., V]
+    """norm(max(target − draft, 0)), the distribution to sample from after a rejection.
+
+    Its mass is 1 − Σ min(target, draft) > 0 whenever a rejection is possible; when it is
+    numerically zero (target == draft) we fall back to the target itself rather than 0/0
+    (docs/algorithms.md §2.2).
+    """
+    diff = (target_probs - draft_probs).clamp_min(0.0)
+    mass = diff.sum(-1, keepdim=True)
+    tiny = torch.finfo(diff.dtype).eps * 4
+    return torch.where(mass > tiny, diff / mass.clamp_min(tiny), target_probs)

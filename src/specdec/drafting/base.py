@@ -1,0 +1,42 @@
+"""The drafter protocol: everything the decoding engine reads from a drafter is declared here.
+
+A drafter proposes a `TokenTree` below the pending root (a chain is a tree), names the exact rule
+that verifies it, and is told what was committed so it can roll its own state back
+(transformers' `update_candidate_strategy`; docs/algorithms.md §4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from specdec.core.results import VerifyResult
+from specdec.core.tree import TokenTree
+from specdec.models.base import LanguageModel
+from specdec.verify.base import Verifier
+
+
+class Drafter(Protocol):
+    verifier: Verifier
+    """The exact rule for this drafter's proposals (it depends on how the children are drawn)."""
+    max_depth: int
+    """Deepest level a proposal can reach (acceptance statistics are kept per level)."""
+    max_nodes: int
+    """Most drafted nodes in one proposal: the target's block is at most 1 + max_nodes tokens."""
+    draft_models: Sequence[LanguageModel]
+    """The models whose forward passes the SWI cost model charges, largest first (none = free)."""
+
+    def begin(self, prompt_ids: Tensor, max_len: int) -> None:
+        """Start a new sequence; `max_len` bounds prompt + generated tokens + the target's block."""
+
+    def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> TokenTree:
+        """A tree below the pending root `committed_ids[-1]` ([L] int64), at most `max_depth` levels deep."""
+
+    def observe(self, committed_ids: Tensor, result: VerifyResult) -> None:
+        """`committed_ids` now ends with the accepted drafts and the recovered/bonus token."""
+
+    def forward_calls(self) -> list[int]:
+        """Forward passes of each of `draft_models` since `begin` (for the SWI cost model)."""

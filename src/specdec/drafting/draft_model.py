@@ -1,0 +1,84 @@
+"""The bookkeeping every model-based drafter shares: catch-up, growing a pending tree, call counts,
+and keeping what the target accepted (docs/algorithms.md §4).
+
+The draft model's cache holds committed tokens only, plus this proposal's pending block. Before a
+proposal, every committed token it has not seen — at least the pending root, more when drafts
+were accepted or a bonus token was emitted — is fed in one pass (the catch-up), so the cache is
+never missing the bonus token or a fully accepted last draft. Drafted nodes are then run as
+pending blocks appended level by level; after verification the accepted nodes that were run are
+committed by index and the rest dropped. Nodes that were drafted but never run (the last level)
+are caught up at the next proposal like any unseen committed token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from specdec.core.results import VerifyResult
+from specdec.models.base import LanguageModel
+
+
+class DraftModel:
+    """A draft `LanguageModel` with its catch-up, pending slots and forward-call count."""
+
+    def __init__(self, lm: LanguageModel) -> None:
+        self.lm = lm
+        self.calls = 0
+        """Forward passes since `begin` (the SWI cost model charges each one)."""
+        self.pending = 0
+        """Tokens run in this proposal's pending block (their slots are 0 … pending-1)."""
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm.vocab_size
+
+    def begin(self, max_len: int) -> None:
+        self.lm.reset(max_len)
+        self.calls = 0
+        self.pending = 0
+
+    def catch_up(self, committed_ids: Tensor) -> Tensor:  # committed_ids: [L] -> [V] logits after the last token
+        """Run every committed token the cache lacks (at least the pending root) and commit them."""
+        unseen = committed_ids[self.lm.kv_len :]
+        logits = self.lm.forward(unseen, last_only=True)[-1]
+        self.lm.commit(unseen.shape[0])
+        self.calls += 1
+        self.pending = 0
+        return logits
+
+    def extend(
+        self,
+        tokens: Tensor,  # [n] int64
+        slot_parents: Tensor | None = None,  # [n] parent slot in the pending block, -1 = the last committed token
+    ) -> Tensor:  # [n, V] logits
+        """Run a block of drafted nodes after the pending ones; None parents = continue the pending chain."""
+        logits = self.lm.forward(tokens, slot_parents, append=True)
+        self.calls += 1
+        self.pending += tokens.shape[0]
+        return logits
+
+    def keep(
+        self,
+        node_slots: Tensor,  # [N + 1] int64: pending slot of each tree node, -1 = not run (the root: -1)
+        result: VerifyResult,
+    ) -> None:
+        """Commit the accepted nodes that were run, in path order, and drop the rest of the block.
+
+        A node is run only after its parent, so the run nodes of the accepted path are a prefix of
+        it and their slots increase along it; the rest of the path (and the bonus token) is fed at
+        the next catch-up.
+        """
+        path_slots = node_slots[list(result.accepted_nodes)] if result.num_accepted else node_slots[:0]
+        path_slots = path_slots[path_slots >= 0]
+        n = path_slots.shape[0]
+        if n == 0 or bool((path_slots == torch.arange(n)).all()):
+            self.lm.commit(n)  # already in place: a chain prefix, no gather
+        else:
+            self.lm.commit(path_slots)
+        self.pending = 0
+
+    def keep_chain(self, num_accepted: int) -> None:
+        """`keep` for a pending chain: its first drafts are accepted in place (no gather)."""
+        self.lm.commit(min(num_accepted, self.pending))
+        self.pending = 0

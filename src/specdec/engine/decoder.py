@@ -1,0 +1,207 @@
+"""The decoding loop: draft → score → verify → commit → feedback.
+
+With no drafter this is plain autoregressive decoding through the very same loop (one target call
+per token), so AR and speculative runs share every piece of code except the draft. A proposal is
+always a `TokenTree` (a chain is a tree), scored by the target in one pass and verified by the
+rule its drafter names (docs/algorithms.md §2–§4).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from specdec.core.results import VerifyResult
+from specdec.core.sampling import SamplingConfig, logits_to_probs
+from specdec.core.tree import TokenTree
+from specdec.drafting.base import Drafter
+from specdec.engine.cost import cost_ratios, standardized_walltime_improvement
+from specdec.engine.stats import DecodeStats, StepAccounting
+from specdec.models.base import LanguageModel
+from specdec.verify.base import Verifier
+from specdec.verify.greedy import verify_greedy
+from specdec.verify.match import verify_sample_and_match
+
+
+def _sync(device: torch.device) -> None:
+    # Timings are only honest when queued GPU work is finished.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class SpeculativeDecoder:
+    """Generate with a target model, an optional drafter and an exact verifier (batch 1).
+
+    gamma: an optional cap on the levels drafted per step (the draft length of a chain); by
+    default the drafter's own `max_depth`.
+    verifier: overrides the rule (tests plant wrong rules to show they fail); by default greedy at
+    T = 0 — where every exact rule reduces to it — and the drafter's own rule otherwise.
+    """
+
+    def __init__(
+        self,
+        target: LanguageModel,
+        drafter: Drafter | None = None,
+        sampling: SamplingConfig = SamplingConfig(),
+        gamma: int | None = None,
+        verifier: Verifier | None = None,
+        eos_token_ids: Sequence[int] = (),
+    ) -> None:
+        if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1):
+            raise ValueError(f"gamma (draft length) must be >= 1, got {gamma}")
+        for lm in drafter.draft_models if drafter is not None else ():
+            if lm.vocab_size != target.vocab_size:
+                raise ValueError(
+                    f"draft and target vocabularies differ ({lm.vocab_size} vs {target.vocab_size} logits); "
+                    "speculative decoding needs a drafter with the target's tokenizer"
+                )
+        self.target = target
+        self.drafter = drafter
+        self.sampling = sampling
+        self.gamma = 0 if drafter is None else min(drafter.max_depth, gamma or drafter.max_depth)
+        """Most levels drafted per step."""
+        if verifier is None:
+            if sampling.greedy:
+                verifier = verify_greedy
+            else:
+                verifier = drafter.verifier if drafter is not None else verify_sample_and_match
+        self.verifier = verifier
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self.last_stats: DecodeStats | None = None
+        self._device = getattr(target, "device", torch.device("cpu"))
+        self._cost_ratios: list[float] | None = None  # per draft model, found on first use
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int] | Tensor,
+        max_new_tokens: int,
+        generator: torch.Generator | None = None,
+    ) -> tuple[list[int], DecodeStats]:
+        """All new token ids (prompt excluded) and the statistics of the run."""
+        out: list[int] = []
+        for chunk in self.stream(prompt_ids, max_new_tokens, generator):
+            out.extend(chunk)
+        assert self.last_stats is not None
+        return out, self.last_stats
+
+    def block_size(self) -> int:
+        """The largest block the target scores: the root plus every drafted node."""
+        return 1 + (self.drafter.max_nodes if self.drafter is not None else 0)
+
+    def check_fits(self, prompt_len: int, max_new_tokens: int) -> int:
+        """The KV length a run needs; ValueError when it exceeds the target's context.
+
+        Callers that must refuse a request before any compute (the server) call it up front;
+        `stream` calls it too.
+        """
+        block = self.block_size()
+        max_len = prompt_len + max_new_tokens + block
+        if max_len > self.target.context_length:
+            raise ValueError(
+                f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens (+{block} for drafts) "
+                f"exceeds the target's context of {self.target.context_length} tokens"
+            )
+        return max_len
+
+    def stream(
+        self,
+        prompt_ids: Sequence[int] | Tensor,
+        max_new_tokens: int,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[list[int]]:
+        """Yield the tokens each iteration commits; `last_stats` is set when it ends."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten().cpu()
+        if prompt.numel() == 0:
+            raise ValueError("the prompt is empty; give at least one token")
+        max_len = self.check_fits(prompt.numel(), max_new_tokens)
+        stats = DecodeStats(prompt_tokens=prompt.numel())
+        self.last_stats = stats
+        acct = StepAccounting(stats, self.gamma)
+        # committed = prompt + emitted tokens; its last token (the pending root) is not yet in the
+        # target's cache: each iteration scores [root, drafts…] in one pass.
+        committed = prompt.clone()
+        self._prefill(prompt, max_len, stats)
+
+        while stats.new_tokens < max_new_tokens:
+            # 1. Draft a tree below the pending root (a chain is a tree; no drafter: the root alone).
+            t0 = time.perf_counter()
+            tree = self._propose(committed, min(self.gamma, max_new_tokens - stats.new_tokens - 1), generator)
+            _sync(self._device)
+            t1 = time.perf_counter()
+            stats.draft_s += t1 - t0
+
+            # 2. Score: one target pass over the root and every drafted node.
+            logits = self.target.forward(tree.tokens, tree.block_parents())
+            target_probs = logits_to_probs(logits, self.sampling)  # [N + 1, V]
+
+            # 3. Verify.
+            result = self.verifier(tree, target_probs, generator)
+            _sync(self._device)
+            stats.target_s += time.perf_counter() - t1
+
+            # 4. Commit: the root and the accepted path enter the target's cache (in place for a
+            # chain, gathered by index for a tree); the recovered/bonus token becomes the next root.
+            self.target.commit(1 + result.num_accepted if tree.is_chain else torch.tensor(result.kept_nodes()))
+            new, stop = self._emitted(tree, result, max_new_tokens - stats.new_tokens)
+            committed = torch.cat([committed, torch.tensor(new, dtype=torch.long)])
+            acct.step(tree, result, len(new))
+
+            # 5. Feedback: the drafter keeps what was committed and drops the rest.
+            if self.drafter is not None and not stop:
+                self.drafter.observe(committed, result)
+            acct.finish()
+            self._record_cost(stats)
+            stats.stopped_by = stop
+            yield new
+            if stop:
+                break
+
+    def _prefill(self, prompt: Tensor, max_len: int, stats: DecodeStats) -> None:
+        self.target.reset(max_len)
+        if self.drafter is not None:
+            self.drafter.begin(prompt, max_len)
+        if prompt.numel() > 1:  # the last prompt token is the first pending root
+            t0 = time.perf_counter()
+            self.target.forward(prompt[:-1], last_only=True)
+            self.target.commit(prompt.numel() - 1)
+            _sync(self._device)
+            stats.target_s += time.perf_counter() - t0
+
+    def _propose(self, committed: Tensor, max_depth: int, generator: torch.Generator | None) -> TokenTree:
+        if self.drafter is None or max_depth <= 0:
+            return TokenTree.chain(int(committed[-1]), committed[:0])
+        return self.drafter.propose(committed, max_depth, generator)
+
+    def _emitted(self, tree: TokenTree, result: VerifyResult, room: int) -> tuple[list[int], str]:
+        """The tokens this step emits and why decoding stops ("" = it goes on).
+
+        Nothing after the first EOS (no bonus after an accepted EOS); then the length cap.
+        """
+        new = tree.tokens[list(result.accepted_nodes)].tolist() + [result.next_token]
+        stop = ""
+        for i, tok in enumerate(new):
+            if tok in self.eos_token_ids:
+                new, stop = new[: i + 1], "eos"
+                break
+        if len(new) >= room and not stop:
+            stop = "length"
+        return new[:room], stop
+
+    def _record_cost(self, stats: DecodeStats) -> None:
+        """SWI and the forward-call trace behind it (`engine.cost`)."""
+        if self.drafter is None:  # AR: one target call per token by definition
+            stats.swi = standardized_walltime_improvement(stats.new_tokens, stats.target_calls, [], [])
+            return
+        calls = list(self.drafter.forward_calls())
+        stats.draft_forward_calls = calls
+        if self._cost_ratios is None:
+            self._cost_ratios = cost_ratios(self.target, list(self.drafter.draft_models))
+        if self._cost_ratios is None or len(self._cost_ratios) != len(calls):
+            return  # a parameter count is unknown: no SWI rather than a wrong one
+        stats.draft_cost_ratios = list(self._cost_ratios)
+        stats.swi = standardized_walltime_improvement(stats.new_tokens, stats.target_calls, calls, self._cost_ratios)

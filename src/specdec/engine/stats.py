@@ -1,0 +1,85 @@
+"""What a generation did, and the per-step accounting behind it (kept beside the loop, not in it)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+from specdec.core.results import VerifyResult
+from specdec.core.tree import TokenTree
+
+
+@dataclass
+class DecodeStats:
+    """What one `generate` call did. Field names are a public contract (CLI `--json`, bench, server)."""
+
+    new_tokens: int = 0
+    target_calls: int = 0
+    """Target forward passes after the prompt prefill (= decoding iterations)."""
+    draft_tokens: int = 0
+    """Tokens proposed by the drafter (and scored by the target)."""
+    accepted_tokens: int = 0
+    """Drafted tokens accepted by the verifier (recovered/bonus tokens not counted)."""
+    mean_accepted_per_call: float = 0.0
+    """accepted_tokens / target_calls."""
+    tokens_per_call: float = 0.0
+    """new_tokens / target_calls: accepted drafts plus the target's own token, per call."""
+    accepted_per_position: list[float] = field(default_factory=list)
+    """Acceptance rate at draft position (tree depth) i: accepted / proposed at that position."""
+    tree_tokens: float = 0.0
+    """Drafted tokens scored per target call (tree size; the draft length for chains)."""
+    tokens_per_s: float = 0.0
+    wall_s: float = 0.0
+    """Prefill + decoding, excluding model loading."""
+    draft_s: float = 0.0
+    target_s: float = 0.0
+    """Target forward time, prefill included."""
+    prompt_tokens: int = 0
+    stopped_by: str = ""
+    """"eos" or "length"."""
+    swi: float | None = None
+    """Standardized walltime improvement (CS Drafting's cost model, `engine.cost`): the cost of AR
+    decoding over this run's, each model's forward call costing its parameter count, Max-Gram and
+    prompt lookup free. 1.0 for AR; None when a parameter count is unknown. A cost model, not a
+    clock: compare it with `tokens_per_s`."""
+    draft_forward_calls: list[int] = field(default_factory=list)
+    """Forward passes of each draft model (in the drafter's order, largest first), when reported."""
+    draft_cost_ratios: list[float] = field(default_factory=list)
+    """Parameter count of each draft model over the target's: what SWI charges per draft call."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class StepAccounting:
+    """Counts one generation's steps into a `DecodeStats` (timings, acceptance by depth, totals)."""
+
+    def __init__(self, stats: DecodeStats, max_depth: int) -> None:
+        self.stats = stats
+        self.t_start = time.perf_counter()
+        self.proposed = [0] * max_depth  # by tree depth (draft position for chains)
+        self.accepted = [0] * max_depth
+
+    def step(self, tree: TokenTree, result: VerifyResult, emitted: int) -> None:
+        """One target call: `tree` was scored, `result` verified, `emitted` tokens committed."""
+        st = self.stats
+        st.target_calls += 1
+        st.draft_tokens += tree.num_drafted
+        # Drafts cut by EOS or the length cap do not count as accepted.
+        st.accepted_tokens += min(result.num_accepted, emitted)
+        st.new_tokens += emitted
+        for i in range(tree.max_depth()):
+            self.proposed[i] += 1
+            self.accepted[i] += i < result.num_accepted
+
+    def finish(self) -> None:
+        st = self.stats
+        st.wall_s = time.perf_counter() - self.t_start
+        calls = max(st.target_calls, 1)
+        st.mean_accepted_per_call = st.accepted_tokens / calls
+        st.tree_tokens = st.draft_tokens / calls
+        st.tokens_per_call = st.new_tokens / calls
+        st.tokens_per_s = st.new_tokens / st.wall_s if st.wall_s > 0 else 0.0
+        # Positions never proposed (short proposals, or none at all) have no rate: trim them.
+        used = sum(1 for p in self.proposed if p)
+        st.accepted_per_position = [a / p for a, p in zip(self.accepted[:used], self.proposed[:used])]

@@ -1,0 +1,23 @@
+"""`ar`: plain autoregressive decoding, the baseline. It runs through the same decoding loop with
+no drafter (one target call per token), so AR and speculative runs share every piece of code but
+the draft."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from specdec.core.options import MethodOptions
+from specdec.methods.base import Method, MethodContext
+from specdec.methods.registry import register
+
+
+@dataclass(frozen=True)
+class Options(MethodOptions):
+    """Plain decoding has no options."""
+
+
+def build(ctx: MethodContext, opts: Options) -> None:
+    return None
+
+
+METHOD = register(Method("ar", "plain autoregressive decoding (the baseline)", Options, build))

@@ -1,0 +1,164 @@
+"""Loading a model spec as an eval-mode ``(model, tokenizer)`` pair.
+
+A spec is resolved first (a known name, a ``.gguf`` path, a checkpoint directory or a Hugging Face
+hub id) and then read from the checkpoint directory, the hub, or a GGUF: a known model is fetched
+first, and a GGUF is dequantized once and read from its converted safetensors copy afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+import torch
+
+from specdec.models.hub.cache import converted_root
+from specdec.models.hub.checkpoint import load_dir, tokenizer_from_dir
+from specdec.models.hub.convert import (
+    check_gguf,
+    conversion_ok,
+    gguf_key,
+    load_gguf_with_transformers,
+    save_conversion,
+)
+from specdec.models.hub.download import fetch
+from specdec.models.hub.registry import ModelError
+from specdec.models.hub.resolve import Source, not_found, resolve
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = ["hub_call", "hub_reachable", "load_model", "load_tokenizer"]
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- GGUF sources
+
+
+def _conversion_for(src: Source) -> tuple[Path, str | None]:
+    """Where the converted copy of a GGUF source lives, and the source sha256 it must record."""
+    if src.kind == "registry":
+        assert src.model is not None
+        return converted_root() / src.model.name, src.model.sha256
+    assert src.path is not None
+    return converted_root() / gguf_key(src.path), None
+
+
+def _gguf_source(src: Source, progress: bool) -> tuple[Path, dict[str, Any]]:
+    """The GGUF file of a source (fetched if needed) and the metadata to store with its conversion."""
+    if src.kind == "registry":
+        assert src.model is not None
+        path = fetch(src.model.name, progress=progress)
+        return path, {"source": src.model.name, "source_sha256": src.model.sha256, "gguf": str(path)}
+    assert src.path is not None
+    st = src.path.stat()
+    return src.path, {"source": str(src.path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+# --------------------------------------------------------------------------- Hugging Face hub ids
+
+
+def hub_reachable() -> bool:
+    """Cheap check that the hub host resolves, so offline machines fail in milliseconds, not a minute of retries."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # DNS may legitimately fail locally when a proxy does the resolving
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+def hub_call(spec: str, func: Any) -> Any:
+    """Run ``func(local_files_only)`` for a hub id; online only when the hub is reachable."""
+    online = hub_reachable()
+    try:
+        return func(not online)
+    except Exception as exc:
+        where = "" if online else " (the hub is not reachable and the id is not in the local hub cache)"
+        detail = (str(exc).strip().splitlines() or [""])[0].rstrip(".")
+        raise not_found(
+            spec, f", and loading it as a Hugging Face hub id failed{where}: {type(exc).__name__}: {detail}"
+        ) from exc
+
+
+# --------------------------------------------------------------------------- public loaders
+
+
+def load_model(
+    spec: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``spec`` (known name, .gguf path, checkpoint dir or hub id) as an eval-mode (model, tokenizer)."""
+    src = resolve(spec)
+    if src.kind == "dir":
+        assert src.path is not None
+        model, tokenizer = load_dir(src.path, dtype)
+    elif src.kind == "hub":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = hub_call(src.spec, lambda local: AutoTokenizer.from_pretrained(src.spec, local_files_only=local))
+        model = hub_call(
+            src.spec,
+            lambda local: AutoModelForCausalLM.from_pretrained(
+                src.spec, dtype=dtype, use_safetensors=True, local_files_only=local
+            ),
+        )
+    else:
+        target, source_sha = _conversion_for(src)
+        if conversion_ok(target, source_sha):
+            model, tokenizer = load_dir(target, dtype)
+        else:
+            gguf_path, meta = _gguf_source(src, progress)
+            check_gguf(gguf_path)
+            log.info("Dequantizing %s (one time; later loads use the converted copy).", gguf_path)
+            model, tokenizer = load_gguf_with_transformers(gguf_path)
+            try:
+                save_conversion(model, tokenizer, target, meta)
+            except OSError as exc:
+                # The model is loaded fine; a read-only or full cache only costs speed next time.
+                log.warning("Could not save a converted copy of %s: %s", gguf_path, exc)
+    model = model.to(device)
+    if model.dtype != dtype:
+        model = model.to(dtype)
+    model.eval()
+    return model, tokenizer
+
+
+def load_tokenizer(spec: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
+    """Load only the tokenizer of ``spec`` (no weights); same resolution rules as :func:`load_model`."""
+    src = resolve(spec)
+    if src.kind == "dir":
+        assert src.path is not None
+        return tokenizer_from_dir(src.path)
+    if src.kind == "hub":
+        from transformers import AutoTokenizer
+
+        return hub_call(src.spec, lambda local: AutoTokenizer.from_pretrained(src.spec, local_files_only=local))
+    target, source_sha = _conversion_for(src)
+    if conversion_ok(target, source_sha):
+        return tokenizer_from_dir(target)
+    gguf_path, _ = _gguf_source(src, progress=True)
+    check_gguf(gguf_path)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    except Exception as exc:
+        raise ModelError(
+            f"transformers could not read the tokenizer from the GGUF file {gguf_path} "
+            f"({type(exc).__name__}: {exc})."
+        ) from exc

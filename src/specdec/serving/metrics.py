@@ -1,0 +1,116 @@
+"""What the server counts: Prometheus metrics for the whole server (`ServerMetrics`) and the
+speculative usage of one request (`SpeculativeUsage`, the `usage.speculative` of its answer).
+
+prometheus_client is imported when a `ServerMetrics` is created (it comes with the `server` extra).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from specdec.engine.stats import DecodeStats
+
+
+class ServerMetrics:
+    """Prometheus metrics on the app's own registry (several apps in one process never clash).
+
+    The speculative counters carry vLLM's names (`spec_decode_num_drafts`, …; exposed with the
+    `_total` suffix, as vLLM's are) so dashboards built for vLLM read them.
+    """
+
+    LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+    RATE_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0)
+
+    def __init__(self, model_name: str) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        reg, by_model = self.registry, ["model_name"]
+
+        def counter(name: str, doc: str) -> Any:
+            return Counter(name, doc, by_model, registry=reg).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
+            return Histogram(name, doc, by_model, buckets=buckets, registry=reg).labels(model_name)
+
+        self.num_drafts = counter("spec_decode_num_drafts", "Target calls that verified at least one drafted token.")
+        self.num_draft_tokens = counter("spec_decode_num_draft_tokens", "Drafted tokens scored by the target.")
+        self.num_accepted_tokens = counter("spec_decode_num_accepted_tokens", "Drafted tokens the target accepted.")
+        self._accepted_per_pos = Counter(
+            "spec_decode_num_accepted_tokens_per_pos",
+            "Accepted drafted tokens by draft position (tree depth for token trees), 0-based.",
+            ["model_name", "position"], registry=reg,
+        )
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of the requests the engine ran.")
+        self.generation_tokens = counter("generation_tokens", "Completion tokens returned (usage.completion_tokens).")
+        self._finished = Counter(
+            "request_success", "Finished requests by finish reason (stop, length, abort = client gone, error).",
+            ["model_name", "finished_reason"], registry=reg,
+        )
+        self.e2e_latency = histogram(
+            "e2e_request_latency_seconds", "Arrival to last token, queueing included.", self.LATENCY_BUCKETS
+        )
+        self.queue_time = histogram(
+            "request_queue_time_seconds", "Time waiting for the engine.", self.LATENCY_BUCKETS
+        )
+        self.time_to_first_token = histogram(
+            "time_to_first_token_seconds", "Arrival to the first committed tokens.", self.LATENCY_BUCKETS
+        )
+        self.tokens_per_s = histogram(
+            "request_tokens_per_second", "Completion tokens per second of engine time, per finished request.",
+            self.RATE_BUCKETS,
+        )
+        self.running = Gauge("num_requests_running", "Requests on the engine (0 or 1).", by_model, registry=reg).labels(model_name)
+        self.waiting = Gauge("num_requests_waiting", "Requests queued for the engine.", by_model, registry=reg).labels(model_name)
+
+    def accepted_at(self, position: int) -> Any:
+        return self._accepted_per_pos.labels(self.model_name, str(position))
+
+    def finished(self, reason: str) -> Any:
+        return self._finished.labels(self.model_name, reason)
+
+
+@dataclass
+class SpeculativeUsage:
+    """What the engine did for one request, in the `usage.speculative` of its response."""
+
+    method: str
+    target_calls: int = 0
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
+    tokens_per_call: float = 0.0
+    tokens_per_s: float = 0.0
+
+    def count_step(self, before: tuple[int, int, int], stats: DecodeStats) -> tuple[int, int]:
+        """Add one decoding step (stats now vs `before`); (drafted, accepted) tokens of the step."""
+        calls, drafted, accepted = (
+            stats.target_calls - before[0], stats.draft_tokens - before[1], stats.accepted_tokens - before[2]
+        )
+        self.target_calls += calls
+        self.num_drafts += drafted > 0
+        self.num_draft_tokens += drafted
+        self.num_accepted_tokens += accepted
+        # Accepted drafts are a prefix of the chain (a root-to-node path of the tree), so a step
+        # that accepted k tokens accepted positions 0 … k-1.
+        while len(self.num_accepted_tokens_per_pos) < accepted:
+            self.num_accepted_tokens_per_pos.append(0)
+        for pos in range(accepted):
+            self.num_accepted_tokens_per_pos[pos] += 1
+        return drafted, accepted
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "target_calls": self.target_calls,
+            "num_drafts": self.num_drafts,
+            "num_draft_tokens": self.num_draft_tokens,
+            "num_accepted_tokens": self.num_accepted_tokens,
+            "num_accepted_tokens_per_pos": list(self.num_accepted_tokens_per_pos),
+            "acceptance_rate": self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0,
+            "tokens_per_call": self.tokens_per_call,
+            "tokens_per_s": self.tokens_per_s,
+        }

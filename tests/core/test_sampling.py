@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from specdec.core.sampling import SamplingConfig, logits_to_probs, residual, sample
+
+
+def test_temperature_zero_is_exact_argmax():
+    logits = torch.tensor([[0.1, 2.0, 1.999, -3.0], [5.0, 1.0, 0.0, 4.99]])
+    probs = logits_to_probs(logits, SamplingConfig(temperature=0))
+    assert torch.equal(probs, torch.tensor([[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]))
+
+
+def test_temperature_scales_softmax():
+    logits = torch.randn(3, 10, dtype=torch.float64)
+    probs = logits_to_probs(logits, SamplingConfig(temperature=0.7))
+    assert probs.dtype == torch.float64
+    torch.testing.assert_close(probs, torch.softmax(logits / 0.7, -1))
+
+
+def test_top_k_keeps_k_most_likely():
+    logits = torch.tensor([1.0, 4.0, 3.0, 2.0, 0.0])
+    probs = logits_to_probs(logits, SamplingConfig(temperature=1.0, top_k=2))
+    expected = torch.softmax(torch.tensor([4.0, 3.0]), -1)
+    torch.testing.assert_close(probs, torch.tensor([0.0, expected[0], expected[1], 0.0, 0.0]))
+
+
+def test_top_p_keeps_smallest_set_reaching_mass():
+    base = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    logits = base.log()
+    # 0.5 < 0.7 so the second token is needed; 0.5 + 0.3 >= 0.7 so the third is not.
+    probs = logits_to_probs(logits, SamplingConfig(temperature=1.0, top_p=0.7))
+    torch.testing.assert_close(probs, torch.tensor([0.625, 0.375, 0.0, 0.0], dtype=torch.float64))
+    # Once the mass is reached no further token is kept.
+    probs = logits_to_probs(logits, SamplingConfig(temperature=1.0, top_p=0.79))
+    assert (probs > 0).sum() == 2
+    # A very small top_p still keeps the most likely token.
+    probs = logits_to_probs(logits, SamplingConfig(temperature=1.0, top_p=1e-6))
+    assert torch.equal(probs, torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64))
+
+
+def test_top_k_then_top_p_matches_hand_computation():
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0], dtype=torch.float64)
+    probs = logits_to_probs(logits, SamplingConfig(temperature=1.0, top_k=3, top_p=0.7))
+    k = torch.softmax(logits[:3], -1)  # top-k renormalised: [0.665, 0.245, 0.090]
+    assert k[0] < 0.7 and k[0] + k[1] >= 0.7
+    expected = torch.zeros(5, dtype=torch.float64)
+    expected[:2] = k[:2] / k[:2].sum()
+    torch.testing.assert_close(probs, expected)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"temperature": -0.1},
+        {"temperature": float("nan")},
+        {"temperature": float("inf")},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"top_p": -0.2},
+        {"top_k": -1},
+        {"top_k": 2.5},
+    ],
+)
+def test_invalid_sampling_parameters_are_rejected(kwargs):
+    with pytest.raises(ValueError):
+        SamplingConfig(**kwargs)
+
+
+def test_residual_guards_zero_mass():
+    p = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    r = residual(p, p.clone())
+    assert torch.isfinite(r).all()
+    torch.testing.assert_close(r, p)
+    r = residual(p, torch.tensor([0.4, 0.3, 0.3], dtype=torch.float64))
+    torch.testing.assert_close(r, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
+
+
+def test_sample_is_reproducible_with_generator():
+    probs = torch.softmax(torch.randn(5, 50), -1)
+    a = sample(probs, torch.Generator().manual_seed(3))
+    b = sample(probs, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == (5,)

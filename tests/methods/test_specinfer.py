@@ -1,0 +1,253 @@
+"""Token trees and SpecInfer: shapes, level-by-level drafting, MSS exactness, greedy equivalence."""
+
+import itertools
+from collections import Counter
+
+import pytest
+import torch
+
+import specdec.verify.mss as mss
+from specdec.core.sampling import SamplingConfig
+from specdec.core.tree import TokenTree, expansion_paths, path_to, paths_to_parents
+from specdec.engine.decoder import SpeculativeDecoder
+from specdec.methods.specinfer import TreeDrafter
+from specdec.methods.sps import ModelDrafter
+from specdec.models.hf import HFLanguageModel
+from specdec.models.toy import MarkovLM
+from specdec.verify.greedy import verify_greedy
+from specdec.verify.match import verify_sample_and_match
+from specdec.verify.mss import mss_node
+from tests.conftest import TINY_VOCAB, tiny_hf_model, tiny_lm
+from tests.engine.test_distribution import PROMPT, chi_square_pvalue, exact_continuations
+from tests.helpers import stream_checking_caches
+
+GREEDY = SamplingConfig()
+
+
+# ---- shapes --------------------------------------------------------------------------------
+def test_expansion_paths_match_specinfer_sizes():
+    paths = expansion_paths([1, 1, 3, 1, 1, 1, 1, 1])
+    assert len(paths) == 1 + 1 + 3 + 3 * 5  # SpecInfer's default tree: 20 speculated tokens
+    parents, ranks = paths_to_parents(paths)
+    assert parents[:5].tolist() == [-1, 0, 1, 1, 1] and ranks[:5].tolist() == [0, 0, 0, 1, 2]
+    assert all(p < i for i, p in enumerate(parents.tolist()))
+
+
+def test_path_tuples_compile_and_reject_orphans():
+    parents, ranks = paths_to_parents([(1,), (0,), (0, 0), (0, 1), (1, 0)])
+    assert parents.tolist() == [-1, -1, 0, 0, 1] and ranks.tolist() == [0, 1, 0, 1, 0]
+    with pytest.raises(ValueError):
+        paths_to_parents([(0, 0)])
+
+
+# ---- a tree grown level by level in the model layer -----------------------------------------
+def test_level_by_level_growth_equals_per_branch_causal(arch):
+    model = tiny_hf_model(arch, seed=2)
+    lm = HFLanguageModel(model)
+    lm.reset(64)
+    prefix = torch.randint(0, TINY_VOCAB, (5,), generator=torch.Generator().manual_seed(0))
+    lm.forward(prefix)
+    lm.commit(5)
+    levels = [(torch.tensor([3, 9]), torch.tensor([-1, -1])), (torch.tensor([4, 5, 6]), torch.tensor([0, 0, 1])),
+              (torch.tensor([7]), torch.tensor([3]))]
+    all_tokens, all_parents, logits = [], [], []
+    for toks, pars in levels:
+        logits.append(lm.forward(toks, pars, append=True))
+        all_tokens += toks.tolist()
+        all_parents += pars.tolist()
+    logits = torch.cat(logits)
+    parents = torch.tensor(all_parents)
+    for node in range(len(all_tokens)):
+        branch = torch.tensor([all_tokens[i] for i in path_to(parents, node)])
+        with torch.no_grad():
+            ref = model(torch.cat([prefix, branch])[None]).logits[0, -1]
+        torch.testing.assert_close(logits[node], ref, atol=2e-5, rtol=1e-5)
+    lm.commit(torch.tensor([1, 4]))  # keep the branch 9 -> 6
+    out = lm.forward(torch.tensor([8]))
+    with torch.no_grad():
+        ref = model(torch.cat([prefix, torch.tensor([9, 6, 8])])[None]).logits[0, -1]
+    torch.testing.assert_close(out[-1], ref, atol=2e-5, rtol=1e-5)
+
+
+# ---- verifiers on hand-made trees -----------------------------------------------------------
+def _onehot(tokens, vocab=6):
+    out = torch.zeros(len(tokens), vocab, dtype=torch.float64)
+    out[torch.arange(len(tokens)), torch.tensor(tokens)] = 1.0
+    return out
+
+
+def test_tree_greedy_follows_argmax_branch():
+    # root (node 0) children: 2 (node 1), 3 (node 2); under 3: 4 (node 3), 5 (node 4); under 5: 1 (node 5)
+    tree = TokenTree(torch.tensor([0, 2, 3, 4, 5, 1]), torch.tensor([-1, 0, 0, 2, 2, 4]))
+    target = _onehot([3, 0, 5, 0, 1, 0])  # rows: root, node1..node5
+    res = verify_greedy(tree, target)
+    assert res.accepted_nodes == (2, 4, 5) and res.next_token == 0
+    target = _onehot([4, 0, 0, 0, 0, 0])  # no child of the root matches
+    res = verify_greedy(tree, target)
+    assert res.accepted_nodes == () and res.next_token == 4
+    res = verify_sample_and_match(tree, _onehot([3, 0, 4, 2, 0, 0]), torch.Generator())
+    assert res.accepted_nodes == (2, 3) and res.next_token == 2
+
+
+# ---- exact enumeration of MSS at one node ----------------------------------------------------
+V = 4
+
+
+def _dist(gen, sharp=1.0):
+    return torch.softmax(torch.randn(V, generator=gen, dtype=torch.float64) * sharp, -1)
+
+
+def _tv(a, b):
+    return 0.5 * float((a - b).abs().sum())
+
+
+def node_output(target, draws):
+    """Exact output distribution at a node for a fixed candidate list [(token, q)], via `mss_node`."""
+    tokens = torch.tensor([x for x, _ in draws])
+    qs = torch.stack([q for _, q in draws])
+    accept, leftover = mss_node(target, tokens, qs)
+    out = torch.zeros(V, dtype=torch.float64)
+    reach = 1.0
+    for (x, _), a in zip(draws, accept.tolist()):
+        out[x] += reach * a
+        reach *= 1 - a
+    return out + reach * leftover
+
+
+def iid_output(target, drafters, sort_by_q=False, merge_duplicates=False):
+    """Average over all i.i.d. draws: drafters = [(q, k)], each drawing k children from q."""
+    slots = [q for q, k in drafters for _ in range(k)]
+    out = torch.zeros(V, dtype=torch.float64)
+    for combo in itertools.product(range(V), repeat=len(slots)):
+        weight = float(torch.prod(torch.stack([q[x] for q, x in zip(slots, combo)])))
+        draws = list(zip(combo, slots))
+        if sort_by_q:
+            draws.sort(key=lambda d: -float(d[1][d[0]]))
+        if merge_duplicates:  # the tempting bug: one candidate per distinct token
+            seen, merged = set(), []
+            for x, q in draws:
+                if x not in seen:
+                    seen.add(x)
+                    merged.append((x, q))
+            draws = merged
+        out += weight * node_output(target, draws)
+    return out
+
+
+@pytest.mark.parametrize("k", range(1, V + 1))
+def test_iid_children_with_mss_are_exact(k):
+    gen = torch.Generator().manual_seed(k)
+    target, draft = _dist(gen), _dist(gen)
+    assert _tv(iid_output(target, [(draft, k)]), target) < 1e-12
+
+
+def test_several_drafters_with_mss_are_exact():
+    gen = torch.Generator().manual_seed(7)
+    target, q1, q2 = _dist(gen), _dist(gen), _dist(gen, sharp=3.0)
+    assert _tv(iid_output(target, [(q1, 2), (q2, 1)]), target) < 1e-12
+    assert _tv(iid_output(target, [(q1, 1), (q2, 2)]), target) < 1e-12
+
+
+def test_near_one_hot_and_disjoint_support_are_exact():
+    gen = torch.Generator().manual_seed(3)
+    target = _dist(gen, sharp=25.0)
+    draft = torch.tensor([0.0, 0.5, 0.5, 0.0], dtype=torch.float64)
+    assert _tv(iid_output(target, [(draft, 3)]), target) < 1e-12
+
+
+def test_swor_children_with_mss_are_biased():
+    gen = torch.Generator().manual_seed(11)
+    target, draft = _dist(gen), _dist(gen)
+    out = torch.zeros(V, dtype=torch.float64)
+    for a, b in itertools.permutations(range(V), 2):  # draws without replacement, in sampling order
+        weight = float(draft[a] * draft[b] / (1 - draft[a]))
+        out += weight * node_output(target, [(a, draft), (b, draft)])
+    assert _tv(out, target) > 0.01
+
+
+def test_resorted_siblings_are_biased():
+    gen = torch.Generator().manual_seed(12)
+    target, draft = _dist(gen), _dist(gen)
+    assert _tv(iid_output(target, [(draft, 3)], sort_by_q=True), target) > 0.01
+
+
+def test_merged_multi_drafter_duplicates_are_biased():
+    gen = torch.Generator().manual_seed(13)
+    target, q1, q2 = _dist(gen), _dist(gen, sharp=2.0), _dist(gen, sharp=2.0)
+    assert _tv(iid_output(target, [(q1, 1), (q2, 1)], merge_duplicates=True), target) > 1e-3
+
+
+# ---- the whole loop ---------------------------------------------------------------------------
+def _ar(target, prompt, n):
+    return SpeculativeDecoder(target).generate(prompt, n)[0]
+
+
+@pytest.mark.parametrize("expansion", [[1, 1, 3, 1, 1], [2, 2, 1], [4]])
+def test_specinfer_greedy_equals_ar(arch, expansion):
+    target = tiny_lm(arch, seed=0)
+    prompt = list(range(10, 22))
+    ref = _ar(target, prompt, 40)
+    for drafts in ([tiny_lm(arch, seed=0)], [tiny_lm(arch, seed=5)], [tiny_lm(arch, seed=5), tiny_lm(arch, seed=6)]):
+        drafter = TreeDrafter(drafts, GREEDY, expansion=expansion)
+        dec = SpeculativeDecoder(target, drafter, GREEDY)
+        out = []
+        for chunk in dec.stream(prompt, 40):
+            assert 1 <= len(chunk) <= len(expansion) + 1
+            out += chunk
+            if dec.last_stats.stopped_by == "":
+                assert target.kv_len == len(prompt) + len(out) - 1
+                for lm in drafts:  # drafters never hold uncommitted tokens
+                    assert lm.kv_len <= len(prompt) + len(out)
+        assert out == ref
+        stats = dec.last_stats
+        assert stats.target_calls <= stats.new_tokens
+        assert stats.tree_tokens <= drafter.max_nodes
+    same = TreeDrafter([tiny_lm(arch, seed=0)], GREEDY, expansion=expansion)
+    dec = SpeculativeDecoder(target, same, GREEDY)
+    assert dec.generate(prompt, 40)[0] == ref
+    assert dec.last_stats.mean_accepted_per_call >= min(len(expansion), 39) * 0.9
+
+
+TREE_CONFIGS = [
+    ([2, 2], 1, SamplingConfig(temperature=1.0)),
+    ([1, 3], 2, SamplingConfig(temperature=0.7, top_p=0.9)),
+]
+
+
+@pytest.mark.parametrize("expansion,n_drafters,sampling", TREE_CONFIGS)
+def test_specinfer_sampling_matches_target_distribution(expansion, n_drafters, sampling, one_thread):
+    target = MarkovLM.random(4, seed=11, sharpness=1.5)
+    drafts = [MarkovLM.random(4, seed=12 + i, sharpness=1.5) for i in range(n_drafters)]
+    dec = SpeculativeDecoder(target, TreeDrafter(drafts, sampling, expansion=expansion), sampling)
+    gen = torch.Generator().manual_seed(5)
+    n = 5000
+    counts = Counter(tuple(dec.generate(PROMPT, 3, gen)[0]) for _ in range(n))
+    assert chi_square_pvalue(counts, exact_continuations(target, sampling, None), n) > 1e-3
+
+
+def test_specinfer_mutation_without_residual_update_fails(monkeypatch, one_thread):
+    monkeypatch.setattr(mss, "recovery_distribution", lambda t, d: t)
+    sampling = SamplingConfig(temperature=1.0)
+    target = MarkovLM.random(4, seed=11, sharpness=1.5)
+    dec = SpeculativeDecoder(target, TreeDrafter([MarkovLM.random(4, seed=12, sharpness=1.5)], sampling,
+                                                 expansion=[2, 2]), sampling)
+    gen = torch.Generator().manual_seed(5)
+    n = 5000
+    counts = Counter(tuple(dec.generate(PROMPT, 3, gen)[0]) for _ in range(n))
+    assert chi_square_pvalue(counts, exact_continuations(target, sampling, None), n) < 1e-3
+
+
+@pytest.mark.parametrize("kind", ["sps", "specinfer", "specinfer-2"])
+def test_drafter_caches_hold_exactly_committed_tokens(kind, one_thread):
+    """Output tests cannot see a drafter rollback bug (any q is exact): check the caches directly."""
+    sampling = SamplingConfig(temperature=1.0)
+    target = MarkovLM.random(6, seed=1, sharpness=2.0)
+    drafts = [MarkovLM.random(6, seed=2, sharpness=2.0), MarkovLM.random(6, seed=3, sharpness=2.0)]
+    if kind == "sps":
+        drafts = drafts[:1]
+        drafter = ModelDrafter(drafts[0], sampling)
+        dec = SpeculativeDecoder(target, drafter, sampling, gamma=3)
+    else:
+        drafts = drafts[: 1 if kind == "specinfer" else 2]
+        dec = SpeculativeDecoder(target, TreeDrafter(drafts, sampling, expansion=[2, 1, 2]), sampling)
+    stream_checking_caches(dec, target, drafts, [1, 2, 3, 4], 60)
