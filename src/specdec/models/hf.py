@@ -10,6 +10,7 @@ attention mask, explicit position ids and transformers' `Cache` API.
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING
 
 import torch
@@ -110,6 +111,8 @@ class HFLanguageModel:
         _check_supported(model, config)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        # transformers 5.2x renamed `past_key_values` to `cache` (the old name warns, then goes away).
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.kv_len = 0
         self.offloaded = False  # set by models.offload.offload_target
         self._cache = SlotCache(self.num_layers, capacity=0)
@@ -172,7 +175,7 @@ class HFLanguageModel:
                 input_ids=input_ids.unsqueeze(0),
                 attention_mask=mask,
                 position_ids=position_ids,
-                past_key_values=self._cache,
+                **{self._cache_arg: self._cache},
                 use_cache=True,
                 logits_to_keep=1 if last_only else 0,
             )
