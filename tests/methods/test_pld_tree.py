@@ -1,0 +1,48 @@
+"""`pld-tree`: the lookup trie on hand traces, greedy equivalence, and exact sampling end to end."""
+
+import torch
+
+from specdec.core.sampling import SamplingConfig
+from specdec.engine.decoder import SpeculativeDecoder
+from specdec.engine.pipeline import Pipeline
+from specdec.methods.pld_tree import PromptLookupTreeDrafter, lookup_tree
+from specdec.models.toy import MarkovLM
+from tests.conftest import TINY_VOCAB, tiny_lm
+from tests.helpers import chi_square_of_decoder
+
+
+def t(*xs):
+    return torch.tensor(xs)
+
+
+def test_trie_of_every_earlier_continuation_latest_first():
+    # "1 2" occurs at 0 (then 3 4), at 4 (then 5 6) and at 8 (then 3 7): the trie shares the 3.
+    ids = t(1, 2, 3, 4, 1, 2, 5, 6, 1, 2, 3, 7, 1, 2)
+    tokens, parents = lookup_tree(ids, max_depth=2, budget=10, max_ngram=2)
+    assert tokens.tolist() == [3, 7, 5, 6, 4]
+    assert parents.tolist() == [-1, 0, -1, 2, 0]
+    # the budget keeps the latest occurrences' nodes first
+    tokens, parents = lookup_tree(ids, max_depth=2, budget=3, max_ngram=2)
+    assert tokens.tolist() == [3, 7, 5] and parents.tolist() == [-1, 0, -1]
+    # no earlier occurrence of any suffix: nothing to propose
+    assert lookup_tree(t(1, 2, 3), 4, 8, 2)[0].numel() == 0
+
+
+def test_greedy_equals_ar_and_accepts_on_repetitive_text():
+    target = tiny_lm("llama", seed=0)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randint(0, TINY_VOCAB, (6,), generator=g).tolist()
+    prompt = base + [7] + base + [9] + base
+    ref, _ = SpeculativeDecoder(target).generate(prompt, 40)
+    dec = SpeculativeDecoder(target, PromptLookupTreeDrafter(budget=12, max_depth=4))
+    out, stats = dec.generate(prompt, 40)
+    assert out == ref
+    assert stats.target_calls <= stats.new_tokens and stats.tree_tokens <= 12
+    assert Pipeline.from_models(target, None).generate(prompt, "pld-tree", 40, budget=12).token_ids == ref
+
+
+def test_sampling_matches_the_target_distribution(one_thread):
+    sampling = SamplingConfig(temperature=1.0)
+    target = MarkovLM.random(4, seed=11, sharpness=1.5)
+    dec = SpeculativeDecoder(target, PromptLookupTreeDrafter(budget=6, max_depth=2, max_ngram=2), sampling)
+    assert chi_square_of_decoder(dec, target, sampling, None, 3000, seed=3) > 1e-3
