@@ -108,6 +108,18 @@ def test_greedy_output_of_every_method_equals_the_single_process_output(pipes, s
     assert (got.stats.target_calls, got.stats.accepted_tokens) == (ref.stats.target_calls, ref.stats.accepted_tokens)
 
 
+def test_a_rank_that_commits_the_wrong_slots_is_caught(pipes, sharded_ar, monkeypatch):
+    """The planted bug: the other rank keeps the first tokens of a tree instead of gathering the accepted
+    path. Rank 0 is right, the other rank's half of the heads is wrong, and the output changes."""
+    def commit_in_place_on_the_other_rank(self, keep):
+        self.group.check()
+        self.lm.commit(keep)
+        self._pending.append(["commit", keep if isinstance(keep, int) else len(keep)])
+
+    monkeypatch.setattr(ShardedTarget, "commit", commit_in_place_on_the_other_rank)
+    assert pipes[1].generate(PROMPT, "specexec", 16).token_ids != sharded_ar
+
+
 def test_the_drafts_are_sometimes_rejected(pipes):
     # Otherwise the equality above would not exercise rejection and commit-by-index.
     stats = pipes[1].generate(PROMPT, "specinfer", 16).stats

@@ -27,6 +27,10 @@ def main() -> int:
     try:
         group = TPGroup.join_from_env(int(os.environ["WORLD_SIZE"]), args["device"])
         run_follower(group, args["spec"], DTYPE_NAMES[args["dtype"]])
+    except torch.distributed.DistNetworkError:
+        print(f"specdec: tensor-parallel rank {rank}: rank 0 went away (its store connection closed); exiting",
+              file=sys.stderr, flush=True)
+        return 1
     except Exception as exc:
         lines = str(exc).strip().splitlines()
         print(f"specdec: tensor-parallel rank {rank}: {type(exc).__name__}: {lines[0] if lines else ''}",
