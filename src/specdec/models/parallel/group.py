@@ -140,8 +140,9 @@ class TPGroup:
                 WORKER_ARGS_ENV: json.dumps(worker_args), PARENT_PID_ENV: str(os.getpid()),
                 "PYTHONPATH": os.pathsep.join([src_root] + [p for p in [env.get("PYTHONPATH")] if p]),
             })
-            group.workers.append(
-                subprocess.Popen([sys.executable, "-m", WORKER_MODULE], env=env, stdin=subprocess.DEVNULL))
+            # Their stdout stays out of this process's (a --json answer); errors go to the shared stderr.
+            group.workers.append(subprocess.Popen([sys.executable, "-m", WORKER_MODULE], env=env,
+                                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
         group._start_watchdog()
         atexit.register(group.close)
         return group

@@ -15,6 +15,7 @@ verification, sampling) runs once, there, exactly as in one process.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from torch import Tensor
@@ -38,6 +39,8 @@ class ShardedTarget:
         self.dtype = lm.dtype
         self.tensor_parallel_size: int = group.world_size
         self._pending: list[list[Any]] = []  # local calls not yet sent (they go with the next forward)
+        # Dropping the target stops the other ranks (a pipeline whose construction failed later, say).
+        self._finalizer = weakref.finalize(self, group.close)
 
     @property
     def model(self) -> Any:
@@ -71,6 +74,9 @@ class ShardedTarget:
                 raise  # refused before any collective: every rank refuses the same call and goes on
             except Exception as exc:
                 raise self.group.failure_error(exc) from exc
+            except BaseException:  # Ctrl-C between sending the call and running it: the ranks are out of step
+                self.group.fail("a target forward was interrupted on rank 0; the tensor-parallel ranks are out of step")
+                raise
         return logits
 
     def commit(self, keep: Tensor | int) -> None:
@@ -88,8 +94,8 @@ class ShardedTarget:
         return self.lm.cached_kv(layer)
 
     def close(self) -> None:
-        """Stop the other ranks and leave the process group (also done at exit)."""
-        self.group.close()
+        """Stop the other ranks and leave the process group (also done when the target is dropped, and at exit)."""
+        self._finalizer()
 
 
 def follow(lm: HFLanguageModel, group: TPGroup) -> None:
