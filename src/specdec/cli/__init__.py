@@ -39,12 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command if command in SUBCOMMANDS else "").parse_args(argv)
     from specdec.models.hub import ModelError
+    from specdec.models.parallel.group import TensorParallelError, close_open_groups
 
     try:
         return int(args.func(args))
-    except (ModelError, ValueError) as exc:
+    except (ModelError, ValueError, TensorParallelError) as exc:
         print(f"specdec: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("specdec: error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        close_open_groups()  # the other ranks of a sharded target stop with the command

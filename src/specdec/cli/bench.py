@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from specdec.bench.peers import is_hf
 from specdec.bench.prompts import load_prompts, select_prompts
 from specdec.bench.run import run_bench
 from specdec.bench.settings import (
@@ -14,7 +15,7 @@ from specdec.bench.settings import (
 )
 from specdec.bench.store import RESULTS, SUMMARY, check_out_dir, command_line, load_results, row_key
 from specdec.bench.summary import render_tables
-from specdec.cli.common import add_model_args, device_of, drafts_of, err, load_pipeline
+from specdec.cli.common import add_model_args, device_of, drafts_of, err, load_pipeline, tensor_parallel_size_of
 from specdec.engine.pipeline import DTYPES
 from specdec.methods.registry import all_methods
 
@@ -39,6 +40,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                 "threads": args.threads}
     if args.offload:
         run_info["offload"] = True
+    tp_size = tensor_parallel_size_of(args)
+    if tp_size > 1:
+        run_info["tensor_parallel_size"] = tp_size
     settings = BenchSettings(
         methods=parse_methods(args.methods, variants),
         variants=variants,
@@ -62,6 +66,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     argv += ["--draft-dtype", args.draft_dtype] if args.draft_dtype else []
     argv += ["--threads", str(args.threads)] if args.threads else []
     argv += ["--offload"] if args.offload else []
+    argv += ["--tensor-parallel-size", str(tp_size)] if tp_size > 1 else []
     argv += ["--per-task", str(args.per_task)] if args.per_task is not None else []
     argv += ["--tasks", args.tasks] if args.tasks else []
     for name in OPTION_FLAGS:
@@ -74,6 +79,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     argv += ["--no-plots"] if args.no_plots else []
     command = command_line(argv)
 
+    peers = [m for m in settings.methods if is_hf(m)]
+    if tp_size > 1 and peers:
+        raise ValueError(f"the Hugging Face peers ({', '.join(peers)}) run transformers' generate in one process "
+                         "and cannot drive a target sharded over several; leave them out with --tensor-parallel-size")
     draft = ",".join(drafts_of(args)) if needs_draft(settings.methods, variants) else None
     fp = fingerprint(settings, args.target, str(DTYPES[args.dtype]))
     check_out_dir(args.out, fp, draft)

@@ -4,6 +4,7 @@ methods' `Options` dataclasses, loading a pipeline, and printing statistics."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Iterable
@@ -46,6 +47,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload", action="store_true",
                    help="keep the target's weights in CPU RAM and stream them to the GPU layer by layer (CUDA only; "
                    "the setting SpecExec and Sequoia were built for; on a CPU see `specdec tune --project-offload`)")
+    p.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
+                   help="shard the target over N processes with transformers' tensor-parallel plan (gloo on CPU, NCCL "
+                   "on CUDA with one GPU per rank); the command starts the other N-1 ranks itself, or runs under "
+                   "torchrun (default 1; under torchrun it must equal WORLD_SIZE)")
 
 
 def device_of(args: argparse.Namespace) -> str:
@@ -60,20 +65,42 @@ def drafts_of(args: argparse.Namespace) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
+def tensor_parallel_size_of(args: argparse.Namespace) -> int:
+    """--tensor-parallel-size, checked against torchrun's WORLD_SIZE when torchrun started this process."""
+    from specdec.models.parallel.group import launched_by_torchrun
+
+    size = getattr(args, "tensor_parallel_size", None)
+    if size is None and launched_by_torchrun():
+        world = os.environ["WORLD_SIZE"]
+        raise ValueError(f"this process is one of {world} ranks started by torchrun; pass --tensor-parallel-size "
+                         f"{world} to shard the target over them")
+    if size is not None and size < 1:
+        raise ValueError(f"--tensor-parallel-size must be >= 1, got {size}")
+    return size or 1
+
+
 def load_pipeline(args: argparse.Namespace, need_draft: bool) -> Pipeline:
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    tp_size = tensor_parallel_size_of(args)
+    rank0 = int(os.environ.get("RANK", "0") or 0) == 0  # under torchrun only rank 0 talks
     t0 = time.perf_counter()
     drafts = drafts_of(args) if need_draft else []
-    print(f"loading {args.target}" + "".join(f" + {d}" for d in drafts) + " …", file=sys.stderr)
+    if rank0:
+        print(f"loading {args.target}" + "".join(f" + {d}" for d in drafts)
+              + (f", target sharded over {tp_size} ranks" if tp_size > 1 else "") + " …", file=sys.stderr)
     # Offloading is a property of the loaded target: every method of this run, the AR baseline
     # included, then sees the same offloaded target.
     pipe = Pipeline(
         args.target, drafts or None, device=device_of(args), dtype=DTYPES[args.dtype],
         draft_dtype=args.draft_dtype, fast_linear=args.fast_linear, offload=bool(getattr(args, "offload", False)),
+        tensor_parallel_size=tp_size,
     )
+    group = getattr(pipe.target_lm, "group", None)
+    if group is not None:
+        group.exit_on_failure = True  # a command (a server too) ends when a rank dies, idle or not
     print(f"loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return pipe
 

@@ -12,6 +12,7 @@ from specdec.core.options import check_positive_int
 from specdec.core.store import profile_path, read_profile, save_profile
 from specdec.engine.pipeline import Pipeline
 from specdec.models.hf import HFLanguageModel
+from specdec.models.parallel.target import ShardedTarget
 from specdec.tuning.acceptance import DEFAULT_WIDTH
 from specdec.tuning.choice import DEFAULT_MAX_DEPTH, DEFAULT_SIZES, TUNE_PROMPTS, format_candidates, tune
 from specdec.tuning.projection import (
@@ -64,7 +65,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     else:
         sizes = _int_list(args.sizes, "--sizes")
         pipe = load_pipeline(args, True)  # --offload is applied while loading
-        if not isinstance(pipe.target_lm, HFLanguageModel) or not isinstance(pipe.draft_lm, HFLanguageModel):
+        if not isinstance(pipe.target_lm, (HFLanguageModel, ShardedTarget)) or not isinstance(pipe.draft_lm,
+                                                                                            HFLanguageModel):
             raise ValueError("specdec tune needs transformers target and draft models")
         key = pipe.profile_key(sampling)
         if key is None:

@@ -71,6 +71,18 @@ def check_same_tokenizer(target_tok: "PreTrainedTokenizerBase", draft_tok: "PreT
         )
 
 
+def sharded_target(target: str, size: int, dtype: torch.dtype, device: str | torch.device, offload: bool,
+                   progress: bool) -> tuple[LanguageModel, "PreTrainedTokenizerBase"]:
+    """The target sharded over `size` tensor-parallel ranks (`models.parallel`), and its tokenizer."""
+    from specdec.models.parallel.launch import check_size, start_sharded_target
+
+    check_size(size)
+    if offload:
+        raise ValueError("offloading and tensor parallelism do not combine: shard the target over several devices, "
+                         "or stream it to one, not both")
+    return start_sharded_target(target, size, dtype=dtype, device=device, progress=progress)
+
+
 class Pipeline:
     """A target model, an optional draft model and their tokenizer, ready to generate."""
 
@@ -85,6 +97,7 @@ class Pipeline:
         fast_linear: str = "auto",
         offload: bool = False,
         progress: bool = True,
+        tensor_parallel_size: int = 1,
     ) -> None:
         """Load the models.
 
@@ -96,15 +109,27 @@ class Pipeline:
             (`models.fastpath`); same function up to float32 round-off.
         offload: keep the target's weights in CPU RAM and stream them to the GPU layer by layer
             (`models.offload`; CUDA only). Every method of this pipeline then sees that target.
+        tensor_parallel_size: shard the target over this many processes with transformers'
+            tensor-parallel plan (`models.parallel`; gloo on CPU, NCCL on CUDA, one GPU per rank). This
+            process becomes rank 0 and starts the others, or, under torchrun, joins its ranks. The
+            drafts stay in this process; `close()` (or the end of the process) stops the other ranks.
         """
         from specdec.models.fastpath import enable_packed_linears, quantize_draft_int8
         from specdec.models.hub import load_model
         from specdec.models.offload import offload_target
 
         self.target_name, self.draft_name = target, draft
-        target_model, self.tokenizer = load_model(target, dtype=dtype, device=device, progress=progress)
-        self.fast_linears = enable_packed_linears(target_model, fast_linear)
-        self.target_lm: LanguageModel = HFLanguageModel(target_model)
+        self.tensor_parallel_size = tensor_parallel_size
+        self.target_lm: LanguageModel
+        if tensor_parallel_size != 1 or isinstance(tensor_parallel_size, bool):
+            self.target_lm, self.tokenizer = sharded_target(target, tensor_parallel_size, dtype, device, offload,
+                                                            progress)
+            target_model = self.target_lm.model
+            self.fast_linears = 0  # prepacking would replace the linears transformers sharded and hooked
+        else:
+            target_model, self.tokenizer = load_model(target, dtype=dtype, device=device, progress=progress)
+            self.fast_linears = enable_packed_linears(target_model, fast_linear)
+            self.target_lm = HFLanguageModel(target_model)
         if offload:
             offload_target(self.target_lm, device)
         self.eos_token_ids = eos_ids(target_model, self.tokenizer)
@@ -131,6 +156,18 @@ class Pipeline:
         self.device = torch.device(device)
         self.dtype = dtype
 
+    def close(self) -> None:
+        """Stop the other ranks of a sharded target (nothing to do otherwise); the pipeline is unusable after."""
+        close = getattr(self.target_lm, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     @classmethod
     def from_models(
         cls,
@@ -146,6 +183,7 @@ class Pipeline:
         pipe.draft_lms = [draft_lm] if draft_lm is not None else []
         pipe.eos_token_ids = list(eos_token_ids or [])
         pipe.device = getattr(target_lm, "device", torch.device("cpu"))
+        pipe.tensor_parallel_size = int(getattr(target_lm, "tensor_parallel_size", 1))
         pipe.dtype = getattr(target_lm, "dtype", torch.float32)
         return pipe
 
@@ -185,7 +223,10 @@ class Pipeline:
         if len(drafts) != 1:
             return None
         dtype = str(self.dtype).replace("torch.", "")
-        return profile_key(self.target_name, drafts[0], torch.device(self.device).type, dtype, sampling.temperature)
+        device = torch.device(self.device).type
+        if getattr(self, "tensor_parallel_size", 1) > 1:  # a sharded target has timings of its own
+            device += f"-tp{self.tensor_parallel_size}"
+        return profile_key(self.target_name, drafts[0], device, dtype, sampling.temperature)
 
     def decoder(
         self, method: str = "sps", sampling: SamplingConfig = SamplingConfig(), gamma: int | None = None, **opts: Any

@@ -7,7 +7,7 @@ to the model.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -50,13 +50,14 @@ def check_tokenizer_dir(path: Path) -> None:
         )
 
 
-def load_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_dir(path: Path, dtype: torch.dtype, **kwargs: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model and tokenizer of a checkpoint directory; `kwargs` go to `from_pretrained` (a tensor-parallel plan)."""
     from transformers import AutoModelForCausalLM
 
     check_checkpoint_dir(path)
     tokenizer = tokenizer_from_dir(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True, **kwargs)
     except Exception as exc:
         raise ModelError(
             f"transformers could not load the checkpoint in {path} ({type(exc).__name__}: {exc})."

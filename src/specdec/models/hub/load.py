@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import torch
 
 from specdec.models.hub.cache import converted_root
-from specdec.models.hub.checkpoint import load_dir, tokenizer_from_dir
+from specdec.models.hub.checkpoint import check_checkpoint_dir, load_dir, tokenizer_from_dir
 from specdec.models.hub.convert import (
     check_gguf,
     conversion_ok,
@@ -32,7 +32,7 @@ from specdec.models.hub.resolve import Source, not_found, resolve
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["hub_call", "hub_reachable", "load_model", "load_tokenizer"]
+__all__ = ["hub_call", "hub_reachable", "load_config", "load_model", "load_tokenizer", "prepare_model"]
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +101,23 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    tensor_parallel_size: int = 1,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``spec`` (known name, .gguf path, checkpoint dir or hub id) as an eval-mode (model, tokenizer)."""
+    """Load ``spec`` (known name, .gguf path, checkpoint dir or hub id) as an eval-mode (model, tokenizer).
+
+    tensor_parallel_size > 1: load this process's shard of the model with transformers' tensor-parallel
+    plan over the torch.distributed group every rank has joined (`models.parallel`); transformers puts it
+    on the rank's device. A GGUF must have been converted already (`prepare_model`, which rank 0 runs).
+    """
     src = resolve(spec)
+    sharded: dict[str, Any] = {}
+    if tensor_parallel_size > 1:
+        from transformers.distributed import DistributedConfig
+
+        sharded["distributed_config"] = DistributedConfig(tp_size=tensor_parallel_size)
     if src.kind == "dir":
         assert src.path is not None
-        model, tokenizer = load_dir(src.path, dtype)
+        model, tokenizer = load_dir(src.path, dtype, **sharded)
     elif src.kind == "hub":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -114,28 +125,76 @@ def load_model(
         model = hub_call(
             src.spec,
             lambda local: AutoModelForCausalLM.from_pretrained(
-                src.spec, dtype=dtype, use_safetensors=True, local_files_only=local
+                src.spec, dtype=dtype, use_safetensors=True, local_files_only=local, **sharded
             ),
         )
     else:
         target, source_sha = _conversion_for(src)
         if conversion_ok(target, source_sha):
-            model, tokenizer = load_dir(target, dtype)
+            model, tokenizer = load_dir(target, dtype, **sharded)
+        elif sharded:
+            raise ModelError(f"{spec} has no converted safetensors copy yet; every tensor-parallel rank reads one "
+                             "(rank 0 makes it first with prepare_model)")
         else:
-            gguf_path, meta = _gguf_source(src, progress)
-            check_gguf(gguf_path)
-            log.info("Dequantizing %s (one time; later loads use the converted copy).", gguf_path)
-            model, tokenizer = load_gguf_with_transformers(gguf_path)
-            try:
-                save_conversion(model, tokenizer, target, meta)
-            except OSError as exc:
-                # The model is loaded fine; a read-only or full cache only costs speed next time.
-                log.warning("Could not save a converted copy of %s: %s", gguf_path, exc)
-    model = model.to(device)
-    if model.dtype != dtype:
-        model = model.to(dtype)
+            model, tokenizer = _convert(src, progress)
+    if not sharded:  # a sharded model already sits on its rank's device, in `dtype`
+        model = model.to(device)
+        if model.dtype != dtype:
+            model = model.to(dtype)
     model.eval()
     return model, tokenizer
+
+
+def _convert(src: Source, progress: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Dequantize a GGUF source and save its safetensors copy for later loads."""
+    target, _ = _conversion_for(src)
+    gguf_path, meta = _gguf_source(src, progress)
+    check_gguf(gguf_path)
+    log.info("Dequantizing %s (one time; later loads use the converted copy).", gguf_path)
+    model, tokenizer = load_gguf_with_transformers(gguf_path)
+    try:
+        save_conversion(model, tokenizer, target, meta)
+    except OSError as exc:
+        # The model is loaded fine; a read-only or full cache only costs speed next time.
+        log.warning("Could not save a converted copy of %s: %s", gguf_path, exc)
+    return model, tokenizer
+
+
+def prepare_model(spec: str | os.PathLike[str], progress: bool = True) -> None:
+    """Make ``spec`` loadable by several processes at once: fetch and convert a GGUF source now (once).
+
+    Checkpoint directories and hub ids need nothing (the hub's cache handles concurrent downloads).
+    """
+    src = resolve(spec)
+    if src.kind in ("dir", "hub"):
+        return
+    target, source_sha = _conversion_for(src)
+    if not conversion_ok(target, source_sha):
+        _convert(src, progress)
+        if not conversion_ok(target, source_sha):
+            raise ModelError(f"could not save the converted copy of {spec} in {target}; tensor-parallel ranks "
+                             "load from it (check that the cache directory is writable)")
+
+
+def load_config(spec: str | os.PathLike[str]) -> Any:
+    """The transformers config of ``spec`` without its weights (a GGUF source must be prepared first)."""
+    from transformers import AutoConfig
+
+    src = resolve(spec)
+    if src.kind == "hub":
+        return hub_call(src.spec, lambda local: AutoConfig.from_pretrained(src.spec, local_files_only=local))
+    if src.kind == "dir":
+        assert src.path is not None
+        path = src.path
+    else:
+        path, source_sha = _conversion_for(src)
+        if not conversion_ok(path, source_sha):
+            raise ModelError(f"{spec} has not been converted yet (prepare_model converts it)")
+    check_checkpoint_dir(path)
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except Exception as exc:
+        raise ModelError(f"transformers could not read the config in {path} ({type(exc).__name__}: {exc}).") from exc
 
 
 def load_tokenizer(spec: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
