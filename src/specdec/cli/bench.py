@@ -74,7 +74,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     argv += ["--no-plots"] if args.no_plots else []
     command = command_line(argv)
 
-    draft = ",".join(drafts_of(args)) if needs_draft(settings.methods, variants) else None
+    draft = ",".join(drafts_of(args, need=True)) if needs_draft(settings.methods, variants) else None
     fp = fingerprint(settings, args.target, str(DTYPES[args.dtype]))
     check_out_dir(args.out, fp, draft)
     done = {row_key(r) for r in load_results(Path(args.out) / RESULTS).rows}
