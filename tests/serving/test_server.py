@@ -373,7 +373,7 @@ def test_concurrent_streaming_clients(base_url, client):
         per_pos = sum(u["num_accepted_tokens_per_pos"][pos] for u in usages if pos < len(u["num_accepted_tokens_per_pos"]))
         assert delta.get(("vllm:spec_decode_num_accepted_tokens_per_pos_total", (("position", str(pos)),)), 0.0) == per_pos
     assert delta[("vllm:generation_tokens_total", ())] == sum(u.completion_tokens for *_, u in results)
-    assert delta[("prompt_tokens_total", ())] == sum(u.prompt_tokens for *_, u in results)
+    assert delta[("vllm:prompt_tokens_total", ())] == sum(u.prompt_tokens for *_, u in results)
     finished = sum(v for (name, _), v in delta.items() if name == "vllm:request_success_total")
     assert finished == len(jobs)
     assert delta[("vllm:e2e_request_latency_seconds_count", ())] == len(jobs)

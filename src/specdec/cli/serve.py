@@ -51,8 +51,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         ("--max-draft-tokens", args.max_draft_tokens), ("--max-body-bytes", args.max_body_bytes)):
         if value is not None:
             check_positive_int(flag, value)
-    if args.max_new_tokens > args.max_tokens_limit:
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens} exceeds --max-tokens-limit {args.max_tokens_limit}")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     if args.api_key == "":
         raise ValueError("--api-key must not be empty")
@@ -86,7 +84,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def configure(p: argparse.ArgumentParser) -> None:
     p.description = DESCRIPTION
     add_model_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=128, help="max_tokens of requests that leave it out (default 128)")
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="max_tokens of requests that leave it out (default 128; cut to --max-tokens-limit)")
     add_sampling_args(p, temperature=1.0, temperature_help=(
         "temperature of requests that leave it out (default 1.0, OpenAI's; 0 makes them greedy); a request's own "
         "temperature always wins"))

@@ -85,7 +85,7 @@ class ServerConfig:
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=DEFAULT_TEMPERATURE))
     """temperature, top_p and top_k for requests that leave them out (a request's own values win)."""
     max_tokens: int = 128
-    """max_tokens when a request leaves it out (cut to the room left in the context)."""
+    """max_tokens when a request leaves it out (cut to the room left in the context and to the limit)."""
     seed: int | None = None
     max_tokens_limit: int | None = DEFAULT_MAX_TOKENS_LIMIT
     """The most max_tokens a request may ask for (None: only the context bounds it)."""
@@ -151,9 +151,6 @@ def create_app(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if max_tokens_limit is not None and max_tokens_limit < 1:
         raise ValueError(f"max tokens limit must be a positive integer, got {max_tokens_limit!r}")
-    if max_tokens_limit is not None and default_max_tokens > max_tokens_limit:
-        raise ValueError(f"the default max tokens ({default_max_tokens}) exceeds the max tokens limit "
-                         f"({max_tokens_limit})")
     if api_key is not None and not api_key:
         raise ValueError("the API key must not be empty")
     cfg = ServerConfig(
