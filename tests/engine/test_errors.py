@@ -1,6 +1,9 @@
 """Bad input gets a clear error and loses nothing."""
 
 
+import re
+import time
+
 import pytest
 
 from specdec.cli import main
@@ -78,3 +81,29 @@ def test_cli_reports_bad_input_clearly(argv, needle, capsys):
     err = capsys.readouterr().err
     assert "specdec: error:" in err and needle in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("method,opts,needle", [
+    ("pld", {"gamma": 100_000}, "gamma=100000: pld would draft up to 100000 tokens per step"),
+    ("sps", {"gamma": 510}, "gamma=510: sps would draft up to 510"),
+    ("sequoia", {"budget": 100_000}, "budget=100000: sequoia would draft up to 100000"),
+    ("specinfer", {"expansion": "64,64,64"}, "expansion=64,64,64: specinfer would draft up to 266304"),
+])
+def test_a_draft_larger_than_the_context_is_refused_before_building_it(method, opts, needle):
+    lm = tiny_lm("llama")  # context 512
+    pipe = Pipeline.from_models(lm, None, tiny_lm("llama", 1))
+    t0 = time.monotonic()
+    with pytest.raises(ValueError) as info:
+        pipe.decoder(method, **opts)
+    assert time.monotonic() - t0 < 5.0  # building Sequoia's DP for 100000 nodes would take minutes
+    assert needle in str(info.value) and "context of 512 tokens" in str(info.value)
+    assert "prompt" not in str(info.value)  # the draft is what does not fit, not the prompt
+
+
+def test_text_that_is_not_utf8_is_a_clear_error():
+    from tests.serving.server_helpers import tiny_tokenizer
+
+    pipe = Pipeline.from_models(tiny_lm("llama"), tiny_tokenizer())
+    for text, needle in (("\udcff\udcfe", "byte 0xff at character 0"), ("ok \ud800", "unpaired surrogate U+D800")):
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            pipe.encode(text)

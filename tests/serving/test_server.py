@@ -27,7 +27,7 @@ from tests.serving.server_helpers import metric_values, running_server, save_tin
 MODEL = "tiny"
 PROMPT = "hello world, tell me a story"
 SPEC_COUNTERS = (
-    "spec_decode_num_drafts_total", "spec_decode_num_draft_tokens_total", "spec_decode_num_accepted_tokens_total",
+    "vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_draft_tokens_total", "vllm:spec_decode_num_accepted_tokens_total",
 )
 
 
@@ -91,7 +91,7 @@ def test_models_health_and_metrics_endpoints(base_url, client, pipe):
     assert httpx.get(f"{base_url}/health").json()["status"] == "ok"
     metrics = httpx.get(f"{base_url}/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
-    for name in (*SPEC_COUNTERS, "e2e_request_latency_seconds", "request_tokens_per_second"):
+    for name in (*SPEC_COUNTERS, "vllm:e2e_request_latency_seconds", "specdec:request_tokens_per_second"):
         assert name in metrics.text
 
 
@@ -269,7 +269,7 @@ def slow_url(pipe):
 
 
 def _finished(url: str, reason: str) -> float:
-    return metric_values(httpx.get(f"{url}/metrics").text).get(("request_success_total", (("finished_reason", reason),)), 0.0)
+    return metric_values(httpx.get(f"{url}/metrics").text).get(("vllm:request_success_total", (("finished_reason", reason),)), 0.0)
 
 
 def _wait_for(predicate, timeout: float = 10.0) -> bool:
@@ -300,7 +300,7 @@ def test_client_disconnect_frees_the_engine(slow_url, stream):
     res = httpx.post(f"{slow_url}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=30)
     assert res.status_code == 200 and res.json()["usage"]["completion_tokens"] >= 1
     assert time.monotonic() - t0 < 8.0
-    generated = metric_values(httpx.get(f"{slow_url}/metrics").text)[("generation_tokens_total", ())]
+    generated = metric_values(httpx.get(f"{slow_url}/metrics").text)[("vllm:generation_tokens_total", ())]
     assert generated < 200
 
 
@@ -365,18 +365,18 @@ def test_concurrent_streaming_clients(base_url, client):
         assert text == expected[(c, r)], f"client {c} request {r} got another answer"
     delta = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
     usages = [_speculative(u) for *_, u in results]
-    assert delta[("spec_decode_num_drafts_total", ())] == sum(u["num_drafts"] for u in usages)
-    assert delta[("spec_decode_num_draft_tokens_total", ())] == sum(u["num_draft_tokens"] for u in usages)
+    assert delta[("vllm:spec_decode_num_drafts_total", ())] == sum(u["num_drafts"] for u in usages)
+    assert delta[("vllm:spec_decode_num_draft_tokens_total", ())] == sum(u["num_draft_tokens"] for u in usages)
     accepted = sum(u["num_accepted_tokens"] for u in usages)
-    assert accepted > 0 and delta[("spec_decode_num_accepted_tokens_total", ())] == accepted
+    assert accepted > 0 and delta[("vllm:spec_decode_num_accepted_tokens_total", ())] == accepted
     for pos in range(max(len(u["num_accepted_tokens_per_pos"]) for u in usages)):
         per_pos = sum(u["num_accepted_tokens_per_pos"][pos] for u in usages if pos < len(u["num_accepted_tokens_per_pos"]))
-        assert delta.get(("spec_decode_num_accepted_tokens_per_pos_total", (("position", str(pos)),)), 0.0) == per_pos
-    assert delta[("generation_tokens_total", ())] == sum(u.completion_tokens for *_, u in results)
-    assert delta[("prompt_tokens_total", ())] == sum(u.prompt_tokens for *_, u in results)
-    finished = sum(v for (name, _), v in delta.items() if name == "request_success_total")
+        assert delta.get(("vllm:spec_decode_num_accepted_tokens_per_pos_total", (("position", str(pos)),)), 0.0) == per_pos
+    assert delta[("vllm:generation_tokens_total", ())] == sum(u.completion_tokens for *_, u in results)
+    assert delta[("vllm:prompt_tokens_total", ())] == sum(u.prompt_tokens for *_, u in results)
+    finished = sum(v for (name, _), v in delta.items() if name == "vllm:request_success_total")
     assert finished == len(jobs)
-    assert delta[("e2e_request_latency_seconds_count", ())] == len(jobs)
+    assert delta[("vllm:e2e_request_latency_seconds_count", ())] == len(jobs)
 
 
 # ---- command line --------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """The `specdec` command line: one module per subcommand, each imported only when it is used.
 
 `specdec --help` therefore loads no model code (nor torch); a subcommand builds its own flags,
-method option flags included, from `cli.common`.
+method option flags included, from `cli.common`. The method option flags need the methods, and
+the methods need torch (seconds to import), so the command line is first read without them: a
+mistake in any other flag is reported at once, and only then are the methods loaded.
 """
 
 from __future__ import annotations
@@ -23,20 +25,33 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+def build_parser(only: str | None = None, allow_abbrev: bool = True) -> argparse.ArgumentParser:
     """The parser; subcommands other than `only` get their name and help but no flags (None = all)."""
-    parser = argparse.ArgumentParser(prog="specdec", description="Lossless speculative decoding.")
+    parser = argparse.ArgumentParser(prog="specdec", description="Lossless speculative decoding.",
+                                     allow_abbrev=allow_abbrev)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_line) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_line, description=help_line)
+        p = sub.add_parser(name, help=help_line, description=help_line, allow_abbrev=allow_abbrev)
         if only is None or only == name:
             importlib.import_module(module).configure(p)
     return parser
 
 
+def first_look(command: str, argv: list[str]) -> None:
+    """Parse `argv` without the method option flags (no torch): argparse reports a mistake in the
+    other flags and exits. Whatever it does not know is left for the full parser, and no
+    abbreviation is expanded (one that is unique here may not be among all the flags)."""
+    from specdec.cli.common import method_flags
+
+    with method_flags(False):
+        build_parser(command, allow_abbrev=False).parse_known_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
+    if command in SUBCOMMANDS and not {"-h", "--help"} & set(argv):
+        first_look(command, argv)
     args = build_parser(command if command in SUBCOMMANDS else "").parse_args(argv)
     from specdec.models.hub import ModelError
     from specdec.models.parallel.group import TensorParallelError, close_open_groups

@@ -83,7 +83,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if tp_size > 1 and peers:
         raise ValueError(f"the Hugging Face peers ({', '.join(peers)}) run transformers' generate in one process "
                          "and cannot drive a target sharded over several; leave them out with --tensor-parallel-size")
-    draft = ",".join(drafts_of(args)) if needs_draft(settings.methods, variants) else None
+    draft = ",".join(drafts_of(args, need=True)) if needs_draft(settings.methods, variants) else None
     fp = fingerprint(settings, args.target, str(DTYPES[args.dtype]))
     check_out_dir(args.out, fp, draft)
     done = {row_key(r) for r in load_results(Path(args.out) / RESULTS).rows}

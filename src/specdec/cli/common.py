@@ -1,22 +1,47 @@
 """What every subcommand shares: model and sampling flags, method option flags derived from the
-methods' `Options` dataclasses, loading a pipeline, and printing statistics."""
+methods' `Options` dataclasses, loading a pipeline, and printing statistics.
+
+torch, transformers and the methods are imported inside the functions that need them: building a
+parser and reporting a mistake in its flags stays fast. The method option flags are the one part
+of a parser that needs the methods (hence torch); `method_flags(False)` leaves them out, which
+`cli.main` uses for a first, fast look at the command line.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
-from collections.abc import Iterable
-from typing import Any
-
-import torch
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from specdec.core.options import OptionSpec
-from specdec.core.sampling import SamplingConfig
-from specdec.engine.pipeline import DEFAULT_DRAFT, DEFAULT_TARGET, DTYPES, Pipeline
-from specdec.methods.base import Method
-from specdec.methods.registry import all_methods, get_method
+from specdec.models.hub.registry import DEFAULT_TARGET, default_draft
+
+if TYPE_CHECKING:
+    from specdec.core.sampling import SamplingConfig
+    from specdec.engine.pipeline import Pipeline
+    from specdec.methods.base import Method
+
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+"""The names of `engine.pipeline.DTYPES` (a test keeps them equal), without importing torch."""
+DRAFT_FREE_METHOD = "pld"
+"""The method of a run that names no --method and has no draft model (prompt lookup needs none)."""
+
+_with_method_flags = True
+
+
+@contextlib.contextmanager
+def method_flags(enabled: bool) -> Iterator[None]:
+    """Build parsers with (True) or without (False) the per-method option flags."""
+    global _with_method_flags
+    saved, _with_method_flags = _with_method_flags, enabled
+    try:
+        yield
+    finally:
+        _with_method_flags = saved
 
 
 def err(msg: str) -> None:
@@ -29,13 +54,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"known model name, .gguf file, local dir or HF id (default {DEFAULT_TARGET})")
     p.add_argument(
         "--draft", action="append", default=None,
-        help=f"draft model for methods that need one (default {DEFAULT_DRAFT}); repeat it to merge several "
-        "drafters' trees (specinfer), or to build a cascade, largest first (csd)",
+        help=f"draft model for methods that need one (default: the target's known draft, {default_draft(DEFAULT_TARGET)} "
+        f"for {DEFAULT_TARGET}; none for other targets); repeat it to merge several drafters' trees (specinfer), "
+        "or to build a cascade, largest first (csd)",
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, … (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="target dtype (default float32)")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="target dtype (default float32)")
     p.add_argument(
-        "--draft-dtype", default=None, choices=sorted(DTYPES) + ["int8"],
+        "--draft-dtype", default=None, choices=DTYPE_NAMES + ("int8",),
         help="draft precision; int8 = dynamic int8 quantization of the draft's linears (CPU). It changes speed "
         "only, never the output: every drafted token is verified against the target",
     )
@@ -51,18 +77,82 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="shard the target over N processes with transformers' tensor-parallel plan (gloo on CPU, NCCL "
                    "on CUDA with one GPU per rank); the command starts the other N-1 ranks itself, or runs under "
                    "torchrun (default 1; under torchrun it must equal WORLD_SIZE)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show transformers' progress bars and warnings while loading (default: one line per load)")
 
 
 def device_of(args: argparse.Namespace) -> str:
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """--device, checked against this torch build (a one-line error, not a traceback, when it lacks
+    the device), or cuda when available, else cpu."""
+    import torch
+
+    if args.device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"--device {args.device}: not a device torch knows ({exc})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "a CUDA build, but no GPU is visible"
+            raise ValueError(f"--device {args.device}: this torch ({torch.__version__}) is {build}; use --device cpu, "
+                             "or install a CUDA build of torch (make setup TORCH_SPEC=torch)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {args.device}: only {torch.cuda.device_count()} GPU(s) are visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {args.device}: MPS is not available in this torch build or on this machine")
+    return args.device
 
 
-def drafts_of(args: argparse.Namespace) -> list[str]:
-    """The --draft values (repeatable), or the default draft model."""
+def drafts_of(args: argparse.Namespace, need: bool = False) -> list[str]:
+    """The --draft values (repeatable), or the target's known draft model (none for a target
+    without one). need: a ValueError saying what to do when there is none."""
     value = getattr(args, "draft", None)
-    if value is None:
-        return [DEFAULT_DRAFT]
-    return [value] if isinstance(value, str) else list(value)
+    if value is not None:
+        return [value] if isinstance(value, str) else list(value)
+    known = default_draft(args.target)
+    if known is None and need:
+        method = getattr(args, "method", None)
+        who = f"method {method}" if method else "this command"
+        raise ValueError(f"{who} needs a draft model and {args.target} has no known one: give --draft NAME (a model "
+                         f"with the same tokenizer), or use a draft-free method such as --method {DRAFT_FREE_METHOD}")
+    return [known] if known is not None else []
+
+
+def resolve_method(args: argparse.Namespace, default: str = "sps") -> str:
+    """--method, or `default` when a draft model is given or known for the target, else the
+    draft-free method (saying so in one line on stderr)."""
+    if getattr(args, "method", None) is not None:
+        return args.method
+    if drafts_of(args):
+        return default
+    print(f"specdec: {args.target} has no known draft model: using --method {DRAFT_FREE_METHOD} (prompt lookup, no "
+          f"draft); give --draft NAME for {default}", file=sys.stderr)
+    return DRAFT_FREE_METHOD
+
+
+@contextlib.contextmanager
+def quiet_loading(verbose: bool) -> Iterator[None]:
+    """Loading prints one line; transformers' progress bars and warnings only with --verbose."""
+    if verbose:
+        yield
+        return
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="transformers")
+            warnings.filterwarnings("ignore", module="accelerate")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def tensor_parallel_size_of(args: argparse.Namespace) -> int:
@@ -80,34 +170,50 @@ def tensor_parallel_size_of(args: argparse.Namespace) -> int:
 
 
 def load_pipeline(args: argparse.Namespace, need_draft: bool) -> Pipeline:
+    import torch
+
+    from specdec.engine.pipeline import DTYPES, Pipeline
+
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     tp_size = tensor_parallel_size_of(args)
     rank0 = int(os.environ.get("RANK", "0") or 0) == 0  # under torchrun only rank 0 talks
+    device = device_of(args)
     t0 = time.perf_counter()
-    drafts = drafts_of(args) if need_draft else []
+    drafts = drafts_of(args, need=True) if need_draft else []
+    # One line per load: the names now, the time when done.
     if rank0:
         print(f"loading {args.target}" + "".join(f" + {d}" for d in drafts)
-              + (f", target sharded over {tp_size} ranks" if tp_size > 1 else "") + " …", file=sys.stderr)
-    # Offloading is a property of the loaded target: every method of this run, the AR baseline
-    # included, then sees the same offloaded target.
-    pipe = Pipeline(
-        args.target, drafts or None, device=device_of(args), dtype=DTYPES[args.dtype],
-        draft_dtype=args.draft_dtype, fast_linear=args.fast_linear, offload=bool(getattr(args, "offload", False)),
-        tensor_parallel_size=tp_size,
-    )
+              + (f", target sharded over {tp_size} ranks" if tp_size > 1 else "") + " …",
+              end="", file=sys.stderr, flush=True)
+    try:
+        with quiet_loading(bool(getattr(args, "verbose", False))):
+            # Offloading is a property of the loaded target: every method of this run, the AR baseline
+            # included, then sees the same offloaded target.
+            pipe = Pipeline(
+                args.target, drafts or None, device=device, dtype=DTYPES[args.dtype],
+                draft_dtype=args.draft_dtype, fast_linear=args.fast_linear,
+                offload=bool(getattr(args, "offload", False)), tensor_parallel_size=tp_size,
+            )
+    except BaseException:
+        if rank0:
+            print(file=sys.stderr)  # end the line before the error
+        raise
     group = getattr(pipe.target_lm, "group", None)
     if group is not None:
         group.exit_on_failure = True  # a command (a server too) ends when a rank dies, idle or not
-    print(f"loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if rank0:
+        print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return pipe
 
 
 # ---- sampling flags ----------------------------------------------------------------------------
-def add_sampling_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+def add_sampling_args(p: argparse.ArgumentParser, seed: bool = True, temperature_help: str | None = None,
+                      temperature: float = 0.0) -> None:
+    p.add_argument("--temperature", type=float, default=temperature,
+                   help=temperature_help or "0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     if seed:
@@ -115,12 +221,16 @@ def add_sampling_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
 
 
 def sampling_of(args: argparse.Namespace) -> SamplingConfig:
+    from specdec.core.sampling import SamplingConfig
+
     return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
 
 # ---- method flags, derived from each method's Options ------------------------------------------
 def option_specs(methods: Iterable[Method] | None = None) -> dict[str, list[tuple[str, OptionSpec]]]:
     """Every option name with the (method, spec) pairs that declare it."""
+    from specdec.methods.registry import all_methods
+
     out: dict[str, list[tuple[str, OptionSpec]]] = {}
     for m in methods if methods is not None else all_methods().values():
         for spec in m.options.specs():
@@ -147,10 +257,21 @@ GAMMA_HELP = ("draft length per target call for sps, pld and maxgram (default 4)
               "the levels drafted per step")
 
 
-def add_method_args(p: argparse.ArgumentParser, default_method: str = "sps") -> None:
-    """--method, --gamma and one flag per method option (default None = the method's own default)."""
+def add_method_args(p: argparse.ArgumentParser, default_method: str | None = None) -> None:
+    """--method, --gamma and one flag per method option (default None = the method's own default).
+
+    default_method None: the command resolves it (`resolve_method`: sps with a draft model, else pld).
+    """
+    default_help = (f"default {default_method}" if default_method else
+                    f"default sps when a draft model is given or known for the target, else {DRAFT_FREE_METHOD}")
+    if not _with_method_flags:  # a first look at the command line: no methods imported
+        p.add_argument("--method", default=default_method, help=f"decoding method ({default_help})")
+        p.add_argument("--gamma", type=int, default=None, help=GAMMA_HELP)
+        return
+    from specdec.methods.registry import all_methods
+
     names = list(all_methods())
-    p.add_argument("--method", default=default_method, choices=names, help=f"decoding method (default {default_method})")
+    p.add_argument("--method", default=default_method, choices=names, help=f"decoding method ({default_help})")
     p.add_argument("--gamma", type=int, default=None, help=GAMMA_HELP)
     for name, pairs in option_specs().items():
         if name == "gamma":
@@ -171,6 +292,8 @@ def given_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def options_for(method: str, given: dict[str, Any], strict: bool = True) -> dict[str, Any]:
     """The given options that `method` has. strict: a given option it lacks is an error."""
+    from specdec.methods.registry import get_method
+
     known = get_method(method).options.names()
     if strict:
         extra = sorted(set(given) - known)
@@ -183,6 +306,8 @@ def options_for(method: str, given: dict[str, Any], strict: bool = True) -> dict
 
 def check_all_known(given: dict[str, Any], methods: Iterable[str]) -> None:
     """Every given option belongs to at least one of `methods` (demo, bench)."""
+    from specdec.methods.registry import get_method
+
     known: set[str] = set()
     for m in methods:
         known |= get_method(m).options.names()

@@ -9,12 +9,13 @@ from specdec.cli.common import (
     add_method_args, add_model_args, add_sampling_args, check_all_known, format_stats, given_options, load_pipeline,
     options_for, sampling_of,
 )
-from specdec.methods.registry import get_method
 
 DEMO_PROMPT = "Write a Python function that checks whether a string is a palindrome, with a short docstring."
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from specdec.methods.registry import get_method
+
     methods = ["ar"] + [m for m in args.methods.split(",") if m and m != "ar"]
     given = given_options(args)
     check_all_known(given, methods)

@@ -8,27 +8,35 @@ import sys
 
 from specdec.cli.common import (
     add_method_args, add_model_args, add_sampling_args, format_stats, given_options, load_pipeline, options_for,
-    sampling_of,
+    resolve_method, sampling_of,
 )
-from specdec.engine.text import TextAssembler
-from specdec.methods.registry import get_method
 
 
 def prompt_of(args: argparse.Namespace) -> tuple[str, bool | None]:
-    given = [(args.prompt, False), (args.chat, True), (args.text, None)]
-    given = [(t, c) for t, c in given if t is not None]
+    from specdec.engine.pipeline import check_text
+
+    given = [(t, c, f) for t, c, f in zip((args.prompt, args.chat, args.text), (False, True, None),
+                                          ("--prompt", "--chat", "the prompt")) if t is not None]
     if len(given) != 1:
         raise ValueError("give exactly one prompt: TEXT, --prompt TEXT (raw) or --chat TEXT (chat message)")
-    return given[0]
+    text, chat, flag = given[0]
+    check_text(text, flag)  # before any model loads
+    return text, chat
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from specdec.engine.text import TextAssembler
+    from specdec.methods.registry import get_method
+
     text, chat = prompt_of(args)
     sampling = sampling_of(args)
     if args.max_new_tokens <= 0:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    args.method = resolve_method(args)
+    method = get_method(args.method)
     opts = options_for(args.method, given_options(args))
-    pipe = load_pipeline(args, get_method(args.method).needs_draft_model)
+    method.make_options(opts)  # a bad value is reported now, not after the models have loaded
+    pipe = load_pipeline(args, method.needs_draft_model)
     dec, chunks = pipe.stream(text, args.method, args.max_new_tokens, sampling, gamma=args.gamma, seed=args.seed,
                               chat=chat, **opts)
     if args.json:

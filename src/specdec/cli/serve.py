@@ -7,26 +7,37 @@ uvicorn, prometheus_client) is needed only when the command runs, never to list 
 from __future__ import annotations
 
 import argparse
+import os
 
 from specdec.cli.common import (
-    add_method_args, add_model_args, add_sampling_args, given_options, load_pipeline, sampling_of,
+    add_method_args, add_model_args, add_sampling_args, given_options, load_pipeline, resolve_method, sampling_of,
 )
-from specdec.core.options import check_positive_int
-from specdec.methods.registry import get_method
-from specdec.serving import app as serving_app
-from specdec.serving.app import SERVER_EXTRA_HINT
+
+from specdec.serving import SERVER_EXTRA_HINT
+from specdec.serving.guards import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_DRAFT_TOKENS, DEFAULT_MAX_TOKENS_LIMIT
+
+API_KEY_ENV = "SPECDEC_API_KEY"
+# The app (and with it torch) is imported when the command runs: listing the command or reporting
+# a flag mistake needs neither.
 
 DESCRIPTION = (
     "Serve the target with speculative decoding over an OpenAI-compatible API: POST /v1/completions, "
     "POST /v1/chat/completions (stream: true for server-sent events), GET /v1/models, GET /health, "
     "GET /metrics. The decoding flags (--method, --gamma, --max-new-tokens, --temperature, --top-p, --top-k, "
     "--seed and the method options) are the defaults for requests that leave them out; a request may pick "
-    "another method with {\"speculative\": {\"method\": ...}}, and gets the method options its method has. "
-    f"Requests are served one at a time, in arrival order. Needs the server extra: {SERVER_EXTRA_HINT}."
+    "another method with {\"speculative\": {\"method\": ...}}, and gets the method options its method has "
+    "(files such as --tree PROFILE.json are named by the operator only). Requests are served one at a time, in "
+    "arrival order. Beyond this machine (--host other than loopback) the server needs --api-key or "
+    f"${API_KEY_ENV} (or --allow-unauthenticated). Needs the server extra: {SERVER_EXTRA_HINT}."
 )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from specdec.core.options import check_positive_int
+    from specdec.methods.registry import get_method
+    from specdec.serving import app as serving_app
+    from specdec.serving.network import check_port_free, is_loopback
+
     # Looked up on the module at call time (tests stand in for a missing extra).
     missing = serving_app.missing_server_dependencies()
     if missing:
@@ -36,8 +47,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 0 … 65535, got {args.port}")
     if args.max_new_tokens <= 0:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    if args.gamma is not None:
-        check_positive_int("--gamma", args.gamma)
+    for flag, value in (("--gamma", args.gamma), ("--max-tokens-limit", args.max_tokens_limit),
+                        ("--max-draft-tokens", args.max_draft_tokens), ("--max-body-bytes", args.max_body_bytes)):
+        if value is not None:
+            check_positive_int(flag, value)
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    if args.api_key == "":
+        raise ValueError("--api-key must not be empty")
+    if api_key is None and not args.allow_unauthenticated and not is_loopback(args.host):
+        raise ValueError(
+            f"--host {args.host} lets other machines reach the server: give --api-key KEY (or set ${API_KEY_ENV}) "
+            "so that requests need 'Authorization: Bearer KEY', or --allow-unauthenticated to serve anyone"
+        )
+    # A taken port is found now, not after the models have loaded.
+    check_port_free(args.host, args.port)
+    args.method = resolve_method(args)
     sampling = sampling_of(args)
     # Every option flag is a default for the methods that have it (not only --method's), checked
     # here, before the models load, as create_app checks it again.
@@ -48,7 +72,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = serving_app.create_app(
         pipe, args.method, given, args.model_name or args.target, gamma=args.gamma,
         default_sampling=sampling, default_max_tokens=args.max_new_tokens, default_seed=args.seed,
-        max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue,
+        max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue, max_draft_tokens=args.max_draft_tokens,
+        max_body_bytes=args.max_body_bytes, api_key=api_key,
     )
     import uvicorn
 
@@ -59,14 +84,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def configure(p: argparse.ArgumentParser) -> None:
     p.description = DESCRIPTION
     add_model_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    add_sampling_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="max_tokens of requests that leave it out (default 128; cut to --max-tokens-limit)")
+    add_sampling_args(p, temperature=1.0, temperature_help=(
+        "temperature of requests that leave it out (default 1.0, OpenAI's; 0 makes them greedy); a request's own "
+        "temperature always wins"))
     add_method_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--model-name", default=None, help="the model id clients send and /v1/models lists (default: --target)")
-    p.add_argument("--max-tokens-limit", type=int, default=None,
-                   help="refuse requests asking for more than this many new tokens (default: only the context bounds it)")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1/ requests (default: ${API_KEY_ENV}, else none; "
+                   "/health and /metrics stay open)")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="serve a non-loopback --host without an API key")
+    p.add_argument("--max-tokens-limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT,
+                   help=f"refuse requests asking for more than this many new tokens (default {DEFAULT_MAX_TOKENS_LIMIT}; "
+                   "the context may bound them further)")
+    p.add_argument("--max-draft-tokens", type=int, default=DEFAULT_MAX_DRAFT_TOKENS,
+                   help="refuse requests whose method options draft more tokens per step (gamma, budget, the "
+                   f"expansion's tree, the k-matrix's chain; default {DEFAULT_MAX_DRAFT_TOKENS})")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help=f"answer larger request bodies 413 before reading them (default {DEFAULT_MAX_BODY_BYTES})")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for the engine; more are answered 503 (default 64)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -5,6 +5,11 @@ A method declares its options with `option(...)` fields on a `MethodOptions` sub
 line derives its flags from them (`--max-depth` for `max_depth`), the server validates a request's
 `speculative` object with `from_mapping`, and the benchmark's `--opt`/`--variant` keys go through
 the same call, so a name, a type or a default is written once.
+
+Two declarations protect a server from what its clients send: an option whose value may name a
+file on this machine says so (`option(..., file_path=True, symbols=...)`: a server takes only the
+symbols from a client), and each `Options` says how many tokens one step drafts at most
+(`draft_tokens_per_step`), which a server checks against its cap before building anything.
 """
 
 from __future__ import annotations
@@ -29,14 +34,19 @@ def option(
     choices: tuple[str, ...] | None = None,
     flag: bool = False,
     metavar: str | None = None,
+    file_path: bool = False,
+    symbols: tuple[str, ...] = (),
 ) -> Any:
     """A method option: its default, one line of help, and how to parse what a user gives.
 
     flag: a boolean switch (a bare `--name` on the command line).
     choices: the allowed string values (checked by `parse=choice(...)` too).
+    file_path: besides its `symbols`, a value may be the path of a file on this machine (read when
+        the drafter is built). The command line and the Python API take paths; a server refuses
+        them from clients (only the operator names files), accepting only the symbols.
     """
     return field(default=default, metadata={"help": help, "parse": parse, "choices": choices, "flag": flag,
-                                            "metavar": metavar})
+                                            "metavar": metavar, "file_path": file_path, "symbols": symbols})
 
 
 @dataclass(frozen=True)
@@ -50,10 +60,17 @@ class OptionSpec:
     choices: tuple[str, ...] | None
     flag: bool
     metavar: str | None
+    file_path: bool = False
+    symbols: tuple[str, ...] = ()
 
     @property
     def cli_flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+    def may_name_a_file(self, value: Any) -> bool:
+        """Whether `value`, as a user gives it, could be read as a path on this machine (anything
+        but one of the symbols, for an option declared with `file_path`)."""
+        return self.file_path and value not in self.symbols
 
 
 O = TypeVar("O", bound="MethodOptions")
@@ -70,7 +87,8 @@ class MethodOptions:
         for f in dataclasses.fields(cls):
             meta = f.metadata
             out.append(OptionSpec(f.name, f.default, meta.get("help", ""), meta.get("parse"), meta.get("choices"),
-                                  bool(meta.get("flag")), meta.get("metavar")))
+                                  bool(meta.get("flag")), meta.get("metavar"), bool(meta.get("file_path")),
+                                  tuple(meta.get("symbols") or ())))
         return out
 
     @classmethod
@@ -100,6 +118,17 @@ class MethodOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def draft_tokens_per_step(self, num_drafts: int = 1) -> int | None:
+        """The most tokens one step drafts (and the target then scores) under these options, known
+        from the options alone, before anything is built: a server refuses requests above its cap
+        this way, and a pipeline refuses a tree larger than the context.
+
+        num_drafts: the draft models loaded (trees merged from several drafters grow with them).
+        None: only the built drafter knows (a tree read from a tune profile); the base class says
+        None, so every method overrides it.
+        """
+        return None
 
 
 # ---- parsers -----------------------------------------------------------------------------------

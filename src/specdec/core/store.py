@@ -63,6 +63,23 @@ def find_profile(key: dict[str, Any]) -> dict[str, Any]:
     return read_profile(path)
 
 
+def profile_temperatures(key: dict[str, Any]) -> list[float]:
+    """The temperatures of the saved profiles whose key equals `key` but for the temperature
+    (sorted; unreadable files are skipped)."""
+    found = set()
+    for path in sorted((cache_dir() / "profiles").glob("tune__*.json")):
+        try:
+            other = json.loads(path.read_text()).get("key")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            continue
+        if isinstance(other, dict) and all(other.get(k) == v for k, v in key.items() if k != "temperature"):
+            try:
+                found.add(float(other["temperature"]))
+            except (KeyError, TypeError, ValueError):
+                continue
+    return sorted(found)
+
+
 def save_profile(profile: dict[str, Any], path: Path | None = None) -> Path:
     path = path or profile_path(profile["key"])
     path.parent.mkdir(parents=True, exist_ok=True)

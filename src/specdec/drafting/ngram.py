@@ -23,19 +23,33 @@ def lookup_continuation(
     max_ngram: int,
     min_ngram: int = 1,
 ) -> Tensor:  # [<= γ] int64
-    """Tokens that followed the latest earlier occurrence of the longest matching suffix n-gram."""
+    """Tokens that followed the latest earlier occurrence of the longest matching suffix n-gram
+    (n <= max_ngram; nothing when even the longest match is shorter than min_ngram).
+
+    The occurrences of the last n tokens are found for n = 1, 2, … at once, one tensor op per n,
+    and the search stops as soon as none is left: its cost follows the longest match, not
+    `max_ngram` (which a client of the server chooses).
+    """
     length = ids.shape[0]
-    if gamma <= 0:
+    top = min(max_ngram, length - 1)
+    if gamma <= 0 or top < min_ngram:
         return ids.new_empty(0)
-    for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
-        suffix = ids[length - n :]
-        # windows[i] = ids[i : i + n] for every start i that leaves at least one token after it.
-        windows = ids[: length - 1].unfold(0, n, 1)  # [length - n, n]
-        hits = (windows == suffix).all(-1).nonzero().flatten()
-        if hits.numel():
-            start = int(hits[-1].item()) + n
-            return ids[start : start + gamma]
-    return ids.new_empty(0)
+    ends = torch.arange(length - 1, device=ids.device)  # where an occurrence may end (a token follows)
+    alive = ids[: length - 1] == ids[length - 1]  # [L - 1]: occurrences of the last n tokens, n = 1
+    best: Tensor | None = None
+    for n in range(1, top + 1):
+        if not bool(alive.any()):
+            break
+        if n >= min_ngram:
+            best = alive
+        if n < top:
+            # An occurrence ending at e matches n + 1 tokens if it matched n and ids[e - n] is the
+            # token n places before the end of the text.
+            alive = alive & (ends >= n) & (ids[(ends - n).clamp_min(0)] == ids[length - 1 - n])
+    if best is None:
+        return ids.new_empty(0)
+    start = int(best.nonzero()[-1].item()) + 1
+    return ids[start : start + gamma]
 
 
 def longest_suffix_match(ids: Tensor) -> tuple[int, int]:  # ids: [L] int64

@@ -13,12 +13,13 @@ sampling, tokenizer) and its parsed `Options`, never the pipeline.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from specdec.core.options import MethodOptions
 from specdec.core.sampling import SamplingConfig
 from specdec.core.store import profile_key
 from specdec.engine.decoder import SpeculativeDecoder
@@ -27,12 +28,12 @@ from specdec.methods.base import MethodContext
 from specdec.methods.registry import get_method
 from specdec.models.base import LanguageModel
 from specdec.models.hf import HFLanguageModel
+from specdec.models.hub.registry import DEFAULT_TARGET, check_known_pair, default_draft
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
-DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
+DEFAULT_DRAFT = default_draft(DEFAULT_TARGET)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -62,11 +63,14 @@ def eos_ids(model: Any, tokenizer: "PreTrainedTokenizerBase | None") -> list[int
     return sorted(ids)
 
 
-def check_same_tokenizer(target_tok: "PreTrainedTokenizerBase", draft_tok: "PreTrainedTokenizerBase") -> None:
+def check_same_tokenizer(
+    target_tok: "PreTrainedTokenizerBase", draft_tok: "PreTrainedTokenizerBase", draft_name: str = ""
+) -> None:
     """Raise ValueError unless both tokenizers map every string to the same ids."""
     if target_tok.get_vocab() != draft_tok.get_vocab():
+        which = f"the draft model {draft_name}'s" if draft_name else "the draft model's"
         raise ValueError(
-            "the draft model's tokenizer differs from the target's; speculative decoding here needs "
+            f"{which} tokenizer differs from the target's; speculative decoding here needs "
             "identical vocabularies (pick a draft model from the target's family)"
         )
 
@@ -81,6 +85,46 @@ def sharded_target(target: str, size: int, dtype: torch.dtype, device: str | tor
         raise ValueError("offloading and tensor parallelism do not combine: shard the target over several devices, "
                          "or stream it to one, not both")
     return start_sharded_target(target, size, dtype=dtype, device=device, progress=progress)
+
+
+def check_text(text: str, what: str = "the prompt") -> None:
+    """ValueError unless `text` can be encoded as UTF-8, which tokenizers need. Bytes that are not
+    UTF-8 on the command line reach Python as lone surrogates (U+DC80…U+DCFF), and so does an
+    unpaired \\ud800-style escape in JSON."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        detail = (f"byte 0x{code - 0xDC00:02x} at character {exc.start} is not UTF-8" if 0xDC80 <= code <= 0xDCFF
+                  else f"it holds an unpaired surrogate U+{code:04X} at character {exc.start}")
+        raise ValueError(f"{what} is not valid UTF-8 text: {detail}") from None
+
+
+def describe_options(options: MethodOptions, names: Iterable[str]) -> str:
+    """"gamma=100000" or "budget=512, max_depth=6": the options behind a size, for error messages."""
+    def fmt(value: Any) -> str:
+        if isinstance(value, tuple):  # expansion 1,2,2; a k-matrix 4,2;0,6
+            return (";" if value and isinstance(value[0], tuple) else ",").join(fmt(v) for v in value)
+        return str(value)
+
+    values = options.to_dict()
+    return ", ".join(f"{n}={fmt(values[n])}" for n in names if n in values)
+
+
+SIZE_OPTIONS = ("gamma", "budget", "expansion", "k_matrix")
+"""The options that set how many tokens a step drafts (named in the errors about it)."""
+
+
+def check_draft_fits(method: str, options: MethodOptions, num_drafts: int, context_length: int) -> None:
+    """ValueError, before any drafter is built, when one step would draft more tokens than the
+    target's context can hold beside a prompt token and a new one (building such a drafter can
+    itself be the expensive part: Sequoia's DP grows with the square of its budget)."""
+    drafted = options.draft_tokens_per_step(num_drafts)
+    if drafted is not None and drafted + 3 > context_length:
+        raise ValueError(
+            f"{describe_options(options, SIZE_OPTIONS)}: {method} would draft up to {drafted} tokens per step, "
+            f"which leaves no room in the target's context of {context_length} tokens; ask for fewer"
+        )
 
 
 class Pipeline:
@@ -115,11 +159,20 @@ class Pipeline:
             drafts stay in this process; `close()` (or the end of the process) stops the other ranks.
         """
         from specdec.models.fastpath import enable_packed_linears, quantize_draft_int8
-        from specdec.models.hub import load_model
+        from specdec.models.hub import load_model, load_tokenizer
         from specdec.models.offload import offload_target
 
         self.target_name, self.draft_name = target, draft
         self.tensor_parallel_size = tensor_parallel_size
+        draft_names = [draft] if isinstance(draft, str) else list(draft or [])
+        # A draft that cannot pair with the target is refused before any weights load: known
+        # models by their registry entries, any model by its tokenizer (loaded first, cheaply).
+        for name in draft_names:
+            check_known_pair(target, name)
+        if draft_names:
+            target_tok = load_tokenizer(target)
+            for name in draft_names:
+                check_same_tokenizer(target_tok, load_tokenizer(name), name)
         self.target_lm: LanguageModel
         if tensor_parallel_size != 1 or isinstance(tensor_parallel_size, bool):
             self.target_lm, self.tokenizer = sharded_target(target, tensor_parallel_size, dtype, device, offload,
@@ -136,11 +189,10 @@ class Pipeline:
         if draft_dtype is not None and draft_dtype not in (*DTYPES, "int8"):
             raise ValueError(f"draft dtype must be one of {', '.join((*DTYPES, 'int8'))}, got {draft_dtype!r}")
         self.draft_lms: list[LanguageModel] = []
-        for name in [draft] if isinstance(draft, str) else list(draft or []):
+        for name in draft_names:
             int8 = draft_dtype == "int8"
             ddtype = dtype if draft_dtype in (None, "int8") else DTYPES[draft_dtype]
-            draft_model, draft_tok = load_model(name, dtype=torch.float32 if int8 else ddtype, device=device, progress=progress)
-            check_same_tokenizer(self.tokenizer, draft_tok)
+            draft_model, _ = load_model(name, dtype=torch.float32 if int8 else ddtype, device=device, progress=progress)
             if int8:
                 draft_model = quantize_draft_int8(draft_model)
             else:
@@ -195,6 +247,7 @@ class Pipeline:
         """Token ids of a raw prompt, or of a user message rendered with the chat template."""
         if self.tokenizer is None:
             raise ValueError("this pipeline has no tokenizer; pass token ids instead")
+        check_text(text)
         if chat is None:
             chat = self.has_chat_template()
         if chat:
@@ -245,7 +298,9 @@ class Pipeline:
                 opts["gamma"] = gamma
             else:
                 cap = gamma
-        drafter = m.build(self.context(sampling), m.make_options(opts))
+        options = m.make_options(opts)
+        check_draft_fits(method, options, len(self.draft_lms), self.target_lm.context_length)
+        drafter = m.build(self.context(sampling), options)
         return SpeculativeDecoder(self.target_lm, drafter, sampling, gamma=cap, eos_token_ids=self.eos_token_ids)
 
     def stream(

@@ -15,6 +15,9 @@ from specdec.methods.registry import register
 class Options(MethodOptions):
     """Plain decoding has no options."""
 
+    def draft_tokens_per_step(self, num_drafts: int = 1) -> int:
+        return 0
+
 
 def build(ctx: MethodContext, opts: Options) -> None:
     return None

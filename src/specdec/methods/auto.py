@@ -15,9 +15,12 @@ from specdec.methods.sequoia import MODES, SequoiaDrafter, parse_tree, tuned_dra
 @dataclass(frozen=True)
 class Options(MethodOptions):
     tree: str = option("auto", "auto (the tuned profile for this setting) or a tune profile .json", parse_tree,
-                       metavar="auto|PROFILE.json")
+                       metavar="auto|PROFILE.json", file_path=True, symbols=("auto", "dp"))
     sequoia_mode: str | None = option(None, "override the tuned tree's mode (swor or greedy)", choice(*MODES),
                                       choices=MODES)
+
+    def draft_tokens_per_step(self, num_drafts: int = 1) -> None:
+        return None  # the tuned tree's size is in its profile, which the operator chose
 
 
 def build(ctx: MethodContext, opts: Options) -> SequoiaDrafter | None:

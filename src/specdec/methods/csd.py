@@ -236,6 +236,26 @@ def parse_k_matrix(value: Any, levels: int) -> list[list[int]]:
     return k
 
 
+def fill_growth(k_matrix: Sequence[Sequence[int]], r: int = 0) -> int:
+    """Most tokens levels r, r+1, … can add past the committed text in one proposal (each level's
+    loop overshoots its quota by at most one call): the most one step drafts, for r = 0."""
+    levels = len(k_matrix)
+    memo: dict[int, int] = {}
+
+    def fill(r: int) -> int:
+        if r not in memo:
+            quota, most = 0, 0
+            for j in range(r, levels):
+                quota += k_matrix[r][j]
+                if quota > 0:
+                    call = quota if j == levels - 1 else fill(j + 1) + 1
+                    most = max(most, quota - 1 + call)
+            memo[r] = most
+        return memo[r]
+
+    return fill(r)
+
+
 # ---- the drafter ----------------------------------------------------------------------------
 class CascadeDrafter:
     """CS Drafting as a chain drafter: vertical and horizontal cascades of reviews (module docstring).
@@ -282,23 +302,9 @@ class CascadeDrafter:
         """[γ'] probability the level that last proposed or reviewed each token of the last chain gave it."""
         self._base = 0
 
-    # -- growth bound: how far past the committed text a proposal's working text can reach
-    def _fill_growth(self, r: int) -> int:
-        """Most tokens `_fill(r)` can add (each loop overshoots its quota by at most one call)."""
-        quota, most = 0, 0
-        for j in range(r, len(self.levels)):
-            quota += self.k_matrix[r][j]
-            if quota > 0:
-                most = max(most, quota - 1 + self._call_growth(j, quota))
-        return most
-
-    def _call_growth(self, j: int, need: int) -> int:
-        if j == len(self.levels) - 1:
-            return need
-        return self._fill_growth(j + 1) + 1
-
     def begin(self, prompt_ids: Tensor, max_len: int) -> None:
-        room = max_len + self._fill_growth(0) + 1
+        # How far past the committed text a proposal's working text can reach.
+        room = max_len + fill_growth(self.k_matrix) + 1
         for level in self.levels:
             if isinstance(level, _ModelLevel):
                 level.begin(room)
@@ -368,6 +374,14 @@ class Options(MethodOptions):
                              "exact)", number_at_least(1.0))
     no_maxgram: bool = option(False, "drop the Max-Gram bottom level", flag, flag=True)
     maxgram_fill: str = option("bigram", FILL_HELP, choice(*FILLS), choices=FILLS)
+
+    def draft_tokens_per_step(self, num_drafts: int = 1) -> int:
+        # Every level's quotas count, not only row 0's: a review below the target checks the
+        # whole chunk the levels under it drafted (row r + 1's quotas).
+        levels = num_drafts + (not self.no_maxgram)
+        k = default_k_matrix(num_drafts, not self.no_maxgram) if self.k_matrix is None else \
+            parse_k_matrix(self.k_matrix, levels)
+        return fill_growth(k)
 
 
 def build(ctx: MethodContext, opts: Options) -> CascadeDrafter:

@@ -72,6 +72,9 @@ class Options(MethodOptions):
     gamma: int = option(DEFAULT_GAMMA, "draft length per target call", positive_int)
     maxgram_fill: str = option("bigram", FILL_HELP, choice(*FILLS), choices=FILLS)
 
+    def draft_tokens_per_step(self, num_drafts: int = 1) -> int:
+        return self.gamma
+
 
 def build(ctx: MethodContext, opts: Options) -> MaxGramDrafter:
     return MaxGramDrafter(context_bigram(ctx, opts.maxgram_fill), opts.gamma)

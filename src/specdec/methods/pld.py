@@ -62,6 +62,9 @@ class Options(MethodOptions):
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram}, {self.max_ngram}")
 
+    def draft_tokens_per_step(self, num_drafts: int = 1) -> int:
+        return self.gamma
+
 
 def build(ctx: MethodContext, opts: Options) -> PromptLookupDrafter:
     return PromptLookupDrafter(opts.max_ngram, opts.min_ngram, opts.gamma)

@@ -175,13 +175,17 @@ def parse_accept(value: Any) -> Any:
 class Options(MethodOptions):
     budget: int = option(DEFAULT_BUDGET, "tree tokens the target verifies per call", positive_int)
     max_depth: int = option(DEFAULT_MAX_DEPTH, "deepest tree level", positive_int)
-    tree: str = option("dp", TREE_HELP, parse_tree, metavar="dp|auto|PROFILE.json")
+    tree: str = option("dp", TREE_HELP, parse_tree, metavar="dp|auto|PROFILE.json", file_path=True,
+                       symbols=("dp", "auto"))
     accept: Any = option(None, "with --tree dp: acceptance vector, e.g. 0.7,0.1,0.05 (P(k-th child accepted)), or auto "
                          "(measured by `specdec tune`; default: a typical prior)", parse_accept, metavar="P1,P2,...")
     sequoia_mode: str | None = option(None, "swor (default; children drawn without replacement, SWOR verification) "
                                       "or greedy (top-k children, sample-and-match); at T=0 both are top-k with the "
                                       "greedy walk",
                                choice(*MODES), choices=MODES)
+
+    def draft_tokens_per_step(self, num_drafts: int = 1) -> int | None:
+        return self.budget if self.tree == "dp" else None
 
 
 def tuned_profile(ctx: MethodContext, tree: str = "auto") -> dict[str, Any]:
@@ -213,7 +217,9 @@ def build(ctx: MethodContext, opts: Options) -> SequoiaDrafter:
             if accept is None:
                 raise ValueError(f"the tune profile has no {kind} acceptance vector for this setting")
         accept = check_accept(PRIOR_ACCEPT if accept is None else accept)
-        paths = sequoia_dp(accept, opts.budget, opts.max_depth).tree(opts.budget, opts.max_depth)
+        # A tree of n nodes is at most n levels deep: solving for deeper ones only costs time.
+        depth = min(opts.max_depth, opts.budget)
+        paths = sequoia_dp(accept, opts.budget, depth).tree(opts.budget, depth)
         return SequoiaDrafter(ctx.drafts[0], ctx.sampling, paths, mode)
     drafter = tuned_drafter(ctx, tuned_profile(ctx, opts.tree), opts.sequoia_mode)
     if drafter is None:

@@ -161,6 +161,10 @@ class Options(MethodOptions):
     max_beams: int = option(DEFAULT_MAX_BEAMS, "nodes expanded per draft forward", positive_int)
     branch_width: int = option(DEFAULT_BRANCH_WIDTH, "children proposed per expanded node", positive_int)
 
+    def draft_tokens_per_step(self, num_drafts: int = 1) -> int:
+        # The draft runs at most `budget` nodes and the tree keeps at most `budget`.
+        return self.budget
+
 
 def build(ctx: MethodContext, opts: Options) -> SpecExecDrafter:
     return SpecExecDrafter(ctx.drafts[0], ctx.sampling, opts.budget, opts.max_depth, opts.max_beams, opts.branch_width)

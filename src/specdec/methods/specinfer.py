@@ -174,6 +174,14 @@ class Options(MethodOptions):
         metavar="K1,K2,...",
     )
 
+    def draft_tokens_per_step(self, num_drafts: int = 1) -> int:
+        # Level i holds k1·…·ki nodes; every drafter grows its own tree of that shape.
+        size, level = 0, 1
+        for k in self.expansion:
+            level *= k
+            size += level
+        return size * max(num_drafts, 1)
+
 
 def build(ctx: MethodContext, opts: Options) -> TreeDrafter:
     return TreeDrafter(ctx.drafts, ctx.sampling, expansion=opts.expansion)

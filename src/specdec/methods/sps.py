@@ -73,6 +73,9 @@ class ModelDrafter:
 class Options(MethodOptions):
     gamma: int = option(DEFAULT_GAMMA, "draft length per target call", positive_int)
 
+    def draft_tokens_per_step(self, num_drafts: int = 1) -> int:
+        return self.gamma
+
 
 def build(ctx: MethodContext, opts: Options) -> ModelDrafter:
     return ModelDrafter(ctx.drafts[0], ctx.sampling, opts.gamma)

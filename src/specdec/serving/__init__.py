@@ -6,3 +6,6 @@ and request preparation). Only the standard library and specdec are imported at 
 FastAPI, uvicorn, pydantic and prometheus_client are imported when an app is created, so
 `import specdec.serving.app` works without the `server` extra.
 """
+
+SERVER_EXTRA_HINT = "pip install 'specdec[server]'"
+"""How to install what `specdec serve` needs (FastAPI, uvicorn, prometheus_client)."""

@@ -5,12 +5,16 @@ and the preparation of a request into an engine job.
 
 Endpoints: POST /v1/completions and /v1/chat/completions (both with `stream: true` as server-sent
 events in OpenAI's chunk format, ending with `data: [DONE]`), GET /v1/models, GET /health and
-GET /metrics (Prometheus text, vLLM's `spec_decode_*` counter names).
+GET /metrics (Prometheus text, vLLM's `vllm:` metric names).
 
 How a request flows:
-  handler (event loop)   validate the body (`serving.protocol`), tokenize, build the decoder and
-                         check that prompt + max_tokens fit the context: every 400 is decided
-                         here, before any model work and before a stream starts;
+  guards (ASGI)          the API key (when one is set), then the body-size limit: a larger body is
+                         answered 413 before anything parses it (`serving.guards`);
+  handler (event loop)   validate the body (`serving.protocol`); tokenize on a worker thread (a
+                         long prompt never holds up the event loop); check the request's cost
+                         (drafted tokens per step, max_tokens) against the server's caps, then
+                         build the decoder and check that prompt + max_tokens fit the context:
+                         every 400 is decided here, before any model work and before a stream starts;
   Engine._serve (task)   wait for the engine (FIFO: one request at a time, the model has one KV
                          cache), then run the decoder step by step on the engine thread; between
                          two steps release text, count metrics and stop when the client is gone;
@@ -34,10 +38,13 @@ from typing import TYPE_CHECKING, Any
 
 from specdec.core.options import OptionSpec, check_positive_int
 from specdec.core.sampling import SamplingConfig
-from specdec.engine.pipeline import Pipeline
+from specdec.core.store import profile_temperatures
+from specdec.engine.pipeline import SIZE_OPTIONS, Pipeline, check_text, describe_options
 from specdec.engine.text import TextAssembler
 from specdec.methods.registry import all_methods, get_method
+from specdec.serving import SERVER_EXTRA_HINT
 from specdec.serving.engine import Engine, Job
+from specdec.serving.guards import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_DRAFT_TOKENS, DEFAULT_MAX_TOKENS_LIMIT
 from specdec.serving.errors import APIError, validation_error_to_api_error
 from specdec.serving.metrics import ServerMetrics, SpeculativeUsage
 
@@ -48,7 +55,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SERVER_EXTRA_HINT = "pip install 'specdec[server]'"
+DEFAULT_TEMPERATURE = 1.0
+"""What a request that leaves `temperature` out samples at: OpenAI's default."""
 _SERVER_MODULES = {"fastapi": "fastapi", "uvicorn": "uvicorn", "prometheus_client": "prometheus-client"}
 
 
@@ -74,13 +82,16 @@ class ServerConfig:
     gamma: int | None = None
     """The `gamma` option of methods that have one (sps, pld, maxgram) when a request leaves it out;
     None: each method's own default."""
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=DEFAULT_TEMPERATURE))
+    """temperature, top_p and top_k for requests that leave them out (a request's own values win)."""
     max_tokens: int = 128
-    """max_tokens when a request leaves it out (cut to the room left in the context)."""
+    """max_tokens when a request leaves it out (cut to the room left in the context and to the limit)."""
     seed: int | None = None
-    max_tokens_limit: int | None = None
+    max_tokens_limit: int | None = DEFAULT_MAX_TOKENS_LIMIT
     """The most max_tokens a request may ask for (None: only the context bounds it)."""
     max_queue: int = 64
+    max_draft_tokens: int = DEFAULT_MAX_DRAFT_TOKENS
+    """The most tokens a request's method and options may draft per step (checked before building)."""
 
     def options_for(self, method: str) -> dict[str, Any]:
         return default_options_for(method, self.default_opts, self.gamma)
@@ -103,19 +114,28 @@ def create_app(
     model_name: str = "specdec",
     *,
     gamma: int | None = None,
-    default_sampling: SamplingConfig = SamplingConfig(),
+    default_sampling: SamplingConfig = SamplingConfig(temperature=DEFAULT_TEMPERATURE),
     default_max_tokens: int = 128,
     default_seed: int | None = None,
-    max_tokens_limit: int | None = None,
+    max_tokens_limit: int | None = DEFAULT_MAX_TOKENS_LIMIT,
     max_queue: int = 64,
+    max_draft_tokens: int = DEFAULT_MAX_DRAFT_TOKENS,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    api_key: str | None = None,
 ) -> "FastAPI":
     """A FastAPI app serving `pipe`; run it with uvicorn (`specdec serve` does).
 
     default_opts: method options for requests that leave them out, each applied to the methods
         that have it; every name must be an option of some method, and the default method must
-        accept its share.
+        accept its share. They may name files (`tree=PROFILE.json`); requests may not.
     gamma: the draft length of methods with a `gamma` option when a request leaves it out (None:
         their default); a request's own `speculative.gamma` means what `specdec generate --gamma` does.
+    default_sampling: what requests that leave temperature, top_p or top_k out get (default:
+        OpenAI's temperature 1.0; SamplingConfig() makes them greedy).
+    max_tokens_limit, max_draft_tokens, max_body_bytes: the caps on what one request may cost
+        (None for max_tokens_limit: the context only); a request over one gets a 400 (413 for the
+        body) naming it.
+    api_key: when given, /v1/… requests need `Authorization: Bearer <api_key>` (401 otherwise).
     """
     _require_server_dependencies()
     method = get_method(default_method)  # ValueError: unknown method
@@ -125,18 +145,42 @@ def create_app(
         raise ValueError("the server needs a pipeline with a tokenizer (it answers text)")
     if gamma is not None:
         check_positive_int("gamma", gamma)
-    for name, value in (("default max tokens", default_max_tokens), ("max queue", max_queue)):
+    for name, value in (("default max tokens", default_max_tokens), ("max queue", max_queue),
+                        ("max draft tokens", max_draft_tokens), ("max body bytes", max_body_bytes)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if max_tokens_limit is not None and max_tokens_limit < 1:
         raise ValueError(f"max tokens limit must be a positive integer, got {max_tokens_limit!r}")
+    if api_key is not None and not api_key:
+        raise ValueError("the API key must not be empty")
     cfg = ServerConfig(
         default_method=default_method, default_opts=dict(default_opts or {}), model_name=model_name, gamma=gamma,
         sampling=default_sampling, max_tokens=default_max_tokens, seed=default_seed,
-        max_tokens_limit=max_tokens_limit, max_queue=max_queue,
+        max_tokens_limit=max_tokens_limit, max_queue=max_queue, max_draft_tokens=max_draft_tokens,
     )
     check_default_options(default_method, cfg.default_opts, gamma)
-    return _build_app(pipe, cfg)
+    check_default_cost(cfg, len(pipe.draft_lms))
+    app = _build_app(pipe, cfg)
+    # Added innermost first: the key is checked before the body is read.
+    from specdec.serving.guards import BearerAuth, BodyLimit
+
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if api_key is not None:
+        app.add_middleware(BearerAuth, api_key=api_key)
+    return app
+
+
+def check_default_cost(cfg: ServerConfig, num_drafts: int) -> None:
+    """ValueError when the server's own default method and options draft more per step than its
+    cap allows: every request that leaves them out would be refused."""
+    options = get_method(cfg.default_method).make_options(cfg.options_for(cfg.default_method))
+    drafted = options.draft_tokens_per_step(num_drafts)
+    if drafted is not None and drafted > cfg.max_draft_tokens:
+        raise ValueError(
+            f"the default method {cfg.default_method} ({describe_options(options, SIZE_OPTIONS)}) drafts up to "
+            f"{drafted} tokens per step, more than the max draft tokens ({cfg.max_draft_tokens}); raise it "
+            "(--max-draft-tokens) or ask for fewer"
+        )
 
 
 def check_default_options(default_method: str, default_opts: dict[str, Any], gamma: int | None = None) -> None:
@@ -175,6 +219,7 @@ def _build_app(pipe: Pipeline, cfg: ServerConfig) -> "FastAPI":
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from specdec.serving.protocol import ChatCompletionRequest, CompletionRequest
@@ -223,19 +268,45 @@ def _build_app(pipe: Pipeline, cfg: ServerConfig) -> "FastAPI":
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
+        # `auto` needs a `specdec tune` profile for this pipeline: listed (with the temperatures
+        # the profiles cover) only when one exists, looked up now, as tune may run meanwhile.
+        tuned = await run_in_threadpool(tuned_temperatures, pipe)
         return {"object": "list", "data": [{
             "id": cfg.model_name, "object": "model", "created": created, "owned_by": "specdec",
             "max_model_len": pipe.target_lm.context_length,
             "default_method": cfg.default_method,
             "methods": [name for name, m in all_methods().items()
-                        if pipe.draft_lm is not None or not m.needs_draft_model],
+                        if (pipe.draft_lm is not None or not m.needs_draft_model) and (name != "auto" or tuned)],
+            "auto_temperatures": tuned,
         }]}
+
+    def encode(text: str, param: str) -> list[int]:
+        try:
+            return pipe.encode(text, chat=False)
+        except ValueError as exc:  # text the tokenizer cannot take (lone surrogates)
+            raise APIError(f"{param}: {exc}", param=param, code="invalid_value") from None
+
+    def render_chat(body: ChatCompletionRequest) -> list[int]:
+        try:
+            rendered = pipe.tokenizer.apply_chat_template(
+                body.template_messages(), add_generation_prompt=True, tokenize=False
+            )
+        except Exception as exc:  # jinja raises its own errors (e.g. roles a template refuses)
+            raise APIError(f"messages: the chat template refused them ({exc})", param="messages") from exc
+        try:
+            check_text(rendered, "the messages")
+        except ValueError as exc:
+            raise APIError(str(exc), param="messages", code="invalid_value") from None
+        # The rendered template already holds the special tokens (as Pipeline.encode does for --chat).
+        return pipe.tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
         arrival = time.perf_counter()
         if isinstance(body.prompt, str):
-            prompt_ids = pipe.encode(body.prompt, chat=False)
+            # Tokenizing a long prompt takes a while: off the event loop, so /health and the
+            # streams in flight keep answering meanwhile.
+            prompt_ids = await run_in_threadpool(encode, body.prompt, "prompt")
         else:
             prompt_ids = list(body.prompt)
             bad = [t for t in prompt_ids if not 0 <= t < pipe.target_lm.vocab_size]
@@ -251,14 +322,7 @@ def _build_app(pipe: Pipeline, cfg: ServerConfig) -> "FastAPI":
         if not pipe.has_chat_template():
             raise APIError("the served model's tokenizer has no chat template: use /v1/completions with a raw prompt",
                            param="messages")
-        try:
-            rendered = pipe.tokenizer.apply_chat_template(
-                body.template_messages(), add_generation_prompt=True, tokenize=False
-            )
-        except Exception as exc:  # jinja raises its own errors (e.g. roles a template refuses)
-            raise APIError(f"messages: the chat template refused them ({exc})", param="messages") from exc
-        # The rendered template already holds the special tokens (as Pipeline.encode does for --chat).
-        prompt_ids = pipe.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        prompt_ids = await run_in_threadpool(render_chat, body)
         job = await engine.prepare(lambda: prepare_job(pipe, cfg, body, prompt_ids, "messages", arrival))
         return await _answer(request, job, body, chat=True)
 
@@ -332,14 +396,55 @@ def request_options(cfg: ServerConfig, method: str, spec: "SpeculativeOptions | 
     request's `speculative` extras, which must all be options of `method`."""
     opts = cfg.options_for(method)
     extra = spec.method_options() if spec is not None else {}
-    names = get_method(method).options.names()
+    specs = {s.name: s for s in get_method(method).options.specs()}
+    names = set(specs)
     unknown = sorted(set(extra) - names)
     if unknown:
         known = ", ".join(["method", "gamma", *sorted(names - {"gamma"})])
         raise APIError(f"speculative: unknown option {unknown[0]!r} for method {method!r}; known: {known}",
                        param=f"speculative.{unknown[0]}", code="invalid_value")
+    for name, value in extra.items():
+        # Only the operator names files on this machine. Refused before anything looks at the
+        # value, with one message whatever it is, so that the answer says nothing about the disk.
+        if specs[name].may_name_a_file(value):
+            raise APIError(
+                f"speculative.{name}: this server takes only {' or '.join(specs[name].symbols)} here; files are "
+                f"chosen by the server's operator (`specdec serve --{name.replace('_', '-')} FILE`)",
+                param=f"speculative.{name}", code="invalid_value",
+            )
     opts.update(extra)
     return opts
+
+
+def check_request_cost(pipe: Pipeline, cfg: ServerConfig, method: str, opts: dict[str, Any], gamma: int | None) -> None:
+    """400 when the request's method and options would draft more tokens per step than the
+    server's cap, decided from the options alone, before any drafter is built."""
+    m = get_method(method)
+    values = dict(opts)
+    if gamma is not None and "gamma" in m.options.names():
+        values["gamma"] = gamma  # for the others gamma caps the levels drafted: it only lowers the cost
+    try:
+        options = m.make_options(values)
+    except (ValueError, TypeError) as exc:
+        raise APIError(f"speculative: {exc}", param="speculative", code="invalid_value") from exc
+    try:
+        drafted = options.draft_tokens_per_step(len(pipe.draft_lms))
+    except ValueError as exc:  # options that do not fit the loaded drafters (a k-matrix of the wrong size)
+        raise APIError(f"speculative: {exc}", param="speculative", code="invalid_value") from exc
+    if drafted is not None and drafted > cfg.max_draft_tokens:
+        raise APIError(
+            f"speculative: {describe_options(options, SIZE_OPTIONS)} would draft up to {drafted} tokens per step with "
+            f"{method}, more than this server's limit of {cfg.max_draft_tokens} (--max-draft-tokens)",
+            param="speculative", code="invalid_value",
+        )
+
+
+def tuned_temperatures(pipe: Pipeline) -> list[float]:
+    """The temperatures at which a `specdec tune` profile exists for this pipeline (what `auto` needs)."""
+    key = pipe.profile_key(SamplingConfig())
+    if key is None:
+        return []
+    return profile_temperatures(key)
 
 
 def prepare_job(
@@ -370,6 +475,7 @@ def prepare_job(
         )
     except ValueError as exc:
         raise APIError(str(exc), code="invalid_value") from exc
+    check_request_cost(pipe, cfg, method, opts, gamma)
     try:
         # Built only to validate the options' values and to size the context; the run gets its own
         # decoder from Pipeline.stream, seeded exactly as `specdec generate` seeds.
@@ -390,8 +496,8 @@ def prepare_job(
         # Left out: the server's default, cut to what still fits the context.
         max_tokens = min(cfg.max_tokens, room, cfg.max_tokens_limit or room)
     elif cfg.max_tokens_limit is not None and requested > cfg.max_tokens_limit:
-        raise APIError(f"max_tokens={requested} exceeds this server's limit of {cfg.max_tokens_limit}",
-                       param="max_tokens", code="invalid_value")
+        raise APIError(f"max_tokens={requested} exceeds this server's limit of {cfg.max_tokens_limit} "
+                       "(--max-tokens-limit)", param="max_tokens", code="invalid_value")
     elif requested > room:
         raise APIError(
             f"max_tokens={requested} does not fit: the prompt has {len(prompt_ids)} tokens and the model's context "

@@ -15,9 +15,12 @@ from specdec.engine.stats import DecodeStats
 class ServerMetrics:
     """Prometheus metrics on the app's own registry (several apps in one process never clash).
 
-    The speculative counters carry vLLM's names (`spec_decode_num_drafts`, …; exposed with the
-    `_total` suffix, as vLLM's are) so dashboards built for vLLM read them.
+    Every name is vLLM's, `vllm:` prefix included (`vllm:spec_decode_num_drafts`, …; counters
+    exposed with the `_total` suffix, as vLLM's are), with its `model_name` label, so dashboards
+    built for vLLM read them unchanged.
     """
+
+    PREFIX = "vllm:"
 
     LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
     RATE_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0)
@@ -27,26 +30,26 @@ class ServerMetrics:
 
         self.registry = CollectorRegistry()
         self.model_name = model_name
-        reg, by_model = self.registry, ["model_name"]
+        reg, by_model, pre = self.registry, ["model_name"], self.PREFIX
 
         def counter(name: str, doc: str) -> Any:
-            return Counter(name, doc, by_model, registry=reg).labels(model_name)
+            return Counter(pre + name, doc, by_model, registry=reg).labels(model_name)
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
-            return Histogram(name, doc, by_model, buckets=buckets, registry=reg).labels(model_name)
+            return Histogram(pre + name, doc, by_model, buckets=buckets, registry=reg).labels(model_name)
 
         self.num_drafts = counter("spec_decode_num_drafts", "Target calls that verified at least one drafted token.")
         self.num_draft_tokens = counter("spec_decode_num_draft_tokens", "Drafted tokens scored by the target.")
         self.num_accepted_tokens = counter("spec_decode_num_accepted_tokens", "Drafted tokens the target accepted.")
         self._accepted_per_pos = Counter(
-            "spec_decode_num_accepted_tokens_per_pos",
+            pre + "spec_decode_num_accepted_tokens_per_pos",
             "Accepted drafted tokens by draft position (tree depth for token trees), 0-based.",
             ["model_name", "position"], registry=reg,
         )
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of the requests the engine ran.")
         self.generation_tokens = counter("generation_tokens", "Completion tokens returned (usage.completion_tokens).")
         self._finished = Counter(
-            "request_success", "Finished requests by finish reason (stop, length, abort = client gone, error).",
+            pre + "request_success", "Finished requests by finish reason (stop, length, abort = client gone, error).",
             ["model_name", "finished_reason"], registry=reg,
         )
         self.e2e_latency = histogram(
@@ -58,12 +61,15 @@ class ServerMetrics:
         self.time_to_first_token = histogram(
             "time_to_first_token_seconds", "Arrival to the first committed tokens.", self.LATENCY_BUCKETS
         )
-        self.tokens_per_s = histogram(
-            "request_tokens_per_second", "Completion tokens per second of engine time, per finished request.",
-            self.RATE_BUCKETS,
-        )
-        self.running = Gauge("num_requests_running", "Requests on the engine (0 or 1).", by_model, registry=reg).labels(model_name)
-        self.waiting = Gauge("num_requests_waiting", "Requests queued for the engine.", by_model, registry=reg).labels(model_name)
+        # Not a vLLM metric: ours, so under our own prefix.
+        self.tokens_per_s = Histogram(
+            "specdec:request_tokens_per_second", "Completion tokens per second of engine time, per finished request.",
+            by_model, buckets=self.RATE_BUCKETS, registry=reg,
+        ).labels(model_name)
+        self.running = Gauge(pre + "num_requests_running", "Requests on the engine (0 or 1).", by_model,
+                             registry=reg).labels(model_name)
+        self.waiting = Gauge(pre + "num_requests_waiting", "Requests queued for the engine.", by_model,
+                             registry=reg).labels(model_name)
 
     def accepted_at(self, position: int) -> Any:
         return self._accepted_per_pos.labels(self.model_name, str(position))

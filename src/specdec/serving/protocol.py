@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from specdec.methods.registry import all_methods
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_STOP_LENGTH = 256
+"""Characters per stop string: the text held back while it might still become one is checked at
+every step against each prefix of each stop string, so their length is work the client chooses."""
 
 # OpenAI parameters the server cannot honour, with the values that ask for nothing (what a
 # client sends when it fills in defaults). Anything else is refused with a clear message.
@@ -60,7 +63,8 @@ class SpeculativeOptions(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
     method: str | None = None
-    gamma: int | None = Field(None, ge=1, le=64)
+    gamma: int | None = Field(None, ge=1)
+    """Bounded by the server's --max-draft-tokens (for the methods whose draft length it is)."""
 
     @field_validator("method")
     @classmethod
@@ -112,6 +116,9 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(value)}")
         if any(s == "" for s in value):
             raise ValueError("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_LENGTH for s in value):
+            raise ValueError(f"stop strings may have at most {MAX_STOP_LENGTH} characters, got one of "
+                             f"{max(len(s) for s in value)}")
         return value
 
     @field_validator("n")

@@ -16,8 +16,6 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from specdec.models.hub.cache import remove_stale
 from specdec.models.hub.registry import ModelError
 
@@ -98,6 +96,7 @@ def conversion_ok(directory: Path, source_sha256: str | None = None) -> bool:
 
 
 def load_gguf_with_transformers(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    import torch  # here, not at the top: listing and fetching models need no torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {}

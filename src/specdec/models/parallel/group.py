@@ -38,7 +38,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import torch
+# torch is imported where it is used: the CLI imports this module's error type and
+# close_open_groups before it knows whether the command needs torch at all.
 
 WORKER_MODULE = "specdec.models.parallel.worker"
 WORKER_ARGS_ENV = "SPECDEC_TP_WORKER"
@@ -169,6 +170,7 @@ class TPGroup:
 
     def init_process_group(self, local_rank: int) -> None:
         """Initialise torch.distributed's default group over the rendezvous store (transformers then finds it)."""
+        import torch
         import torch.distributed as dist
 
         if dist.is_initialized():

@@ -1,0 +1,112 @@
+"""What bounds a request: the defaults of the server's caps, and what a request passes before any
+route sees it (the API key, then the body-size limit).
+
+The two gates are plain ASGI middlewares (nothing to import beyond the standard library) that
+answer in OpenAI's error shape. The body limit reads the body itself, up to the limit, before the
+app gets it: a larger body is answered 413 without ever being parsed or tokenized.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+DEFAULT_MAX_DRAFT_TOKENS = 64
+"""Most tokens a request may have drafted per step (`--max-draft-tokens`): room for every method's
+defaults (sps 4, specinfer 20, specexec 32, sequoia 16, csd 15 with one draft model), and small
+enough that the work before the first token (Sequoia's DP, a tree pass) stays short."""
+DEFAULT_MAX_TOKENS_LIMIT = 4096
+"""Most new tokens a request may ask for (`--max-tokens-limit`); the context may bound it further."""
+DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
+"""Largest request body (`--max-body-bytes`): a 128k-token context of JSON text fits several times."""
+
+DRAIN_BYTES = 1 << 30
+"""A body over the limit is still read, and thrown away, up to this many bytes, so that the
+client, which is still sending, reads the 413 instead of a reset connection; past that the server
+answers and closes the connection."""
+
+
+async def send_error(send: Send, status: int, message: str, code: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    """An OpenAI-style error answer, straight on the ASGI channel."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers,
+    ]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimit:
+    """Refuse request bodies over `max_bytes` with a 413, before the app reads them.
+
+    The body is gathered here (at most `max_bytes` of it) and handed on whole; later receives
+    (the app asking whether the client is still there) go to the server as before.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        too_large = declared.isdigit() and int(declared) > self.max_bytes
+        body = bytearray()
+        received = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left before sending its whole body: nobody to answer
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            too_large = too_large or received > self.max_bytes
+            if not too_large:
+                body += chunk
+            if not message.get("more_body", False) or received > DRAIN_BYTES:
+                break
+        if too_large:
+            size = f"{int(declared)} bytes" if declared.isdigit() else "more"
+            await send_error(send, 413, f"the request body has {size}, more than this server's limit of "
+                             f"{self.max_bytes} bytes (--max-body-bytes)", "request_too_large")
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class BearerAuth:
+    """Require `Authorization: Bearer <api_key>` on the API's routes (`/v1/…`), as vLLM does;
+    /health and /metrics stay open (load balancers and Prometheus call them)."""
+
+    def __init__(self, app: ASGIApp, api_key: str, prefix: str = "/v1") -> None:
+        if not api_key:
+            raise ValueError("the API key must not be empty")
+        self.app, self.prefix = app, prefix
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.prefix):
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            # Constant-time comparison: the time taken says nothing about how much of the key matched.
+            if not hmac.compare_digest(given, self._expected):
+                message = ("missing API key: send the header 'Authorization: Bearer <key>'" if not given
+                           else "incorrect API key")
+                await send_error(send, 401, message, "invalid_api_key", [(b"www-authenticate", b"Bearer")])
+                return
+        await self.app(scope, receive, send)

@@ -1,0 +1,285 @@
+"""`specdec serve` against hostile or careless clients, over loopback with the official `openai`
+client and raw HTTP: no server-side file named by a request, bounded bodies and work, an API key,
+and OpenAI's and vLLM's conventions (temperature 1.0 by default, `vllm:` metric names)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi", reason="needs the server extra: pip install 'specdec[server]'")
+openai = pytest.importorskip("openai", reason="needs the test extra (the official openai client)")
+httpx = pytest.importorskip("httpx", reason="needs the test extra")
+
+import specdec.core.store as store  # noqa: E402
+from specdec.core.sampling import SamplingConfig  # noqa: E402
+from specdec.engine.pipeline import Pipeline  # noqa: E402
+from specdec.serving.app import create_app  # noqa: E402
+from specdec.serving.guards import DEFAULT_MAX_DRAFT_TOKENS  # noqa: E402
+from tests.serving.server_helpers import metric_values, running_server, save_tiny_checkpoints, tiny_tokenizer  # noqa: E402
+
+MODEL = "tiny"
+LIMIT = 64 * 1024  # the body limit of these tests' server
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return save_tiny_checkpoints(tmp_path_factory.mktemp("tiny-ckpt"), tiny_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def pipe(checkpoints):
+    target, draft = checkpoints
+    return Pipeline(str(target), str(draft), fast_linear="off", progress=False)
+
+
+@pytest.fixture(scope="module")
+def base_url(pipe):
+    with running_server(create_app(pipe, "sps", {}, MODEL, default_max_tokens=8, max_body_bytes=LIMIT)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _post(url: str, body: dict, timeout: float = 60, **kw) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", json={"model": MODEL, **body}, timeout=timeout, **kw)
+
+
+def _profile(path) -> str:
+    """A minimal tune profile whose winner is a 2-node Sequoia chain."""
+    path.write_text(json.dumps({"version": store.PROFILE_VERSION, "key": {},
+                                "winner": {"method": "sequoia", "paths": [[0], [0, 0]], "mode": "swor"}}))
+    return str(path)
+
+
+# ---- 1: requests never name server-side files -------------------------------------------------
+def test_requests_cannot_name_files_and_learn_nothing_about_them(base_url, tmp_path, monkeypatch):
+    (tmp_path / "binary.json").write_bytes(os.urandom(64))
+    (tmp_path / "text.json").write_text("not json")
+    (tmp_path / "obj.json").write_text('{"a": 1}')
+    paths = ["/etc/passwd", "/nonexistent/x.json", str(tmp_path / "binary.json"), str(tmp_path / "text.json"),
+             str(tmp_path / "obj.json"), _profile(tmp_path / "good.json"), "../../etc/passwd.json", 7, ["dp"]]
+
+    def no_reading(path):
+        raise AssertionError(f"the server read {path} for a client")
+
+    monkeypatch.setattr(store, "read_profile", no_reading)
+    for method in ("sequoia", "auto"):
+        answers = set()
+        for value in paths:
+            res = _post(base_url, {"prompt": "hi", "max_tokens": 2, "speculative": {"method": method, "tree": value}})
+            assert res.status_code == 400, (method, value, res.text)
+            err = res.json()["error"]
+            assert err["param"] == "speculative.tree"
+            answers.add(err["message"])
+        # One answer whatever the path: it reveals nothing about the disk.
+        (message,) = answers
+        assert "operator" in message and "/etc" not in message
+    # The symbolic value is served.
+    ok = _post(base_url, {"prompt": "hi", "max_tokens": 2, "temperature": 0,
+                          "speculative": {"method": "sequoia", "tree": "dp"}})
+    assert ok.status_code == 200, ok.text
+
+
+def test_the_operator_still_names_a_profile_file(pipe, tmp_path):
+    profile = _profile(tmp_path / "operator.json")
+    app = create_app(pipe, "sequoia", {"tree": profile}, MODEL, default_max_tokens=4)
+    with running_server(app) as url:
+        res = _post(url, {"prompt": "hi", "temperature": 0})
+        assert res.status_code == 200, res.text
+        assert res.json()["usage"]["speculative"]["method"] == "sequoia"
+        # The same file named by a client is still refused.
+        res = _post(url, {"prompt": "hi", "speculative": {"method": "sequoia", "tree": profile}})
+        assert res.status_code == 400
+
+
+# ---- 2: bounded bodies, tokenization off the event loop ------------------------------------------
+def test_a_body_over_the_limit_gets_413_with_a_clear_message(base_url, client):
+    res = _post(base_url, {"prompt": "x" * (2 * LIMIT)})
+    assert res.status_code == 413, res.text
+    err = res.json()["error"]
+    assert err["code"] == "request_too_large" and str(LIMIT) in err["message"] and "--max-body-bytes" in err["message"]
+
+    def chunks():  # no content-length: the limit is counted as the body arrives
+        for _ in range(40):
+            yield b"x" * 4096
+
+    res = httpx.post(f"{base_url}/v1/completions", content=chunks(), headers={"content-type": "application/json"},
+                     timeout=60)
+    assert res.status_code == 413 and res.json()["error"]["code"] == "request_too_large"
+    # The official client reads the 413 (the server reads the rest of the body before answering).
+    with pytest.raises(openai.APIStatusError) as info:
+        client.completions.create(model=MODEL, prompt="hello " * 40_000, max_tokens=2)
+    assert info.value.status_code == 413 and str(LIMIT) in str(info.value)
+    assert _post(base_url, {"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+class _SlowTokenizer:
+    """The real tokenizer, but encoding a long text takes 3 s (holding no lock, as a real one)."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tok = tokenizer
+
+    def __call__(self, text, *args, **kwargs):
+        if len(text) > 10_000:
+            time.sleep(3.0)
+        return self._tok(text, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def test_health_and_small_requests_answer_while_large_ones_are_tokenized_or_refused(pipe):
+    slow = Pipeline.from_models(pipe.target_lm, _SlowTokenizer(pipe.tokenizer), pipe.draft_lm, pipe.eos_token_ids)
+    with running_server(create_app(slow, "ar", {}, MODEL, max_body_bytes=LIMIT, default_max_tokens=2)) as url:
+        answers: dict[str, httpx.Response] = {}
+        big = {
+            "tokenized": {"prompt": "hello world " * (LIMIT // 13)},  # just under the limit: tokenized, then 400
+            "refused": {"prompt": "x" * (20 * 1024 * 1024)},  # 20 MB: read and thrown away, then 413
+        }
+        threads = [threading.Thread(target=lambda k=k: answers.__setitem__(k, _post(url, big[k], timeout=120)))
+                   for k in big]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)  # both are in flight: one in the slow tokenizer, one still sending
+        t0 = time.monotonic()
+        health = httpx.get(f"{url}/health", timeout=30)
+        health_s = time.monotonic() - t0
+        t0 = time.monotonic()
+        small = _post(url, {"prompt": "hi", "max_tokens": 2, "temperature": 0}, timeout=30)
+        small_s = time.monotonic() - t0
+        for t in threads:
+            t.join(120)
+        assert health.status_code == 200 and small.status_code == 200, (health.text, small.text)
+        assert health_s < 1.0 and small_s < 1.0, (health_s, small_s)
+        assert answers["tokenized"].status_code == 400
+        assert answers["tokenized"].json()["error"]["code"] == "context_length_exceeded"
+        assert answers["refused"].status_code == 413
+
+
+def test_text_the_tokenizer_cannot_take_is_a_400(base_url):
+    for path, body in (("/v1/completions", '{"prompt": "a\\ud800b"}'),
+                       ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\udcff"}]}')):
+        res = httpx.post(base_url + path, content=body, headers={"content-type": "application/json"}, timeout=30)
+        assert res.status_code == 400, res.text
+        assert "not valid UTF-8" in res.json()["error"]["message"]
+
+
+# ---- 3: client-chosen work is bounded before anything is built -----------------------------------
+@pytest.mark.parametrize("spec,drafted", [
+    ({"method": "sequoia", "budget": 100000}, 100000),
+    ({"method": "specexec", "budget": DEFAULT_MAX_DRAFT_TOKENS + 1}, DEFAULT_MAX_DRAFT_TOKENS + 1),
+    ({"method": "specinfer", "expansion": [64, 64, 64]}, 64 + 64**2 + 64**3),
+    ({"method": "csd", "k_matrix": "2000,2000;0,6"}, None),
+    ({"method": "sps", "gamma": DEFAULT_MAX_DRAFT_TOKENS + 1}, DEFAULT_MAX_DRAFT_TOKENS + 1),
+    ({"method": "pld", "gamma": 10**9}, 10**9),
+])
+def test_drafting_more_than_the_cap_is_refused_at_once(base_url, spec, drafted):
+    t0 = time.monotonic()
+    res = _post(base_url, {"prompt": "hi", "max_tokens": 2, "speculative": spec})
+    assert time.monotonic() - t0 < 5.0  # before the fix: a Sequoia DP of 100000 nodes, minutes
+    assert res.status_code == 400, res.text
+    message = res.json()["error"]["message"]
+    assert "--max-draft-tokens" in message and str(DEFAULT_MAX_DRAFT_TOKENS) in message
+    if drafted is not None:
+        assert f"up to {drafted} tokens" in message
+
+
+def test_work_at_the_cap_and_other_knobs_stay_cheap(base_url):
+    for spec in ({"method": "specexec", "budget": DEFAULT_MAX_DRAFT_TOKENS},
+                 {"method": "sequoia", "budget": 16, "max_depth": 10**6},  # depth beyond the budget: clamped
+                 {"method": "pld", "max_ngram": 10**9}):  # the search stops at the longest match
+        t0 = time.monotonic()
+        res = _post(base_url, {"prompt": "hello world, hello there", "max_tokens": 2, "temperature": 0,
+                               "speculative": spec})
+        assert res.status_code == 200, (spec, res.text)
+        assert time.monotonic() - t0 < 30.0
+
+
+def test_max_tokens_and_stop_strings_are_capped(pipe):
+    with running_server(create_app(pipe, "ar", {}, MODEL, max_tokens_limit=8, default_max_tokens=4)) as url:
+        res = _post(url, {"prompt": "hi", "max_tokens": 9})
+        assert res.status_code == 400 and "--max-tokens-limit" in res.json()["error"]["message"]
+        assert "limit of 8" in res.json()["error"]["message"]
+        assert _post(url, {"prompt": "hi", "max_tokens": 8}).status_code == 200
+        res = _post(url, {"prompt": "hi", "stop": ["x" * 257]})
+        assert res.status_code == 400 and "256 characters" in res.json()["error"]["message"]
+
+
+def test_the_servers_own_defaults_must_fit_its_caps(pipe):
+    with pytest.raises(ValueError, match="max draft tokens"):
+        create_app(pipe, "specexec", {"budget": 128}, MODEL)
+    create_app(pipe, "specexec", {"budget": 128}, MODEL, max_draft_tokens=128)  # raised: fine
+
+
+# ---- 4: an API key ----------------------------------------------------------------------------
+def test_an_api_key_guards_the_api_but_not_health_and_metrics(pipe):
+    with running_server(create_app(pipe, "ar", {}, MODEL, api_key="s3cret", default_max_tokens=2)) as url:
+        for key in ("wrong", "s3cre", "s3crets"):
+            bad = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=30)
+            with pytest.raises(openai.AuthenticationError):
+                bad.completions.create(model=MODEL, prompt="hi")
+        res = httpx.post(f"{url}/v1/completions", json={"prompt": "hi"}, timeout=30)
+        assert res.status_code == 401 and res.json()["error"]["code"] == "invalid_api_key"
+        assert res.headers["www-authenticate"] == "Bearer"
+        assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 401
+        good = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0, timeout=30)
+        assert good.completions.create(model=MODEL, prompt="hi").usage.completion_tokens >= 1
+        assert [m.id for m in good.models.list().data] == [MODEL]
+        assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+        assert httpx.get(f"{url}/metrics", timeout=30).status_code == 200
+
+
+# ---- 11: OpenAI's and vLLM's conventions -----------------------------------------------------
+def test_a_request_without_temperature_samples_at_one(client):
+    def complete(seed: int, **kw) -> str:
+        return client.completions.create(model=MODEL, prompt="hello", max_tokens=8, seed=seed,
+                                         extra_body={"speculative": {"method": "ar"}}, **kw).choices[0].text
+
+    texts = [complete(s) for s in range(3)]
+    assert len(set(texts)) > 1  # T = 1.0: the seeds give different completions (greedy would give one)
+    assert complete(0) == texts[0]
+    assert complete(1, temperature=0) == complete(2, temperature=0)
+
+
+def test_the_operators_temperature_is_the_default_and_requests_override_it(pipe):
+    app = create_app(pipe, "ar", {}, MODEL, default_sampling=SamplingConfig(), default_max_tokens=12)
+    with running_server(app) as url:
+        texts = {_post(url, {"prompt": "hello", "seed": s}).json()["choices"][0]["text"] for s in range(2)}
+        assert len(texts) == 1  # the server's default: greedy
+        sampled = {_post(url, {"prompt": "hello", "seed": s, "temperature": 1.0}).json()["choices"][0]["text"]
+                   for s in range(3)}
+        assert len(sampled) > 1
+
+
+def test_metrics_carry_vllm_names(base_url, client):
+    client.completions.create(model=MODEL, prompt="hello", max_tokens=4, temperature=0)
+    values = metric_values(httpx.get(f"{base_url}/metrics", timeout=30).text)
+    names = {name for name, _ in values}
+    for name in ("vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_draft_tokens_total",
+                 "vllm:spec_decode_num_accepted_tokens_total", "vllm:prompt_tokens_total",
+                 "vllm:generation_tokens_total", "vllm:request_success_total", "vllm:e2e_request_latency_seconds_count",
+                 "vllm:request_queue_time_seconds_count", "vllm:time_to_first_token_seconds_count",
+                 "vllm:num_requests_running", "vllm:num_requests_waiting"):
+        assert name in names, name
+    assert values[("vllm:spec_decode_num_drafts_total", ())] >= 1
+    assert not any(n.startswith("spec_decode") for n in names)
+
+
+def test_models_lists_auto_only_when_a_profile_exists(pipe, client, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    (model,) = client.models.list().data
+    assert "auto" not in model.model_extra["methods"] and "sequoia" in model.model_extra["methods"]
+    assert model.model_extra["auto_temperatures"] == []
+    key = pipe.profile_key(SamplingConfig(temperature=0.7))
+    store.save_profile({"version": store.PROFILE_VERSION, "key": key,
+                        "winner": {"method": "sequoia", "paths": [[0]], "mode": "swor"}})
+    (model,) = client.models.list().data
+    assert "auto" in model.model_extra["methods"] and model.model_extra["auto_temperatures"] == [0.7]
