@@ -39,6 +39,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                 "threads": args.threads}
     if args.offload:
         run_info["offload"] = True
+    if args.weights != "dense" or args.draft_weights not in (None, "dense"):  # recorded only when not dense
+        run_info["weights"] = [args.weights, args.draft_weights or args.weights]
     settings = BenchSettings(
         methods=parse_methods(args.methods, variants),
         variants=variants,
@@ -62,6 +64,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     argv += ["--draft-dtype", args.draft_dtype] if args.draft_dtype else []
     argv += ["--threads", str(args.threads)] if args.threads else []
     argv += ["--offload"] if args.offload else []
+    argv += ["--weights", args.weights] if args.weights != "dense" else []
+    argv += ["--draft-weights", args.draft_weights] if args.draft_weights else []
     argv += ["--per-task", str(args.per_task)] if args.per_task is not None else []
     argv += ["--tasks", args.tasks] if args.tasks else []
     for name in OPTION_FLAGS:

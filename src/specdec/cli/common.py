@@ -16,6 +16,7 @@ from specdec.core.sampling import SamplingConfig
 from specdec.engine.pipeline import DEFAULT_DRAFT, DEFAULT_TARGET, DTYPES, Pipeline
 from specdec.methods.base import Method
 from specdec.methods.registry import all_methods, get_method
+from specdec.models.hub.load import WEIGHTS
 
 
 def err(msg: str) -> None:
@@ -42,6 +43,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--fast-linear", default="auto", choices=["auto", "on", "off"],
         help="prepacked oneDNN linears on the CPU (same model up to float32 round-off; auto = when verified faster)",
     )
+    p.add_argument(
+        "--weights", default="dense", choices=list(WEIGHTS),
+        help="dense = float32 copies of the weights (default); native = a GGUF model's linear layers compute on the "
+        "file's quantized blocks (the file's own values, float32 activations; target and draft)",
+    )
+    p.add_argument("--draft-weights", default=None, choices=list(WEIGHTS),
+                   help="the draft's weights, dense or native (default: as --weights)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, which honours OMP_NUM_THREADS)")
     p.add_argument("--offload", action="store_true",
                    help="keep the target's weights in CPU RAM and stream them to the GPU layer by layer (CUDA only; "
@@ -73,6 +81,7 @@ def load_pipeline(args: argparse.Namespace, need_draft: bool) -> Pipeline:
     pipe = Pipeline(
         args.target, drafts or None, device=device_of(args), dtype=DTYPES[args.dtype],
         draft_dtype=args.draft_dtype, fast_linear=args.fast_linear, offload=bool(getattr(args, "offload", False)),
+        weights=args.weights, draft_weights=args.draft_weights,
     )
     print(f"loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return pipe

@@ -85,6 +85,8 @@ class Pipeline:
         fast_linear: str = "auto",
         offload: bool = False,
         progress: bool = True,
+        weights: str = "dense",
+        draft_weights: str | None = None,
     ) -> None:
         """Load the models.
 
@@ -96,13 +98,26 @@ class Pipeline:
             (`models.fastpath`); same function up to float32 round-off.
         offload: keep the target's weights in CPU RAM and stream them to the GPU layer by layer
             (`models.offload`; CUDA only). Every method of this pipeline then sees that target.
+        weights: "dense" (default: float32 copies of the weights) or "native": the linear layers of a
+            GGUF model compute on the file's quantized blocks (`models.quant`; the file's own values,
+            float32 activations and sums; known models and .gguf files, float32 only).
+        draft_weights: the same for the draft models (default: as `weights`). A native draft changes
+            speed only, as any draft does.
         """
         from specdec.models.fastpath import enable_packed_linears, quantize_draft_int8
         from specdec.models.hub import load_model
         from specdec.models.offload import offload_target
 
         self.target_name, self.draft_name = target, draft
-        target_model, self.tokenizer = load_model(target, dtype=dtype, device=device, progress=progress)
+        draft_weights = draft_weights or weights
+        if draft_dtype == "int8" and draft_weights == "native":
+            raise ValueError(
+                "--draft-dtype int8 quantizes a dense draft; with native draft weights the draft already computes on "
+                "its GGUF blocks (drop --draft-dtype, or pass --draft-weights dense)"
+            )
+        self.weights = (weights, draft_weights)
+        target_model, self.tokenizer = load_model(target, dtype=dtype, device=device, progress=progress,
+                                                  weights=weights)
         self.fast_linears = enable_packed_linears(target_model, fast_linear)
         self.target_lm: LanguageModel = HFLanguageModel(target_model)
         if offload:
@@ -114,7 +129,8 @@ class Pipeline:
         for name in [draft] if isinstance(draft, str) else list(draft or []):
             int8 = draft_dtype == "int8"
             ddtype = dtype if draft_dtype in (None, "int8") else DTYPES[draft_dtype]
-            draft_model, draft_tok = load_model(name, dtype=torch.float32 if int8 else ddtype, device=device, progress=progress)
+            draft_model, draft_tok = load_model(name, dtype=torch.float32 if int8 else ddtype, device=device,
+                                                progress=progress, weights=draft_weights)
             check_same_tokenizer(self.tokenizer, draft_tok)
             if int8:
                 draft_model = quantize_draft_int8(draft_model)
@@ -146,6 +162,7 @@ class Pipeline:
         pipe.draft_lms = [draft_lm] if draft_lm is not None else []
         pipe.eos_token_ids = list(eos_token_ids or [])
         pipe.device = getattr(target_lm, "device", torch.device("cpu"))
+        pipe.weights = ("dense", "dense")
         pipe.dtype = getattr(target_lm, "dtype", torch.float32)
         return pipe
 
@@ -185,6 +202,8 @@ class Pipeline:
         if len(drafts) != 1:
             return None
         dtype = str(self.dtype).replace("torch.", "")
+        if self.weights != ("dense", "dense"):  # other kernels, other timings: their own tune profile
+            dtype += f"-weights-{self.weights[0]}-{self.weights[1]}"
         return profile_key(self.target_name, drafts[0], torch.device(self.device).type, dtype, sampling.temperature)
 
     def decoder(

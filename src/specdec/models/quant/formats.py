@@ -159,5 +159,7 @@ def random_blocks(fmt: BlockFormat, rows: int, cols: int, generator: torch.Gener
         value = torch.rand(nb, generator=generator) * scale + scale / 4
         if fmt.name == "Q4_1" and i == 1:
             value = -8 * value  # the min sits below zero, as a real block's does
+        elif fmt.name == "Q4_K" and i == 1:
+            value = 7.5 * value  # dmin·min about the middle of d·scale·q: values centred on zero
         blocks[:, off : off + 2] = value.to(torch.float16).view(torch.uint8).view(nb, 2)
     return blocks.reshape(rows, fmt.row_bytes(cols))

@@ -1,10 +1,11 @@
 """The compute kernels for GGUF blocks on the CPU: our compiled one, and PyTorch's int4 kernel.
 
-`csrc/gguf_linear.cpp` is compiled on first use for the instruction set this CPU has (read at run
-time: AVX2 + FMA + F16C, else portable code), with torch's `cpp_extension` (g++/clang and ninja),
-into `$SPECDEC_CACHE/kernels/`; later processes load the cached library in milliseconds. It includes
-only `ATen/Parallel.h` (torch's thread pool, so `torch.set_num_threads` applies) and is called
-through a C ABI with ctypes, which keeps that first build near ten seconds. Without a compiler the
+`csrc/gguf_linear.cpp` (the linear layers) and `csrc/attention.cpp` (a batch-invariant attention)
+are compiled on first use for the instruction set this CPU has (read at run time: AVX2 + FMA + F16C,
+else portable code), with torch's `cpp_extension` (g++/clang and ninja), into
+`$SPECDEC_CACHE/kernels/`; later processes load the cached library in milliseconds. They include only
+`ATen/Parallel.h` (torch's thread pool, so `torch.set_num_threads` applies) and are called through a C
+ABI with ctypes, which keeps that first build near ten seconds on two cores. Without a compiler the
 callers fall back to dequantizing per call (`formats.dequantize` + `F.linear`), which is exact but
 slow; `unavailable_reason()` says why.
 
@@ -37,6 +38,7 @@ from specdec.models.quant.formats import BlockFormat, k4_scales_mins
 __all__ = [
     "INT4_FORMATS",
     "cpu_isa",
+    "exact_attention",
     "gguf_linear",
     "int4pack_linear",
     "int4pack_of",
@@ -46,7 +48,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CSRC = Path(__file__).with_name("csrc") / "gguf_linear.cpp"
+CSRC_DIR = Path(__file__).with_name("csrc")
+SOURCES = ("gguf_linear.cpp", "attention.cpp")  # plus the header vec8.h they share
 ISA_FLAGS = {
     "avx2": ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"],
     "generic": ["-O3", "-ffp-contract=off", "-fopenmp"],
@@ -99,16 +102,18 @@ def _build(isa: str) -> Path:
     _ensure_ninja()
     if shutil.which("ninja") is None:
         raise RuntimeError("ninja is not installed (pip install ninja)")
-    digest = hashlib.sha256(CSRC.read_bytes() + " ".join(ISA_FLAGS[isa]).encode()).hexdigest()[:10]
+    text = b"".join((CSRC_DIR / f).read_bytes() for f in (*SOURCES, "vec8.h"))
+    digest = hashlib.sha256(text + " ".join(ISA_FLAGS[isa]).encode()).hexdigest()[:10]
     tag = f"{isa}-torch{torch.__version__.split('+')[0]}-py{sys.version_info[0]}{sys.version_info[1]}-{digest}"
-    build_dir = cache_dir() / "kernels" / f"gguf-{platform.machine()}-{tag}"
+    build_dir = cache_dir() / "kernels" / f"native-{platform.machine()}-{tag}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    name = f"specdec_gguf_{isa}"
+    name = f"specdec_native_{isa}"
     lib = build_dir / f"{name}.so"
     if not lib.is_file():
         log.info("Compiling the GGUF kernels for %s into %s (once, ~10-60 s)", isa, build_dir)
     cpp_extension.load(
-        name=name, sources=[str(CSRC)], extra_cflags=ISA_FLAGS[isa], extra_ldflags=["-fopenmp"],
+        name=name, sources=[str(CSRC_DIR / f) for f in SOURCES], extra_cflags=ISA_FLAGS[isa],
+        extra_ldflags=["-fopenmp"], extra_include_paths=[str(CSRC_DIR)],
         build_directory=str(build_dir), is_python_module=False, verbose=False,
     )
     return lib
@@ -133,6 +138,11 @@ def _library(isa: str) -> ctypes.CDLL | None:
     lib.specdec_gguf_linear.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
         ctypes.c_void_p, ctypes.c_void_p,
+    ]
+    lib.specdec_exact_attention.restype = ctypes.c_int
+    lib.specdec_exact_attention.argtypes = [
+        ctypes.c_void_p, *[ctypes.c_int64] * 5, ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 7,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p,
     ]
     lib.specdec_gguf_isa.restype = ctypes.c_int
     built = "avx2" if lib.specdec_gguf_isa() == 1 else "generic"
@@ -186,6 +196,36 @@ def gguf_linear(
     if rc != 0:
         raise ValueError(f"gguf_linear: the kernel refused {fmt.name} with K={k}")
     return y
+
+
+def exact_attention(
+    q: Tensor,  # [H, n, d] float32 (CPU), rows contiguous
+    k: Tensor,  # [Hkv, L, d] float32, rows contiguous (a view of a larger cache is fine)
+    v: Tensor,  # [Hkv, L, dv] float32, rows contiguous
+    mask: Tensor | None,  # [H or 1, n, L] additive float32 (≤ -1e30 = masked), rows contiguous, or None
+    scale: float,
+    isa: str | None = None,
+) -> Tensor:  # [n, H, dv] float32
+    """softmax(scale·q·kᵀ + mask)·v per head and row, each (row, head) in one fixed order (batch-invariant)."""
+    lib = native_library(isa)
+    if lib is None:
+        raise RuntimeError(unavailable_reason(isa) or "the compiled kernels are not available")
+    h, n, d = q.shape
+    hkv, length, dv = v.shape
+    tensors = [q, k, v] + ([mask] if mask is not None else [])
+    if (any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1 for t in tensors)
+            or k.shape != (hkv, length, d) or (mask is not None and mask.shape[1:] != (n, length))):
+        raise ValueError("exact_attention: float32 CPU tensors with contiguous rows and matching shapes expected")
+    out = torch.empty(n, h, dv, dtype=torch.float32)
+    m_sh = 0 if mask is None or mask.shape[0] == 1 else mask.stride(0)
+    rc = lib.specdec_exact_attention(
+        q.data_ptr(), h, n, d, q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), hkv, length, dv,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), mask.data_ptr() if mask is not None else None,
+        m_sh, mask.stride(1) if mask is not None else 0, float(scale), out.data_ptr(),
+    )
+    if rc != 0:
+        raise ValueError(f"exact_attention: the kernel refused heads {h}/{hkv}, head sizes {d}/{dv}")
+    return out
 
 
 # ---- PyTorch's int4 kernel ---------------------------------------------------------------------------
