@@ -51,6 +51,34 @@ def test_every_native_layer_holds_the_dense_models_values(smol, smol_native):
         assert torch.equal(p, dense.get_parameter(name)), name  # norms
 
 
+@needs_kernel
+def test_native_smollm2_scores_a_chain_and_a_tree_as_one_token_steps(smol_native):
+    """Bit for bit: linear layers, attention and everything between are row-invariant."""
+    from specdec.models.hf import HFLanguageModel
+
+    model, tok = smol_native
+    lm = HFLanguageModel(model)
+    ids = torch.tensor(tok("def fibonacci(n):\n    if n < 2:\n        return n")["input_ids"])
+    ctx, block = ids[:-6], ids[-6:]
+    lm.reset(len(ids) + 8)
+    lm.forward(ctx, last_only=True)
+    lm.commit(len(ctx))
+    chain = lm.forward(block)  # [6, V]
+    tree = lm.forward(block[[0, 1, 2, 3]], torch.tensor([-1, 0, 0, 2]))  # two children of block[0]
+
+    def one_by_one(tokens):  # [m] -> [m, V]
+        lm.crop(len(ctx))
+        rows = []
+        for t in tokens:
+            rows.append(lm.forward(t.view(1))[-1])
+            lm.commit(1)
+        return torch.stack(rows)
+
+    along_chain, along_branch = one_by_one(block), one_by_one(block[[0, 2, 3]])
+    assert torch.equal(chain, along_chain)
+    assert torch.equal(tree[:2], along_chain[:2]) and torch.equal(tree[2:], along_branch[1:])
+
+
 def _real_tensors(spec: str):
     """(name, format, blocks, cols) for one non-embedding tensor of each natively computed format of a file."""
     from specdec.models.hub.cache import models_dir

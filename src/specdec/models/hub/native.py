@@ -58,7 +58,7 @@ def _build(
     del reader  # release the memory map
     try:
         config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        if conversion is not None and conversion_ok(conversion):
+        if conversion is not None and conversion_ok(conversion, meta.get("source_sha256")):
             tokenizer = tokenizer_from_dir(conversion)  # the dense path's copy: same file, read already
         else:
             tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)

@@ -72,5 +72,8 @@ def use_exact_attention(model: nn.Module) -> bool:
         AttentionInterface.register(EXACT_ATTENTION, exact_attention_forward)
         AttentionMaskInterface.register(EXACT_ATTENTION, sdpa_mask)  # the masks transformers builds: bool
         _registered = True
-    model.set_attn_implementation(EXACT_ATTENTION)
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(EXACT_ATTENTION)
+    else:  # transformers releases before the setter
+        model.config._attn_implementation = EXACT_ATTENTION
     return True

@@ -40,6 +40,7 @@ __all__ = [
     "cpu_isa",
     "exact_attention",
     "gguf_linear",
+    "int4_exact",
     "int4pack_linear",
     "int4pack_of",
     "native_library",
@@ -229,8 +230,10 @@ def exact_attention(
 
 
 # ---- PyTorch's int4 kernel ---------------------------------------------------------------------------
-def _int4_fields(blocks: Tensor, fmt: BlockFormat, cols: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(q [N, K] int32 in 0..15, s [N, K/32] float64, z [N, K/32] float64) with w = (q − 8)·s + z."""
+def _int4_fields(
+    blocks: Tensor, fmt: BlockFormat, cols: int, quants: bool = True
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """(q [N, K] int32 in 0..15 or None, s [N, K/32] float64, z [N, K/32] float64): w = (q − 8)·s + z."""
     n = blocks.shape[0]
     b = blocks.reshape(n, cols // fmt.block_size, fmt.type_size)
 
@@ -240,7 +243,7 @@ def _int4_fields(blocks: Tensor, fmt: BlockFormat, cols: int) -> tuple[Tensor, T
     if fmt.name in ("Q4_0", "Q4_1"):
         start = 2 if fmt.name == "Q4_0" else 4
         qs = b[..., start : start + 16]
-        q = torch.cat([qs & 0x0F, qs >> 4], dim=-1)  # [N, nb, 32]
+        q = torch.cat([qs & 0x0F, qs >> 4], dim=-1) if quants else None  # [N, nb, 32]
         s = half(0).squeeze(-1)
         z = torch.zeros_like(s) if fmt.name == "Q4_0" else half(2).squeeze(-1) + 8 * s
     elif fmt.name == "Q4_K":
@@ -248,24 +251,28 @@ def _int4_fields(blocks: Tensor, fmt: BlockFormat, cols: int) -> tuple[Tensor, T
         s = half(0) * sc.double()  # [N, nb, 8]
         z = 8 * s - half(2) * mn.double()
         qs = b[..., 16:144].unflatten(-1, (4, 32))
-        q = torch.stack([qs & 0x0F, qs >> 4], dim=-2).flatten(-3, -2)  # [N, nb, 8, 32]
+        q = torch.stack([qs & 0x0F, qs >> 4], dim=-2).flatten(-3, -2) if quants else None  # [N, nb, 8, 32]
     else:
         raise ValueError(f"{fmt.name} has no int4 form")
-    return q.reshape(n, cols).to(torch.int32), s.reshape(n, -1), z.reshape(n, -1)
+    q = q.reshape(n, cols).to(torch.int32) if q is not None else None
+    return q, s.reshape(n, -1), z.reshape(n, -1)
+
+
+def int4_exact(blocks: Tensor, fmt: BlockFormat, cols: int) -> bool:
+    """Whether `_weight_int4pack_mm_for_cpu` can form exactly the values of these rows (see the module doc)."""
+    op = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
+    if fmt.name not in INT4_FORMATS or op is None or blocks.device.type != "cpu" or blocks.shape[0] % 16:
+        return False  # the op packs 16 output rows together
+    _, s, z = _int4_fields(blocks, fmt, cols, quants=False)
+    return bool(torch.equal(s.float().double(), s) and torch.equal(z.float().double(), z))
 
 
 def int4pack_of(blocks: Tensor, fmt: BlockFormat, cols: int) -> tuple[Tensor, Tensor] | None:
-    """(packed weight, scales_and_zeros [K/32, N, 2]) for `_weight_int4pack_mm_for_cpu`, or None.
-
-    None when the format has no int4 form, the op is missing, the shape does not suit it, or some
-    zero point is not exact in float32 (then the kernel would not form the file's values).
-    """
-    op = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
-    if fmt.name not in INT4_FORMATS or op is None or blocks.device.type != "cpu" or blocks.shape[0] % 16:
-        return None  # the op packs 16 output rows together
-    q, s, z = _int4_fields(blocks, fmt, cols)
-    if not (torch.equal(s.float().double(), s) and torch.equal(z.float().double(), z)):
+    """(packed weight, scales_and_zeros [K/32, N, 2]) for `_weight_int4pack_mm_for_cpu`, or None when
+    `int4_exact` is False."""
+    if not int4_exact(blocks, fmt, cols):
         return None
+    q, s, z = _int4_fields(blocks, fmt, cols)
     # One call for the whole matrix: the packed layout interleaves rows across more than 16 of them.
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     return packed, torch.stack([s.float(), z.float()], dim=-1).transpose(0, 1).contiguous()

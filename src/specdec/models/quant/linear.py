@@ -24,8 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from specdec.models.quant import kernels
 from specdec.models.quant.formats import BlockFormat, dequantize, format_of
+from specdec.models.quant.kernels import (
+    INT4_FORMATS,
+    gguf_linear,
+    int4_exact,
+    int4pack_linear,
+    int4pack_of,
+    native_library,
+    unavailable_reason,
+)
 
 __all__ = ["KERNELS", "GGUFEmbedding", "GGUFLinear"]
 
@@ -56,18 +64,19 @@ class GGUFLinear(nn.Module):
         # Buffers (not parameters, not in state dicts): the blocks are the file's bytes, not trainable weights.
         self.register_buffer("blocks", blocks.contiguous(), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous(), persistent=False)
-        self._int4: tuple[Tensor, Tensor] | None | bool = False  # False: not tried yet
+        self._int4_ok: bool | None = None  # can the int4 kernel form these values? (checked on demand)
+        self._int4: tuple[Tensor, Tensor] | None = None  # its repacked weight, made when first chosen
         self.kernel = "dequant"
-        self.set_kernel(kernel or ("gguf" if kernels.native_library() is not None else "dequant"))
+        self.set_kernel(kernel or ("gguf" if native_library() is not None else "dequant"))
 
     # ---- kernel choice -------------------------------------------------------------------------
     def kernels(self) -> list[str]:
         """The kernels that compute this layer exactly on this machine (see the module docstring)."""
         out = []
         if self.blocks.device.type == "cpu":
-            if kernels.native_library() is not None:
+            if native_library() is not None:
                 out.append("gguf")
-            if self._int4_pack() is not None:
+            if self._int4_exact():
                 out.append("int4pack")
         out.append("dequant")
         return out
@@ -76,21 +85,23 @@ class GGUFLinear(nn.Module):
         """Use kernel `name` from now on; ValueError when it does not apply to this layer here."""
         if name not in KERNELS:
             raise ValueError(f"unknown GGUF kernel {name!r}; known: {', '.join(KERNELS)}")
-        if name == "gguf" and kernels.native_library() is None:
-            raise ValueError(f"the compiled GGUF kernel is not available: {kernels.unavailable_reason()}")
-        if name == "int4pack" and self._int4_pack() is None:
-            raise ValueError(
-                f"PyTorch's int4 kernel cannot represent this {self.fmt.name} layer exactly "
-                f"({self.out_features}x{self.in_features}); use 'gguf' or 'dequant'"
-            )
+        if name == "gguf" and native_library() is None:
+            raise ValueError(f"the compiled GGUF kernel is not available: {unavailable_reason()}")
+        if name == "int4pack":
+            if not self._int4_exact():
+                raise ValueError(
+                    f"PyTorch's int4 kernel cannot represent this {self.fmt.name} layer exactly "
+                    f"({self.out_features}x{self.in_features}); use 'gguf' or 'dequant'"
+                )
+            if self._int4 is None:
+                self._int4 = int4pack_of(self.blocks, self.fmt, self.in_features)
         self.kernel = name
 
-    def _int4_pack(self) -> tuple[Tensor, Tensor] | None:
-        if self._int4 is False:
-            self._int4 = None
-            if self.blocks.device.type == "cpu" and self.fmt.name in kernels.INT4_FORMATS:
-                self._int4 = kernels.int4pack_of(self.blocks, self.fmt, self.in_features)
-        return self._int4  # type: ignore[return-value]
+    def _int4_exact(self) -> bool:
+        if self._int4_ok is None:
+            self._int4_ok = (self.blocks.device.type == "cpu" and self.fmt.name in INT4_FORMATS
+                             and int4_exact(self.blocks, self.fmt, self.in_features))
+        return self._int4_ok
 
     # ---- compute -------------------------------------------------------------------------------
     def dequantized_weight(self) -> Tensor:
@@ -108,17 +119,19 @@ class GGUFLinear(nn.Module):
             return F.linear(x2, w, bias).reshape(*lead, self.out_features)
         xf = x2.float().contiguous()
         if self.kernel == "gguf":
-            y = kernels.gguf_linear(xf, self.blocks, self.fmt, self.bias)
+            y = gguf_linear(xf, self.blocks, self.fmt, self.bias)
         else:
-            packed, scales_zeros = self._int4_pack()  # type: ignore[misc]
-            y = kernels.int4pack_linear(xf, packed, scales_zeros, self.bias)
+            assert self._int4 is not None
+            y = int4pack_linear(xf, *self._int4, self.bias)
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def _apply(self, fn, recurse=True):  # .to(device) and friends: the int4 repack belongs to the old place
-        self._int4 = False
+        self._int4_ok, self._int4 = None, None
         out = super()._apply(fn, recurse)
-        if self.kernel == "int4pack" and self.blocks.device.type != "cpu":
+        if self.kernel == "int4pack":
             self.kernel = "dequant"
+            if self.blocks.device.type == "cpu":
+                self.set_kernel("int4pack")
         return out
 
     def extra_repr(self) -> str:
