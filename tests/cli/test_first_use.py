@@ -15,7 +15,7 @@ import pytest
 import specdec
 import specdec.models.hub as hub
 from specdec.cli import main
-from specdec.cli.common import DTYPE_NAMES
+from specdec.cli.common import DTYPE_NAMES, WEIGHT_NAMES
 from specdec.engine.pipeline import DTYPES, Pipeline
 from specdec.models.hub.registry import DEFAULT_TARGET, KNOWN_MODELS, ModelError, check_known_pair, default_draft
 from tests.serving.server_helpers import save_tiny_checkpoints, tiny_tokenizer
@@ -78,6 +78,9 @@ def test_abbreviations_are_judged_among_all_flags(capsys):
 
 def test_cli_dtype_names_are_the_pipelines():
     assert sorted(DTYPE_NAMES) == sorted(DTYPES)
+    from specdec.models.hub.load import WEIGHTS
+
+    assert sorted(WEIGHT_NAMES) == sorted(WEIGHTS)
 
 
 # ---- 10: one clear line instead of a traceback ----------------------------------------------

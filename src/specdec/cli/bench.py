@@ -43,6 +43,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     tp_size = tensor_parallel_size_of(args)
     if tp_size > 1:
         run_info["tensor_parallel_size"] = tp_size
+    if args.weights != "dense" or args.draft_weights not in (None, "dense"):  # recorded only when not dense
+        run_info["weights"] = [args.weights, args.draft_weights or args.weights]
     settings = BenchSettings(
         methods=parse_methods(args.methods, variants),
         variants=variants,
@@ -67,6 +69,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     argv += ["--threads", str(args.threads)] if args.threads else []
     argv += ["--offload"] if args.offload else []
     argv += ["--tensor-parallel-size", str(tp_size)] if tp_size > 1 else []
+    argv += ["--weights", args.weights] if args.weights != "dense" else []
+    argv += ["--draft-weights", args.draft_weights] if args.draft_weights else []
     argv += ["--per-task", str(args.per_task)] if args.per_task is not None else []
     argv += ["--tasks", args.tasks] if args.tasks else []
     for name in OPTION_FLAGS:

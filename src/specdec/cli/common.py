@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 """The names of `engine.pipeline.DTYPES` (a test keeps them equal), without importing torch."""
+WEIGHT_NAMES = ("dense", "native")
+"""The names of `models.hub.load.WEIGHTS` (a test keeps them equal), without importing torch."""
 DRAFT_FREE_METHOD = "pld"
 """The method of a run that names no --method and has no draft model (prompt lookup needs none)."""
 
@@ -69,6 +71,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--fast-linear", default="auto", choices=["auto", "on", "off"],
         help="prepacked oneDNN linears on the CPU (same model up to float32 round-off; auto = when verified faster)",
     )
+    p.add_argument(
+        "--weights", default="dense", choices=WEIGHT_NAMES,
+        help="dense = float32 copies of the weights (default); native = a GGUF model's linear layers compute on the "
+        "file's quantized blocks (the file's own values, float32 activations; target and draft)",
+    )
+    p.add_argument("--draft-weights", default=None, choices=WEIGHT_NAMES,
+                   help="the draft's weights, dense or native (default: as --weights)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, which honours OMP_NUM_THREADS)")
     p.add_argument("--offload", action="store_true",
                    help="keep the target's weights in CPU RAM and stream them to the GPU layer by layer (CUDA only; "
@@ -196,6 +205,7 @@ def load_pipeline(args: argparse.Namespace, need_draft: bool) -> Pipeline:
                 args.target, drafts or None, device=device, dtype=DTYPES[args.dtype],
                 draft_dtype=args.draft_dtype, fast_linear=args.fast_linear,
                 offload=bool(getattr(args, "offload", False)), tensor_parallel_size=tp_size,
+                weights=args.weights, draft_weights=args.draft_weights,
             )
     except BaseException:
         if rank0:

@@ -142,6 +142,8 @@ class Pipeline:
         offload: bool = False,
         progress: bool = True,
         tensor_parallel_size: int = 1,
+        weights: str = "dense",
+        draft_weights: str | None = None,
     ) -> None:
         """Load the models.
 
@@ -157,6 +159,11 @@ class Pipeline:
             tensor-parallel plan (`models.parallel`; gloo on CPU, NCCL on CUDA, one GPU per rank). This
             process becomes rank 0 and starts the others, or, under torchrun, joins its ranks. The
             drafts stay in this process; `close()` (or the end of the process) stops the other ranks.
+        weights: "dense" (default: float32 copies of the weights) or "native": the linear layers of a
+            GGUF model compute on the file's quantized blocks (`models.quant`; the file's own values,
+            float32 activations and sums; known models and .gguf files, float32 only).
+        draft_weights: the same for the draft models (default: as `weights`). A native draft changes
+            speed only, as any draft does.
         """
         from specdec.models.fastpath import enable_packed_linears, quantize_draft_int8
         from specdec.models.hub import load_model, load_tokenizer
@@ -164,6 +171,16 @@ class Pipeline:
 
         self.target_name, self.draft_name = target, draft
         self.tensor_parallel_size = tensor_parallel_size
+        draft_weights = draft_weights or weights
+        if draft_dtype == "int8" and draft_weights == "native":
+            raise ValueError(
+                "--draft-dtype int8 quantizes a dense draft; with native draft weights the draft already computes on "
+                "its GGUF blocks (drop --draft-dtype, or pass --draft-weights dense)"
+            )
+        if tensor_parallel_size != 1 and weights == "native":
+            raise ValueError("--weights native and --tensor-parallel-size do not combine (the native blocks are not "
+                             "sharded); use --weights dense to shard the target")
+        self.weights = (weights, draft_weights)
         draft_names = [draft] if isinstance(draft, str) else list(draft or [])
         # A draft that cannot pair with the target is refused before any weights load: known
         # models by their registry entries, any model by its tokenizer (loaded first, cheaply).
@@ -180,7 +197,8 @@ class Pipeline:
             target_model = self.target_lm.model
             self.fast_linears = 0  # prepacking would replace the linears transformers sharded and hooked
         else:
-            target_model, self.tokenizer = load_model(target, dtype=dtype, device=device, progress=progress)
+            target_model, self.tokenizer = load_model(target, dtype=dtype, device=device, progress=progress,
+                                                      weights=weights)
             self.fast_linears = enable_packed_linears(target_model, fast_linear)
             self.target_lm = HFLanguageModel(target_model)
         if offload:
@@ -192,7 +210,8 @@ class Pipeline:
         for name in draft_names:
             int8 = draft_dtype == "int8"
             ddtype = dtype if draft_dtype in (None, "int8") else DTYPES[draft_dtype]
-            draft_model, _ = load_model(name, dtype=torch.float32 if int8 else ddtype, device=device, progress=progress)
+            draft_model, _ = load_model(name, dtype=torch.float32 if int8 else ddtype, device=device,
+                                        progress=progress, weights=draft_weights)
             if int8:
                 draft_model = quantize_draft_int8(draft_model)
             else:
@@ -236,6 +255,7 @@ class Pipeline:
         pipe.eos_token_ids = list(eos_token_ids or [])
         pipe.device = getattr(target_lm, "device", torch.device("cpu"))
         pipe.tensor_parallel_size = int(getattr(target_lm, "tensor_parallel_size", 1))
+        pipe.weights = ("dense", "dense")
         pipe.dtype = getattr(target_lm, "dtype", torch.float32)
         return pipe
 
@@ -279,6 +299,8 @@ class Pipeline:
         device = torch.device(self.device).type
         if getattr(self, "tensor_parallel_size", 1) > 1:  # a sharded target has timings of its own
             device += f"-tp{self.tensor_parallel_size}"
+        if self.weights != ("dense", "dense"):  # other kernels, other timings: their own tune profile
+            dtype += f"-weights-{self.weights[0]}-{self.weights[1]}"
         return profile_key(self.target_name, drafts[0], device, dtype, sampling.temperature)
 
     def decoder(

@@ -18,6 +18,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from specdec.core.tree import ancestor_mask, chain_parents, depths, validate_parents
+from specdec.models.quant.attention import EXACT_ATTENTION
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -94,7 +95,7 @@ def _check_supported(model: "PreTrainedModel", config) -> None:
             "decoder layers only (a custom mask would silently ignore a sliding window)"
         )
     impl = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
-    if impl not in ("sdpa", "eager"):
+    if impl not in ("sdpa", "eager", EXACT_ATTENTION):
         raise ValueError(f"attention implementation {impl!r} is not supported; load the model with sdpa or eager")
 
 

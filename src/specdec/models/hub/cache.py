@@ -15,7 +15,7 @@ from pathlib import Path
 
 from specdec.core.store import cache_dir
 
-__all__ = ["converted_root", "models_dir", "pid_alive", "remove_stale"]
+__all__ = ["converted_root", "models_dir", "native_root", "pid_alive", "remove_stale"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,13 @@ def models_dir() -> Path:
 def converted_root() -> Path:
     """Where the float32 safetensors copies of dequantized GGUFs live."""
     path = cache_dir() / "converted"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def native_root() -> Path:
+    """Where the tensor tables, configs and tokenizers of GGUF files loaded with native weights live."""
+    path = cache_dir() / "native"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

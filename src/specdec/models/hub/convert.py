@@ -29,6 +29,7 @@ __all__ = [
     "gguf_key",
     "has_gguf_magic",
     "load_gguf_with_transformers",
+    "open_gguf",
     "save_conversion",
 ]
 
@@ -47,6 +48,11 @@ def has_gguf_magic(path: Path) -> bool:
 
 def check_gguf(path: Path) -> None:
     """Refuse an empty, non-GGUF, corrupt or truncated file before transformers sees it."""
+    open_gguf(path)  # the reader and its memory map are dropped at once
+
+
+def open_gguf(path: Path) -> Any:
+    """A `gguf.GGUFReader` of `path`, after the checks of `check_gguf` (a clear ModelError otherwise)."""
     try:
         size = path.stat().st_size
     except OSError as exc:
@@ -64,7 +70,6 @@ def check_gguf(path: Path) -> None:
         reader = GGUFReader(path)
         data_end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
         n_tensors = len(reader.tensors)
-        del reader  # release the memory map
     except Exception as exc:  # any failure deep inside the reader means a broken file
         raise ModelError(
             f"The GGUF file {path} cannot be read ({type(exc).__name__}: {exc}); it is probably truncated "
@@ -77,6 +82,7 @@ def check_gguf(path: Path) -> None:
             f"The GGUF file {path} is truncated: its tensors need {data_end} bytes but the file has "
             f"{size}. Delete it and download or copy it again."
         )
+    return reader
 
 
 def gguf_key(path: Path) -> str:

@@ -2,7 +2,9 @@
 
 A spec is resolved first (a known name, a ``.gguf`` path, a checkpoint directory or a Hugging Face
 hub id) and then read from the checkpoint directory, the hub, or a GGUF: a known model is fetched
-first, and a GGUF is dequantized once and read from its converted safetensors copy afterwards.
+first, and a GGUF is dequantized once and read from its converted safetensors copy afterwards
+(``weights="dense"``), or its linear layers compute on the file's quantized blocks
+(``weights="native"``, `models.quant`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from specdec.models.hub.cache import converted_root
+from specdec.models.hub.cache import converted_root, native_root
 from specdec.models.hub.checkpoint import check_checkpoint_dir, load_dir, tokenizer_from_dir
 from specdec.models.hub.convert import (
     check_gguf,
@@ -26,13 +28,16 @@ from specdec.models.hub.convert import (
     save_conversion,
 )
 from specdec.models.hub.download import fetch
+from specdec.models.hub.native import load_native
 from specdec.models.hub.registry import ModelError
 from specdec.models.hub.resolve import Source, not_found, resolve
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["hub_call", "hub_reachable", "load_config", "load_model", "load_tokenizer", "prepare_model"]
+__all__ = ["WEIGHTS", "hub_call", "hub_reachable", "load_config", "load_model", "load_tokenizer", "prepare_model"]
+
+WEIGHTS = ("dense", "native")
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +107,39 @@ def load_model(
     device: str | torch.device = "cpu",
     progress: bool = True,
     tensor_parallel_size: int = 1,
+    weights: str = "dense",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``spec`` (known name, .gguf path, checkpoint dir or hub id) as an eval-mode (model, tokenizer).
 
     tensor_parallel_size > 1: load this process's shard of the model with transformers' tensor-parallel
     plan over the torch.distributed group every rank has joined (`models.parallel`); transformers puts it
     on the rank's device. A GGUF must have been converted already (`prepare_model`, which rank 0 runs).
+
+    weights: "dense" (float32 copies of the weights, or the checkpoint's own) or "native" (a GGUF's
+    linear layers compute on its quantized blocks, in float32; known models and .gguf files only).
     """
+    if weights not in WEIGHTS:
+        raise ModelError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     src = resolve(spec)
+    if weights == "native":
+        if tensor_parallel_size > 1:
+            raise ModelError("--weights native and --tensor-parallel-size do not combine (the native blocks are not "
+                             "sharded); use --weights dense to shard the target")
+        if src.kind not in ("registry", "gguf"):
+            raise ModelError(
+                f"--weights native computes on a GGUF file's quantized blocks, and {src.spec!r} is a "
+                f"{'checkpoint directory' if src.kind == 'dir' else 'Hugging Face hub id'}; pass a known model "
+                f"name or a .gguf file, or use --weights dense"
+            )
+        if dtype != torch.float32:
+            raise ModelError(
+                f"--weights native computes in float32 (the file's values, float32 activations); got dtype "
+                f"{str(dtype).replace('torch.', '')}"
+            )
+        conversion, _ = _conversion_for(src)
+        gguf_path, meta = _gguf_source(src, progress)
+        directory = native_root() / (src.model.name if src.model is not None else conversion.name)
+        return load_native(gguf_path, directory, meta, conversion, device)
     sharded: dict[str, Any] = {}
     if tensor_parallel_size > 1:
         from transformers.distributed import DistributedConfig

@@ -1,0 +1,184 @@
+"""Tokens/s of specdec against llama.cpp's plain decoding on the same GGUF file and prompts.
+
+llama.cpp is a measurement peer, not a dependency: build its `llama-server` yourself (for example from
+the vendored source of the `llama-cpp-python` sdist, `cmake -B build -DCMAKE_BUILD_TYPE=Release
+-DLLAMA_CURL=OFF && cmake --build build --target llama-server -j`) and pass its path. Both sides get
+the same prompt tokens (the target's chat template, rendered by specdec and sent to the server as
+token ids), greedy decoding, the same thread count, one request at a time and the same cap on new
+tokens; both stop at the end-of-sequence token. Per prompt and method it records the end-to-end
+tokens/s (prefill included: llama.cpp's prompt_ms + predicted_ms against specdec's wall time), and
+llama.cpp's decode-only rate. The table ends with the geometric mean of specdec/llama.cpp per method.
+
+    python scripts/compare_llamacpp.py --llama-server /tmp/llama.cpp/build/bin/llama-server \\
+        --prompts ../shared/bench/prompts-dev.jsonl --per-task 1 --methods ar,sps \\
+        --weights native --threads 2 --max-new-tokens 96 --out runs/llamacpp
+
+Timings mean something only on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def post(url: str, body: dict, timeout: float) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+class LlamaServer:
+    """A llama-server process on a free local port, stopped on exit."""
+
+    def __init__(self, binary: str, gguf: Path, threads: int, ctx: int, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [binary, "-m", str(gguf), "-t", str(threads), "-tb", str(threads), "-c", str(ctx), "-np", "1",
+               "--host", "127.0.0.1", "--port", str(self.port)]
+        self.log = log.open("w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"llama-server exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(1.0)
+        raise SystemExit(f"llama-server did not become ready in {timeout:.0f} s; see {self.log.name}")
+
+    def generate(self, ids: list[int], max_new: int) -> dict:
+        body = {"prompt": ids, "n_predict": max_new, "temperature": 0.0, "top_k": 1, "cache_prompt": False,
+                "return_tokens": True, "stream": False}
+        out = post(self.url + "/completion", body, timeout=3600)
+        t = out["timings"]
+        n = int(t["predicted_n"])
+        e2e_s = (float(t["prompt_ms"]) + float(t["predicted_ms"])) / 1e3
+        return {"new_tokens": n, "tokens": out.get("tokens"), "text": out.get("content", ""),
+                "e2e_tok_s": n / e2e_s if e2e_s > 0 else 0.0, "decode_tok_s": float(t.get("predicted_per_second", 0.0)),
+                "prompt_tokens": int(t["prompt_n"])}
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def geomean(xs: list[float]) -> float:
+    xs = [x for x in xs if x > 0]
+    return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--llama-server", required=True, help="path to llama.cpp's llama-server binary")
+    p.add_argument("--prompts", required=True, help="prompt file (one JSON object a line: id, task, turns)")
+    p.add_argument("--tasks", default=None, help="comma-separated task categories to keep")
+    p.add_argument("--per-task", type=int, default=None, help="first N prompts of each task")
+    p.add_argument("--target", default="qwen2.5-coder-1.5b-instruct", help="known model name or .gguf file")
+    p.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct", help="draft model for methods that need one")
+    p.add_argument("--methods", default="ar,sps", help="specdec methods, comma-separated (default ar,sps)")
+    p.add_argument("--opt", action="append", default=[], help="method option KEY=VALUE (repeatable)")
+    p.add_argument("--weights", default="native", choices=["dense", "native"], help="specdec weights (default native)")
+    p.add_argument("--draft-weights", default=None, choices=["dense", "native"])
+    p.add_argument("--threads", type=int, default=2, help="threads for both (default 2)")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--ctx", type=int, default=4096, help="llama-server context size")
+    p.add_argument("--out", required=True, help="output directory (results.jsonl, summary.md, llama-server.log)")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from specdec.bench.prompts import load_prompts, select_prompts
+    from specdec.engine.pipeline import Pipeline
+    from specdec.methods.registry import get_method
+    from specdec.models.hub import fetch
+    from specdec.models.hub.registry import KNOWN_MODELS
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = [t for t in (args.tasks or "").split(",") if t]
+    prompts = select_prompts(load_prompts(args.prompts), tasks=tasks or None, per_task=args.per_task)
+    methods = [m for m in args.methods.split(",") if m]
+    opts = dict(kv.split("=", 1) for kv in args.opt)
+    need_draft = any(get_method(m).needs_draft_model for m in methods)
+    gguf = fetch(args.target) if args.target in KNOWN_MODELS else Path(args.target)
+
+    print(f"loading {args.target} ({args.weights} weights) …", file=sys.stderr)
+    pipe = Pipeline(args.target, args.draft if need_draft else None, weights=args.weights,
+                    draft_weights=args.draft_weights)
+    server = LlamaServer(args.llama_server, gguf, args.threads, args.ctx, out / "llama-server.log")
+    rows = []
+    try:
+        server.wait_ready()
+        warm = pipe.encode(prompts[0].text, chat=pipe.has_chat_template())
+        server.generate(warm, 4)  # warm-up, not recorded
+        pipe.generate(warm, methods[0], 4, **{k: v for k, v in opts.items() if k in get_method(methods[0]).options.names()})
+        for pr in prompts:
+            ids = pipe.encode(pr.text, chat=pipe.has_chat_template())
+            ref = server.generate(ids, args.max_new_tokens)
+            row = {"id": pr.id, "task": pr.task, "prompt_tokens": len(ids), "llama.cpp": ref, "specdec": {}}
+            for m in methods:
+                known = get_method(m).options.names()
+                res = pipe.generate(ids, m, args.max_new_tokens, **{k: v for k, v in opts.items() if k in known})
+                st = res.stats
+                row["specdec"][m] = {"new_tokens": st.new_tokens, "e2e_tok_s": st.tokens_per_s,
+                                     "tokens_per_call": st.tokens_per_call, "tokens": res.token_ids,
+                                     "same_as_llamacpp": ref["tokens"] == res.token_ids if ref["tokens"] else None}
+            rows.append(row)
+            line = " ".join(f"{m} {row['specdec'][m]['e2e_tok_s']:.2f}" for m in methods)
+            print(f"{pr.id}: llama.cpp {ref['e2e_tok_s']:.2f} tok/s (decode {ref['decode_tok_s']:.2f}) | {line}",
+                  file=sys.stderr)
+    finally:
+        server.close()
+
+    with (out / "results.jsonl").open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    lines = [f"target `{args.target}` ({args.weights} weights), draft `{args.draft if need_draft else '-'}`, "
+             f"{args.threads} threads, greedy, at most {args.max_new_tokens} new tokens, {len(rows)} prompts",
+             "", "| prompt | llama.cpp e2e tok/s | llama.cpp decode tok/s | "
+             + " | ".join(f"{m} tok/s | {m} / llama.cpp" for m in methods) + " |",
+             "|---" * (3 + 2 * len(methods)) + "|"]
+    for row in rows:
+        ref = row["llama.cpp"]["e2e_tok_s"]
+        cells = [f"{row['specdec'][m]['e2e_tok_s']:.2f} | {row['specdec'][m]['e2e_tok_s'] / ref:.2f}x" for m in methods]
+        lines.append(f"| {row['id']} | {ref:.2f} | {row['llama.cpp']['decode_tok_s']:.2f} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for m in methods:
+        ratio = geomean([r["specdec"][m]["e2e_tok_s"] / r["llama.cpp"]["e2e_tok_s"] for r in rows])
+        same = sum(bool(r["specdec"][m]["same_as_llamacpp"]) for r in rows)
+        lines.append(f"- `{m}`: {ratio:.2f}x llama.cpp end to end (geometric mean); output identical to llama.cpp's "
+                     f"on {same}/{len(rows)} prompts (llama.cpp rounds activations to 8 bits, so it is a different "
+                     f"computation)")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

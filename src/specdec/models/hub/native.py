@@ -1,0 +1,106 @@
+"""The native-weights cache of a GGUF file: its tensor table, its config and its tokenizer.
+
+Reading a GGUF's metadata with `gguf.GGUFReader` takes seconds to tens of seconds for a 150k-token
+vocabulary, and transformers reads it again for the config and again for the tokenizer. With
+`--weights native` that happens once per file: the results are kept in `$SPECDEC_CACHE/native/<name>/`
+(`specdec-native.json` names the source file and holds the tensor table), and later loads only map
+the file. A directory is written under a temporary name and renamed into place, so one that exists
+is complete; it is rebuilt when its source changes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from specdec.models.hub.cache import remove_stale
+from specdec.models.hub.checkpoint import tokenizer_from_dir
+from specdec.models.hub.convert import conversion_ok, open_gguf
+from specdec.models.hub.registry import ModelError
+from specdec.models.quant.formats import UnsupportedFormat
+from specdec.models.quant.load import TensorEntry, build_native_model, tensor_index
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = ["NATIVE_META", "load_native"]
+
+log = logging.getLogger(__name__)
+
+NATIVE_META = "specdec-native.json"
+_SOURCE_KEYS = ("source", "source_sha256", "size", "mtime_ns")
+
+
+def _read(directory: Path, meta: dict[str, Any]) -> tuple[str, list[TensorEntry]] | None:
+    try:
+        saved = json.loads((directory / NATIVE_META).read_text())
+        if any(saved.get(k) != meta.get(k) for k in _SOURCE_KEYS):
+            return None
+        return saved["arch"], [TensorEntry(e[0], e[1], tuple(e[2]), e[3], e[4]) for e in saved["tensors"]]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+def _build(
+    gguf_path: Path, directory: Path, meta: dict[str, Any], conversion: Path | None
+) -> tuple[PretrainedConfig, PreTrainedTokenizerBase, str, list[TensorEntry]]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    log.info("Reading the metadata of %s (once; later loads use %s)", gguf_path, directory)
+    reader = open_gguf(gguf_path)
+    arch, entries = tensor_index(reader)
+    del reader  # release the memory map
+    try:
+        config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        if conversion is not None and conversion_ok(conversion, meta.get("source_sha256")):
+            tokenizer = tokenizer_from_dir(conversion)  # the dense path's copy: same file, read already
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    except Exception as exc:  # an unsupported architecture or a broken file, deep inside transformers
+        raise ModelError(
+            f"transformers could not read the config or tokenizer of {gguf_path} ({type(exc).__name__}: {exc})."
+        ) from exc
+    root = directory.parent
+    remove_stale(root, f".{directory.name}.tmp-")
+    tmp = root / f".{directory.name}.tmp-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        record = {**meta, "arch": arch, "tensors": [list(e) for e in entries]}
+        (tmp / NATIVE_META).write_text(json.dumps(record))
+        shutil.rmtree(directory, ignore_errors=True)
+        os.rename(tmp, directory)
+    except OSError as exc:  # a read-only or full cache only costs the next load some time
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("Could not save the native-weights cache of %s: %s", gguf_path, exc)
+    return config, tokenizer, arch, entries
+
+
+def load_native(
+    gguf_path: Path, directory: Path, meta: dict[str, Any], conversion: Path | None, device: str | torch.device
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model computing on the file's blocks, tokenizer) for the GGUF file at `gguf_path`.
+
+    directory: this file's native cache; meta: what identifies the file (compared with the cache's);
+    conversion: the dense conversion directory, whose tokenizer is reused when it exists.
+    """
+    cached = _read(directory, meta)
+    if cached is not None:
+        from transformers import AutoConfig
+
+        arch, entries = cached
+        config, tokenizer = AutoConfig.from_pretrained(str(directory)), tokenizer_from_dir(directory)
+    else:
+        config, tokenizer, arch, entries = _build(gguf_path, directory, meta, conversion)
+    try:
+        model = build_native_model(gguf_path, config, arch, entries, device)
+    except UnsupportedFormat as exc:
+        raise ModelError(str(exc)) from exc
+    return model, tokenizer
