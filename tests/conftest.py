@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -40,6 +42,19 @@ def tiny_hf_model(arch: str = "llama", seed: int = 0, vocab: int = TINY_VOCAB, l
 
 def tiny_lm(arch: str = "llama", seed: int = 0, vocab: int = TINY_VOCAB) -> HFLanguageModel:
     return HFLanguageModel(tiny_hf_model(arch, seed, vocab))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _measurements_in_a_temporary_folder(tmp_path_factory):
+    """Timings taken on a busy test machine must never reach the user's cache (linear paths, draft
+    precision, tune profiles): the whole session measures into a temporary folder."""
+    old = os.environ.get("SPECDEC_MEASUREMENTS")
+    os.environ["SPECDEC_MEASUREMENTS"] = str(tmp_path_factory.mktemp("measurements"))
+    yield
+    if old is None:
+        os.environ.pop("SPECDEC_MEASUREMENTS", None)
+    else:
+        os.environ["SPECDEC_MEASUREMENTS"] = old
 
 
 @pytest.fixture(params=["llama", "qwen2"])

@@ -31,6 +31,7 @@ PROMPTS = [list(range(5, 20)), list(range(30, 41))]
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SPECDEC_MEASUREMENTS", str(tmp_path / "measurements"))
 
 
 def _check_profile(profile, sizes, max_depth, width):

@@ -34,13 +34,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, … (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="target dtype (default float32)")
     p.add_argument(
-        "--draft-dtype", default=None, choices=sorted(DTYPES) + ["int8"],
-        help="draft precision; int8 = dynamic int8 quantization of the draft's linears (CPU). It changes speed "
-        "only, never the output: every drafted token is verified against the target",
+        "--draft-dtype", default="auto", choices=["auto"] + sorted(DTYPES) + ["int8"],
+        help="draft precision (default auto: the fastest measured on this machine, cached; int8 = dynamic int8 "
+        "quantization of the draft's linears, CPU). It changes speed only, never the output: every drafted token is "
+        "verified against the target",
     )
     p.add_argument(
         "--fast-linear", default="auto", choices=["auto", "on", "off"],
-        help="prepacked oneDNN linears on the CPU (same model up to float32 round-off; auto = when verified faster)",
+        help="linear kernels (default auto: per row-count bucket, the fastest path measured on this machine, cached; "
+        "on: prepacked oneDNN everywhere; off: plain F.linear). Every path is the same function up to round-off",
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, which honours OMP_NUM_THREADS)")
     p.add_argument("--offload", action="store_true",

@@ -1,5 +1,6 @@
-"""`specdec profile`: t(k), ms per forward over k new tokens, of the target (and draft) on the plain
-path and on the fast paths (packed oneDNN linears; int8 for a CPU draft), from one process."""
+"""`specdec profile`: t(k), ms per forward over k new tokens, of the target (and draft) on each linear
+path (plain, prepacked oneDNN everywhere, and the measured per-bucket choice), the per-bucket choice
+itself, and for the draft each precision this device can run, from one process."""
 
 from __future__ import annotations
 
@@ -12,15 +13,19 @@ from typing import Any
 import torch
 
 from specdec.cli.common import device_of
+from specdec.core.hardware import describe, fingerprint
 from specdec.core.store import cache_dir
 from specdec.engine.pipeline import DEFAULT_TARGET, DTYPES
-from specdec.tuning.timing import DEFAULT_KS, format_table, measure_forward
+from specdec.models.timing import DEFAULT_KS, format_table, measure_forward
+
+LINEAR_MODES = (("off", "plain"), ("on", "packed oneDNN"), ("auto", "auto (per bucket)"))
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from specdec.models.fastpath import enable_packed_linears, quantize_draft_int8
+    from specdec.models.draft_precision import make_variant, precision_candidates
     from specdec.models.hf import HFLanguageModel
     from specdec.models.hub import load_model
+    from specdec.models.kernel_choice import apply_linear_paths, format_kernel_report
 
     ks = tuple(int(k) for k in args.ks.split(","))
     if not ks or min(ks) < 1:
@@ -28,21 +33,45 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = device_of(args)
-    report: dict[str, Any] = {"device": device, "threads": torch.get_num_threads(), "models": {}}
+    fp = fingerprint(device)
+    print(f"machine: {describe(fp)}", file=sys.stderr)
+    report: dict[str, Any] = {"device": device, "threads": torch.get_num_threads(), "fingerprint": fp, "models": {}}
     roles = [("target", args.target)] + ([("draft", args.draft)] if args.draft else [])
     for role, name in roles:
-        model, _ = load_model(name, dtype=DTYPES[args.dtype], device=device)
-        profiles = [measure_forward(HFLanguageModel(model), ks, args.context, args.repeats, path="plain")]
-        if enable_packed_linears(model, "on"):
-            profiles.append(measure_forward(HFLanguageModel(model), ks, args.context, args.repeats, path="packed oneDNN"))
-        if role == "draft" and device == "cpu":
-            del model
-            qmodel = quantize_draft_int8(load_model(name, dtype=torch.float32, device=device)[0])
-            profiles.append(measure_forward(HFLanguageModel(qmodel), ks, args.context, args.repeats, path="int8 dynamic"))
-            del qmodel
+        profiles, kernels = [], None
+        for mode, label in LINEAR_MODES:
+            model, _ = load_model(name, dtype=DTYPES[args.dtype], device=device)
+            rep = apply_linear_paths(model, mode, progress=lambda msg: print(msg, file=sys.stderr))
+            if mode == "on" and not rep.replaced:
+                continue  # no packed path for this dtype or device
+            if mode == "auto":
+                kernels = rep
+            profiles.append(measure_forward(HFLanguageModel(model), ks, args.context, args.repeats, path=label))
+            model = None  # free the weights before the next copy loads
+        levels: dict[str, Any] = {}
+        if role == "draft":
+            for precision in precision_candidates(device):
+                if precision == args.dtype:
+                    continue  # the rows above
+                try:
+                    fp32, _ = load_model(name, dtype=torch.float32, device=device)
+                    variant = make_variant(fp32, precision)
+                except (RuntimeError, ValueError) as exc:
+                    print(f"{precision}: not usable here ({exc})", file=sys.stderr)
+                    continue
+                profiles.append(measure_forward(HFLanguageModel(variant), ks, args.context, args.repeats,
+                                                path=f"{precision} (auto paths)"))
+                fp32 = variant = None
+            levels = {p.path: p.ms.get(1) for p in profiles}
         print(format_table(f"{role} {name}", profiles) + "\n")
-        report["models"][role] = {"name": name, "profiles": [p.to_dict() for p in profiles]}
-        model = None  # free the weights before the next model loads
+        if kernels is not None:
+            print(format_kernel_report(kernels) + "\n")
+        if levels:
+            print(f"draft {name}: ms per draft level (a 1-token forward after {args.context} tokens): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in levels.items() if v is not None) + "\n")
+        report["models"][role] = {"name": name, "profiles": [p.to_dict() for p in profiles],
+                                  "linear_paths": [s.to_dict() for s in kernels.shapes] if kernels else [],
+                                  "ms_per_draft_level": levels}
     safe = "__".join(Path(str(n)).name for n in (args.target, args.draft or "none", device))
     out = Path(args.out) if args.out else cache_dir() / "profiles" / f"{safe}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -53,7 +82,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=DEFAULT_TARGET)
-    p.add_argument("--draft", default=None, help="also profile this draft model (plain, packed, int8)")
+    p.add_argument("--draft", default=None, help="also profile this draft model (each linear path and precision)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, … (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="block sizes k to time")

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 PROFILE_VERSION = 1
 
@@ -21,6 +24,44 @@ def cache_dir() -> Path:
     root = Path(os.environ.get("SPECDEC_CACHE") or Path.home() / ".cache" / "specdec").expanduser()
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def measurement_dir() -> Path:
+    """Where per-machine measurements live (linear paths, draft precision, tune profiles):
+    ``$SPECDEC_MEASUREMENTS``, or the cache root. Tests point it at a temporary folder so timings
+    taken on a busy test machine never reach a real cache."""
+    env = os.environ.get("SPECDEC_MEASUREMENTS")
+    if not env:
+        return cache_dir()
+    root = Path(env).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+# ---- per-machine measurement caches ------------------------------------------------------------
+def read_json(path: Path, version: int, fp: dict[str, Any]) -> dict[str, Any]:
+    """The `entries` of a per-machine cache file, or {} when it is missing, unreadable, of another
+    version or of another machine (the caller then measures again and rewrites it)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        log.warning("ignoring the unreadable cache file %s (%s); measuring again", path, exc)
+        return {}
+    if not isinstance(data, dict) or data.get("version") != version or data.get("fingerprint") != fp:
+        log.warning("ignoring the cache file %s (another version or machine); measuring again", path)
+        return {}
+    entries = data.get("entries")
+    return entries if isinstance(entries, dict) else {}
+
+
+def write_json(path: Path, version: int, fp: dict[str, Any], entries: dict[str, Any]) -> None:
+    """Write a per-machine cache file atomically (an interrupted write leaves the old one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"version": version, "fingerprint": fp, "entries": entries}, indent=1))
+    tmp.replace(path)
 
 
 # ---- tune profiles -----------------------------------------------------------------------------
@@ -34,7 +75,7 @@ def profile_path(key: dict[str, Any]) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     short = "__".join(Path(key[k]).name for k in ("target", "draft")) + f"__{key['device']}__T{key['temperature']:g}"
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in short)
-    return cache_dir() / "profiles" / f"tune__{safe}__{digest}.json"
+    return measurement_dir() / "profiles" / f"tune__{safe}__{digest}.json"
 
 
 def read_profile(path: str | Path) -> dict[str, Any]:

@@ -81,45 +81,64 @@ class Pipeline:
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
-        draft_dtype: str | None = None,
+        draft_dtype: str | None = "auto",
         fast_linear: str = "auto",
         offload: bool = False,
         progress: bool = True,
     ) -> None:
         """Load the models.
 
-        dtype: the target's dtype (and the draft's unless `draft_dtype` says otherwise).
-        draft_dtype: None (same as the target), "float32", "bfloat16", "float16" or "int8"
-            (dynamic int8 quantization of the draft's linears, CPU). The draft's precision only
-            changes speed: every drafted token is verified against the target.
-        fast_linear: "auto" (default), "on" or "off": prepacked oneDNN linears on the CPU
-            (`models.fastpath`); same function up to float32 round-off.
+        dtype: the target's dtype (and the draft's when `draft_dtype` is None).
+        draft_dtype: "auto" (default: the fastest precision measured on this machine, cached;
+            `models.draft_precision`), None (the target's dtype), "float32", "bfloat16", "float16"
+            or "int8" (dynamic int8 quantization of the draft's linears, CPU). The draft's precision
+            only changes speed: every drafted token is verified against the target.
+        fast_linear: "auto" (default: the linear path per row-count bucket measured on this machine,
+            cached; `models.kernel_choice`), "on" (prepacked oneDNN linears wherever they apply) or
+            "off"; every path computes the same function up to round-off.
         offload: keep the target's weights in CPU RAM and stream them to the GPU layer by layer
             (`models.offload`; CUDA only). Every method of this pipeline then sees that target.
         """
-        from specdec.models.fastpath import enable_packed_linears, quantize_draft_int8
+        import sys
+
+        from specdec.models.draft_precision import DRAFT_PRECISIONS, choose_draft_precision, make_variant
         from specdec.models.hub import load_model
+        from specdec.models.kernel_choice import apply_linear_paths
         from specdec.models.offload import offload_target
+
+        choices = (*DRAFT_PRECISIONS, "auto")
+        if draft_dtype is not None and draft_dtype not in choices:
+            raise ValueError(f"draft dtype must be one of {', '.join(choices)}, got {draft_dtype!r}")
+
+        def say(msg: str) -> None:
+            if progress:
+                print(msg, file=sys.stderr)
 
         self.target_name, self.draft_name = target, draft
         target_model, self.tokenizer = load_model(target, dtype=dtype, device=device, progress=progress)
-        self.fast_linears = enable_packed_linears(target_model, fast_linear)
+        self.kernel_reports = {"target": apply_linear_paths(target_model, fast_linear, progress=say)}
+        self.fast_linears = self.kernel_reports["target"].replaced
         self.target_lm: LanguageModel = HFLanguageModel(target_model)
         if offload:
             offload_target(self.target_lm, device)
         self.eos_token_ids = eos_ids(target_model, self.tokenizer)
-        if draft_dtype is not None and draft_dtype not in (*DTYPES, "int8"):
-            raise ValueError(f"draft dtype must be one of {', '.join((*DTYPES, 'int8'))}, got {draft_dtype!r}")
         self.draft_lms: list[LanguageModel] = []
+        self.draft_precisions: list[str] = []
+        self.precision_choices: list[Any] = []
         for name in [draft] if isinstance(draft, str) else list(draft or []):
-            int8 = draft_dtype == "int8"
-            ddtype = dtype if draft_dtype in (None, "int8") else DTYPES[draft_dtype]
-            draft_model, draft_tok = load_model(name, dtype=torch.float32 if int8 else ddtype, device=device, progress=progress)
+            precision = str(dtype).replace("torch.", "") if draft_dtype is None else draft_dtype
+            load_dtype = torch.float32 if precision in ("auto", "int8") else DTYPES[precision]
+            draft_model, draft_tok = load_model(name, dtype=load_dtype, device=device, progress=progress)
             check_same_tokenizer(self.tokenizer, draft_tok)
-            if int8:
-                draft_model = quantize_draft_int8(draft_model)
+            if precision == "auto":
+                draft_model, choice = choose_draft_precision(draft_model, fast_linear=fast_linear,
+                                                             tokenizer=self.tokenizer, progress=say)
+                self.precision_choices.append(choice)
+                precision = choice.chosen
             else:
-                enable_packed_linears(draft_model, fast_linear)
+                draft_model = make_variant(draft_model.float() if precision == "int8" else draft_model, precision,
+                                           fast_linear)
+            self.draft_precisions.append(precision)
             draft_lm = HFLanguageModel(draft_model)
             if draft_lm.vocab_size != self.target_lm.vocab_size:
                 raise ValueError(
@@ -144,6 +163,8 @@ class Pipeline:
         pipe.target_name, pipe.draft_name = "custom", ("custom" if draft_lm is not None else None)
         pipe.target_lm, pipe.tokenizer, pipe.draft_lm = target_lm, tokenizer, draft_lm
         pipe.draft_lms = [draft_lm] if draft_lm is not None else []
+        pipe.draft_precisions = [str(getattr(draft_lm, "dtype", "custom")).replace("torch.", "")] if draft_lm else []
+        pipe.precision_choices, pipe.kernel_reports = [], {}
         pipe.eos_token_ids = list(eos_token_ids or [])
         pipe.device = getattr(target_lm, "device", torch.device("cpu"))
         pipe.dtype = getattr(target_lm, "dtype", torch.float32)

@@ -2,7 +2,7 @@
 hardware-aware choice, measured here (docs/algorithms.md §7).
 
 1. costs: the target's forward time t_t(k) for blocks of k = n + 1 tokens (n tree tokens plus
-   the root) and the draft's t_d(k) (`timing.measure_forward`);
+   the root) and the draft's t_d(k) (`models.timing.measure_forward`);
 2. acceptance: the positional acceptance vectors of star trees (`acceptance.measure_acceptance`);
 3. the DP (`drafting.sequoia_dp`) for every size and depth, and for each candidate
    expected tokens/s = F(n, d) / (t_t(n + 1) + draft time of that tree), next to plain decoding
@@ -30,7 +30,7 @@ from specdec.engine.decoder import SpeculativeDecoder
 from specdec.methods.sequoia import SequoiaDrafter
 from specdec.models.hf import HFLanguageModel
 from specdec.tuning.acceptance import DEFAULT_WIDTH, measure_acceptance
-from specdec.tuning.timing import measure_forward
+from specdec.models.timing import measure_forward
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 DEFAULT_MAX_DEPTH = 8
