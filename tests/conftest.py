@@ -47,14 +47,18 @@ def tiny_lm(arch: str = "llama", seed: int = 0, vocab: int = TINY_VOCAB) -> HFLa
 @pytest.fixture(autouse=True, scope="session")
 def _measurements_in_a_temporary_folder(tmp_path_factory):
     """Timings taken on a busy test machine must never reach the user's cache (linear paths, draft
-    precision, tune profiles): the whole session measures into a temporary folder."""
-    old = os.environ.get("SPECDEC_MEASUREMENTS")
+    precision, tune profiles): the whole session measures into a temporary folder, and `auto` never
+    starts a real tune unless a test enables it."""
+    saved = {k: os.environ.get(k) for k in ("SPECDEC_MEASUREMENTS", "SPECDEC_AUTOTUNE")}
     os.environ["SPECDEC_MEASUREMENTS"] = str(tmp_path_factory.mktemp("measurements"))
+    # No test tunes by accident: `auto` without a profile reports it; tests that tune say so.
+    os.environ["SPECDEC_AUTOTUNE"] = "0"
     yield
-    if old is None:
-        os.environ.pop("SPECDEC_MEASUREMENTS", None)
-    else:
-        os.environ["SPECDEC_MEASUREMENTS"] = old
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(params=["llama", "qwen2"])

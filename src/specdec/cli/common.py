@@ -13,9 +13,10 @@ import torch
 
 from specdec.core.options import OptionSpec
 from specdec.core.sampling import SamplingConfig
-from specdec.engine.pipeline import DEFAULT_DRAFT, DEFAULT_TARGET, DTYPES, Pipeline
+from specdec.engine.pipeline import DEFAULT_DRAFT, DEFAULT_METHOD, DEFAULT_TARGET, DTYPES, Pipeline
 from specdec.methods.base import Method
 from specdec.methods.registry import all_methods, get_method
+from specdec.tuning import autotune  # noqa: F401  (registers auto's tune-on-first-use)
 
 
 def err(msg: str) -> None:
@@ -48,6 +49,21 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload", action="store_true",
                    help="keep the target's weights in CPU RAM and stream them to the GPU layer by layer (CUDA only; "
                    "the setting SpecExec and Sequoia were built for; on a CPU see `specdec tune --project-offload`)")
+
+
+def forget_measurements(device: str) -> None:
+    """Delete this machine's cached measurements (linear paths, draft precision, forward times), so the
+    next load measures again; tune profiles stay (re-tune to replace them)."""
+    from specdec.core.hardware import fingerprint
+    from specdec.models.draft_precision import precision_cache_path
+    from specdec.models.kernel_choice import kernel_cache_path
+    from specdec.tuning.quick import timing_cache_path
+
+    fp = fingerprint(device)
+    for path in (kernel_cache_path(fp), precision_cache_path(fp), timing_cache_path()):
+        if path.is_file():
+            path.unlink()
+            print(f"forgot {path}", file=sys.stderr)
 
 
 def device_of(args: argparse.Namespace) -> str:
@@ -122,7 +138,7 @@ GAMMA_HELP = ("draft length per target call for sps, pld and maxgram (default 4)
               "the levels drafted per step")
 
 
-def add_method_args(p: argparse.ArgumentParser, default_method: str = "sps") -> None:
+def add_method_args(p: argparse.ArgumentParser, default_method: str = DEFAULT_METHOD) -> None:
     """--method, --gamma and one flag per method option (default None = the method's own default)."""
     names = list(all_methods())
     p.add_argument("--method", default=default_method, choices=names, help=f"decoding method (default {default_method})")

@@ -22,13 +22,25 @@ def prompt_of(args: argparse.Namespace) -> tuple[str, bool | None]:
     return given[0]
 
 
+def method_label(pipe, method: str, sampling) -> str:
+    """The method, and for auto what it follows."""
+    if method != "auto":
+        return method
+    from specdec.core.store import ProfileProblem, find_profile
+
+    try:
+        return f"auto: {find_profile(pipe.profile_key(sampling))['winner']['label']}"
+    except (ProfileProblem, KeyError, TypeError):
+        return method
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     text, chat = prompt_of(args)
     sampling = sampling_of(args)
     if args.max_new_tokens <= 0:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     opts = options_for(args.method, given_options(args))
-    pipe = load_pipeline(args, get_method(args.method).needs_draft_model)
+    pipe = load_pipeline(args, get_method(args.method).loads_draft_model)
     dec, chunks = pipe.stream(text, args.method, args.max_new_tokens, sampling, gamma=args.gamma, seed=args.seed,
                               chat=chat, **opts)
     if args.json:
@@ -44,7 +56,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write(text_out.flush() + "\n")
     assert dec.last_stats is not None
-    print(f"[{args.method}] " + format_stats(dec.last_stats.to_dict()), file=sys.stderr)
+    print(f"[{method_label(pipe, args.method, sampling)}] " + format_stats(dec.last_stats.to_dict()), file=sys.stderr)
     return 0
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from specdec.cli.common import device_of
+from specdec.cli.common import device_of, forget_measurements
 from specdec.core.hardware import describe, fingerprint
 from specdec.core.store import cache_dir
 from specdec.engine.pipeline import DEFAULT_TARGET, DTYPES
@@ -33,6 +33,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = device_of(args)
+    if args.remeasure:
+        forget_measurements(device)
     fp = fingerprint(device)
     print(f"machine: {describe(fp)}", file=sys.stderr)
     report: dict[str, Any] = {"device": device, "threads": torch.get_num_threads(), "fingerprint": fp, "models": {}}
@@ -90,4 +92,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed passes per k (median reported)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="JSON file for the measurements (default: in the cache)")
+    p.add_argument("--remeasure", action="store_true",
+                   help="forget this machine's cached linear-path and draft-precision choices first and measure them "
+                   "again (do it on a quiet machine: later loads reuse what is measured)")
     p.set_defaults(func=cmd_profile)

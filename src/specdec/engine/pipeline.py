@@ -12,8 +12,9 @@ sampling, tokenizer) and its parsed `Options`, never the pipeline.
 
 from __future__ import annotations
 
+import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,26 @@ if TYPE_CHECKING:
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_METHOD = "auto"
+
+Tuner = Callable[["Pipeline", SamplingConfig, str], dict[str, Any]]
+"""(pipeline, sampling, why no usable profile exists) -> the new profile, saved. Registered by the
+tuning layer (`tuning.autotune`), which sits above this one."""
+_TUNERS: list[Tuner] = []
+
+
+def register_tuner(tuner: Tuner) -> None:
+    """Make `tuner` the one `auto` uses when a setting has no usable profile (the latest wins)."""
+    _TUNERS[:] = [tuner]
+
+
+def registered_tuner() -> Tuner | None:
+    return _TUNERS[0] if _TUNERS else None
+
+
+def autotune_enabled() -> bool:
+    """`SPECDEC_AUTOTUNE=0` turns auto's tune-on-first-use off (it then reports the missing profile)."""
+    return os.environ.get("SPECDEC_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 @dataclass
@@ -149,6 +170,8 @@ class Pipeline:
         self.draft_lm: LanguageModel | None = self.draft_lms[0] if self.draft_lms else None
         self.device = torch.device(device)
         self.dtype = dtype
+        self.autotune = True
+        """Whether `auto` may tune this pipeline on first use (needs a registered tuner)."""
 
     @classmethod
     def from_models(
@@ -168,6 +191,7 @@ class Pipeline:
         pipe.eos_token_ids = list(eos_token_ids or [])
         pipe.device = getattr(target_lm, "device", torch.device("cpu"))
         pipe.dtype = getattr(target_lm, "dtype", torch.float32)
+        pipe.autotune = False  # models built by hand: `auto` needs a profile, or set autotune = True
         return pipe
 
     # ---- prompts -------------------------------------------------------------------------
@@ -197,19 +221,26 @@ class Pipeline:
     # ---- generation ----------------------------------------------------------------------
     def context(self, sampling: SamplingConfig = SamplingConfig()) -> MethodContext:
         """What a method sees of this pipeline."""
+        tuner = registered_tuner()
+        tune = None
+        if tuner is not None and self.autotune and autotune_enabled():
+            def tune(reason: str) -> dict[str, Any]:
+                return tuner(self, sampling, reason)
         return MethodContext(self.target_lm, tuple(self.draft_lms), sampling, self.tokenizer,
-                             self.profile_key(sampling))
+                             self.profile_key(sampling), tune)
 
     def profile_key(self, sampling: SamplingConfig) -> dict[str, Any] | None:
-        """The key of the tune profile for this pipeline at `sampling` (None: no single named draft)."""
+        """The key of the tune profile for this pipeline at `sampling` (None: several draft models)."""
         drafts = [self.draft_name] if isinstance(self.draft_name, str) else list(self.draft_name or [])
-        if len(drafts) != 1:
+        if len(drafts) > 1:
             return None
         dtype = str(self.dtype).replace("torch.", "")
-        return profile_key(self.target_name, drafts[0], torch.device(self.device).type, dtype, sampling.temperature)
+        draft_dtype = self.draft_precisions[0] if drafts and self.draft_precisions else dtype
+        return profile_key(self.target_name, drafts[0] if drafts else None, torch.device(self.device).type, dtype,
+                           sampling.temperature, draft_dtype)
 
     def decoder(
-        self, method: str = "sps", sampling: SamplingConfig = SamplingConfig(), gamma: int | None = None, **opts: Any
+        self, method: str = DEFAULT_METHOD, sampling: SamplingConfig = SamplingConfig(), gamma: int | None = None, **opts: Any
     ) -> SpeculativeDecoder:
         """A decoder for `method` with its options (unknown or invalid options raise ValueError).
 
@@ -231,7 +262,7 @@ class Pipeline:
     def stream(
         self,
         prompt: str | list[int],
-        method: str = "sps",
+        method: str = DEFAULT_METHOD,
         max_new_tokens: int = 128,
         sampling: SamplingConfig = SamplingConfig(),
         gamma: int | None = None,
@@ -249,7 +280,9 @@ class Pipeline:
             generator.manual_seed(seed if seed is not None else secrets.randbits(63))
         return dec, dec.stream(ids, max_new_tokens, generator)
 
-    def generate(self, prompt: str | list[int], method: str = "sps", max_new_tokens: int = 128, **kw: Any) -> GenerationResult:
+    def generate(self, prompt: str | list[int], method: str = DEFAULT_METHOD, max_new_tokens: int = 128,
+                 **kw: Any) -> GenerationResult:
+        """Generate with `method` (default auto: the tuned choice for this machine, tuned on first use)."""
         dec, chunks = self.stream(prompt, method, max_new_tokens, **kw)
         ids: list[int] = []
         for chunk in chunks:

@@ -134,7 +134,7 @@ def top1(lm: HFLanguageModel, ids: torch.Tensor) -> torch.Tensor:  # -> [L] argm
     return pred
 
 
-def _cache_path(fp: dict[str, Any]) -> Any:
+def precision_cache_path(fp: dict[str, Any]) -> Any:
     return measurement_dir() / "draft-precision" / f"{fingerprint_digest(fp)}.json"
 
 
@@ -157,7 +157,7 @@ def choose_draft_precision(
     fp = fingerprint(device)
     arch = architecture_key(model)
     names = candidates if candidates is not None else precision_candidates(device)
-    path = _cache_path(fp)
+    path = precision_cache_path(fp)
     cache = read_json(path, PRECISION_CACHE_VERSION, fp) if use_cache else {}
     entry = cache.get(arch)
     if isinstance(entry, dict) and entry.get("candidates") == names and entry.get("chosen") in names:
