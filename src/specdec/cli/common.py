@@ -45,6 +45,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="linear kernels (default auto: per row-count bucket, the fastest path measured on this machine, cached; "
         "on: prepacked oneDNN everywhere; off: plain F.linear). Every path is the same function up to round-off",
     )
+    p.add_argument(
+        "--row-invariant", default="auto", choices=["auto", "on", "off"],
+        help="make the target score k tokens in one pass bit for bit like k one-token passes (one linear path for "
+        "every block size, eager or per-query attention, checked at load) so greedy speculative output equals plain "
+        "decoding; auto (default) = on for bfloat16/float16 targets",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, which honours OMP_NUM_THREADS)")
     p.add_argument("--offload", action="store_true",
                    help="keep the target's weights in CPU RAM and stream them to the GPU layer by layer (CUDA only; "
@@ -91,6 +97,7 @@ def load_pipeline(args: argparse.Namespace, need_draft: bool) -> Pipeline:
     pipe = Pipeline(
         args.target, drafts or None, device=device_of(args), dtype=DTYPES[args.dtype],
         draft_dtype=args.draft_dtype, fast_linear=args.fast_linear, offload=bool(getattr(args, "offload", False)),
+        row_invariant=getattr(args, "row_invariant", "auto"),
     )
     print(f"loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return pipe

@@ -50,6 +50,18 @@ def cmd_profile(args: argparse.Namespace) -> int:
                 kernels = rep
             profiles.append(measure_forward(HFLanguageModel(model), ks, args.context, args.repeats, path=label))
             model = None  # free the weights before the next copy loads
+        if role == "target" and args.dtype != "float32":
+            # What exactness costs in reduced precision: one path for every block size and the
+            # attention that makes a block pass equal one-token passes (`models.invariance`).
+            from specdec.models.draft_precision import probe_ids
+            from specdec.models.invariance import make_row_invariant
+
+            model, tok = load_model(name, dtype=DTYPES[args.dtype], device=device)
+            apply_linear_paths(model, "auto", single_path=True)
+            level = make_row_invariant(model, probe_ids(model.config.vocab_size, tok)[:24])
+            profiles.append(measure_forward(HFLanguageModel(model), ks, args.context, args.repeats,
+                                            path=f"row-invariant ({level or 'not reached'})"))
+            model = None
         levels: dict[str, Any] = {}
         if role == "draft":
             for precision in precision_candidates(device):

@@ -106,6 +106,7 @@ class Pipeline:
         fast_linear: str = "auto",
         offload: bool = False,
         progress: bool = True,
+        row_invariant: str = "auto",
     ) -> None:
         """Load the models.
 
@@ -119,6 +120,11 @@ class Pipeline:
             "off"; every path computes the same function up to round-off.
         offload: keep the target's weights in CPU RAM and stream them to the GPU layer by layer
             (`models.offload`; CUDA only). Every method of this pipeline then sees that target.
+        row_invariant: "auto" (default: on for bfloat16 and float16 targets), "on" or "off": make
+            the target score a block of k tokens bit for bit like k one-token passes (one linear path
+            for every block size, eager or per-query attention; checked at load,
+            `models.invariance`), so greedy speculative output equals plain decoding in reduced
+            precision too.
         """
         import sys
 
@@ -135,9 +141,26 @@ class Pipeline:
             if progress:
                 print(msg, file=sys.stderr)
 
+        if row_invariant not in ("auto", "on", "off"):
+            raise ValueError(f"row_invariant must be auto, on or off, got {row_invariant!r}")
+        invariant = row_invariant == "on" or (row_invariant == "auto" and dtype in (torch.bfloat16, torch.float16))
         self.target_name, self.draft_name = target, draft
         target_model, self.tokenizer = load_model(target, dtype=dtype, device=device, progress=progress)
-        self.kernel_reports = {"target": apply_linear_paths(target_model, fast_linear, progress=say)}
+        self.kernel_reports = {"target": apply_linear_paths(target_model, fast_linear, progress=say,
+                                                            single_path=invariant)}
+        self.row_invariance: str | None = None
+        """The attention that made the target row-invariant ("eager", "specdec_per_query"), "none"
+        when no attention passed the check, None when not asked for."""
+        if invariant:
+            from specdec.models.draft_precision import probe_ids
+            from specdec.models.invariance import make_row_invariant
+
+            level = make_row_invariant(target_model, probe_ids(target_model.config.vocab_size, self.tokenizer)[:24])
+            self.row_invariance = level or "none"
+            if level is None:
+                say(f"warning: this {str(dtype).replace('torch.', '')} target scores a block of tokens differently "
+                    "from one token at a time on this machine, so greedy speculative output may differ from plain "
+                    "decoding at near-ties; use --dtype float32 for exact equality")
         self.fast_linears = self.kernel_reports["target"].replaced
         self.target_lm: LanguageModel = HFLanguageModel(target_model)
         if offload:

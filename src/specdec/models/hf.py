@@ -94,7 +94,8 @@ def _check_supported(model: "PreTrainedModel", config) -> None:
             "decoder layers only (a custom mask would silently ignore a sliding window)"
         )
     impl = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
-    if impl not in ("sdpa", "eager"):
+    # specdec_per_query: `models.invariance.per_query_attention`, eager attention one query at a time.
+    if impl not in ("sdpa", "eager", "specdec_per_query"):
         raise ValueError(f"attention implementation {impl!r} is not supported; load the model with sdpa or eager")
 
 

@@ -216,13 +216,16 @@ def apply_linear_paths(
     timer: Timer = time_call_ms,
     memory_bytes: int | None | str = "query",
     progress: Callable[[str], None] | None = None,
+    single_path: bool = False,
 ) -> KernelReport:
     """Replace the model's linears by the paths chosen for their shape and row-count bucket.
 
     mode "auto": measured per bucket (cached per machine); "on": the prepacked oneDNN path
     wherever it applies (the old fast path); "off": leave the model as it is. `paths`: the
     candidates (default: every registered path). `timer` and `memory_bytes` are for tests (a fake
-    clock, a memory limit; "query" asks the OS).
+    clock, a memory limit; "query" asks the OS). single_path: one path per shape for every block
+    size (the one best over all buckets), so a one-token pass and a k-token pass run the same
+    kernels (`models.invariance`).
     """
     if mode not in MODES:
         raise ValueError(f"fast linear mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -283,7 +286,11 @@ def apply_linear_paths(
                 - (_weight_bytes(layer) if PLAIN.name not in choices[key].bucket_paths else 0)
                 for key, members in by_shape.items() for _, _, layer in members)
     limit = available_memory_bytes() if memory_bytes == "query" else memory_bytes
-    if extra > 0 and limit is not None and extra > MEMORY_SHARE * limit and mode == "auto":
+    if single_path and mode == "auto":
+        for rep in choices.values():
+            if rep.ms:
+                rep.bucket_paths = [best_single_path(rep.ms)] * len(BUCKET_ROWS)
+    elif extra > 0 and limit is not None and extra > MEMORY_SHARE * limit and mode == "auto":
         log.warning("per-bucket linear paths would need %.1f GB more memory (%.1f GB available): one path per shape",
                     extra / 1e9, limit / 1e9)
         report.memory_fallback = True
