@@ -16,7 +16,7 @@ from specdec.methods.specexec import SpecExecDrafter
 from specdec.methods.specinfer import TreeDrafter
 from specdec.methods.sps import ModelDrafter
 from specdec.models.hf import HFLanguageModel
-from specdec.models.invariance import PER_QUERY, make_row_invariant, register_per_query_attention, rows_agree
+from specdec.models.invariance import SEQUENTIAL, make_row_invariant, register_sequential_attention, rows_agree
 from tests.conftest import TINY_VOCAB, tiny_hf_model
 
 GREEDY = SamplingConfig()
@@ -37,11 +37,14 @@ def drafters(draft_model, other_model):
     }
 
 
-def test_per_query_attention_computes_attention(arch):
-    """The fallback is attention: its logits match sdpa's to float32 round-off."""
-    register_per_query_attention()
+def test_sequential_attention_computes_attention(arch, monkeypatch):
+    """It is attention: its logits match sdpa's to float32 round-off (with several key chunks too)."""
+    import specdec.models.invariance as inv
+
+    monkeypatch.setattr(inv, "KEY_CHUNK", 3)
+    register_sequential_attention()
     ref, model = tiny_hf_model(arch, seed=2), tiny_hf_model(arch, seed=2)
-    model.set_attn_implementation(PER_QUERY)
+    model.set_attn_implementation(SEQUENTIAL)
     a, b = HFLanguageModel(ref), HFLanguageModel(model)
     ids, parents = torch.tensor([5, 6, 7, 8, 9, 10]), torch.tensor([-1, 0, 1, 1, 3, 0])
     for lm in (a, b):
@@ -54,10 +57,7 @@ def test_per_query_attention_computes_attention(arch):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_bfloat16_greedy_equals_ar_for_every_method(arch):
     target_model = tiny_hf_model(arch, seed=0).to(torch.bfloat16)
-    level = make_row_invariant(target_model, PROBE)
-    if level is None:
-        pytest.skip("no attention is row-invariant in bfloat16 on this machine (the pipeline warns)")
-    assert rows_agree(HFLanguageModel(target_model), PROBE)
+    assert make_row_invariant(target_model, PROBE), "the linear layers are not row-invariant here"
     target = HFLanguageModel(target_model)
     near = copy.deepcopy(target_model)  # a bfloat16 draft close to the target, and a far one
     far = tiny_hf_model(arch, seed=5).to(torch.bfloat16)
@@ -65,13 +65,13 @@ def test_bfloat16_greedy_equals_ar_for_every_method(arch):
     ref, _ = SpeculativeDecoder(target).generate(prompt, 32)
     for name, drafter in drafters(near, far).items():
         out, stats = SpeculativeDecoder(target, drafter, GREEDY).generate(prompt, 32)
-        assert out == ref, f"{name} changed the bfloat16 greedy output ({level} attention)"
+        assert out == ref, f"{name} changed the bfloat16 greedy output"
 
 
 def test_the_check_fails_a_block_pass_that_differs_by_one_ulp():
     """A planted difference of one bfloat16 ulp between block and one-token passes must be caught."""
     model = tiny_hf_model("llama", seed=0).to(torch.bfloat16)
-    assert make_row_invariant(model, PROBE) is not None or pytest.skip("no row-invariant attention here")
+    assert make_row_invariant(model, PROBE)
     lm = HFLanguageModel(model)
     assert rows_agree(lm, PROBE)
     honest = lm.forward
@@ -92,8 +92,7 @@ def test_bfloat16_smollm2_greedy_equals_ar(smol):
     model, tok = smol
     target_model = copy.deepcopy(model).to(torch.bfloat16)
     ids = torch.tensor(tok("The history of Rome begins with a small settlement on the Tiber river.")["input_ids"])
-    level = make_row_invariant(target_model, ids)
-    assert level is not None, "SmolLM2 in bfloat16 should be row-invariant with eager attention here"
+    assert make_row_invariant(target_model, ids), "SmolLM2's linear layers are not row-invariant in bfloat16 here"
     target = HFLanguageModel(target_model)
     eos = eos_ids(model, tok)
     shallow = _shallow_copy(target_model, 8)
@@ -102,3 +101,17 @@ def test_bfloat16_smollm2_greedy_equals_ar(smol):
     for name, drafter in drafters(target_model, shallow).items():
         out, _ = SpeculativeDecoder(target, drafter, GREEDY, eos_token_ids=eos).generate(prompt, 24)
         assert out == ref, f"{name} changed SmolLM2's bfloat16 greedy output"
+
+
+def test_without_it_bfloat16_trees_drift_from_plain_decoding():
+    """Why it exists: with sdpa a bfloat16 block pass differs from one-token passes here, and tree
+    methods' greedy output drifts (skipped on a machine where sdpa happens to be row-invariant)."""
+    model = tiny_hf_model("llama", seed=0).to(torch.bfloat16)
+    if rows_agree(HFLanguageModel(model), PROBE):
+        pytest.skip("sdpa is row-invariant in bfloat16 on this machine")
+    target = HFLanguageModel(model)
+    prompt = [3, 4, 5, 6, 3, 4, 5, 7, 3, 4]
+    ref, _ = SpeculativeDecoder(target).generate(prompt, 32)
+    outs = [SpeculativeDecoder(target, d, GREEDY).generate(prompt, 32)[0]
+            for d in drafters(copy.deepcopy(model), tiny_hf_model("llama", seed=5).to(torch.bfloat16)).values()]
+    assert any(out != ref for out in outs)

@@ -39,6 +39,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                 "threads": args.threads}
     if args.offload:
         run_info["offload"] = True
+    if args.row_invariant != "auto":
+        run_info["row_invariant"] = args.row_invariant
+    if args.draft_vocab is not None:
+        run_info["draft_vocab"] = args.draft_vocab
     settings = BenchSettings(
         methods=parse_methods(args.methods, variants),
         variants=variants,
@@ -62,6 +66,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     argv += ["--draft-dtype", args.draft_dtype] if args.draft_dtype else []
     argv += ["--threads", str(args.threads)] if args.threads else []
     argv += ["--offload"] if args.offload else []
+    argv += ["--row-invariant", args.row_invariant] if args.row_invariant != "auto" else []
+    argv += ["--draft-vocab", str(args.draft_vocab)] if args.draft_vocab is not None else []
     argv += ["--per-task", str(args.per_task)] if args.per_task is not None else []
     argv += ["--tasks", args.tasks] if args.tasks else []
     for name in OPTION_FLAGS:

@@ -51,6 +51,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "every block size, eager or per-query attention, checked at load) so greedy speculative output equals plain "
         "decoding; auto (default) = on for bfloat16/float16 targets",
     )
+    p.add_argument(
+        "--draft-vocab", type=int, default=None, metavar="N",
+        help="keep only the N most frequent tokens in the draft's output head (a cheaper draft step; the target "
+        "still verifies over its whole vocabulary, so only acceptance and speed change)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, which honours OMP_NUM_THREADS)")
     p.add_argument("--offload", action="store_true",
                    help="keep the target's weights in CPU RAM and stream them to the GPU layer by layer (CUDA only; "
@@ -97,7 +102,7 @@ def load_pipeline(args: argparse.Namespace, need_draft: bool) -> Pipeline:
     pipe = Pipeline(
         args.target, drafts or None, device=device_of(args), dtype=DTYPES[args.dtype],
         draft_dtype=args.draft_dtype, fast_linear=args.fast_linear, offload=bool(getattr(args, "offload", False)),
-        row_invariant=getattr(args, "row_invariant", "auto"),
+        row_invariant=getattr(args, "row_invariant", "auto"), draft_vocab=getattr(args, "draft_vocab", None),
     )
     print(f"loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return pipe

@@ -58,9 +58,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
             model, tok = load_model(name, dtype=DTYPES[args.dtype], device=device)
             apply_linear_paths(model, "auto", single_path=True)
-            level = make_row_invariant(model, probe_ids(model.config.vocab_size, tok)[:24])
+            ok = make_row_invariant(model, probe_ids(model.config.vocab_size, tok)[:24])
             profiles.append(measure_forward(HFLanguageModel(model), ks, args.context, args.repeats,
-                                            path=f"row-invariant ({level or 'not reached'})"))
+                                            path="row-invariant" + ("" if ok else " (check failed)")))
             model = None
         levels: dict[str, Any] = {}
         if role == "draft":
@@ -76,6 +76,22 @@ def cmd_profile(args: argparse.Namespace) -> int:
                 profiles.append(measure_forward(HFLanguageModel(variant), ks, args.context, args.repeats,
                                                 path=f"{precision} (auto paths)"))
                 fp32 = variant = None
+            if args.draft_vocab:
+                # The pruned head (`models.pruned_head`) in each precision.
+                from specdec.drafting.vocab import tokens_to_keep
+                from specdec.models.pruned_head import prune_output_head
+
+                for precision in precision_candidates(device):
+                    fp32, tok = load_model(name, dtype=torch.float32, device=device)
+                    vocab = fp32.get_output_embeddings().weight.shape[0]
+                    prune_output_head(fp32, tokens_to_keep(tok, vocab, args.draft_vocab))
+                    try:
+                        variant = make_variant(fp32, precision)
+                    except (RuntimeError, ValueError):
+                        continue
+                    profiles.append(measure_forward(HFLanguageModel(variant), ks, args.context, args.repeats,
+                                                    path=f"{precision}, head of {args.draft_vocab} tokens"))
+                    fp32 = variant = None
             levels = {p.path: p.ms.get(1) for p in profiles}
         print(format_table(f"{role} {name}", profiles) + "\n")
         if kernels is not None:
@@ -104,6 +120,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed passes per k (median reported)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="JSON file for the measurements (default: in the cache)")
+    p.add_argument("--draft-vocab", type=int, default=32768, metavar="N",
+                   help="also time the draft with its output head pruned to the N most frequent tokens (default "
+                   "32768; 0 = skip)")
     p.add_argument("--remeasure", action="store_true",
                    help="forget this machine's cached linear-path and draft-precision choices first and measure them "
                    "again (do it on a quiet machine: later loads reuse what is measured)")

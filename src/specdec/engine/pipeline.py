@@ -107,6 +107,7 @@ class Pipeline:
         offload: bool = False,
         progress: bool = True,
         row_invariant: str = "auto",
+        draft_vocab: int | None = None,
     ) -> None:
         """Load the models.
 
@@ -125,6 +126,9 @@ class Pipeline:
             for every block size, eager or per-query attention; checked at load,
             `models.invariance`), so greedy speculative output equals plain decoding in reduced
             precision too.
+        draft_vocab: keep only this many of the most frequent tokens in the draft's output head
+            (`models.pruned_head`): a cheaper draft step; the target still verifies and emits over
+            its full vocabulary, so only acceptance and speed change.
         """
         import sys
 
@@ -148,16 +152,15 @@ class Pipeline:
         target_model, self.tokenizer = load_model(target, dtype=dtype, device=device, progress=progress)
         self.kernel_reports = {"target": apply_linear_paths(target_model, fast_linear, progress=say,
                                                             single_path=invariant)}
-        self.row_invariance: str | None = None
-        """The attention that made the target row-invariant ("eager", "specdec_per_query"), "none"
-        when no attention passed the check, None when not asked for."""
+        self.row_invariant: bool | None = None
+        """Whether the target passed the row-invariance check (None: not asked for)."""
         if invariant:
             from specdec.models.draft_precision import probe_ids
             from specdec.models.invariance import make_row_invariant
 
-            level = make_row_invariant(target_model, probe_ids(target_model.config.vocab_size, self.tokenizer)[:24])
-            self.row_invariance = level or "none"
-            if level is None:
+            self.row_invariant = make_row_invariant(
+                target_model, probe_ids(target_model.config.vocab_size, self.tokenizer)[:24])
+            if not self.row_invariant:
                 say(f"warning: this {str(dtype).replace('torch.', '')} target scores a block of tokens differently "
                     "from one token at a time on this machine, so greedy speculative output may differ from plain "
                     "decoding at near-ties; use --dtype float32 for exact equality")
@@ -174,6 +177,14 @@ class Pipeline:
             load_dtype = torch.float32 if precision in ("auto", "int8") else DTYPES[precision]
             draft_model, draft_tok = load_model(name, dtype=load_dtype, device=device, progress=progress)
             check_same_tokenizer(self.tokenizer, draft_tok)
+            if draft_vocab is not None:
+                from specdec.drafting.vocab import tokens_to_keep
+                from specdec.models.pruned_head import prune_output_head
+
+                if self.tokenizer is None:
+                    raise ValueError("a pruned draft head needs the tokenizer to count token frequencies")
+                vocab = draft_model.get_output_embeddings().weight.shape[0]
+                prune_output_head(draft_model, tokens_to_keep(self.tokenizer, vocab, int(draft_vocab)))
             if precision == "auto":
                 draft_model, choice = choose_draft_precision(draft_model, fast_linear=fast_linear,
                                                              tokenizer=self.tokenizer, progress=say)
@@ -191,6 +202,7 @@ class Pipeline:
                 )
             self.draft_lms.append(draft_lm)
         self.draft_lm: LanguageModel | None = self.draft_lms[0] if self.draft_lms else None
+        self.draft_vocab = draft_vocab
         self.device = torch.device(device)
         self.dtype = dtype
         self.autotune = True
@@ -259,6 +271,8 @@ class Pipeline:
             return None
         dtype = str(self.dtype).replace("torch.", "")
         draft_dtype = self.draft_precisions[0] if drafts and self.draft_precisions else dtype
+        if drafts and getattr(self, "draft_vocab", None):  # a pruned head accepts differently: its own profile
+            draft_dtype += f"+vocab{self.draft_vocab}"
         return profile_key(self.target_name, drafts[0] if drafts else None, torch.device(self.device).type, dtype,
                            sampling.temperature, draft_dtype)
 

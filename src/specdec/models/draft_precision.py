@@ -73,6 +73,9 @@ def architecture_key(model: nn.Module) -> str:
     config = getattr(model, "config", None)
     text = config.to_json_string(use_diff=False) if config is not None and hasattr(config, "to_json_string") else ""
     text = type(model).__name__ + "|" + "".join(ln for ln in text.splitlines() if '"_name_or_path"' not in ln)
+    kept = getattr(model.get_output_embeddings(), "kept", None) if hasattr(model, "get_output_embeddings") else None
+    if kept is not None:  # a pruned head is another draft as far as speed goes
+        text += f"|head {kept.numel()}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

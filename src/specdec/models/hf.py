@@ -94,8 +94,8 @@ def _check_supported(model: "PreTrainedModel", config) -> None:
             "decoder layers only (a custom mask would silently ignore a sliding window)"
         )
     impl = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
-    # specdec_per_query: `models.invariance.per_query_attention`, eager attention one query at a time.
-    if impl not in ("sdpa", "eager", "specdec_per_query"):
+    # specdec_sequential: `models.invariance.sequential_attention` (row-invariant, for reduced precision).
+    if impl not in ("sdpa", "eager", "specdec_sequential"):
         raise ValueError(f"attention implementation {impl!r} is not supported; load the model with sdpa or eager")
 
 
