@@ -53,3 +53,12 @@ def test_summary_is_geometric_mean_of_per_prompt_ratios():
     assert "| `hf-pld` | 2.00× |" not in md and "| `hf-pld` | — | 4.00× | 4.00× |" in md
     assert "1 greedy outputs differ from AR" in md
     assert math.isnan(geomean([]))
+
+
+def test_summary_says_what_auto_followed():
+    rows = [_row("a", "qa", "ar", 10.0), _row("a", "qa", "auto", 20.0), _row("b", "qa", "ar", 10.0),
+            _row("b", "qa", "auto", 10.0)]
+    rows[1]["auto_choice"] = rows[3]["auto_choice"] = "sps gamma=5"
+    s = summarize(rows)
+    assert s.table[("auto", 0.0)].auto_choices == {"sps gamma=5": 2}
+    assert "`auto` followed its tuned winner: `sps gamma=5` (2 rows)." in render_summary(s)

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 import torch
 
-from specdec.core.sampling import SamplingConfig, logits_to_probs, sample
+from specdec.core.sampling import SamplingConfig, logits_to_probs
 from specdec.core.tree import TokenTree
 from specdec.drafting.vocab import frequent_tokens
 from specdec.engine.decoder import SpeculativeDecoder

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,8 @@ class MethodSummary:
     swi: float | None
     mismatches: int | None
     compared: int
+    auto_choices: dict[str, int] = field(default_factory=dict)
+    """For `auto`: what it followed (the tuned winner's label) and on how many rows."""
 
 
 @dataclass
@@ -145,6 +147,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> Summary:
             swi=sum(swis) / len(swis) if swis else None,
             mismatches=sum(1 for r in compared if r["output_equals_ar"] is False) if compared else None,
             compared=len(compared),
+            auto_choices=dict(Counter(r["auto_choice"] for r in group if r.get("auto_choice"))),
         )
     return Summary(temps, tasks, methods, table, prompts_per_task, len(rows), cross)
 
@@ -214,6 +217,11 @@ def render_summary(
             cells += [_f(s.tokens_per_call), _f(s.accepted_per_call), apos, _f(s.swi), mism]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        for m in summary.methods:
+            s = summary.table.get((m, t))
+            if s is not None and s.auto_choices:
+                chosen = "; ".join(f"`{label}` ({n} rows)" for label, n in sorted(s.auto_choices.items()))
+                lines += [f"`{m}` followed its tuned winner: {chosen}.", ""]
         hf_rows = [m for m in summary.methods if is_hf(m) and m != HF_BASELINE and (m, t) in summary.table]
         if hf_rows and (HF_BASELINE, t) in summary.table:
             lines += [f"Hugging Face peers against `{HF_BASELINE}` (their own AR), T = {fmt_temp(t)}:", ""]

@@ -53,7 +53,7 @@ def sequential_attention(
     groups = query.shape[1] // key.shape[1]
     k = key.repeat_interleave(groups, dim=1) if groups > 1 else key  # [B, H, S, d]
     v = value.repeat_interleave(groups, dim=1) if groups > 1 else value
-    n, S = query.shape[2], k.shape[2]
+    S = k.shape[2]
     q = query.float().unsqueeze(-2)  # [B, H, n, 1, d]
     scores = torch.empty(*query.shape[:3], S, dtype=torch.float32, device=query.device)  # [B, H, n, S]
     for s0 in range(0, S, KEY_CHUNK):  # each score is its own sequential dot product over d

@@ -247,8 +247,8 @@ def draft_argmax_along(draft: LanguageModel, texts: Sequence[tuple[int, Tensor]]
 
 
 # ---- pricing -----------------------------------------------------------------------------------
-def price(m: Measurements, sampling: SamplingConfig, settings: QuickSettings, has_draft: bool,
-          bigram: list[int] | None, max_ngram: int = 3) -> list[dict[str, Any]]:
+def price(m: Measurements, settings: QuickSettings, has_draft: bool, bigram: list[int] | None,
+          max_ngram: int = 3) -> list[dict[str, Any]]:
     """Every candidate on the one cost model (plain decoding first)."""
     costs = m.costs
     rows = [ar_row(costs)]
@@ -330,7 +330,7 @@ def quick_tune(
                 bar.update(1)
         m.costs = Costs(target_ms, draft_ms, ar_ms, overhead)
         bar.set_postfix_str("pricing", refresh=True)
-        rows = price(m, sampling, settings, draft is not None, bigram)
+        rows = price(m, settings, draft is not None, bigram)
         bar.update(1)
     finally:
         bar.close()
