@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from specdec.core.hardware import fingerprint
-from specdec.core.options import MethodOptions, choice, option
+from specdec.core.options import MethodOptions, choice, flag, option
 from specdec.core.store import ProfileProblem, find_profile, read_profile
 from specdec.drafting.base import Drafter
+from specdec.drafting.fallback import FallbackDrafter
 from specdec.methods.base import Method, MethodContext
 from specdec.methods.registry import get_method, register
 from specdec.methods.sequoia import MODES, SequoiaDrafter, parse_tree
@@ -28,6 +29,8 @@ class Options(MethodOptions):
                        ".json", parse_tree, metavar="auto|PROFILE.json")
     sequoia_mode: str | None = option(None, "override the tuned tree's mode (swor or greedy)", choice(*MODES),
                                       choices=MODES)
+    no_fallback: bool = option(False, "always follow the winner (by default auto decodes plainly for a while where "
+                               "the winner earns fewer tokens per call than its measured break-even)", flag, flag=True)
 
 
 def auto_profile(ctx: MethodContext, tree: str = "auto") -> dict[str, Any]:
@@ -59,8 +62,32 @@ def drafter_for(ctx: MethodContext, winner: dict[str, Any], sequoia_mode: str | 
     return method.build(ctx, method.make_options(winner.get("options") or {}))
 
 
+def break_even(profile: dict[str, Any]) -> float | None:
+    """Tokens per call the winner needs to match plain decoding, from the tune's measurements."""
+    winner = profile["winner"]
+    ar_ms = (profile.get("timing") or {}).get("ar_ms_per_token")
+    if ar_ms is None:  # the full Sequoia tune: plain decoding's row of the candidate table
+        ar_ms = next((r.get("target_ms") for r in profile.get("candidates", []) if r.get("method") == "ar"), None)
+    per_call = winner.get("ms_per_call")
+    if per_call is None and "target_ms" in winner and "draft_ms" in winner:
+        per_call = winner["target_ms"] + winner["draft_ms"]
+    if per_call is None:  # older full-tune winners keep their costs in the candidate table only
+        per_call = next((r["target_ms"] + r["draft_ms"] for r in profile.get("candidates", [])
+                         if r.get("method") == winner.get("method") and r.get("size") == winner.get("size")
+                         and r.get("depth") == winner.get("depth") and r.get("mode") == winner.get("mode")), None)
+    if not ar_ms or not per_call:
+        return None
+    return float(per_call) / float(ar_ms)
+
+
 def build(ctx: MethodContext, opts: Options) -> Drafter | None:
-    return drafter_for(ctx, auto_profile(ctx, opts.tree)["winner"], opts.sequoia_mode)
+    profile = auto_profile(ctx, opts.tree)
+    drafter = drafter_for(ctx, profile["winner"], opts.sequoia_mode)
+    need = break_even(profile)
+    if drafter is None or need is None or opts.no_fallback:
+        return drafter
+    # Where the winner does not pay on this text, plain steps instead (exact either way).
+    return FallbackDrafter(drafter, need)
 
 
 METHOD = register(Method(
