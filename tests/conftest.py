@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -40,6 +42,23 @@ def tiny_hf_model(arch: str = "llama", seed: int = 0, vocab: int = TINY_VOCAB, l
 
 def tiny_lm(arch: str = "llama", seed: int = 0, vocab: int = TINY_VOCAB) -> HFLanguageModel:
     return HFLanguageModel(tiny_hf_model(arch, seed, vocab))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _measurements_in_a_temporary_folder(tmp_path_factory):
+    """Timings taken on a busy test machine must never reach the user's cache (linear paths, draft
+    precision, tune profiles): the whole session measures into a temporary folder, and `auto` never
+    starts a real tune unless a test enables it."""
+    saved = {k: os.environ.get(k) for k in ("SPECDEC_MEASUREMENTS", "SPECDEC_AUTOTUNE")}
+    os.environ["SPECDEC_MEASUREMENTS"] = str(tmp_path_factory.mktemp("measurements"))
+    # No test tunes by accident: `auto` without a profile reports it; tests that tune say so.
+    os.environ["SPECDEC_AUTOTUNE"] = "0"
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(params=["llama", "qwen2"])

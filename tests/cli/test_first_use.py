@@ -15,7 +15,7 @@ import pytest
 import specdec
 import specdec.models.hub as hub
 from specdec.cli import main
-from specdec.cli.common import DTYPE_NAMES, WEIGHT_NAMES
+from specdec.cli.common import DEFAULT_METHOD, DTYPE_NAMES, WEIGHT_NAMES
 from specdec.engine.pipeline import DTYPES, Pipeline
 from specdec.models.hub.registry import DEFAULT_TARGET, KNOWN_MODELS, ModelError, check_known_pair, default_draft
 from tests.serving.server_helpers import save_tiny_checkpoints, tiny_tokenizer
@@ -81,6 +81,9 @@ def test_cli_dtype_names_are_the_pipelines():
     from specdec.models.hub.load import WEIGHTS
 
     assert sorted(WEIGHT_NAMES) == sorted(WEIGHTS)
+    from specdec.engine.pipeline import DEFAULT_METHOD as PIPELINE_DEFAULT
+
+    assert DEFAULT_METHOD == PIPELINE_DEFAULT
 
 
 # ---- 10: one clear line instead of a traceback ----------------------------------------------

@@ -52,11 +52,17 @@ def test_greedy_equivalence_on_smollm2(smol):
 
 
 def test_cli_generate_json_on_smollm2(capsys):
-    rc = main(
-        ["generate", "--target", NAME, "--draft", NAME, "--method", "sps", "--gamma", "3",
-         "--max-new-tokens", "12", "--json", "--prompt", "The capital of France is"]
-    )
-    assert rc == 0
+    argv = ["generate", "--target", NAME, "--draft", NAME, "--method", "sps", "--gamma", "3",
+            "--max-new-tokens", "12", "--json", "--prompt", "The capital of France is"]
+    assert main([*argv, "--method", "ar"]) == 0
+    ar = json.loads(capsys.readouterr().out)
+    # The draft's precision is measured (auto): whatever it is, the output is the target's.
+    assert main(argv) == 0
+    auto = json.loads(capsys.readouterr().out)
+    assert auto["token_ids"] == ar["token_ids"]
+    assert 0 < auto["stats"]["accepted_tokens"] <= auto["stats"]["draft_tokens"]
+    # In the target's own precision the named draft is the target itself: every draft is accepted.
+    assert main([*argv, "--draft-dtype", "float32"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result) == {"text", "token_ids", "stats"}
     for key in ["new_tokens", "target_calls", "draft_tokens", "accepted_tokens", "mean_accepted_per_call",

@@ -18,14 +18,14 @@ from tests.serving.server_helpers import running_server  # noqa: E402
 pytestmark = pytest.mark.real
 NAME = "smollm2-135m-instruct"
 QUESTION = "List three prime numbers."
-# The target is its own drafter here (the only draft the CLI can name for it): every draft is
-# accepted, which the usage check below relies on.
-MODEL_ARGS = ["--target", NAME, "--draft", NAME, "--fast-linear", "off"]
+# The target is its own drafter here (the only draft the CLI can name for it), in float32 as the
+# target: every draft is accepted, which the usage check below relies on.
+MODEL_ARGS = ["--target", NAME, "--draft", NAME, "--fast-linear", "off", "--draft-dtype", "float32"]
 
 
 @pytest.fixture(scope="module")
 def client():
-    pipe = Pipeline(NAME, NAME, fast_linear="off", progress=False)
+    pipe = Pipeline(NAME, NAME, fast_linear="off", draft_dtype="float32", progress=False)
     with running_server(create_app(pipe, "pld", {"max_ngram": 3}, NAME)) as url:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
 

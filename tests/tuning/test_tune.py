@@ -31,6 +31,7 @@ PROMPTS = [list(range(5, 20)), list(range(30, 41))]
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SPECDEC_MEASUREMENTS", str(tmp_path / "measurements"))
 
 
 def _check_profile(profile, sizes, max_depth, width):
@@ -147,7 +148,7 @@ def test_cost_model():
 
 
 def _synthetic_profile(topk, swor=None):
-    return {"version": 1, "key": profile_key("big", "small", "cpu", "float32", 0.0 if swor is None else 0.7),
+    return {"version": PROFILE_VERSION, "key": profile_key("big", "small", "cpu", "float32", 0.0 if swor is None else 0.7),
             "acceptance": {"topk": topk, "swor": swor, "iterations": 100}, "winner": {"method": "ar"}}
 
 
@@ -181,11 +182,11 @@ def test_profile_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="not a readable tune profile"):
         read_profile(bad)
-    bad.write_text(json.dumps({"version": 0}))
-    with pytest.raises(ValueError, match="version-1"):
+    bad.write_text(json.dumps({"version": 1, "winner": {"method": "ar"}}))
+    with pytest.raises(ValueError, match="older specdec"):
         read_profile(bad)
     pipe = Pipeline.from_models(tiny_lm("llama", 0), None, tiny_lm("llama", 1))
-    with pytest.raises(ValueError, match="specdec tune --target custom --draft custom"):
+    with pytest.raises(ValueError, match="specdec tune --quick --target custom --draft custom"):
         find_profile(pipe.profile_key(GREEDY))
 
 

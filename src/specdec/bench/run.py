@@ -193,6 +193,15 @@ def _run_plan(
                             **settings.method_options(method))
         return res.token_ids, res.stats.to_dict(), None
 
+    def auto_choice(sampling: SamplingConfig) -> str | None:
+        """What `auto` follows for this sampling (its profile's winner), for the summary."""
+        from specdec.core.store import ProfileProblem, find_profile
+
+        try:
+            return str(find_profile(pipe.profile_key(sampling))["winner"]["label"])
+        except (ProfileProblem, KeyError, TypeError):
+            return None
+
     # Warm-up: one short untimed generation per method and temperature still to run.
     warm_ids = ids_of[plan[0][0].id][:16]
     for m, t in dict.fromkeys((m, t) for _, t, _, m in plan):
@@ -231,6 +240,8 @@ def _run_plan(
                 }
                 if hf_settings is not None:
                     row["hf_settings"] = hf_settings
+                if base_method(m, settings.variants) == "auto":
+                    row["auto_choice"] = auto_choice(settings.sampling(t))
                 row["session"] = session
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 f.flush()

@@ -126,7 +126,7 @@ def needs_draft(methods: Iterable[str], variants: Variants | None = None) -> boo
     """Whether any of these methods, variants or peers needs the draft model loaded."""
     registered = all_methods()
     bases = [base_method(m, variants) for m in methods]
-    return any((m in registered and registered[m].needs_draft_model) or m in HF_NEEDS_DRAFT for m in bases)
+    return any((m in registered and registered[m].loads_draft_model) or m in HF_NEEDS_DRAFT for m in bases)
 
 
 def parse_temperatures(spec: str | Sequence[float]) -> list[float]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +37,16 @@ class MethodSummary:
     """Task category (and "all") -> geometric mean of per-prompt tokens/s ratios over our AR."""
     speedup_vs_hf: dict[str, float]
     """For hf-* peers: the same against hf-ar."""
+    decode_speedup: dict[str, float]
+    """The same over decode-only tokens/s (`decode_tokens_per_s`: prefill and first step left out)."""
     tokens_per_call: float | None
     accepted_per_call: float | None
     acceptance_by_position: list[float]
     swi: float | None
     mismatches: int | None
     compared: int
+    auto_choices: dict[str, int] = field(default_factory=dict)
+    """For `auto`: what it followed (the tuned winner's label) and on how many rows."""
 
 
 @dataclass
@@ -71,10 +75,10 @@ def _method_order(methods: Iterable[str]) -> list[str]:
     return order
 
 
-def _ratio(row: dict[str, Any], base: dict[str, Any] | None) -> float | None:
+def _ratio(row: dict[str, Any], base: dict[str, Any] | None, field: str = "tokens_per_s") -> float | None:
     if base is None:
         return None
-    a, b = row["stats"].get("tokens_per_s"), base["stats"].get("tokens_per_s")
+    a, b = row["stats"].get(field), base["stats"].get(field)
     if not a or not b:
         return None
     return a / b
@@ -96,6 +100,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> Summary:
     for (m, t), group in groups.items():
         ratios: dict[str, list[float]] = defaultdict(list)
         hf_ratios: dict[str, list[float]] = defaultdict(list)
+        decode_ratios: dict[str, list[float]] = defaultdict(list)
         for r in group:
             key = (str(r["id"]), m, t, int(r["repeat"]))
             ar = index.get((key[0], "ar", t, key[3]))
@@ -105,6 +110,10 @@ def summarize(rows: Sequence[dict[str, Any]]) -> Summary:
                 ratios["all"].append(q)
                 if m != "ar" and ar is not None and r.get("session") != ar.get("session"):
                     cross += 1
+            q = _ratio(r, ar, "decode_tokens_per_s")
+            if q is not None:
+                decode_ratios[r["task"]].append(q)
+                decode_ratios["all"].append(q)
             if is_hf(m):
                 q = _ratio(r, index.get((key[0], HF_BASELINE, t, key[3])))
                 if q is not None:
@@ -131,12 +140,14 @@ def summarize(rows: Sequence[dict[str, Any]]) -> Summary:
             tokens_per_s=sum(tps) / len(tps) if tps else float("nan"),
             speedup={k: geomean(v) for k, v in ratios.items()},
             speedup_vs_hf={k: geomean(v) for k, v in hf_ratios.items()},
+            decode_speedup={k: geomean(v) for k, v in decode_ratios.items()},
             tokens_per_call=tpc,
             accepted_per_call=apc,
             acceptance_by_position=[sum(p) / len(p) for p in positions],
             swi=sum(swis) / len(swis) if swis else None,
             mismatches=sum(1 for r in compared if r["output_equals_ar"] is False) if compared else None,
             compared=len(compared),
+            auto_choices=dict(Counter(r["auto_choice"] for r in group if r.get("auto_choice"))),
         )
     return Summary(temps, tasks, methods, table, prompts_per_task, len(rows), cross)
 
@@ -172,7 +183,9 @@ def render_summary(
         f"{summary.n_rows} rows; prompts per task: {per_task or 'none'}. Multi-turn prompts send their first turn only.",
         "",
         "**Speedup** = geometric mean over prompts (and repeats) of tokens/s of the method ÷ tokens/s of our AR on the "
-        "same prompt, temperature and repeat, measured back to back. **tok/call** = new tokens per target call; "
+        "same prompt, temperature and repeat, measured back to back (end to end: prefill included); **decode** = the same "
+        "over decoding alone (tokens after the first step ÷ the time after it), which long-prompt, short-answer "
+        "prompts need. **tok/call** = new tokens per target call; "
         "**acc/call** = accepted draft tokens per target call; **acceptance by position** = mean over prompts of the "
         "acceptance rate at draft position 1, 2, … (a prompt that never proposed a position does not count "
         "there); **SWI** where the method reports it; **≠AR** = greedy outputs "
@@ -188,7 +201,8 @@ def render_summary(
     cols = summary.tasks + ["all"]
     for t in summary.temperatures:
         lines += [f"## T = {fmt_temp(t)}" + (" (greedy)" if t == 0 else " (sampling)"), ""]
-        head = ["method", "n", "tok/s"] + cols + ["tok/call", "acc/call", "acceptance by position", "SWI", "≠AR"]
+        head = ["method", "n", "tok/s"] + cols + ["decode", "tok/call", "acc/call", "acceptance by position", "SWI",
+                                                   "≠AR"]
         lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
         for m in summary.methods:
             s = summary.table.get((m, t))
@@ -199,9 +213,15 @@ def render_summary(
             if s.mismatches and not is_hf(m):
                 mism = f"**{mism}**"
             cells = [f"`{m}`", str(s.n), _f(s.tokens_per_s)] + [_x(s.speedup.get(c)) for c in cols]
+            cells.append(_x(s.decode_speedup.get("all")))
             cells += [_f(s.tokens_per_call), _f(s.accepted_per_call), apos, _f(s.swi), mism]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        for m in summary.methods:
+            s = summary.table.get((m, t))
+            if s is not None and s.auto_choices:
+                chosen = "; ".join(f"`{label}` ({n} rows)" for label, n in sorted(s.auto_choices.items()))
+                lines += [f"`{m}` followed its tuned winner: {chosen}.", ""]
         hf_rows = [m for m in summary.methods if is_hf(m) and m != HF_BASELINE and (m, t) in summary.table]
         if hf_rows and (HF_BASELINE, t) in summary.table:
             lines += [f"Hugging Face peers against `{HF_BASELINE}` (their own AR), T = {fmt_temp(t)}:", ""]

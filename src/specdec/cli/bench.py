@@ -45,6 +45,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         run_info["tensor_parallel_size"] = tp_size
     if args.weights != "dense" or args.draft_weights not in (None, "dense"):  # recorded only when not dense
         run_info["weights"] = [args.weights, args.draft_weights or args.weights]
+    if args.row_invariant != "auto":
+        run_info["row_invariant"] = args.row_invariant
+    if args.draft_vocab is not None:
+        run_info["draft_vocab"] = args.draft_vocab
     settings = BenchSettings(
         methods=parse_methods(args.methods, variants),
         variants=variants,
@@ -71,6 +75,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     argv += ["--tensor-parallel-size", str(tp_size)] if tp_size > 1 else []
     argv += ["--weights", args.weights] if args.weights != "dense" else []
     argv += ["--draft-weights", args.draft_weights] if args.draft_weights else []
+    argv += ["--row-invariant", args.row_invariant] if args.row_invariant != "auto" else []
+    argv += ["--draft-vocab", str(args.draft_vocab)] if args.draft_vocab is not None else []
     argv += ["--per-task", str(args.per_task)] if args.per_task is not None else []
     argv += ["--tasks", args.tasks] if args.tasks else []
     for name in OPTION_FLAGS:

@@ -29,6 +29,8 @@ DTYPE_NAMES = ("bfloat16", "float16", "float32")
 """The names of `engine.pipeline.DTYPES` (a test keeps them equal), without importing torch."""
 WEIGHT_NAMES = ("dense", "native")
 """The names of `models.hub.load.WEIGHTS` (a test keeps them equal), without importing torch."""
+DEFAULT_METHOD = "auto"
+"""`engine.pipeline.DEFAULT_METHOD` (a test keeps them equal), without importing torch."""
 DRAFT_FREE_METHOD = "pld"
 """The method of a run that names no --method and has no draft model (prompt lookup needs none)."""
 
@@ -63,13 +65,26 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, … (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="target dtype (default float32)")
     p.add_argument(
-        "--draft-dtype", default=None, choices=DTYPE_NAMES + ("int8",),
-        help="draft precision; int8 = dynamic int8 quantization of the draft's linears (CPU). It changes speed "
-        "only, never the output: every drafted token is verified against the target",
+        "--draft-dtype", default="auto", choices=("auto",) + DTYPE_NAMES + ("int8",),
+        help="draft precision (default auto: the fastest measured on this machine, cached; int8 = dynamic int8 "
+        "quantization of the draft's linears, CPU). It changes speed only, never the output: every drafted token is "
+        "verified against the target",
     )
     p.add_argument(
         "--fast-linear", default="auto", choices=["auto", "on", "off"],
-        help="prepacked oneDNN linears on the CPU (same model up to float32 round-off; auto = when verified faster)",
+        help="linear kernels (default auto: per row-count bucket, the fastest path measured on this machine, cached; "
+        "on: prepacked oneDNN everywhere; off: plain F.linear). Every path is the same function up to round-off",
+    )
+    p.add_argument(
+        "--row-invariant", default="auto", choices=["auto", "on", "off"],
+        help="make the target score k tokens in one pass bit for bit like k one-token passes (one linear path for "
+        "every block size, eager or per-query attention, checked at load) so greedy speculative output equals plain "
+        "decoding; auto (default) = on for bfloat16/float16 targets",
+    )
+    p.add_argument(
+        "--draft-vocab", type=int, default=None, metavar="N",
+        help="keep only the N most frequent tokens in the draft's output head (a cheaper draft step; the target "
+        "still verifies over its whole vocabulary, so only acceptance and speed change)",
     )
     p.add_argument(
         "--weights", default="dense", choices=WEIGHT_NAMES,
@@ -88,6 +103,21 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "torchrun (default 1; under torchrun it must equal WORLD_SIZE)")
     p.add_argument("--verbose", action="store_true",
                    help="show transformers' progress bars and warnings while loading (default: one line per load)")
+
+
+def forget_measurements(device: str) -> None:
+    """Delete this machine's cached measurements (linear paths, draft precision, forward times), so the
+    next load measures again; tune profiles stay (re-tune to replace them)."""
+    from specdec.core.hardware import fingerprint
+    from specdec.models.draft_precision import precision_cache_path
+    from specdec.models.kernel_choice import kernel_cache_path
+    from specdec.tuning.quick import timing_cache_path
+
+    fp = fingerprint(device)
+    for path in (kernel_cache_path(fp), precision_cache_path(fp), timing_cache_path()):
+        if path.is_file():
+            path.unlink()
+            print(f"forgot {path}", file=sys.stderr)
 
 
 def device_of(args: argparse.Namespace) -> str:
@@ -128,7 +158,7 @@ def drafts_of(args: argparse.Namespace, need: bool = False) -> list[str]:
     return [known] if known is not None else []
 
 
-def resolve_method(args: argparse.Namespace, default: str = "sps") -> str:
+def resolve_method(args: argparse.Namespace, default: str = DEFAULT_METHOD) -> str:
     """--method, or `default` when a draft model is given or known for the target, else the
     draft-free method (saying so in one line on stderr)."""
     if getattr(args, "method", None) is not None:
@@ -197,6 +227,9 @@ def load_pipeline(args: argparse.Namespace, need_draft: bool) -> Pipeline:
         print(f"loading {args.target}" + "".join(f" + {d}" for d in drafts)
               + (f", target sharded over {tp_size} ranks" if tp_size > 1 else "") + " …",
               end="", file=sys.stderr, flush=True)
+    # `auto` tunes on first use: importing the tuner registers it with the pipeline.
+    from specdec.tuning import autotune  # noqa: F401
+
     try:
         with quiet_loading(bool(getattr(args, "verbose", False))):
             # Offloading is a property of the loaded target: every method of this run, the AR baseline
@@ -206,6 +239,7 @@ def load_pipeline(args: argparse.Namespace, need_draft: bool) -> Pipeline:
                 draft_dtype=args.draft_dtype, fast_linear=args.fast_linear,
                 offload=bool(getattr(args, "offload", False)), tensor_parallel_size=tp_size,
                 weights=args.weights, draft_weights=args.draft_weights,
+                row_invariant=getattr(args, "row_invariant", "auto"), draft_vocab=getattr(args, "draft_vocab", None),
             )
     except BaseException:
         if rank0:
@@ -273,7 +307,8 @@ def add_method_args(p: argparse.ArgumentParser, default_method: str | None = Non
     default_method None: the command resolves it (`resolve_method`: sps with a draft model, else pld).
     """
     default_help = (f"default {default_method}" if default_method else
-                    f"default sps when a draft model is given or known for the target, else {DRAFT_FREE_METHOD}")
+                    f"default {DEFAULT_METHOD} (the tuned fastest method; tuned on first use) when a draft model is given or "
+                    f"known for the target, else {DRAFT_FREE_METHOD}")
     if not _with_method_flags:  # a first look at the command line: no methods imported
         p.add_argument("--method", default=default_method, help=f"decoding method ({default_help})")
         p.add_argument("--gamma", type=int, default=None, help=GAMMA_HELP)

@@ -19,7 +19,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     methods = ["ar"] + [m for m in args.methods.split(",") if m and m != "ar"]
     given = given_options(args)
     check_all_known(given, methods)
-    pipe = load_pipeline(args, any(get_method(m).needs_draft_model for m in methods))
+    pipe = load_pipeline(args, any(get_method(m).loads_draft_model for m in methods))
     sampling = sampling_of(args)
     ids = pipe.encode(args.chat or DEMO_PROMPT, chat=True if pipe.has_chat_template() else False)
     print(f"prompt: {args.chat or DEMO_PROMPT!r} ({len(ids)} tokens), {args.max_new_tokens} new tokens, "

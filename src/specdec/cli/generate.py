@@ -24,6 +24,18 @@ def prompt_of(args: argparse.Namespace) -> tuple[str, bool | None]:
     return text, chat
 
 
+def method_label(pipe, method: str, sampling) -> str:
+    """The method, and for auto what it follows."""
+    if method != "auto":
+        return method
+    from specdec.core.store import ProfileProblem, find_profile
+
+    try:
+        return f"auto: {find_profile(pipe.profile_key(sampling))['winner']['label']}"
+    except (ProfileProblem, KeyError, TypeError):
+        return method
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from specdec.engine.text import TextAssembler
     from specdec.methods.registry import get_method
@@ -36,7 +48,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     method = get_method(args.method)
     opts = options_for(args.method, given_options(args))
     method.make_options(opts)  # a bad value is reported now, not after the models have loaded
-    pipe = load_pipeline(args, method.needs_draft_model)
+    pipe = load_pipeline(args, method.loads_draft_model)
     dec, chunks = pipe.stream(text, args.method, args.max_new_tokens, sampling, gamma=args.gamma, seed=args.seed,
                               chat=chat, **opts)
     if args.json:
@@ -52,7 +64,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write(text_out.flush() + "\n")
     assert dec.last_stats is not None
-    print(f"[{args.method}] " + format_stats(dec.last_stats.to_dict()), file=sys.stderr)
+    print(f"[{method_label(pipe, args.method, sampling)}] " + format_stats(dec.last_stats.to_dict()), file=sys.stderr)
     return 0
 
 

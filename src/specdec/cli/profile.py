@@ -1,6 +1,7 @@
-"""`specdec profile`: t(k), ms per forward over k new tokens, of the target (and draft) on the plain
-path and on the fast paths (packed oneDNN linears; int8 for a CPU draft; native = computing on the
-GGUF file's quantized blocks), from one process."""
+"""`specdec profile`: t(k), ms per forward over k new tokens, of the target (and draft) on each linear
+path (plain, prepacked oneDNN everywhere, the measured per-bucket choice, and native = computing on
+the GGUF file's quantized blocks), the per-bucket choice itself, and for the draft each precision
+this device can run, from one process."""
 
 from __future__ import annotations
 
@@ -12,19 +13,24 @@ from typing import Any
 
 import torch
 
-from specdec.cli.common import device_of
+from specdec.cli.common import device_of, forget_measurements
+from specdec.core.hardware import describe, fingerprint
 from specdec.core.store import cache_dir
 from specdec.engine.pipeline import DEFAULT_TARGET, DTYPES
-from specdec.tuning.timing import DEFAULT_KS, format_table, measure_forward
+from specdec.models.timing import DEFAULT_KS, format_table, measure_forward
+
+LINEAR_MODES = (("off", "plain"), ("on", "packed oneDNN"), ("auto", "auto (per bucket)"))
 
 
-PATHS = ("plain", "packed", "int8", "native")
+PATH_OF_MODE = {"off": "plain", "on": "packed", "auto": "auto"}
+PATHS = ("plain", "packed", "auto", "native", "precisions")
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from specdec.models.fastpath import enable_packed_linears, quantize_draft_int8
+    from specdec.models.draft_precision import make_variant, precision_candidates
     from specdec.models.hf import HFLanguageModel
     from specdec.models.hub import ModelError, load_model
+    from specdec.models.kernel_choice import apply_linear_paths, format_kernel_report
     from specdec.models.quant.load import native_summary
 
     ks = tuple(int(k) for k in args.ks.split(","))
@@ -37,25 +43,29 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = device_of(args)
-    report: dict[str, Any] = {"device": device, "threads": torch.get_num_threads(), "models": {}}
+    if args.remeasure:
+        forget_measurements(device)
+    fp = fingerprint(device)
+    print(f"machine: {describe(fp)}", file=sys.stderr)
+    report: dict[str, Any] = {"device": device, "threads": torch.get_num_threads(), "fingerprint": fp, "models": {}}
     roles = [("target", args.target)] + ([("draft", args.draft)] if args.draft else [])
 
     def measure(model: Any, path: str) -> Any:
         return measure_forward(HFLanguageModel(model), ks, args.context, args.repeats, path=path)
 
     for role, name in roles:
-        profiles = []
-        if "plain" in paths or "packed" in paths:
+        profiles, kernels = [], None
+        for mode, label in LINEAR_MODES:
+            if PATH_OF_MODE[mode] not in paths:
+                continue
             model, _ = load_model(name, dtype=DTYPES[args.dtype], device=device)
-            if "plain" in paths:
-                profiles.append(measure(model, "plain"))
-            if "packed" in paths and enable_packed_linears(model, "on"):
-                profiles.append(measure(model, "packed oneDNN"))
+            rep = apply_linear_paths(model, mode, progress=lambda msg: print(msg, file=sys.stderr))
+            if mode == "on" and not rep.replaced:
+                continue  # no packed path for this dtype or device
+            if mode == "auto":
+                kernels = rep
+            profiles.append(measure_forward(HFLanguageModel(model), ks, args.context, args.repeats, path=label))
             model = None  # free the weights before the next copy loads
-        if "int8" in paths and role == "draft" and device == "cpu":
-            qmodel = quantize_draft_int8(load_model(name, dtype=torch.float32, device=device)[0])
-            profiles.append(measure(qmodel, "int8 dynamic"))
-            qmodel = None
         if "native" in paths:
             try:
                 nmodel, _ = load_model(name, device=device, weights="native")
@@ -65,10 +75,58 @@ def cmd_profile(args: argparse.Namespace) -> int:
                 print(f"{role} {name} native layers: {native_summary(nmodel)}", file=sys.stderr)
                 profiles.append(measure(nmodel, "native"))
                 nmodel = None
-        if not profiles:
-            continue
+        if role == "target" and args.dtype != "float32":
+            # What exactness costs in reduced precision: one path for every block size and the
+            # attention that makes a block pass equal one-token passes (`models.invariance`).
+            from specdec.models.draft_precision import probe_ids
+            from specdec.models.invariance import make_row_invariant
+
+            model, tok = load_model(name, dtype=DTYPES[args.dtype], device=device)
+            apply_linear_paths(model, "auto", single_path=True)
+            ok = make_row_invariant(model, probe_ids(model.config.vocab_size, tok)[:24])
+            profiles.append(measure_forward(HFLanguageModel(model), ks, args.context, args.repeats,
+                                            path="row-invariant" + ("" if ok else " (check failed)")))
+            model = None
+        levels: dict[str, Any] = {}
+        if role == "draft" and "precisions" in paths:
+            for precision in precision_candidates(device):
+                if precision == args.dtype:
+                    continue  # the rows above
+                try:
+                    fp32, _ = load_model(name, dtype=torch.float32, device=device)
+                    variant = make_variant(fp32, precision)
+                except (RuntimeError, ValueError) as exc:
+                    print(f"{precision}: not usable here ({exc})", file=sys.stderr)
+                    continue
+                profiles.append(measure_forward(HFLanguageModel(variant), ks, args.context, args.repeats,
+                                                path=f"{precision} (auto paths)"))
+                fp32 = variant = None
+            if args.draft_vocab:
+                # The pruned head (`models.pruned_head`) in each precision.
+                from specdec.drafting.vocab import tokens_to_keep
+                from specdec.models.pruned_head import prune_output_head
+
+                for precision in precision_candidates(device):
+                    fp32, tok = load_model(name, dtype=torch.float32, device=device)
+                    vocab = fp32.get_output_embeddings().weight.shape[0]
+                    prune_output_head(fp32, tokens_to_keep(tok, vocab, args.draft_vocab))
+                    try:
+                        variant = make_variant(fp32, precision)
+                    except (RuntimeError, ValueError):
+                        continue
+                    profiles.append(measure_forward(HFLanguageModel(variant), ks, args.context, args.repeats,
+                                                    path=f"{precision}, head of {args.draft_vocab} tokens"))
+                    fp32 = variant = None
+            levels = {p.path: p.ms.get(1) for p in profiles}
         print(format_table(f"{role} {name}", profiles) + "\n")
-        report["models"][role] = {"name": name, "profiles": [p.to_dict() for p in profiles]}
+        if kernels is not None:
+            print(format_kernel_report(kernels) + "\n")
+        if levels:
+            print(f"draft {name}: ms per draft level (a 1-token forward after {args.context} tokens): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in levels.items() if v is not None) + "\n")
+        report["models"][role] = {"name": name, "profiles": [p.to_dict() for p in profiles],
+                                  "linear_paths": [s.to_dict() for s in kernels.shapes] if kernels else [],
+                                  "ms_per_draft_level": levels}
     safe = "__".join(Path(str(n)).name for n in (args.target, args.draft or "none", device))
     out = Path(args.out) if args.out else cache_dir() / "profiles" / f"{safe}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -79,10 +137,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=DEFAULT_TARGET)
-    p.add_argument("--draft", default=None, help="also profile this draft model (plain, packed, int8, native)")
+    p.add_argument("--draft", default=None, help="also profile this draft model (each linear path and precision)")
     p.add_argument("--paths", default=",".join(PATHS),
-                   help="paths to time, comma-separated: plain, packed (oneDNN), int8 (draft on the CPU only), "
-                   "native (the GGUF file's blocks; GGUF models only) (default: all)")
+                   help="what to time, comma-separated: plain, packed (oneDNN), auto (the per-bucket choice), "
+                   "native (the GGUF file's blocks; GGUF models only), precisions (the draft in each precision this "
+                   "device runs) (default: all)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, … (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="block sizes k to time")
@@ -90,4 +149,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed passes per k (median reported)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="JSON file for the measurements (default: in the cache)")
+    p.add_argument("--draft-vocab", type=int, default=32768, metavar="N",
+                   help="also time the draft with its output head pruned to the N most frequent tokens (default "
+                   "32768; 0 = skip)")
+    p.add_argument("--remeasure", action="store_true",
+                   help="forget this machine's cached linear-path and draft-precision choices first and measure them "
+                   "again (do it on a quiet machine: later loads reuse what is measured)")
     p.set_defaults(func=cmd_profile)

@@ -34,6 +34,7 @@ DESCRIPTION = (
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from specdec.core.options import check_positive_int
+    from specdec.core.sampling import SamplingConfig
     from specdec.methods.registry import get_method
     from specdec.serving import app as serving_app
     from specdec.serving.network import check_port_free, is_loopback
@@ -68,7 +69,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     given = given_options(args)
     serving_app.check_default_options(args.method, given, args.gamma)
     # A --draft given with a draft-free default method is still loaded: requests may switch to sps.
-    pipe = load_pipeline(args, get_method(args.method).needs_draft_model or args.draft is not None)
+    pipe = load_pipeline(args, get_method(args.method).loads_draft_model or args.draft is not None)
+    if args.method == "auto" and not given.get("tree"):
+        # Tune now (once per machine and setting), not inside the first request: greedy, and sampling at
+        # the default temperature (0.7 when the default is greedy). Requests then follow the profiles.
+        for temperature in (0.0, sampling.temperature or 0.7):
+            pipe.decoder("auto", SamplingConfig(temperature=temperature, top_k=sampling.top_k, top_p=sampling.top_p))
     app = serving_app.create_app(
         pipe, args.method, given, args.model_name or args.target, gamma=args.gamma,
         default_sampling=sampling, default_max_tokens=args.max_new_tokens, default_seed=args.seed,

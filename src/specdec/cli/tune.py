@@ -7,8 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from specdec.cli.common import add_model_args, load_pipeline, sampling_of
+from specdec.cli.common import add_model_args, device_of, forget_measurements, load_pipeline, sampling_of
 from specdec.core.options import check_positive_int
+from specdec.core.sampling import SamplingConfig
 from specdec.core.store import profile_path, read_profile, save_profile
 from specdec.engine.pipeline import Pipeline
 from specdec.models.hf import HFLanguageModel
@@ -20,10 +21,13 @@ from specdec.tuning.projection import (
 )
 
 DESCRIPTION = (
-    "Measure the target's and draft's forward times and the draft's acceptance vector here, run "
-    "Sequoia's DP for every tree size and depth, and save the fastest choice (possibly no speculation) as a "
-    "profile keyed by model pair, device, dtype and temperature. With --project-offload, also (or only, "
-    "with --profile) project the speedup of SpecExec/Sequoia trees for a target offloaded to CPU RAM."
+    "Measure this machine and save the fastest choice (possibly no speculation) as the profile `--method auto` "
+    "follows, keyed by model pair, device, dtypes, greedy or sampling, and hardware. --quick (what auto runs on "
+    "first use): forward times, plain decoding and one acceptance run, then every method and shape priced on one "
+    "cost model (sps with several gamma and adaptive stopping, Sequoia trees, SpecInfer expansions, SpecExec "
+    "budgets, csd k-matrices, pld, maxgram). Without --quick: Sequoia's DP over every tree size and depth, the "
+    "winner checked against plain decoding. With --project-offload, also (or only, with --profile) project the "
+    "speedup of SpecExec/Sequoia trees for a target offloaded to CPU RAM."
 )
 
 
@@ -53,11 +57,47 @@ def _fmt_vec(vec: list[float]) -> str:
     return "[" + ", ".join(f"{v:.3f}" for v in vec) + "]"
 
 
+def cmd_quick(args: argparse.Namespace, sampling: SamplingConfig) -> int:
+    import dataclasses
+
+    from specdec.tuning import autotune
+    from specdec.tuning.quick import format_quick
+
+    defaults = autotune.DEFAULT_SETTINGS
+    settings = dataclasses.replace(
+        defaults,
+        num_prompts=check_positive_int("--num-prompts", defaults.num_prompts if args.num_prompts is None
+                                       else args.num_prompts),
+        gen_tokens=check_positive_int("--gen-tokens", defaults.gen_tokens if args.gen_tokens is None
+                                      else args.gen_tokens),
+        seed=args.seed)
+    pipe = load_pipeline(args, True)
+    texts = None
+    if args.prompts:
+        from specdec.bench.prompts import load_prompts
+
+        texts = [p.text for p in load_prompts(args.prompts)]
+    profile = autotune.tune_pipeline(pipe, sampling, prompts=autotune.tune_prompts(pipe, texts)[: settings.num_prompts],
+                                     settings=settings)
+    print(format_quick(profile))
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     sampling = sampling_of(args)
     drafts = args.draft or []
     if len(drafts) > 1:
         raise ValueError("specdec tune measures one draft model; give a single --draft")
+    if args.remeasure:
+        forget_measurements(device_of(args))
+    if args.quick:
+        if args.project_offload or args.profile:
+            raise ValueError("--quick tunes this machine; --project-offload/--profile belong to the full tune")
+        return cmd_quick(args, sampling)
+    if args.num_prompts is None:
+        args.num_prompts = 4
+    if args.gen_tokens is None:
+        args.gen_tokens = 24
     if args.profile and not args.project_offload:
         raise ValueError("--profile is only read with --project-offload (a plain tune measures this machine)")
     if args.profile:
@@ -100,6 +140,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def configure(p: argparse.ArgumentParser) -> None:
     p.description = DESCRIPTION
     add_model_args(p)  # --offload among them: tune for a target offloaded to CPU RAM (GPU only)
+    p.add_argument("--quick", action="store_true",
+                   help="every method on one cost model from one short measurement (what auto runs on first use)")
+    p.add_argument("--remeasure", action="store_true",
+                   help="forget this machine's cached kernel, draft-precision and forward-time measurements first "
+                   "(take them again on a quiet machine)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature to tune for (0 = greedy)")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
@@ -110,8 +155,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=DEFAULT_WIDTH,
                    help=f"star-tree width for the acceptance vector = most children per node (default {DEFAULT_WIDTH})")
     p.add_argument("--prompts", default=None, help="JSONL prompt file as for bench (default: built-in prompts)")
-    p.add_argument("--num-prompts", type=int, default=4, help="prompts used to measure acceptance (default 4)")
-    p.add_argument("--gen-tokens", type=int, default=24, help="tokens generated per prompt for acceptance (default 24)")
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="prompts used to measure acceptance (default 4; --quick: 3)")
+    p.add_argument("--gen-tokens", type=int, default=None,
+                   help="tokens generated per prompt for acceptance (default 24; --quick: 16)")
     p.add_argument("--measure-prompts", type=int, default=1,
                    help="prompts on which the winner is run against plain decoding (0 = skip; default 1)")
     p.add_argument("--measure-tokens", type=int, default=32, help="tokens per such run (default 32)")

@@ -164,6 +164,14 @@ def number_at_least(low: float) -> Parser:
     return parse
 
 
+def probability(value: Any) -> float:
+    """A number in [0, 1]."""
+    number = number_at_least(0.0)(value)
+    if number > 1.0:
+        raise ValueError(f"must be a probability in [0, 1], got {value!r}")
+    return number
+
+
 def flag(value: Any) -> bool:
     """A boolean from true/false (or 1/0, yes/no, on/off)."""
     if isinstance(value, bool):

@@ -170,7 +170,8 @@ class SpeculativeDecoder:
             self.target.forward(prompt[:-1], last_only=True)
             self.target.commit(prompt.numel() - 1)
             _sync(self._device)
-            stats.target_s += time.perf_counter() - t0
+            stats.prefill_s = time.perf_counter() - t0
+            stats.target_s += stats.prefill_s
 
     def _propose(self, committed: Tensor, max_depth: int, generator: torch.Generator | None) -> TokenTree:
         if self.drafter is None or max_depth <= 0:

@@ -12,8 +12,9 @@ sampling, tokenizer) and its parsed `Options`, never the pipeline.
 
 from __future__ import annotations
 
+import os
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,26 @@ if TYPE_CHECKING:
 
 DEFAULT_DRAFT = default_draft(DEFAULT_TARGET)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_METHOD = "auto"
+
+Tuner = Callable[["Pipeline", SamplingConfig, str], dict[str, Any]]
+"""(pipeline, sampling, why no usable profile exists) -> the new profile, saved. Registered by the
+tuning layer (`tuning.autotune`), which sits above this one."""
+_TUNERS: list[Tuner] = []
+
+
+def register_tuner(tuner: Tuner) -> None:
+    """Make `tuner` the one `auto` uses when a setting has no usable profile (the latest wins)."""
+    _TUNERS[:] = [tuner]
+
+
+def registered_tuner() -> Tuner | None:
+    return _TUNERS[0] if _TUNERS else None
+
+
+def autotune_enabled() -> bool:
+    """`SPECDEC_AUTOTUNE=0` turns auto's tune-on-first-use off (it then reports the missing profile)."""
+    return os.environ.get("SPECDEC_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 @dataclass
@@ -137,22 +158,26 @@ class Pipeline:
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
-        draft_dtype: str | None = None,
+        draft_dtype: str | None = "auto",
         fast_linear: str = "auto",
         offload: bool = False,
         progress: bool = True,
         tensor_parallel_size: int = 1,
         weights: str = "dense",
         draft_weights: str | None = None,
+        row_invariant: str = "auto",
+        draft_vocab: int | None = None,
     ) -> None:
         """Load the models.
 
-        dtype: the target's dtype (and the draft's unless `draft_dtype` says otherwise).
-        draft_dtype: None (same as the target), "float32", "bfloat16", "float16" or "int8"
-            (dynamic int8 quantization of the draft's linears, CPU). The draft's precision only
-            changes speed: every drafted token is verified against the target.
-        fast_linear: "auto" (default), "on" or "off": prepacked oneDNN linears on the CPU
-            (`models.fastpath`); same function up to float32 round-off.
+        dtype: the target's dtype (and the draft's when `draft_dtype` is None).
+        draft_dtype: "auto" (default: the fastest precision measured on this machine, cached;
+            `models.draft_precision`), None (the target's dtype), "float32", "bfloat16", "float16"
+            or "int8" (dynamic int8 quantization of the draft's linears, CPU). The draft's precision
+            only changes speed: every drafted token is verified against the target.
+        fast_linear: "auto" (default: the linear path per row-count bucket measured on this machine,
+            cached; `models.kernel_choice`), "on" (prepacked oneDNN linears wherever they apply) or
+            "off"; every path computes the same function up to round-off.
         offload: keep the target's weights in CPU RAM and stream them to the GPU layer by layer
             (`models.offload`; CUDA only). Every method of this pipeline then sees that target.
         tensor_parallel_size: shard the target over this many processes with transformers'
@@ -164,19 +189,44 @@ class Pipeline:
             float32 activations and sums; known models and .gguf files, float32 only).
         draft_weights: the same for the draft models (default: as `weights`). A native draft changes
             speed only, as any draft does.
+        row_invariant: "auto" (default: on for bfloat16 and float16 targets), "on" or "off": make
+            the target score a block of k tokens bit for bit like k one-token passes (one linear path
+            for every block size, eager or per-query attention; checked at load,
+            `models.invariance`), so greedy speculative output equals plain decoding in reduced
+            precision too. Native weights are row-invariant by construction (float32 only).
+        draft_vocab: keep only this many of the most frequent tokens in the draft's output head
+            (`models.pruned_head`): a cheaper draft step; the target still verifies and emits over
+            its full vocabulary, so only acceptance and speed change.
         """
-        from specdec.models.fastpath import enable_packed_linears, quantize_draft_int8
+        import sys
+
+        from specdec.models.draft_precision import DRAFT_PRECISIONS, choose_draft_precision, make_variant
         from specdec.models.hub import load_model, load_tokenizer
+        from specdec.models.kernel_choice import apply_linear_paths
         from specdec.models.offload import offload_target
 
+        choices = (*DRAFT_PRECISIONS, "auto")
+        if draft_dtype is not None and draft_dtype not in choices:
+            raise ValueError(f"draft dtype must be one of {', '.join(choices)}, got {draft_dtype!r}")
+
+        def say(msg: str) -> None:
+            if progress:
+                print(msg, file=sys.stderr)
+
+        if row_invariant not in ("auto", "on", "off"):
+            raise ValueError(f"row_invariant must be auto, on or off, got {row_invariant!r}")
+        invariant = row_invariant == "on" or (row_invariant == "auto" and dtype in (torch.bfloat16, torch.float16))
         self.target_name, self.draft_name = target, draft
         self.tensor_parallel_size = tensor_parallel_size
         draft_weights = draft_weights or weights
-        if draft_dtype == "int8" and draft_weights == "native":
+        if draft_weights == "native" and draft_dtype not in (None, "auto", "float32"):
             raise ValueError(
-                "--draft-dtype int8 quantizes a dense draft; with native draft weights the draft already computes on "
-                "its GGUF blocks (drop --draft-dtype, or pass --draft-weights dense)"
+                f"--draft-dtype {draft_dtype} changes a dense draft; with native draft weights the draft already "
+                "computes on its GGUF blocks in float32 (drop --draft-dtype, or pass --draft-weights dense)"
             )
+        if draft_weights == "native" and draft_vocab is not None:
+            raise ValueError("--draft-vocab prunes a dense draft's output head; with native draft weights the head is "
+                             "the GGUF file's (drop --draft-vocab, or pass --draft-weights dense)")
         if tensor_parallel_size != 1 and weights == "native":
             raise ValueError("--weights native and --tensor-parallel-size do not combine (the native blocks are not "
                              "sharded); use --weights dense to shard the target")
@@ -191,31 +241,64 @@ class Pipeline:
             for name in draft_names:
                 check_same_tokenizer(target_tok, load_tokenizer(name), name)
         self.target_lm: LanguageModel
+        self.row_invariant: bool | None = None
+        """Whether the target passed the row-invariance check (None: not asked for)."""
         if tensor_parallel_size != 1 or isinstance(tensor_parallel_size, bool):
             self.target_lm, self.tokenizer = sharded_target(target, tensor_parallel_size, dtype, device, offload,
                                                             progress)
             target_model = self.target_lm.model
-            self.fast_linears = 0  # prepacking would replace the linears transformers sharded and hooked
+            self.kernel_reports = {}  # prepacking would replace the linears transformers sharded and hooked
+            self.fast_linears = 0
         else:
             target_model, self.tokenizer = load_model(target, dtype=dtype, device=device, progress=progress,
                                                       weights=weights)
-            self.fast_linears = enable_packed_linears(target_model, fast_linear)
+            # Native weights are row-invariant by construction (docs/algorithms.md §15.3).
+            invariant = invariant and weights == "dense"
+            self.kernel_reports = {"target": apply_linear_paths(target_model, fast_linear, progress=say,
+                                                                single_path=invariant)}
+            if invariant:
+                from specdec.models.draft_precision import probe_ids
+                from specdec.models.invariance import make_row_invariant
+
+                self.row_invariant = make_row_invariant(
+                    target_model, probe_ids(target_model.config.vocab_size, self.tokenizer)[:24])
+                if not self.row_invariant:
+                    say(f"warning: this {str(dtype).replace('torch.', '')} target scores a block of tokens "
+                        "differently from one token at a time on this machine, so greedy speculative output may "
+                        "differ from plain decoding at near-ties; use --dtype float32 for exact equality")
+            self.fast_linears = self.kernel_reports["target"].replaced
             self.target_lm = HFLanguageModel(target_model)
         if offload:
             offload_target(self.target_lm, device)
         self.eos_token_ids = eos_ids(target_model, self.tokenizer)
-        if draft_dtype is not None and draft_dtype not in (*DTYPES, "int8"):
-            raise ValueError(f"draft dtype must be one of {', '.join((*DTYPES, 'int8'))}, got {draft_dtype!r}")
         self.draft_lms: list[LanguageModel] = []
+        self.draft_precisions: list[str] = []
+        self.precision_choices: list[Any] = []
         for name in draft_names:
-            int8 = draft_dtype == "int8"
-            ddtype = dtype if draft_dtype in (None, "int8") else DTYPES[draft_dtype]
-            draft_model, _ = load_model(name, dtype=torch.float32 if int8 else ddtype, device=device,
-                                        progress=progress, weights=draft_weights)
-            if int8:
-                draft_model = quantize_draft_int8(draft_model)
+            precision = str(dtype).replace("torch.", "") if draft_dtype is None else draft_dtype
+            if draft_weights == "native":
+                draft_model, _ = load_model(name, device=device, progress=progress, weights="native")
+                precision = "native"
             else:
-                enable_packed_linears(draft_model, fast_linear)
+                load_dtype = torch.float32 if precision in ("auto", "int8") else DTYPES[precision]
+                draft_model, _ = load_model(name, dtype=load_dtype, device=device, progress=progress)
+            if draft_vocab is not None:
+                from specdec.drafting.vocab import tokens_to_keep
+                from specdec.models.pruned_head import prune_output_head
+
+                if self.tokenizer is None:
+                    raise ValueError("a pruned draft head needs the tokenizer to count token frequencies")
+                vocab = draft_model.get_output_embeddings().weight.shape[0]
+                prune_output_head(draft_model, tokens_to_keep(self.tokenizer, vocab, int(draft_vocab)))
+            if precision == "auto":
+                draft_model, choice = choose_draft_precision(draft_model, fast_linear=fast_linear,
+                                                             tokenizer=self.tokenizer, progress=say)
+                self.precision_choices.append(choice)
+                precision = choice.chosen
+            elif precision != "native":
+                draft_model = make_variant(draft_model.float() if precision == "int8" else draft_model, precision,
+                                           fast_linear)
+            self.draft_precisions.append(precision)
             draft_lm = HFLanguageModel(draft_model)
             if draft_lm.vocab_size != self.target_lm.vocab_size:
                 raise ValueError(
@@ -224,8 +307,11 @@ class Pipeline:
                 )
             self.draft_lms.append(draft_lm)
         self.draft_lm: LanguageModel | None = self.draft_lms[0] if self.draft_lms else None
+        self.draft_vocab = draft_vocab
         self.device = torch.device(device)
         self.dtype = dtype
+        self.autotune = True
+        """Whether `auto` may tune this pipeline on first use (needs a registered tuner)."""
 
     def close(self) -> None:
         """Stop the other ranks of a sharded target (nothing to do otherwise); the pipeline is unusable after."""
@@ -252,11 +338,14 @@ class Pipeline:
         pipe.target_name, pipe.draft_name = "custom", ("custom" if draft_lm is not None else None)
         pipe.target_lm, pipe.tokenizer, pipe.draft_lm = target_lm, tokenizer, draft_lm
         pipe.draft_lms = [draft_lm] if draft_lm is not None else []
+        pipe.draft_precisions = [str(getattr(draft_lm, "dtype", "custom")).replace("torch.", "")] if draft_lm else []
+        pipe.precision_choices, pipe.kernel_reports = [], {}
         pipe.eos_token_ids = list(eos_token_ids or [])
         pipe.device = getattr(target_lm, "device", torch.device("cpu"))
         pipe.tensor_parallel_size = int(getattr(target_lm, "tensor_parallel_size", 1))
         pipe.weights = ("dense", "dense")
         pipe.dtype = getattr(target_lm, "dtype", torch.float32)
+        pipe.autotune = False  # models built by hand: `auto` needs a profile, or set autotune = True
         return pipe
 
     # ---- prompts -------------------------------------------------------------------------
@@ -287,24 +376,34 @@ class Pipeline:
     # ---- generation ----------------------------------------------------------------------
     def context(self, sampling: SamplingConfig = SamplingConfig()) -> MethodContext:
         """What a method sees of this pipeline."""
+        tuner = registered_tuner()
+        tune = None
+        if tuner is not None and self.autotune and autotune_enabled():
+            def tune(reason: str) -> dict[str, Any]:
+                return tuner(self, sampling, reason)
         return MethodContext(self.target_lm, tuple(self.draft_lms), sampling, self.tokenizer,
-                             self.profile_key(sampling))
+                             self.profile_key(sampling), tune)
 
     def profile_key(self, sampling: SamplingConfig) -> dict[str, Any] | None:
-        """The key of the tune profile for this pipeline at `sampling` (None: no single named draft)."""
+        """The key of the tune profile for this pipeline at `sampling` (None: several draft models)."""
         drafts = [self.draft_name] if isinstance(self.draft_name, str) else list(self.draft_name or [])
-        if len(drafts) != 1:
+        if len(drafts) > 1:
             return None
         dtype = str(self.dtype).replace("torch.", "")
         device = torch.device(self.device).type
         if getattr(self, "tensor_parallel_size", 1) > 1:  # a sharded target has timings of its own
             device += f"-tp{self.tensor_parallel_size}"
-        if self.weights != ("dense", "dense"):  # other kernels, other timings: their own tune profile
-            dtype += f"-weights-{self.weights[0]}-{self.weights[1]}"
-        return profile_key(self.target_name, drafts[0], device, dtype, sampling.temperature)
+        weights = getattr(self, "weights", ("dense", "dense"))
+        if weights != ("dense", "dense"):  # other kernels, other timings: their own tune profile
+            dtype += f"-weights-{weights[0]}-{weights[1]}"
+        draft_dtype = self.draft_precisions[0] if drafts and self.draft_precisions else dtype
+        if drafts and getattr(self, "draft_vocab", None):  # a pruned head accepts differently: its own profile
+            draft_dtype += f"+vocab{self.draft_vocab}"
+        return profile_key(self.target_name, drafts[0] if drafts else None, device, dtype,
+                           sampling.temperature, draft_dtype)
 
     def decoder(
-        self, method: str = "sps", sampling: SamplingConfig = SamplingConfig(), gamma: int | None = None, **opts: Any
+        self, method: str = DEFAULT_METHOD, sampling: SamplingConfig = SamplingConfig(), gamma: int | None = None, **opts: Any
     ) -> SpeculativeDecoder:
         """A decoder for `method` with its options (unknown or invalid options raise ValueError).
 
@@ -328,7 +427,7 @@ class Pipeline:
     def stream(
         self,
         prompt: str | list[int],
-        method: str = "sps",
+        method: str = DEFAULT_METHOD,
         max_new_tokens: int = 128,
         sampling: SamplingConfig = SamplingConfig(),
         gamma: int | None = None,
@@ -346,7 +445,9 @@ class Pipeline:
             generator.manual_seed(seed if seed is not None else secrets.randbits(63))
         return dec, dec.stream(ids, max_new_tokens, generator)
 
-    def generate(self, prompt: str | list[int], method: str = "sps", max_new_tokens: int = 128, **kw: Any) -> GenerationResult:
+    def generate(self, prompt: str | list[int], method: str = DEFAULT_METHOD, max_new_tokens: int = 128,
+                 **kw: Any) -> GenerationResult:
+        """Generate with `method` (default auto: the tuned choice for this machine, tuned on first use)."""
         dec, chunks = self.stream(prompt, method, max_new_tokens, **kw)
         ids: list[int] = []
         for chunk in chunks:

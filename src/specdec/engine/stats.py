@@ -29,8 +29,18 @@ class DecodeStats:
     tree_tokens: float = 0.0
     """Drafted tokens scored per target call (tree size; the draft length for chains)."""
     tokens_per_s: float = 0.0
+    """End to end: new_tokens / wall_s (the prompt's prefill included)."""
     wall_s: float = 0.0
     """Prefill + decoding, excluding model loading."""
+    prefill_s: float = 0.0
+    """The target's pass over the prompt."""
+    ttft_s: float = 0.0
+    """Time to the first emitted token(s): the prefill plus the first decoding iteration (whose draft
+    catches up on the prompt)."""
+    decode_tokens_per_s: float | None = None
+    """Decoding alone: the tokens emitted after the first iteration over the time they took
+    (None when the first iteration emitted everything). Long-prompt, short-answer runs are
+    dominated by the prefill end to end; this rate is not."""
     draft_s: float = 0.0
     target_s: float = 0.0
     """Target forward time, prefill included."""
@@ -59,6 +69,7 @@ class StepAccounting:
         self.t_start = time.perf_counter()
         self.proposed = [0] * max_depth  # by tree depth (draft position for chains)
         self.accepted = [0] * max_depth
+        self.first_tokens: int | None = None  # tokens the first iteration emitted
 
     def step(self, tree: TokenTree, result: VerifyResult, emitted: int) -> None:
         """One target call: `tree` was scored, `result` verified, `emitted` tokens committed."""
@@ -80,6 +91,10 @@ class StepAccounting:
         st.tree_tokens = st.draft_tokens / calls
         st.tokens_per_call = st.new_tokens / calls
         st.tokens_per_s = st.new_tokens / st.wall_s if st.wall_s > 0 else 0.0
+        if self.first_tokens is None:
+            self.first_tokens, st.ttft_s = st.new_tokens, st.wall_s
+        after, span = st.new_tokens - self.first_tokens, st.wall_s - st.ttft_s
+        st.decode_tokens_per_s = after / span if after > 0 and span > 0 else None
         # Positions never proposed (short proposals, or none at all) have no rate: trim them.
         used = sum(1 for p in self.proposed if p)
         st.accepted_per_position = [a / p for a, p in zip(self.accepted[:used], self.proposed[:used])]

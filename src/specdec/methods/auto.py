@@ -1,36 +1,101 @@
-"""`auto`: whatever `specdec tune` found fastest for this model pair, device, dtype and temperature —
-a Sequoia tree, or no speculation at all."""
+"""`auto` (the default method): whatever the tune found fastest for this machine, model pair, dtypes
+and greedy or sampling decoding — any method and shape, or no speculation at all.
+
+The profile is found by key (`core.store.find_profile`). When there is none, or it cannot be
+used (unreadable, older, from other hardware, left by an interrupted tune), the context's `tuner`
+— supplied by the pipeline when a tuner is registered (`tuning.autotune`) — runs the quick tune
+once and saves it; without a tuner the problem is reported with the command that fixes it. The
+winner is built through the registry like any method, so it is verified by its own exact rule.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from specdec.core.options import MethodOptions, choice, option
+from specdec.core.hardware import fingerprint
+from specdec.core.options import MethodOptions, choice, flag, option
+from specdec.core.store import ProfileProblem, find_profile, read_profile
+from specdec.drafting.base import Drafter
+from specdec.drafting.fallback import FallbackDrafter
 from specdec.methods.base import Method, MethodContext
-from specdec.methods.registry import register
-from specdec.methods.sequoia import MODES, SequoiaDrafter, parse_tree, tuned_drafter, tuned_profile
+from specdec.methods.registry import get_method, register
+from specdec.methods.sequoia import MODES, SequoiaDrafter, parse_tree
 
 
 @dataclass(frozen=True)
 class Options(MethodOptions):
-    tree: str = option("auto", "auto (the tuned profile for this setting) or a tune profile .json", parse_tree,
-                       metavar="auto|PROFILE.json", file_path=True, symbols=("auto", "dp"))
+    tree: str = option("auto", "auto (the tuned profile for this setting; tuned on first use) or a tune profile "
+                       ".json", parse_tree, metavar="auto|PROFILE.json", file_path=True, symbols=("auto", "dp"))
     sequoia_mode: str | None = option(None, "override the tuned tree's mode (swor or greedy)", choice(*MODES),
                                       choices=MODES)
+    no_fallback: bool = option(False, "always follow the winner (by default auto decodes plainly for a while where "
+                               "the winner earns fewer tokens per call than its measured break-even)", flag, flag=True)
 
     def draft_tokens_per_step(self, num_drafts: int = 1) -> None:
         return None  # the tuned tree's size is in its profile, which the operator chose
 
 
-def build(ctx: MethodContext, opts: Options) -> SequoiaDrafter | None:
-    profile: dict[str, Any] = tuned_profile(ctx, opts.tree)
-    return tuned_drafter(ctx, profile, opts.sequoia_mode)
+def auto_profile(ctx: MethodContext, tree: str = "auto") -> dict[str, Any]:
+    """The profile auto follows: a given file, the saved one for this setting, or a fresh tune."""
+    device = getattr(ctx.target, "device", "cpu")
+    if tree not in ("auto", "dp"):
+        return read_profile(tree, fingerprint(device))
+    if ctx.profile_key is None:
+        raise ValueError("auto is tuned for one draft model at a time; give a single --draft (or a --method)")
+    try:
+        return find_profile(ctx.profile_key, fingerprint(device))
+    except ProfileProblem as exc:
+        if ctx.tuner is None:
+            raise
+        return ctx.tuner(str(exc))
+
+
+def drafter_for(ctx: MethodContext, winner: dict[str, Any], sequoia_mode: str | None = None) -> Drafter | None:
+    """The drafter a profile's winner describes (None: plain decoding)."""
+    name = winner.get("method")
+    if name == "ar":
+        return None
+    if name == "sequoia":
+        return SequoiaDrafter(ctx.drafts[0], ctx.sampling, [tuple(p) for p in winner["paths"]],
+                              sequoia_mode or winner["mode"])
+    method = get_method(str(name))
+    if method.needs_draft_model and not ctx.drafts:
+        raise ValueError(f"the tuned winner {name!r} needs a draft model, and none is loaded")
+    return method.build(ctx, method.make_options(winner.get("options") or {}))
+
+
+def break_even(profile: dict[str, Any]) -> float | None:
+    """Tokens per call the winner needs to match plain decoding, from the tune's measurements."""
+    winner = profile["winner"]
+    ar_ms = (profile.get("timing") or {}).get("ar_ms_per_token")
+    if ar_ms is None:  # the full Sequoia tune: plain decoding's row of the candidate table
+        ar_ms = next((r.get("target_ms") for r in profile.get("candidates", []) if r.get("method") == "ar"), None)
+    per_call = winner.get("ms_per_call")
+    if per_call is None and "target_ms" in winner and "draft_ms" in winner:
+        per_call = winner["target_ms"] + winner["draft_ms"]
+    if per_call is None:  # older full-tune winners keep their costs in the candidate table only
+        per_call = next((r["target_ms"] + r["draft_ms"] for r in profile.get("candidates", [])
+                         if r.get("method") == winner.get("method") and r.get("size") == winner.get("size")
+                         and r.get("depth") == winner.get("depth") and r.get("mode") == winner.get("mode")), None)
+    if not ar_ms or not per_call:
+        return None
+    return float(per_call) / float(ar_ms)
+
+
+def build(ctx: MethodContext, opts: Options) -> Drafter | None:
+    profile = auto_profile(ctx, opts.tree)
+    drafter = drafter_for(ctx, profile["winner"], opts.sequoia_mode)
+    need = break_even(profile)
+    if drafter is None or need is None or opts.no_fallback:
+        return drafter
+    # Where the winner does not pay on this text, plain steps instead (exact either way).
+    return FallbackDrafter(drafter, need)
 
 
 METHOD = register(Method(
     "auto",
-    "whatever `specdec tune` found fastest for this model pair, device, dtype and temperature "
-    "(a Sequoia tree or no speculation)",
-    Options, build, needs_draft_model=True,
+    "the default: whatever the tune found fastest here for this model pair, dtypes and greedy or sampling "
+    "decoding (any method and shape, or none); tuned on first use",
+    Options, build, needs_draft_model=False, wants_draft_model=True,
 ))

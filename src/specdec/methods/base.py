@@ -25,7 +25,10 @@ class MethodContext:
     sampling: SamplingConfig = SamplingConfig()
     tokenizer: Any = None
     profile_key: dict[str, Any] | None = None
-    """The key of this setting's tune profile (target, draft, device, dtype, temperature), when known."""
+    """The key of this setting's tune profile (`core.store.profile_key`), when known."""
+    tuner: Callable[[str], dict[str, Any]] | None = None
+    """Tunes this setting and returns the saved profile, given why no usable profile exists (the
+    pipeline supplies it when a tuner is registered; `auto` calls it). None: report the problem."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,14 @@ class Method:
     build: Callable[[MethodContext, Any], Drafter | None]
     """(context, options) -> the drafter, or None for plain decoding."""
     needs_draft_model: bool = False
+    wants_draft_model: bool | None = None
+    """Whether front ends load a draft model for this method (default: `needs_draft_model`); `auto`
+    works without one but uses one when it can."""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def loads_draft_model(self) -> bool:
+        return self.needs_draft_model if self.wants_draft_model is None else self.wants_draft_model
 
     def make_options(self, values: dict[str, Any] | None = None) -> MethodOptions:
         return self.options.from_mapping(values, self.name)

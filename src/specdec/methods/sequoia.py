@@ -20,7 +20,8 @@ from torch import Tensor
 from specdec.core.options import MethodOptions, choice, option, positive_int
 from specdec.core.results import VerifyResult
 from specdec.core.sampling import SamplingConfig, logits_to_probs
-from specdec.core.store import find_profile
+from specdec.core.hardware import fingerprint
+from specdec.core.store import find_profile, read_profile
 from specdec.core.tree import TokenTree, depths, keep_subtree, paths_to_parents
 from specdec.drafting.draft_model import DraftModel
 from specdec.drafting.sequoia_dp import Paths, check_accept, sequoia_dp
@@ -51,7 +52,8 @@ class SequoiaDrafter:
     mode at T = 0: the children are the draft's top-k tokens, verified by sample-and-match.
     """
 
-    def __init__(self, model: LanguageModel, sampling: SamplingConfig, paths: Paths, mode: str = "swor") -> None:
+    def __init__(self, model: LanguageModel, sampling: SamplingConfig, paths: Paths, mode: str = "swor",
+                 record_confidence: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"sequoia mode must be one of {', '.join(MODES)}, got {mode!r}")
         if not paths:
@@ -78,6 +80,10 @@ class SequoiaDrafter:
         else:
             self.verifier = verify_greedy if sampling.greedy else verify_sample_and_match
         self._node_slots: Tensor | None = None  # [N + 1] per tree node: its slot in the draft's pending block
+        self.record_confidence = record_confidence
+        self.last_confidence: Tensor | None = None
+        """With `record_confidence`: [N] per drafted node of the last tree, the draft's largest
+        probability where the node was drawn (its processed q at T > 0, its softmax at T = 0)."""
 
     def begin(self, prompt_ids: Tensor, max_len: int) -> None:
         self.draft.begin(max_len + self.max_nodes)
@@ -112,6 +118,7 @@ class SequoiaDrafter:
         exists = torch.zeros(n, dtype=torch.bool)  # [N] drawn (and its parent exists)
         slots = torch.full((n,), -1, dtype=torch.long)  # [N] slot in the draft's pending region
         q_row = torch.full((n,), -1, dtype=torch.long)  # [N] row of draft_probs each node was drawn from
+        conf = torch.zeros(n, dtype=torch.float64) if self.record_confidence else None  # [N]
         q_tables: list[Tensor] = []
         n_q = n_run = 0
         logits_row = torch.full((n + 1,), -1, dtype=torch.long)  # [N + 1] shape node + 1 -> row of `logits`
@@ -124,6 +131,9 @@ class SequoiaDrafter:
             child_tokens, drawn, draft_probs = self._rank_children(logits, int(ranks.max()) + 1, generator)
             tokens[nodes] = child_tokens.cpu()[rows.clamp_min(0), ranks]
             exists[nodes] = alive & drawn.cpu()[rows.clamp_min(0), ranks]
+            if conf is not None:
+                dist = draft_probs if draft_probs is not None else torch.softmax(logits.float(), -1)  # [P, V]
+                conf[nodes] = dist.max(-1).values.double().cpu()[rows.clamp_min(0)]
             if draft_probs is not None:
                 q_row[nodes] = n_q + rows
                 q_tables.append(draft_probs)
@@ -141,6 +151,7 @@ class SequoiaDrafter:
             logits_row.fill_(-1)
             logits_row[expand + 1] = torch.arange(expand.shape[0])
         self._node_slots = torch.cat([torch.tensor([-1]), slots[exists]])
+        self.last_confidence = conf[exists] if conf is not None else None
         parents = keep_subtree(self.shape_parents, exists)
         root = int(committed_ids[-1])
         if not self.sampled:
@@ -190,13 +201,12 @@ class Options(MethodOptions):
 
 def tuned_profile(ctx: MethodContext, tree: str = "auto") -> dict[str, Any]:
     """The `specdec tune` profile for this setting (`tree` = "auto"), or the one in a given file."""
-    from specdec.core.store import read_profile
-
+    device = getattr(ctx.target, "device", "cpu")
     if tree not in ("auto", "dp"):
-        return read_profile(tree)
+        return read_profile(tree, fingerprint(device))
     if ctx.profile_key is None:
         raise ValueError("the tuned tree needs a tune profile key (target, draft, device, dtype); load models by name")
-    return find_profile(ctx.profile_key)
+    return find_profile(ctx.profile_key, fingerprint(device))
 
 
 def tuned_drafter(ctx: MethodContext, profile: dict[str, Any], mode: str | None = None) -> "SequoiaDrafter | None":
@@ -221,11 +231,12 @@ def build(ctx: MethodContext, opts: Options) -> SequoiaDrafter:
         depth = min(opts.max_depth, opts.budget)
         paths = sequoia_dp(accept, opts.budget, depth).tree(opts.budget, depth)
         return SequoiaDrafter(ctx.drafts[0], ctx.sampling, paths, mode)
-    drafter = tuned_drafter(ctx, tuned_profile(ctx, opts.tree), opts.sequoia_mode)
+    profile = tuned_profile(ctx, opts.tree)
+    drafter = tuned_drafter(ctx, profile, opts.sequoia_mode)
     if drafter is None:
         raise ValueError(
-            "the tune profile found no tree faster than plain decoding for this setting; use --method auto "
-            "(which then decodes without speculation) or --tree dp"
+            f"the tuned winner for this setting is {profile['winner'].get('label', profile['winner']['method'])!r}, "
+            "no tree faster than plain decoding; use --method auto (which follows the winner) or --tree dp"
         )
     return drafter
 

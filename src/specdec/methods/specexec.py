@@ -19,12 +19,13 @@ for a given size.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from specdec.core.options import MethodOptions, check_positive_int, option, positive_int
+from specdec.core.options import MethodOptions, check_positive_int, option, positive_int, probability
 from specdec.core.results import VerifyResult
 from specdec.core.sampling import SamplingConfig
 from specdec.core.tree import TokenTree, keep_subtree
@@ -54,6 +55,7 @@ class SpecExecDrafter:
         max_depth: int = DEFAULT_MAX_DEPTH,
         max_beams: int = DEFAULT_MAX_BEAMS,
         branch_width: int = DEFAULT_BRANCH_WIDTH,
+        min_prob: float = 0.0,
     ) -> None:
         self.draft = DraftModel(model)
         self.draft_models = [model]
@@ -64,6 +66,11 @@ class SpecExecDrafter:
         self.branch_width = min(check_positive_int("branch_width", branch_width), model.vocab_size)
         self.max_nodes = self.budget
         """The tree never holds more nodes than the budget (the decoder sizes the target's block by it)."""
+        if not 0.0 <= min_prob <= 1.0:
+            raise ValueError(f"min_prob must be a probability in [0, 1], got {min_prob}")
+        # Adaptive size: a node whose path probability under the draft is below min_prob is neither
+        # kept nor expanded, so an unsure draft builds a small tree (docs/algorithms.md §6.7).
+        self.log_min_prob = math.log(min_prob) if min_prob > 0 else -math.inf
         # The children are deterministic: sample-and-match is exact at any temperature.
         self.verifier = verify_greedy if sampling.greedy else verify_sample_and_match
         # Scores rank candidate tokens by the draft's guess of the target's probability. At T > 0
@@ -90,7 +97,10 @@ class SpecExecDrafter:
     ) -> tuple[Tensor, Tensor]:  # ([B, w] int64 child tokens, [B, w] float64 child scores), on the CPU
         log_q = torch.log_softmax(logits.double() / self.scoring_temperature, dim=-1)
         child_log_q, child_tokens = torch.topk(log_q, self.branch_width, dim=-1)
-        return child_tokens.cpu(), parent_scores[:, None] + child_log_q.cpu()
+        scores = parent_scores[:, None] + child_log_q.cpu()
+        # Below the floor: -inf, which is never expanded nor kept (the tree stays ancestor-closed,
+        # since scores only fall along a path).
+        return child_tokens.cpu(), scores.masked_fill(scores < self.log_min_prob, -math.inf)
 
     def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> TokenTree:
         depth_cap = min(self.max_depth, max_depth)
@@ -160,6 +170,8 @@ class Options(MethodOptions):
     max_depth: int = option(DEFAULT_MAX_DEPTH, "deepest tree level", positive_int)
     max_beams: int = option(DEFAULT_MAX_BEAMS, "nodes expanded per draft forward", positive_int)
     branch_width: int = option(DEFAULT_BRANCH_WIDTH, "children proposed per expanded node", positive_int)
+    min_prob: float = option(0.0, "adaptive tree size: drop nodes whose path probability under the draft is below "
+                             "this (0 = off; exact either way)", probability, metavar="P")
 
     def draft_tokens_per_step(self, num_drafts: int = 1) -> int:
         # The draft runs at most `budget` nodes and the tree keeps at most `budget`.
@@ -167,7 +179,8 @@ class Options(MethodOptions):
 
 
 def build(ctx: MethodContext, opts: Options) -> SpecExecDrafter:
-    return SpecExecDrafter(ctx.drafts[0], ctx.sampling, opts.budget, opts.max_depth, opts.max_beams, opts.branch_width)
+    return SpecExecDrafter(ctx.drafts[0], ctx.sampling, opts.budget, opts.max_depth, opts.max_beams, opts.branch_width,
+                           opts.min_prob)
 
 
 METHOD = register(Method(

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from specdec.core.options import MethodOptions, check_positive_int, option, positive_int
+from specdec.core.options import MethodOptions, check_positive_int, option, positive_int, probability
 from specdec.core.results import VerifyResult
 from specdec.core.sampling import SamplingConfig, logits_to_probs, sample
 from specdec.core.tree import TokenTree
@@ -31,7 +31,15 @@ class ModelDrafter:
     not seen (`DraftModel`), so the bonus token and a fully accepted last draft are never missing.
     """
 
-    def __init__(self, model: LanguageModel, sampling: SamplingConfig, gamma: int = DEFAULT_GAMMA) -> None:
+    def __init__(self, model: LanguageModel, sampling: SamplingConfig, gamma: int = DEFAULT_GAMMA,
+                 stop_below: float = 0.0) -> None:
+        if not 0.0 <= stop_below <= 1.0:
+            raise ValueError(f"stop_below must be a probability in [0, 1], got {stop_below}")
+        self.stop_below = float(stop_below)
+        """Adaptive length: the chain ends before a position where the draft's largest probability
+        is below this (0 = always `gamma` drafts). The decision looks only at the distribution the
+        next draft would be drawn from, never at the draw, so the chain stays exact under classic
+        speculative sampling (docs/algorithms.md §2.8)."""
         self.model = model
         self.draft = DraftModel(model)
         self.draft_models = [model]
@@ -54,15 +62,21 @@ class ModelDrafter:
         tokens: list[Tensor] = []
         probs: list[Tensor] = []
         for i in range(gamma):  # autoregressive by nature: each draft conditions the next pass
-            if self.sampling.greedy:
-                token = logits.argmax(-1, keepdim=True)
-            else:
-                dist = logits_to_probs(logits, self.sampling)
-                token = sample(dist, generator).view(1)
+            dist = None if self.sampling.greedy else logits_to_probs(logits, self.sampling)  # [V] what x_i is drawn from
+            if self.stop_below > 0.0:
+                # Confidence: the largest probability of the distribution the draft would draw from
+                # (its softmax at T = 0, where the draw is the argmax).
+                top = float((dist if dist is not None else torch.softmax(logits.float(), -1)).max())
+                if top < self.stop_below:
+                    break
+            token = logits.argmax(-1, keepdim=True) if dist is None else sample(dist, generator).view(1)
+            if dist is not None:
                 probs.append(dist)
             tokens.append(token)
             if i < gamma - 1:  # the last draft is run only if it gets accepted (next catch-up)
                 logits = self.draft.extend(token)[-1]
+        if not tokens:  # unsure from the first position: a plain target step
+            return TokenTree.chain(root, committed_ids.new_empty(0))
         return TokenTree.chain(root, torch.cat(tokens), torch.stack(probs) if probs else None)
 
     def observe(self, committed_ids: Tensor, result: VerifyResult) -> None:
@@ -72,13 +86,15 @@ class ModelDrafter:
 @dataclass(frozen=True)
 class Options(MethodOptions):
     gamma: int = option(DEFAULT_GAMMA, "draft length per target call", positive_int)
+    stop_below: float = option(0.0, "adaptive draft length: end the chain before a position where the draft's largest "
+                               "probability is below this (0 = off; exact either way)", probability, metavar="P")
 
     def draft_tokens_per_step(self, num_drafts: int = 1) -> int:
         return self.gamma
 
 
 def build(ctx: MethodContext, opts: Options) -> ModelDrafter:
-    return ModelDrafter(ctx.drafts[0], ctx.sampling, opts.gamma)
+    return ModelDrafter(ctx.drafts[0], ctx.sampling, opts.gamma, opts.stop_below)
 
 
 METHOD = register(Method(

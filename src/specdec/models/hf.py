@@ -95,7 +95,8 @@ def _check_supported(model: "PreTrainedModel", config) -> None:
             "decoder layers only (a custom mask would silently ignore a sliding window)"
         )
     impl = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
-    if impl not in ("sdpa", "eager", EXACT_ATTENTION):
+    # specdec_sequential: `models.invariance.sequential_attention` (row-invariant, for reduced precision).
+    if impl not in ("sdpa", "eager", EXACT_ATTENTION, "specdec_sequential"):
         raise ValueError(f"attention implementation {impl!r} is not supported; load the model with sdpa or eager")
 
 

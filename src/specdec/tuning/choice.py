@@ -2,15 +2,15 @@
 hardware-aware choice, measured here (docs/algorithms.md §7).
 
 1. costs: the target's forward time t_t(k) for blocks of k = n + 1 tokens (n tree tokens plus
-   the root) and the draft's t_d(k) (`timing.measure_forward`);
+   the root) and the draft's t_d(k) (`models.timing.measure_forward`);
 2. acceptance: the positional acceptance vectors of star trees (`acceptance.measure_acceptance`);
 3. the DP (`drafting.sequoia_dp`) for every size and depth, and for each candidate
    expected tokens/s = F(n, d) / (t_t(n + 1) + draft time of that tree), next to plain decoding
    at 1 / t_t(1). The winner is then run against plain decoding to report the measured speedup.
 
 The result is a profile (a JSON-ready dict) that `core.store.save_profile` writes under the key
-(target, draft, device, dtype, temperature); `--method sequoia --tree auto` and `--method auto`
-read it back.
+of `core.store.profile_key`; `--method sequoia --tree auto` and `--method auto` read it back. The
+quick tune over every method is `tuning.quick`.
 """
 
 from __future__ import annotations
@@ -21,16 +21,17 @@ from typing import Any
 
 import torch
 
+from specdec.core.hardware import fingerprint
 from specdec.core.options import check_positive_int
 from specdec.core.sampling import SamplingConfig
 from specdec.core.store import PROFILE_VERSION
-from specdec.core.tree import depths, paths_to_parents
 from specdec.drafting.sequoia_dp import SequoiaDP, sequoia_dp
 from specdec.engine.decoder import SpeculativeDecoder
 from specdec.methods.sequoia import SequoiaDrafter
 from specdec.models.hf import HFLanguageModel
+from specdec.models.timing import measure_forward
 from specdec.tuning.acceptance import DEFAULT_WIDTH, measure_acceptance
-from specdec.tuning.timing import measure_forward
+from specdec.tuning.costmodel import draft_ms_of_tree, interpolate_ms
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 DEFAULT_MAX_DEPTH = 8
@@ -53,28 +54,6 @@ def measure_costs(
     ks_t = tuple(sorted(set(ks)))
     return (measure_forward(target, ks_t, context, repeats, path="target").ms,
             measure_forward(draft, ks_t, context, repeats, path="draft").ms)
-
-
-def interpolate_ms(ms: dict[int, float], k: float) -> float:
-    """t(k) from measured points: piecewise linear, extended by the last segment's slope."""
-    pts = sorted((int(a), float(b)) for a, b in ms.items())
-    if len(pts) == 1:
-        return pts[0][1]
-    for (k0, t0), (k1, t1) in zip(pts, pts[1:]):
-        if k <= k1 or (k1, t1) == pts[-1]:
-            return max(t0 + (t1 - t0) * (k - k0) / (k1 - k0), 0.0)
-    raise AssertionError("unreachable")
-
-
-def draft_ms_of_tree(paths: list[tuple[int, ...]], draft_ms: dict[int, float], unseen_tokens: float) -> float:
-    """The draft's time for one proposal: a pass over the committed tokens it has not seen (about the
-    tokens the last call emitted), then one pass per level over that level's nodes that get children."""
-    parents, _ = paths_to_parents(paths)
-    node_depth = depths(parents)  # 0 = child of the root
-    has_children = torch.zeros(parents.shape[0], dtype=torch.bool)
-    has_children[parents[parents >= 0]] = True
-    per_level = torch.bincount(node_depth[has_children], minlength=1).tolist()
-    return interpolate_ms(draft_ms, max(unseen_tokens, 1.0)) + sum(interpolate_ms(draft_ms, c) for c in per_level if c)
 
 
 # ---- candidates --------------------------------------------------------------------------------
@@ -154,6 +133,9 @@ def tune(
                                                    "expected_speedup")}
     paths = dps[best["mode"]].tree(best["size"], best["depth"]) if best["method"] == "sequoia" else []
     winner["paths"] = [list(p) for p in paths]  # as JSON will hold them
+    winner["options"] = {}
+    winner["label"] = ("ar (no speculation)" if best["method"] == "ar" else
+                       f"sequoia {best['mode']} size={best['size']} depth={best['depth']}")
     # Check the winner against plain decoding on real prompts.
     winner["measured_speedup"] = winner["measured_tokens_per_call"] = None
     if measure_prompts > 0 and measure_tokens > 0 and winner["method"] == "sequoia":
@@ -170,7 +152,9 @@ def tune(
         winner["measured_tokens_per_call"] = sp_new / sp_calls
     return {
         "version": PROFILE_VERSION,
+        "kind": "full",
         "key": key,
+        "fingerprint": fingerprint(getattr(target, "device", "cpu")),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p},
         "threads": torch.get_num_threads(),

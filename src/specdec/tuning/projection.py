@@ -92,7 +92,9 @@ def format_projection(proj: dict[str, Any], profile: dict[str, Any]) -> str:
     key = profile["key"]
     lines = [
         "PROJECTION — not a measurement. Acceptance measured here for "
-        f"{key['target']} / {key['draft']} at temperature {key['temperature']:g}; costs modelled for a "
+        f"{key['target']} / {key['draft']} at temperature "
+        f"{profile.get('sampling', {}).get('temperature', 0.0 if key.get('mode') == 'greedy' else 0.7):g}; "
+        "costs modelled for a "
         f"{a['target_params'] / 1e9:g}B-parameter target at {a['bytes_per_param']:g} bytes/param streamed over "
         f"{a['bandwidth_gbs']:g} GB/s ({a['transfer_s']:.2f} s per pass) plus {a['gpu_tflops']:g} TFLOP/s of GPU "
         f"compute, and {a['draft_ms_per_level']:g} ms per draft level. It assumes this pair's acceptance carries "

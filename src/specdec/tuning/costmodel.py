@@ -1,0 +1,229 @@
+"""One cost model for every method and shape: expected tokens per target call over milliseconds per
+call, against plain decoding's milliseconds per token (docs/algorithms.md §7.7).
+
+    expected speedup = E[tokens per call] · t_AR / (t_target(block) + t_draft + overhead)
+
+- t_AR: measured plain decoding, ms per token (loop included);
+- t_target(k), t_draft(k): measured forward times over k new tokens, interpolated;
+- overhead: the loop's own cost per speculative call (verification, commit, bookkeeping),
+  measured on the acceptance run;
+- E[tokens per call], by how it is known:
+  * chains drafted by the model (`sps`, with or without adaptive stopping): from the chain under
+    the acceptance run's top child, Rao-Blackwellised per step (the product of the exact
+    acceptance probabilities along it), so no positional assumption;
+  * Sequoia, SpecInfer and SpecExec trees: the positional acceptance vectors and Sequoia's
+    dynamic program / tree value (SpecExec's best-first trees are priced as the best static top-k
+    tree of the same size and depth, which they match or beat);
+  * prompt lookup, Max-Gram and the cascade: replayed on the text the run produced
+    (`tuning.replay`), exact for their acceptance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from specdec.core.tree import depths, expansion_paths, paths_to_parents
+from specdec.drafting.sequoia_dp import SequoiaDP, tree_value
+from specdec.tuning.replay import ReplayStep, mean
+
+
+def interpolate_ms(ms: dict[int, float], k: float) -> float:
+    """t(k) from measured points: piecewise linear, extended by the last segment's slope."""
+    pts = sorted((int(a), float(b)) for a, b in ms.items())
+    if len(pts) == 1:
+        return pts[0][1]
+    for (k0, t0), (k1, t1) in zip(pts, pts[1:]):
+        if k <= k1 or (k1, t1) == pts[-1]:
+            return max(t0 + (t1 - t0) * (k - k0) / (k1 - k0), 0.0)
+    raise AssertionError("unreachable")
+
+
+def draft_ms_of_tree(paths: Sequence[tuple[int, ...]], draft_ms: dict[int, float], unseen_tokens: float) -> float:
+    """The draft's time for one proposal of a static tree: a pass over the committed tokens it has not
+    seen (about the tokens the last call emitted), then one pass per level over that level's nodes
+    that get children."""
+    parents, _ = paths_to_parents(list(paths))
+    node_depth = depths(parents)  # 0 = child of the root
+    has_children = torch.zeros(parents.shape[0], dtype=torch.bool)
+    has_children[parents[parents >= 0]] = True
+    per_level = torch.bincount(node_depth[has_children], minlength=1).tolist()
+    return interpolate_ms(draft_ms, max(unseen_tokens, 1.0)) + sum(interpolate_ms(draft_ms, c) for c in per_level if c)
+
+
+@dataclass
+class ChainSteps:
+    """Per acceptance-run step, along the chain drafted under the top child: `accept[j]` = P(chain
+    token j+1 is accepted | the ones before were), `confidence[j]` = the draft's largest probability
+    where chain token j+1 was drawn (what adaptive stopping looks at)."""
+
+    accept: list[list[float]] = field(default_factory=list)
+    confidence: list[list[float]] = field(default_factory=list)
+
+    @property
+    def depth(self) -> int:
+        return min((len(a) for a in self.accept), default=0)
+
+
+@dataclass
+class ChainEstimate:
+    tokens: float
+    """E[tokens per call]."""
+    extends: float
+    """E[single-token draft forwards after the catch-up]."""
+    drafted: float
+    """E[drafted tokens] (the target's block is 1 + this)."""
+    catch_up: float
+    """E[tokens in the next catch-up pass]: the root, plus the last draft when it was accepted
+    without having been run."""
+    lengths: list[int] = field(default_factory=list)
+    """The drafted length of each measured step."""
+
+
+def chain_estimate(chain: ChainSteps, gamma: int, stop_below: float = 0.0) -> ChainEstimate:
+    """A chain of up to `gamma` drafts that stops before the first position whose confidence is below
+    `stop_below`, Rao-Blackwellised over the measured steps."""
+    if not chain.accept or gamma > chain.depth:
+        raise ValueError(f"the acceptance run measured chains of {chain.depth} tokens, not {gamma}")
+    tokens = extends = drafted = catch_up = 0.0
+    lengths = []
+    for acc, conf in zip(chain.accept, chain.confidence):
+        length = gamma
+        for j in range(gamma):
+            if conf[j] < stop_below:
+                length = j
+                break
+        reach, total = 1.0, 1.0
+        for j in range(length):
+            reach *= acc[j]
+            total += reach
+        tokens += total
+        # Drafts 1…L-1 are run to draw the next; a chain stopped early also ran its last draft to
+        # see that the next position is unsure (no run at all when nothing was drafted).
+        extends += (length - 1 if length == gamma else length) if length else 0
+        drafted += length
+        lengths.append(length)
+        catch_up += 1.0 + (reach if length == gamma and length > 0 else 0.0)
+    n = len(chain.accept)
+    return ChainEstimate(tokens / n, extends / n, drafted / n, catch_up / n, lengths)
+
+
+@dataclass
+class Costs:
+    """What the cost model prices with (milliseconds)."""
+
+    target_ms: dict[int, float]
+    draft_ms: dict[int, float]
+    ar_ms: float
+    overhead_ms: float
+
+    def target(self, block: float) -> float:
+        return interpolate_ms(self.target_ms, block)
+
+    def draft(self, rows: float) -> float:
+        return interpolate_ms(self.draft_ms, rows) if self.draft_ms else 0.0
+
+
+def row(method: str, label: str, tokens: float, target_ms: float, draft_ms: float, costs: Costs, basis: str,
+        **spec: Any) -> dict[str, Any]:
+    """One priced candidate."""
+    per_call = target_ms + draft_ms + costs.overhead_ms
+    return {"method": method, "label": label, "tokens_per_call": tokens, "target_ms": target_ms,
+            "draft_ms": draft_ms, "overhead_ms": costs.overhead_ms, "ms_per_call": per_call,
+            "expected_speedup": tokens * costs.ar_ms / per_call, "basis": basis, **spec}
+
+
+def ar_row(costs: Costs) -> dict[str, Any]:
+    return {"method": "ar", "label": "ar (no speculation)", "tokens_per_call": 1.0, "target_ms": costs.ar_ms,
+            "draft_ms": 0.0, "overhead_ms": 0.0, "ms_per_call": costs.ar_ms, "expected_speedup": 1.0,
+            "basis": "measured", "options": {}}
+
+
+def chain_rows(chain: ChainSteps, costs: Costs, gammas: Sequence[int], thresholds: Sequence[float]) -> list[dict]:
+    """sps with each γ, fixed and with adaptive stopping at each threshold."""
+    out = []
+    for gamma in gammas:
+        if gamma > chain.depth:
+            continue
+        for tau in (0.0, *thresholds):
+            est = chain_estimate(chain, gamma, tau)
+            d_ms = costs.draft(est.catch_up) + est.extends * costs.draft(1)
+            options: dict[str, Any] = {"gamma": gamma}
+            label = f"sps gamma={gamma}"
+            if tau:
+                options["stop_below"] = tau
+                label += f" stop_below={tau:g}"
+            t_ms = mean([costs.target(1 + n) for n in est.lengths])
+            out.append(row("sps", label, est.tokens, t_ms, d_ms, costs, "measured chain",
+                           options=options))
+    return out
+
+
+def sequoia_rows(dps: dict[str, SequoiaDP], costs: Costs, sizes: Sequence[int], max_depth: int) -> list[dict]:
+    """Sequoia's DP trees for every mode, size and depth (positional acceptance)."""
+    out = []
+    for mode, dp in dps.items():
+        for size in sizes:
+            for depth in range(1, min(max_depth, size) + 1):
+                if not dp.feasible(size, depth):  # too many nodes for this depth and width
+                    continue
+                tokens = dp.tokens_per_call(size, depth)
+                paths = dp.tree(size, depth)
+                out.append(row("sequoia", f"sequoia {mode} size={size} depth={depth}", tokens, costs.target(size + 1),
+                               draft_ms_of_tree(paths, costs.draft_ms, tokens), costs, "positional",
+                               mode=mode, size=size, depth=depth, paths=[list(p) for p in paths], options={}))
+    return out
+
+
+def specinfer_rows(vector: Sequence[float], costs: Costs, expansions: Sequence[Sequence[int]]) -> list[dict]:
+    out = []
+    for expansion in expansions:
+        paths = expansion_paths(list(expansion))
+        tokens = tree_value(paths, list(vector))
+        out.append(row("specinfer", "specinfer expansion=" + ",".join(map(str, expansion)), tokens,
+                       costs.target(len(paths) + 1), draft_ms_of_tree(paths, costs.draft_ms, tokens), costs,
+                       "positional", options={"expansion": list(expansion)}))
+    return out
+
+
+def specexec_rows(dp: SequoiaDP, costs: Costs, budgets: Sequence[int], depths_: Sequence[int], beams: int) -> list[dict]:
+    """SpecExec's best-first trees, priced as the best static top-k tree of their size and depth."""
+    out = []
+    for budget in budgets:
+        for depth in depths_:
+            if not dp.feasible(budget, depth):
+                continue
+            tokens = dp.tokens_per_call(budget, depth)
+            forwards, left, d_ms = 0, budget, costs.draft(tokens)
+            while forwards < depth - 1 and left > 0:  # each draft forward expands up to `beams` nodes
+                d_ms += costs.draft(min(beams, left))
+                left -= beams
+                forwards += 1
+            out.append(row("specexec", f"specexec budget={budget} depth={depth}", tokens, costs.target(budget + 1),
+                           d_ms, costs, "positional (best static top-k tree)",
+                           options={"budget": budget, "max_depth": depth, "max_beams": beams}))
+    return out
+
+
+def replay_row(method: str, label: str, steps: Sequence[ReplayStep], costs: Costs, options: dict[str, Any],
+               reviews: Sequence[int] = (), review_rows: float = 1.0) -> dict[str, Any] | None:
+    """A deterministic drafter from its replay: tokens per call, the target's block per step, and for
+    the cascade the draft's reviews."""
+    if not steps:
+        return None
+    tokens = 1.0 + mean([s.accepted for s in steps])
+    t_ms = mean([costs.target(1 + s.proposed) for s in steps])
+    d_ms = mean([r * costs.draft(review_rows) for r in reviews]) if reviews else 0.0
+    return row(method, label, tokens, t_ms, d_ms, costs, "replay", options=options)
+
+
+def best(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The fastest expected candidate (ties: the earlier, so plain decoding wins a tie)."""
+    top = rows[0]
+    for r in rows[1:]:
+        if r["expected_speedup"] > top["expected_speedup"]:
+            top = r
+    return top

@@ -1,0 +1,264 @@
+"""The quick tune over every method and `auto` as the default: the cost model's estimates against
+exact values and real runs, the whole tune on tiny models, auto's tune on first use (and only
+then), and every kind of unusable profile giving a clear message and a re-tune."""
+
+import json
+
+import pytest
+import torch
+
+import specdec.tuning.autotune as autotune
+import specdec.tuning.quick as quick
+from specdec.cli import main
+from specdec.core.hardware import fingerprint
+from specdec.core.sampling import SamplingConfig
+from specdec.core.store import (
+    ProfileProblem, begin_tune, find_profile, interrupted_tune, profile_path, save_profile, tune_marker,
+)
+from specdec.drafting.ngram import lookup_continuation, maxgram_continuation
+from specdec.engine.decoder import SpeculativeDecoder
+from specdec.engine.pipeline import Pipeline, register_tuner, registered_tuner
+from specdec.methods.maxgram import MaxGramDrafter
+from specdec.methods.pld import PromptLookupDrafter
+from specdec.models.toy import MarkovLM
+from specdec.tuning.costmodel import ChainSteps, Costs, chain_estimate, chain_rows, interpolate_ms
+from specdec.tuning.quick import QuickSettings, format_quick, quick_tune, run_acceptance
+from specdec.tuning.replay import replay
+from tests.conftest import tiny_lm
+
+GREEDY = SamplingConfig()
+SMALL = QuickSettings(target_ks=(1, 2, 4, 8), draft_ks=(1, 2, 4), context=16, num_prompts=2, gen_tokens=8,
+                      ar_tokens=3, width=3, chain_depth=3, sequoia_sizes=(2, 4), sequoia_max_depth=3,
+                      expansions=((2, 1),), specexec_budgets=(4,), specexec_depths=(2, 3),
+                      k_matrices=(((2, 1), (0, 2)),), lookup_gammas=(2, 3))
+PROMPTS = [list(range(5, 20)), list(range(30, 41))]
+
+
+@pytest.fixture(autouse=True)
+def _measurements(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECDEC_MEASUREMENTS", str(tmp_path / "measurements"))
+
+
+@pytest.fixture
+def tuner_calls(monkeypatch):
+    """auto may tune (small settings, no progress bar); the list records every tune's reason."""
+    calls = []
+
+    def tuner(pipe, sampling, reason):
+        calls.append(reason)
+        return autotune.tune_pipeline(pipe, sampling, reason, settings=SMALL, prompts=PROMPTS, progress=False)
+
+    old = registered_tuner()
+    register_tuner(tuner)
+    monkeypatch.setenv("SPECDEC_AUTOTUNE", "1")
+    yield calls
+    if old is not None:
+        register_tuner(old)
+
+
+# ---- the cost model ----------------------------------------------------------------------------
+def test_chain_estimate_by_hand():
+    chain = ChainSteps(accept=[[1.0, 0.5, 0.5], [0.0, 1.0, 1.0]], confidence=[[0.9, 0.3, 0.9], [0.9, 0.9, 0.9]])
+    est = chain_estimate(chain, 3)
+    # step 1: 1 + 1 + 0.5 + 0.25; step 2: 1 + 0
+    assert est.tokens == pytest.approx((2.75 + 1.0) / 2) and est.extends == 2 and est.drafted == 3
+    assert est.catch_up == pytest.approx(1 + (0.25 + 0.0) / 2)  # the last draft, accepted and never run
+    stopped = chain_estimate(chain, 3, stop_below=0.5)  # step 1 stops before its 2nd draft
+    assert stopped.lengths == [1, 3] and stopped.tokens == pytest.approx((2.0 + 1.0) / 2)
+    assert stopped.extends == pytest.approx((1 + 2) / 2)  # the stopped chain ran its draft to see the next q
+    with pytest.raises(ValueError, match="chains of 3 tokens"):
+        chain_estimate(chain, 4)
+    costs = Costs({1: 10.0, 4: 16.0}, {1: 1.0, 2: 1.5}, 10.0, 0.5)
+    (row,) = chain_rows(chain, costs, [3], [])
+    assert row["expected_speedup"] == pytest.approx(est.tokens * 10.0 / (16.0 + row["draft_ms"] + 0.5))
+    assert interpolate_ms({1: 10.0, 3: 14.0}, 2) == 12.0
+
+
+def _context_free(vocab=5, seed=4, noise=0.8):
+    gen = torch.Generator().manual_seed(seed)
+    target_row = torch.randn(vocab, generator=gen, dtype=torch.float64)
+    draft_row = target_row + noise * torch.randn(vocab, generator=gen, dtype=torch.float64)
+    target = MarkovLM(target_row.expand(vocab, vocab, vocab).clone())
+    draft = MarkovLM(draft_row.expand(vocab, vocab, vocab).clone())
+    return target, draft, torch.softmax(target_row, -1), torch.softmax(draft_row, -1)
+
+
+def test_measured_chains_give_the_exact_chain_law_on_a_context_free_toy(one_thread):
+    """Same p and q everywhere: E[tokens per call] of sps is (1 - a^(g+1)) / (1 - a), a = sum min(p, q)."""
+    target, draft, p, q = _context_free()
+    alpha = float(torch.minimum(p, q).sum())
+    settings = QuickSettings(num_prompts=2, gen_tokens=300, width=3, chain_depth=4)
+    m, _, _ = run_acceptance(target, draft, [[0, 1], [2, 3]], SamplingConfig(temperature=1.0), settings, ())
+    assert len(m.chain.accept) > 60
+    for gamma in (1, 2, 4):
+        exact = (1 - alpha ** (gamma + 1)) / (1 - alpha)
+        assert chain_estimate(m.chain, gamma).tokens == pytest.approx(exact, rel=0.06)
+    # at T = 0 a greedy chain on a context-free toy is accepted all the way or not at all
+    g, _, _ = run_acceptance(target, draft, [[0, 1]], GREEDY, QuickSettings(num_prompts=1, gen_tokens=20,
+                                                                            width=2, chain_depth=3), ())
+    matches = int(p.argmax()) == int(q.argmax())
+    assert chain_estimate(g.chain, 3).tokens == (4.0 if matches else 1.0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_replay_equals_the_real_deterministic_drafters(arch):
+    """At T = 0 a replay on the AR text takes exactly the steps the real pld and maxgram take."""
+    target = tiny_lm(arch, 0)
+    prompt = [5, 6, 7, 8, 5, 6, 7, 9, 5, 6]
+    out, _ = SpeculativeDecoder(target).generate(prompt, 30)
+    texts = [(len(prompt), torch.tensor(prompt + out))]
+    for drafter, propose in [(PromptLookupDrafter(2, 1, 3), lambda ids: lookup_continuation(ids, 3, 2)),
+                             (MaxGramDrafter(None, 3), lambda ids: maxgram_continuation(ids, 3, None))]:
+        dec = SpeculativeDecoder(target, drafter, GREEDY)
+        real = []
+        for chunk in dec.stream(prompt, 30):
+            real.append(len(chunk) - 1)
+        steps = replay(texts, propose)
+        assert [s.accepted for s in steps][: len(real)] == real[: len(steps)]
+        assert len(steps) >= len(real) - 1  # the real run's last step may be cut by the length cap
+
+
+# ---- the whole quick tune ----------------------------------------------------------------------
+def test_quick_tune_prices_every_method_and_auto_follows_the_winner(monkeypatch):
+    target, draft = tiny_lm("llama", 0), tiny_lm("llama", 0)  # the draft is the target: all accepted
+    pipe = Pipeline.from_models(target, None, draft)
+    key = pipe.profile_key(GREEDY)
+    profile = quick_tune(target, draft, PROMPTS, GREEDY, key, settings=SMALL, progress=False)
+    methods = {r["method"] for r in profile["candidates"]}
+    assert methods == {"ar", "sps", "sequoia", "specinfer", "specexec", "csd", "pld", "maxgram"}
+    assert profile["winner"]["expected_speedup"] == max(r["expected_speedup"] for r in profile["candidates"])
+    assert profile["fingerprint"] == fingerprint("cpu") and profile["key"] == key
+    sps3 = next(r for r in profile["candidates"] if r["label"] == "sps gamma=3")
+    assert sps3["tokens_per_call"] == pytest.approx(4.0)  # a perfect draft: the whole chain, every step
+    assert "auto (greedy)" in format_quick(profile)
+    save_profile(profile)
+    prompt = list(range(10, 22))
+    ref = pipe.generate(prompt, "ar", 16).token_ids
+    assert pipe.generate(prompt, max_new_tokens=16).token_ids == ref  # auto is the default method
+    # every candidate auto could pick is lossless: force each method's best row as the winner
+    from specdec.methods.auto import drafter_for
+
+    for method in sorted(methods):
+        row = max((r for r in profile["candidates"] if r["method"] == method), key=lambda r: r["expected_speedup"])
+        drafter = drafter_for(pipe.context(GREEDY), row)
+        out, _ = SpeculativeDecoder(target, drafter, GREEDY).generate(prompt, 16)
+        assert out == ref, row["label"]
+
+
+def test_plain_decoding_wins_when_the_draft_is_too_slow(monkeypatch):
+    monkeypatch.setattr(quick, "measure_costs", lambda *a, **k: ({k: 10.0 for k in (1, 2, 4, 8)},
+                                                                 {k: 500.0 for k in (1, 2, 4)}))
+    monkeypatch.setattr(quick, "measure_ar", lambda *a, **k: 10.0)
+    target, draft = tiny_lm("llama", 0), tiny_lm("llama", 1)
+    pipe = Pipeline.from_models(target, None, draft)
+    profile = quick_tune(target, draft, PROMPTS, GREEDY, pipe.profile_key(GREEDY), settings=SMALL, progress=False)
+    model_drafted = [r for r in profile["candidates"] if r["method"] in ("sps", "sequoia", "specinfer", "csd")]
+    assert all(r["expected_speedup"] < 0.1 for r in model_drafted)
+    assert profile["winner"]["method"] in ("ar", "pld", "maxgram")
+
+
+# ---- auto: tuned on first use, once ------------------------------------------------------------
+def test_auto_tunes_on_first_use_then_reuses_the_profile(tuner_calls, capsys):
+    pipe = Pipeline.from_models(tiny_lm("llama", 0), None, tiny_lm("llama", 1))
+    pipe.autotune = True
+    prompt = list(range(10, 22))
+    ref = pipe.generate(prompt, "ar", 12).token_ids
+    assert pipe.generate(prompt, max_new_tokens=12).token_ids == ref
+    assert len(tuner_calls) == 1 and "no tune profile" in tuner_calls[0]
+    err = capsys.readouterr().err
+    assert "tuning this machine" in err and "auto (greedy):" in err and "expected" in err
+    assert pipe.generate(prompt, max_new_tokens=12).token_ids == ref
+    assert len(tuner_calls) == 1  # cached
+    sampled = pipe.generate(prompt, max_new_tokens=12, sampling=SamplingConfig(temperature=0.8), seed=3)
+    assert len(tuner_calls) == 2 and len(sampled.token_ids) == 12  # sampling has its own profile
+    assert find_profile(pipe.profile_key(SamplingConfig(temperature=0.5)))["key"]["mode"] == "sampling"
+
+
+def test_without_a_tuner_auto_reports_what_to_run(monkeypatch):
+    pipe = Pipeline.from_models(tiny_lm("llama", 0), None, tiny_lm("llama", 1))
+    with pytest.raises(ProfileProblem, match="run `specdec tune --quick --target custom --draft custom"):
+        pipe.generate([1, 2, 3], max_new_tokens=4)
+    pipe.autotune = True  # a tuner may be registered, but SPECDEC_AUTOTUNE=0 (the tests' setting) turns it off
+    with pytest.raises(ProfileProblem, match="no tune profile"):
+        pipe.generate([1, 2, 3], max_new_tokens=4)
+
+
+def _bad_profiles(pipe, key):
+    """(name, how to plant it, the phrase its message must hold)."""
+    path = profile_path(key)
+
+    def other_machine():
+        profile = quick_tune(pipe.target_lm, pipe.draft_lm, PROMPTS, GREEDY, key, settings=SMALL, progress=False)
+        profile["fingerprint"] = {**profile["fingerprint"], "cpu": "Some Other CPU", "flags": ["amx_bf16"]}
+        save_profile(profile)
+
+    def interrupted():
+        begin_tune(key)
+        marker = tune_marker(key)
+        marker.write_text(json.dumps({"pid": 2 ** 22 + 12345, "started": "2020-01-01 00:00:00"}))  # no such process
+
+    return [
+        ("corrupt", lambda: path.write_text("{half a profile"), "not a readable tune profile"),
+        ("old", lambda: path.write_text(json.dumps({"version": 1, "key": key, "winner": {"method": "sequoia"}})),
+         "older specdec"),
+        ("not a profile", lambda: path.write_text(json.dumps([1, 2])), "not a tune profile"),
+        ("other hardware", other_machine, "was tuned on Some Other CPU"),
+        ("interrupted", interrupted, "was interrupted"),
+    ]
+
+
+def test_unusable_profiles_give_a_clear_message_and_a_retune(tuner_calls, monkeypatch):
+    pipe = Pipeline.from_models(tiny_lm("llama", 0), None, tiny_lm("llama", 1))
+    pipe.autotune = True
+    key = pipe.profile_key(GREEDY)
+    prompt = list(range(10, 22))
+    ref = pipe.generate(prompt, "ar", 10).token_ids
+    path = profile_path(key)
+    for name, plant, phrase in _bad_profiles(pipe, key):
+        path.unlink(missing_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        plant()
+        monkeypatch.setenv("SPECDEC_AUTOTUNE", "0")
+        with pytest.raises(ProfileProblem, match=phrase):  # without a tuner: the message, no crash
+            pipe.generate(prompt, max_new_tokens=10)
+        monkeypatch.setenv("SPECDEC_AUTOTUNE", "1")
+        before = len(tuner_calls)
+        assert pipe.generate(prompt, max_new_tokens=10).token_ids == ref, name
+        assert len(tuner_calls) == before + 1 and phrase in tuner_calls[-1], name
+        assert find_profile(key)["version"] == quick.PROFILE_VERSION  # replaced by a good one
+        assert interrupted_tune(key) is None  # the finished tune removed its marker
+
+
+def test_an_interrupted_tune_leaves_its_marker(tuner_calls, monkeypatch):
+    pipe = Pipeline.from_models(tiny_lm("llama", 0), None, tiny_lm("llama", 1))
+    pipe.autotune = True
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(autotune, "quick_tune", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        pipe.generate([1, 2, 3, 4], max_new_tokens=4)
+    key = pipe.profile_key(GREEDY)
+    assert tune_marker(key).is_file() and not profile_path(key).is_file()
+    # this process is still alive, yet its own marker counts as interrupted
+    assert "was interrupted" in (interrupted_tune(key) or "")
+
+
+# ---- the command line --------------------------------------------------------------------------
+def test_cli_tune_quick(monkeypatch, capsys):
+    import specdec.cli.tune as cli_tune
+
+    pipe = Pipeline.from_models(tiny_lm("llama", 0), None, tiny_lm("llama", 1))
+    pipe.target_name, pipe.draft_name = "tiny-t", "tiny-d"
+    monkeypatch.setattr(cli_tune, "load_pipeline", lambda args, need_draft: pipe)
+    monkeypatch.setattr(autotune, "DEFAULT_SETTINGS", SMALL)
+    monkeypatch.setattr(autotune, "tune_prompts", lambda pipe, texts=None: PROMPTS)
+    assert main(["tune", "--quick", "--target", "tiny-t", "--draft", "tiny-d", "--num-prompts", "2",
+                 "--gen-tokens", "8"]) == 0
+    captured = capsys.readouterr()
+    assert "| candidate |" in captured.out and "auto (greedy):" in captured.out
+    assert "saved" in captured.err
+    assert find_profile(pipe.profile_key(GREEDY))["kind"] == "quick"
+    assert main(["tune", "--quick", "--project-offload"]) == 2
+    assert "--quick tunes this machine" in capsys.readouterr().err
