@@ -228,7 +228,7 @@ def test_speculation_off_above_the_batch_threshold(models, one_thread):
     assert [out[i] for i in ids] == [pipe.generate(p, "sps", 10).token_ids for p in prompts]
 
 
-def test_stop_strings_in_generate_batch(models):
+def test_stop_strings_in_generate_batch(models, one_thread):
     target, draft = models
 
     class Digits:  # a tokenizer whose text is the ids themselves

@@ -7,11 +7,18 @@ uvicorn, prometheus_client) is needed only when the command runs, never to list 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from specdec.cli.common import (
     add_method_args, add_model_args, add_sampling_args, given_options, load_pipeline, sampling_of,
 )
 from specdec.core.options import check_positive_int
+from specdec.core.sampling import SamplingConfig
+from specdec.core.store import find_profile
+from specdec.engine.batch import (
+    DEFAULT_MAX_BATCH_SIZE, DEFAULT_PREFILL_CHUNK, DEFAULT_SPEC_DISABLE_BATCH_SIZE, PROFILE_FIELD, kv_budget_for_memory,
+)
+from specdec.engine.pipeline import Pipeline
 from specdec.methods.registry import get_method
 from specdec.serving import app as serving_app
 from specdec.serving.app import SERVER_EXTRA_HINT
@@ -22,7 +29,9 @@ DESCRIPTION = (
     "GET /metrics. The decoding flags (--method, --gamma, --max-new-tokens, --temperature, --top-p, --top-k, "
     "--seed and the method options) are the defaults for requests that leave them out; a request may pick "
     "another method with {\"speculative\": {\"method\": ...}}, and gets the method options its method has. "
-    f"Requests are served one at a time, in arrival order. Needs the server extra: {SERVER_EXTRA_HINT}."
+    "Up to --max-batch-size requests decode together (continuous batching: drafts and verification batched "
+    "across requests; new ones join between steps, long prompts are filled in chunks); more wait in arrival "
+    f"order, and beyond --max-queue waiting ones the server answers 503. Needs the server extra: {SERVER_EXTRA_HINT}."
 )
 
 
@@ -43,17 +52,63 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # here, before the models load, as create_app checks it again.
     given = given_options(args)
     serving_app.check_default_options(args.method, given, args.gamma)
+    check_positive_int("--max-batch-size", args.max_batch_size)
+    check_positive_int("--prefill-chunk", args.prefill_chunk)
     # A --draft given with a draft-free default method is still loaded: requests may switch to sps.
     pipe = load_pipeline(args, get_method(args.method).needs_draft_model or args.draft is not None)
+    max_kv_tokens = kv_budget(args.max_kv_tokens, pipe)
+    spec_disable = spec_disable_batch_size(args.spec_disable_batch_size, pipe, sampling)
+    print(f"batching: up to {args.max_batch_size} requests, KV budget "
+          f"{'unbounded' if max_kv_tokens is None else f'{max_kv_tokens} tokens'}, drafts off above "
+          f"{'never' if spec_disable is None else f'{spec_disable} running requests'}", file=sys.stderr)
     app = serving_app.create_app(
         pipe, args.method, given, args.model_name or args.target, gamma=args.gamma,
         default_sampling=sampling, default_max_tokens=args.max_new_tokens, default_seed=args.seed,
-        max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue,
+        max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue, max_batch_size=args.max_batch_size,
+        max_kv_tokens=max_kv_tokens, prefill_chunk=args.prefill_chunk, spec_disable_batch_size=spec_disable,
     )
     import uvicorn
 
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+KV_MEMORY_FRACTION = 0.5
+"""--max-kv-tokens auto: the K/V of the running requests may fill this share of the memory free at start."""
+
+
+def kv_budget(value: str, pipe: Pipeline) -> int | None:
+    """--max-kv-tokens: a number of target K/V slots, `auto` (a share of free memory) or `none`."""
+    if value == "none":
+        return None
+    if value == "auto":
+        return kv_budget_for_memory(pipe.target_lm, pipe.draft_lms, KV_MEMORY_FRACTION)
+    try:
+        return check_positive_int("--max-kv-tokens", int(value))
+    except ValueError:
+        raise ValueError(f"--max-kv-tokens must be a positive integer, auto or none, got {value!r}") from None
+
+
+def spec_disable_batch_size(value: str, pipe: Pipeline, sampling: SamplingConfig) -> int | None:
+    """--spec-disable-batch-size: a number, `never`, or `auto`: the tune profile's field for this setting
+    when it has one, else the default."""
+    if value == "never":
+        return None
+    if value != "auto":
+        try:
+            n = int(value)
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise ValueError(f"--spec-disable-batch-size must be an integer >= 0, auto or never, got {value!r}")
+        return n
+    key = pipe.profile_key(sampling)
+    try:
+        profile = find_profile(key) if key is not None else {}
+    except ValueError:  # no profile for this setting: the default
+        profile = {}
+    field = profile.get(PROFILE_FIELD)
+    return int(field) if isinstance(field, int) and not isinstance(field, bool) else DEFAULT_SPEC_DISABLE_BATCH_SIZE
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -69,5 +124,17 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="refuse requests asking for more than this many new tokens (default: only the context bounds it)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for the engine; more are answered 503 (default 64)")
+    p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                   help=f"requests decoded together (continuous batching; default {DEFAULT_MAX_BATCH_SIZE})")
+    p.add_argument("--max-kv-tokens", default="auto", metavar="N|auto|none",
+                   help="target K/V slots the running requests may reserve (rows x longest request); requests "
+                   f"beyond it wait. auto (default): {KV_MEMORY_FRACTION * 100:.0f}%% of the memory free at start")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                   help=f"prompt tokens filled per engine step, so a long prompt does not stall the others "
+                   f"(default {DEFAULT_PREFILL_CHUNK})")
+    p.add_argument("--spec-disable-batch-size", default="auto", metavar="N|auto|never",
+                   help="draft nothing in steps with more than N requests running (vLLM's disable-by-batch-size; "
+                   f"output unchanged, speed only). auto (default): the tune profile's {PROFILE_FIELD} for this "
+                   f"setting, else {DEFAULT_SPEC_DISABLE_BATCH_SIZE}")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)

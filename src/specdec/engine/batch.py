@@ -54,6 +54,13 @@ from specdec.models.batch import BatchedModel, ModelCall, batched_model, run_cal
 
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_PREFILL_CHUNK = 512
+DEFAULT_SPEC_DISABLE_BATCH_SIZE = 8
+"""Steps draft nothing with more sequences running than this, unless told otherwise. A default, not
+a measurement: where speculation stops paying depends on the hardware, the models and the method
+(`specdec bench-serve` measures it; a tune profile may carry it as `PROFILE_FIELD`). Equal to the
+default batch size, so that by default speculation is never turned off."""
+PROFILE_FIELD = "speculative_disable_by_batch_size"
+"""The optional tune-profile field (an int) that `specdec serve` reads as its threshold."""
 LANE_FILL = 32
 """A draft-model fill longer than this (a new prompt's catch-up) runs in the chunked fill lane, not
 in a proposal round: it would pad every other sequence's call to its length."""
@@ -97,6 +104,8 @@ class StepInfo:
     """Sequences whose trees the target scored."""
     running: int = 0
     """Sequences admitted (decoding or filling their prompt)."""
+    admitted: list[int] = field(default_factory=list)
+    """Requests that joined the batch this step."""
     target_tokens: int = 0
     """Tokens of the scored trees (padding not counted)."""
     fill_tokens: int = 0
@@ -156,7 +165,7 @@ class BatchEngine:
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         max_kv_tokens: int | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-        spec_disable_batch_size: int | None = None,
+        spec_disable_batch_size: int | None = DEFAULT_SPEC_DISABLE_BATCH_SIZE,
     ) -> None:
         """target, drafts: the loaded single-sequence models (the engine makes their batched forms;
         they are used as they are only to check requests).
@@ -247,6 +256,10 @@ class BatchEngine:
     def num_running(self) -> int:
         return len(self._running)
 
+    def kv_slots_in_use(self) -> int:
+        """K/V slots the target's batched cache reserves for the running sequences (what the budget bounds)."""
+        return self.target.slots_in_use()
+
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> list[StepEvent]:
         """Admit, fill, propose, score, verify and commit once (module docstring); the events."""
@@ -254,7 +267,7 @@ class BatchEngine:
         events: list[StepEvent] = []
         info = StepInfo()
         self._apply_aborts(events)
-        self._admit(events)
+        self._admit(events, info)
         info.running = len(self._running)
         self._fill_lane(info, events)
         self._propose(info, events)
@@ -279,7 +292,7 @@ class BatchEngine:
         models = [self.target] + (self.drafts if get_method(request.method).needs_draft_model else [])
         return all(m.max_rows is None or m.rows_in_use() < m.max_rows for m in models)
 
-    def _admit(self, events: list[StepEvent]) -> None:
+    def _admit(self, events: list[StepEvent], info: StepInfo) -> None:
         while self._waiting and len(self._running) < self.max_batch_size:
             rid, request, need = self._waiting[0]
             if self._running and self.max_kv_tokens is not None and self.target.slots_if_added(need) > self.max_kv_tokens:
@@ -289,6 +302,7 @@ class BatchEngine:
             self._waiting.popleft()
             try:
                 self._running.append(self._start(rid, request))
+                info.admitted.append(rid)
             except Exception as exc:  # noqa: BLE001 - reported as this request's error, the others go on
                 events.append(StepEvent(rid, [], "error", None, exc))
 
@@ -469,3 +483,36 @@ class BatchEngine:
                 if on_event is not None:
                     on_event(event)
         return [out[i] for i in ids]
+
+
+def kv_bytes_per_token(lm: LanguageModel) -> int:
+    """Bytes of K/V one cached token costs a transformers model (all layers); 0 when unknown."""
+    model = getattr(lm, "model", None)
+    config = getattr(model, "config", None)
+    if config is None:
+        return 0
+    config = config.get_text_config(decoder=True)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    itemsize = torch.empty(0, dtype=getattr(lm, "dtype", torch.float32)).element_size()
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize
+
+
+def kv_budget_for_memory(target: LanguageModel, drafts: Sequence[LanguageModel], fraction: float) -> int | None:
+    """A KV budget (target slots; each sequence's draft rows come along) that fills `fraction` of the
+    memory available now on the target's device; None when the sizes are unknown."""
+    per_token = kv_bytes_per_token(target) + sum(kv_bytes_per_token(d) for d in drafts)
+    device = torch.device(getattr(target, "device", "cpu"))
+    if per_token == 0:
+        return None
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            import os
+
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return max(int(free * fraction) // per_token, 1)

@@ -23,7 +23,7 @@ import torch
 from specdec.core.sampling import SamplingConfig
 from specdec.core.store import profile_key
 from specdec.engine.batch import (
-    DEFAULT_MAX_BATCH_SIZE, DEFAULT_PREFILL_CHUNK, BatchEngine, BatchRequest, StepEvent,
+    DEFAULT_MAX_BATCH_SIZE, DEFAULT_PREFILL_CHUNK, DEFAULT_SPEC_DISABLE_BATCH_SIZE, BatchEngine, BatchRequest, StepEvent,
 )
 from specdec.engine.build import build_decoder
 from specdec.engine.decoder import SpeculativeDecoder
@@ -238,7 +238,7 @@ class Pipeline:
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         max_kv_tokens: int | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-        spec_disable_batch_size: int | None = None,
+        spec_disable_batch_size: int | None = DEFAULT_SPEC_DISABLE_BATCH_SIZE,
     ) -> BatchEngine:
         """A continuous-batching engine over this pipeline's models (`engine.batch`): submit
         `BatchRequest`s with any mix of methods, options and sampling, then `step()`."""
@@ -262,7 +262,7 @@ class Pipeline:
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         max_kv_tokens: int | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-        spec_disable_batch_size: int | None = None,
+        spec_disable_batch_size: int | None = DEFAULT_SPEC_DISABLE_BATCH_SIZE,
         **opts: Any,
     ) -> list[GenerationResult]:
         """Generate for every prompt, up to `max_batch_size` at a time with continuous batching.

@@ -260,6 +260,11 @@ class BatchedHFModel:
     def rows_in_use(self) -> int:
         return sum(r is not None for r in self._rows)
 
+    def slots_in_use(self) -> int:
+        """K/V slots per layer (rows × capacity) the rows in use reserve."""
+        needs = [r.need for r in self._rows if r is not None]
+        return len(self._rows) * max(needs) if needs else 0
+
     def slots_if_added(self, need: int) -> int:
         """K/V slots per layer (rows × capacity) the buffers hold once a row reserving `need` joins."""
         free = [i for i, r in enumerate(self._rows) if r is None]
@@ -458,6 +463,9 @@ class RowwiseModel:
     def slots_if_added(self, need: int) -> int:
         return need * (len(self._in_use) + 1)
 
+    def slots_in_use(self) -> int:
+        return sum(getattr(row, "kv_len", 0) for row in self._in_use)
+
 
 class SerialModel:
     """Any `LanguageModel` as a batched model of one row (it has one cache): sequences take turns."""
@@ -482,6 +490,9 @@ class SerialModel:
 
     def slots_if_added(self, need: int) -> int:
         return need
+
+    def slots_in_use(self) -> int:
+        return self.lm.kv_len if self._busy else 0
 
 
 BatchedModel = BatchedHFModel | RowwiseModel | SerialModel

@@ -11,9 +11,10 @@ How a request flows:
   handler (event loop)   validate the body (`serving.protocol`), tokenize, build the decoder and
                          check that prompt + max_tokens fit the context: every 400 is decided
                          here, before any model work and before a stream starts;
-  Engine._serve (task)   wait for the engine (FIFO: one request at a time, the model has one KV
-                         cache), then run the decoder step by step on the engine thread; between
-                         two steps release text, count metrics and stop when the client is gone;
+  Engine (driver task)   hand the job to the continuous-batching engine (`engine.batch`), which
+                         decodes up to --max-batch-size requests together on the engine thread;
+                         between two steps release text, count metrics and abort jobs whose
+                         client is gone or whose stop string appeared;
   handler / SSE stream   read the released text from the job's queue and answer.
 
 Only the standard library and specdec are imported at module level, so `import specdec.serving.app`
@@ -34,6 +35,9 @@ from typing import TYPE_CHECKING, Any
 
 from specdec.core.options import OptionSpec, check_positive_int
 from specdec.core.sampling import SamplingConfig
+from specdec.engine.batch import (
+    DEFAULT_MAX_BATCH_SIZE, DEFAULT_PREFILL_CHUNK, DEFAULT_SPEC_DISABLE_BATCH_SIZE, BatchRequest,
+)
 from specdec.engine.pipeline import Pipeline
 from specdec.engine.text import TextAssembler
 from specdec.methods.registry import all_methods, get_method
@@ -81,6 +85,14 @@ class ServerConfig:
     max_tokens_limit: int | None = None
     """The most max_tokens a request may ask for (None: only the context bounds it)."""
     max_queue: int = 64
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    """Requests decoded together (continuous batching); more wait in the queue."""
+    max_kv_tokens: int | None = None
+    """The target's K/V slots the running requests may reserve (None: no budget beyond the batch)."""
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    """Prompt tokens filled per engine step, so a long prompt does not stall the others."""
+    spec_disable_batch_size: int | None = DEFAULT_SPEC_DISABLE_BATCH_SIZE
+    """Above this many running requests, steps draft nothing (None: never)."""
 
     def options_for(self, method: str) -> dict[str, Any]:
         return default_options_for(method, self.default_opts, self.gamma)
@@ -108,6 +120,10 @@ def create_app(
     default_seed: int | None = None,
     max_tokens_limit: int | None = None,
     max_queue: int = 64,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    max_kv_tokens: int | None = None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    spec_disable_batch_size: int | None = DEFAULT_SPEC_DISABLE_BATCH_SIZE,
 ) -> "FastAPI":
     """A FastAPI app serving `pipe`; run it with uvicorn (`specdec serve` does).
 
@@ -116,6 +132,8 @@ def create_app(
         accept its share.
     gamma: the draft length of methods with a `gamma` option when a request leaves it out (None:
         their default); a request's own `speculative.gamma` means what `specdec generate --gamma` does.
+    max_batch_size, max_kv_tokens, prefill_chunk, spec_disable_batch_size: the continuous-batching
+        engine's limits (`engine.batch.BatchEngine`).
     """
     _require_server_dependencies()
     method = get_method(default_method)  # ValueError: unknown method
@@ -133,7 +151,8 @@ def create_app(
     cfg = ServerConfig(
         default_method=default_method, default_opts=dict(default_opts or {}), model_name=model_name, gamma=gamma,
         sampling=default_sampling, max_tokens=default_max_tokens, seed=default_seed,
-        max_tokens_limit=max_tokens_limit, max_queue=max_queue,
+        max_tokens_limit=max_tokens_limit, max_queue=max_queue, max_batch_size=max_batch_size,
+        max_kv_tokens=max_kv_tokens, prefill_chunk=prefill_chunk, spec_disable_batch_size=spec_disable_batch_size,
     )
     check_default_options(default_method, cfg.default_opts, gamma)
     return _build_app(pipe, cfg)
@@ -180,7 +199,9 @@ def _build_app(pipe: Pipeline, cfg: ServerConfig) -> "FastAPI":
     from specdec.serving.protocol import ChatCompletionRequest, CompletionRequest
 
     metrics = ServerMetrics(cfg.model_name)
-    engine = Engine(metrics, cfg.max_queue)
+    batch = pipe.batch_engine(max_batch_size=cfg.max_batch_size, max_kv_tokens=cfg.max_kv_tokens,
+                              prefill_chunk=cfg.prefill_chunk, spec_disable_batch_size=cfg.spec_disable_batch_size)
+    engine = Engine(batch, metrics, cfg.max_queue)
     created = int(time.time())
 
     @asynccontextmanager
@@ -215,7 +236,7 @@ def _build_app(pipe: Pipeline, cfg: ServerConfig) -> "FastAPI":
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": cfg.model_name, "running": int(engine.running), "waiting": engine.waiting}
+        return {"status": "ok", "model": cfg.model_name, "running": engine.running, "waiting": engine.waiting}
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -263,7 +284,9 @@ def _build_app(pipe: Pipeline, cfg: ServerConfig) -> "FastAPI":
         return await _answer(request, job, body, chat=True)
 
     async def _answer(request: Request, job: Job, body: Any, chat: bool) -> JSONResponse | StreamingResponse:
-        engine.submit(job, request.is_disconnected)
+        # A streamed answer notices a gone client itself (its generator is cancelled); a plain one is
+        # watched, so that its request stops within a step or two.
+        engine.submit(job, None if body.stream else request.is_disconnected)
         answer_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -371,8 +394,8 @@ def prepare_job(
     except ValueError as exc:
         raise APIError(str(exc), code="invalid_value") from exc
     try:
-        # Built only to validate the options' values and to size the context; the run gets its own
-        # decoder from Pipeline.stream, seeded exactly as `specdec generate` seeds.
+        # Built only to validate the options' values and to size the context; the batch engine
+        # builds the run's own decoder over its rows, seeded exactly as `specdec generate` seeds.
         probe = pipe.decoder(method, sampling, gamma, **opts)
     except (ValueError, TypeError) as exc:  # a bad option value, a missing draft, a drafter refusing its options
         raise APIError(f"speculative: {exc}", param="speculative", code="invalid_value") from exc
@@ -400,6 +423,6 @@ def prepare_job(
     else:
         max_tokens = requested
     seed = body.seed if body.seed is not None else cfg.seed
-    decoder, chunks = pipe.stream(prompt_ids, method, max_tokens, sampling, gamma=gamma, seed=seed, **opts)
+    request = BatchRequest(list(prompt_ids), max_tokens, method, opts, sampling, gamma, seed)
     text = TextAssembler(pipe.decode, body.stop or [], bool(getattr(pipe.tokenizer, "clean_up_tokenization_spaces", False)))
-    return Job(decoder, chunks, text, len(prompt_ids), SpeculativeUsage(method), arrival)
+    return Job(request, text, len(prompt_ids), SpeculativeUsage(method), arrival)
