@@ -15,6 +15,7 @@ from specdec.bench.settings import (
 from specdec.bench.store import RESULTS, SUMMARY, check_out_dir, command_line, load_results, row_key
 from specdec.bench.summary import render_tables
 from specdec.cli.common import add_model_args, device_of, drafts_of, err, load_pipeline
+from specdec.core.options import check_positive_int
 from specdec.engine.pipeline import DTYPES
 from specdec.methods.registry import all_methods
 
@@ -39,6 +40,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                 "threads": args.threads}
     if args.offload:
         run_info["offload"] = True
+    if args.batch_size != 1:  # recorded only when batching, so directories written before it still resume
+        run_info["batch_size"] = check_positive_int("--batch-size", args.batch_size)
     settings = BenchSettings(
         methods=parse_methods(args.methods, variants),
         variants=variants,
@@ -62,6 +65,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     argv += ["--draft-dtype", args.draft_dtype] if args.draft_dtype else []
     argv += ["--threads", str(args.threads)] if args.threads else []
     argv += ["--offload"] if args.offload else []
+    argv += ["--batch-size", str(args.batch_size)] if args.batch_size != 1 else []
     argv += ["--per-task", str(args.per_task)] if args.per_task is not None else []
     argv += ["--tasks", args.tasks] if args.tasks else []
     for name in OPTION_FLAGS:
@@ -133,6 +137,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", action="append", default=[], metavar="'LABEL=METHOD KEY=VALUE ...'",
                    help="a labelled run of one of our methods with its own options, usable in --methods "
                    "like a method name, e.g. --variant 'si-221=specinfer expansion=2,2,1' (repeatable)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="generate the prompts of each (method, temperature, repeat) this many at a time with "
+                   "continuous batching (Pipeline.generate_batch); 1 (default) = one prompt at a time")
     p.add_argument("--log", default=None, help="progress log, one line per row (default OUT/bench.log)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     add_model_args(p)
