@@ -8,7 +8,7 @@ A proposal is a coroutine (`Proposal`): it yields every draft-model forward pass
 `ModelCall`, receives that pass's logits, and returns the tree. Whoever drives it decides how the
 passes run: `run_proposal` runs them one by one for a single sequence; the batch engine drives
 every sequence's proposal in lockstep and runs each round's calls on one draft model as one
-batched pass (docs/algorithms.md §4.6).
+batched pass (docs/algorithms.md §4.9).
 """
 
 from __future__ import annotations

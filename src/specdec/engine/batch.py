@@ -1,5 +1,5 @@
 """Continuous batching with speculative decoding: many requests decode together, their drafts and
-their verification batched (docs/algorithms.md §4.6).
+their verification batched (docs/algorithms.md §4.9).
 
 `BatchEngine` holds the target and the draft models as batched models (`models.batch`: rows =
 sequences). Every sequence has its own decoder — its method's drafter over its own rows, its own
@@ -110,7 +110,6 @@ class StepInfo:
     """Tokens of the scored trees (padding not counted)."""
     fill_tokens: int = 0
     """Prompt and catch-up tokens filled in chunks."""
-    target_passes: int = 0
     drafting: bool = True
     """False when the batch was above `spec_disable_batch_size` (no drafts this step)."""
     wall_s: float = 0.0
@@ -430,7 +429,6 @@ class BatchEngine:
             return
         info.batch_size = len(ready)
         info.target_tokens = sum(c.size for c in calls)
-        info.target_passes = 1
         for seq, logits in zip(ready, outs):
             tree, seq.tree = seq.tree, None
             assert tree is not None

@@ -7,7 +7,7 @@ rule its drafter names (docs/algorithms.md §2–§4).
 
 A step is four pieces — `propose`, the target's pass, `verify`, `commit` — that `stream` runs for
 one sequence; the batch engine (`engine.batch`) runs the same pieces for many sequences, with
-their proposals and their target passes batched (docs/algorithms.md §4.6).
+their proposals and their target passes batched (docs/algorithms.md §4.9).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ the blocks of several rows can be scored in ONE forward pass (`run_calls`).
 batched pass the blocks are padded to the longest one and every row gets its own 4D additive mask
 (its committed prefix, then its block's ancestors; padding and stale slots hidden, never zeroed),
 its own positions (its kv_len + depth) and its own write slots, so each row computes what it would
-compute alone (docs/algorithms.md §4.6). Commit gathers a row's accepted K/V inside that row.
+compute alone (docs/algorithms.md §4.9). Commit gathers a row's accepted K/V inside that row.
 Other models batch through `RowwiseModel` (independent copies, e.g. the exact toy model: no shared
 pass, same contract) or `SerialModel` (one row at a time).
 

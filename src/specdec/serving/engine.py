@@ -182,6 +182,10 @@ class Engine:
             self._count_step(info)
             for event in events:
                 self._dispatch(event)
+            if self._jobs and not self.batch.has_work():  # never expected: fail them rather than spin
+                lost = RuntimeError("the batch engine dropped the request")
+                for job in list(self._jobs.values()):
+                    self._finish(job, "error", lost)
 
     def _step(self, new: list[Job]) -> tuple[list[tuple[Job, int | None, BaseException | None]], list[StepEvent]]:
         """On the engine thread: hand over new jobs, abort gone ones, run one step."""

@@ -62,7 +62,7 @@ class ServerMetrics:
             "request_tokens_per_second", "Completion tokens per second of engine time, per finished request.",
             self.RATE_BUCKETS,
         )
-        self.running = Gauge("num_requests_running", "Requests on the engine (0 or 1).", by_model, registry=reg).labels(model_name)
+        self.running = Gauge("num_requests_running", "Requests the batch engine is decoding (or filling).", by_model, registry=reg).labels(model_name)
         self.waiting = Gauge("num_requests_waiting", "Requests queued for the engine.", by_model, registry=reg).labels(model_name)
 
     def accepted_at(self, position: int) -> Any:
