@@ -82,7 +82,7 @@ def test_32_streaming_clients_with_random_disconnects(pipe, one_thread):
             results = list(pool.map(one_client, range(CLIENTS)))
             stop_watch = True
             watcher.result()
-        assert time.monotonic() - t0 < 120
+        assert time.monotonic() - t0 < 240  # generous: the cores may be shared
         for c, text, finish in results:
             if c in leaving:
                 assert expected[c].startswith(text)  # what it got before leaving was its own

@@ -58,12 +58,23 @@ class Drafter(Protocol):
 
 def run_proposal(proposal: Proposal) -> TokenTree:
     """Drive one proposal alone: run each draft-model call as it comes; the tree it returns."""
+    check_proposal(proposal)
     try:
         call = next(proposal)
         while True:
             call = proposal.send(call.run())
     except StopIteration as done:
         return done.value
+
+
+def check_proposal(proposal: object) -> None:
+    """TypeError unless `proposal` is a generator (a drafter written for the old, direct protocol
+    returns its tree instead)."""
+    if not isinstance(proposal, Generator):
+        raise TypeError(
+            f"a drafter's propose must return a Proposal (a generator), got {type(proposal).__name__}; a drafter "
+            "without draft-model calls returns finished(tree) (specdec.drafting.base)"
+        )
 
 
 def finished(tree: TokenTree) -> Proposal:

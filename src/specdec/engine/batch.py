@@ -42,7 +42,7 @@ from torch import Tensor
 
 from specdec.core.sampling import SamplingConfig
 from specdec.core.tree import TokenTree
-from specdec.drafting.base import Proposal
+from specdec.drafting.base import Proposal, check_proposal
 from specdec.engine.build import build_decoder
 from specdec.engine.cost import cost_ratios
 from specdec.engine.decoder import DecodeRun, SpeculativeDecoder
@@ -379,7 +379,13 @@ class BatchEngine:
         proposing = [s for s in self._running if s.tree is None]
         for seq in proposing:
             if seq.proposal is None:
-                seq.proposal = seq.decoder.propose(seq.run, cap)
+                try:
+                    seq.proposal = seq.decoder.propose(seq.run, cap)
+                    check_proposal(seq.proposal)
+                except Exception as exc:  # noqa: BLE001 - this sequence's drafter failed; the others go on
+                    seq.proposal = None
+                    self._fail(seq, exc, events)
+                    continue
                 self._send(seq, None, events)
         while True:
             live = [s for s in self._running if s.call is not None]
