@@ -16,6 +16,8 @@ _EXPORTS: dict[str, str] = {
     "Pipeline": "specdec.engine.pipeline",
     "GenerationResult": "specdec.engine.pipeline",
     "SpeculativeDecoder": "specdec.engine.decoder",
+    "BatchEngine": "specdec.engine.batch",
+    "BatchRequest": "specdec.engine.batch",
     "DecodeStats": "specdec.engine.stats",
     "SamplingConfig": "specdec.core.sampling",
     "logits_to_probs": "specdec.core.sampling",

@@ -131,3 +131,26 @@ def test_variants_run_one_method_with_their_own_options(tmp_path, tiny_pipe, mon
             parse_variants([bad])
     with pytest.raises(ValueError, match="unknown method"):
         parse_methods("f-c", variants)
+
+
+def test_batched_bench_rows_equal_the_one_at_a_time_rows(tmp_path, tiny_pipe, one_thread):
+    """--batch-size: each (method, temperature) runs as one continuous batch; greedy rows equal the
+    unbatched run's, seeded sampled rows too (the batch stays below the speculation threshold)."""
+    prompts = load_prompts(write_lines(tmp_path / "p.jsonl", [
+        prompt_line("qa-1", "qa", "the cat sat on the mat, the cat sat"),
+        prompt_line("math-1", "math", "1 + 1 = 2, 2 + 2 = 4, 1 + 1 ="),
+        prompt_line("qa-2", "qa", "abc abc abc"),
+    ]))
+
+    def rows(batch: int) -> dict:
+        settings = BenchSettings(methods=parse_methods("sps,pld"), temperatures=[0.0, 0.7], max_new_tokens=6, gamma=3,
+                                 run_info={"batch_size": batch} if batch > 1 else {})
+        out = tmp_path / f"out{batch}"
+        run_bench(tiny_pipe, prompts, out, settings, encode=encode, progress=False, plots=False)
+        return {(r["id"], r["method"], r["temperature"]): r for r in load_results(out / "results.jsonl").rows}
+
+    one, batched = rows(1), rows(2)
+    assert one.keys() == batched.keys() and len(one) == 3 * 3 * 2
+    for key, row in one.items():
+        assert batched[key]["token_ids"] == row["token_ids"], key
+        assert batched[key]["stats"]["target_calls"] == row["stats"]["target_calls"]

@@ -36,7 +36,7 @@ class DrawnTokenStop(ModelDrafter):
     def propose(self, committed_ids, max_depth, generator):
         gamma = min(self.max_depth, max_depth)
         root = int(committed_ids[-1])
-        logits = self.draft.catch_up(committed_ids)
+        logits = yield from self.draft.catch_up(committed_ids)
         tokens, probs = [], []
         for i in range(gamma):
             dist = logits_to_probs(logits, self.sampling)
@@ -46,7 +46,7 @@ class DrawnTokenStop(ModelDrafter):
             tokens.append(token)
             probs.append(dist)
             if i < gamma - 1:
-                logits = self.draft.extend(token)[-1]
+                logits = (yield from self.draft.extend(token))[-1]
         if not tokens:
             return TokenTree.chain(root, committed_ids.new_empty(0))
         return TokenTree.chain(root, torch.cat(tokens), torch.stack(probs))

@@ -13,6 +13,7 @@ import specdec.verify.match as match
 import specdec.verify.swor as swor
 from specdec.core.sampling import SamplingConfig
 from specdec.core.tree import TokenTree, paths_to_parents
+from specdec.drafting.base import run_proposal
 from specdec.drafting.sequoia_dp import check_accept, sequoia_dp, star_paths, tree_value
 from specdec.engine.decoder import SpeculativeDecoder
 from specdec.methods.sequoia import SequoiaDrafter
@@ -223,7 +224,7 @@ def test_drafter_draws_children_without_replacement_in_sampling_order():
     assert chisquare([counts.get(c, 0) for c in cells], [exact[c] * n for c in cells]).pvalue > 1e-3
     # A filtered distribution with fewer tokens than children: the extra children are not drawn.
     filtered = SequoiaDrafter(lm, SamplingConfig(temperature=1.0, top_k=2), star_paths(3))
-    tree = filtered.propose(torch.tensor(PROMPT), 4, torch.Generator().manual_seed(1))
+    tree = run_proposal(filtered.propose(torch.tensor(PROMPT), 4, torch.Generator().manual_seed(1)))
     assert tree.num_drafted == 2 and sorted(tree.tokens[1:].tolist()) == [0, 3]
 
 

@@ -9,6 +9,7 @@ import torch
 
 import specdec.engine.decoder as decoder
 from specdec.core.sampling import SamplingConfig, logits_to_probs
+from specdec.drafting.base import run_proposal
 from specdec.engine.decoder import SpeculativeDecoder
 from specdec.engine.pipeline import Pipeline
 from specdec.methods.specexec import SpecExecDrafter
@@ -22,7 +23,7 @@ T1 = SamplingConfig(temperature=1.0)
 
 def _propose(drafter, committed, gamma=100):
     drafter.begin(torch.tensor(committed), len(committed) + 64)
-    return drafter.propose(torch.tensor(committed), gamma, None)
+    return run_proposal(drafter.propose(torch.tensor(committed), gamma, None))
 
 
 def _check_invariants(drafter, tree, max_depth):

@@ -71,7 +71,7 @@ class ReportsUnprunedQ(ModelDrafter):
         self.full = full
 
     def propose(self, committed_ids, max_depth, generator):
-        tree = super().propose(committed_ids, max_depth, generator)
+        tree = yield from super().propose(committed_ids, max_depth, generator)
         if tree.num_drafted == 0:
             return tree
         ctx = committed_ids.tolist() + tree.drafted_tokens.tolist()

@@ -1,6 +1,11 @@
 """Running a benchmark: the plan of missing (prompt, temperature, repeat, method) rows, AR first in
 each group, one untimed warm-up per method and temperature, each row appended to results.jsonl as
-soon as it is measured, then summary.md and the plots."""
+soon as it is measured, then summary.md and the plots.
+
+With a batch size above 1 (`--batch-size`, recorded in the run's settings), the rows of one
+(temperature, repeat, method) are generated together by `Pipeline.generate_batch`, that many
+prompts at a time with continuous batching; each row then carries its own tokens and counters and
+the shared steps' timings (the Hugging Face peers still run one prompt at a time)."""
 
 from __future__ import annotations
 
@@ -184,6 +189,21 @@ def _run_plan(
             )
         ids_of[p.id] = ids
 
+    batch_size = int(settings.run_info.get("batch_size", 1))
+    batched: dict[tuple[str, float, int, str], tuple[list[int], dict[str, Any], None]] = {}
+
+    def run_batch(method: str, t: float, r: int) -> None:
+        """Every planned prompt of (t, r, method) in one continuous batch, kept until written."""
+        group = [p for p, tt, rr, m in plan if (tt, rr, m) == (t, r, method)]
+        base = base_method(method, settings.variants)
+        results = pipe.generate_batch(
+            [ids_of[p.id] for p in group], base, settings.max_new_tokens, sampling=settings.sampling(t),
+            gamma=settings.method_gamma(method), seed=[prompt_seed(p.id, r) if t > 0 else None for p in group],
+            max_batch_size=batch_size, **settings.method_options(method),
+        )
+        for p, res in zip(group, results):
+            batched[(p.id, t, r, method)] = (res.token_ids, res.stats.to_dict(), None)
+
     def run_one(method: str, ids: list[int], max_new: int, sampling: SamplingConfig, seed: int | None):
         if is_hf(method):
             assert peers is not None
@@ -221,7 +241,13 @@ def _run_plan(
             for p, t, r, m in plan:
                 bar.set_postfix_str(f"{p.id} {m} T={fmt_temp(t)}", refresh=False)
                 seed = prompt_seed(p.id, r) if t > 0 else None
-                tokens, stats, hf_settings = run_one(m, ids_of[p.id], settings.max_new_tokens, settings.sampling(t), seed)
+                if batch_size > 1 and not is_hf(m):
+                    if (p.id, t, r, m) not in batched:
+                        run_batch(m, t, r)
+                    tokens, stats, hf_settings = batched.pop((p.id, t, r, m))
+                else:
+                    tokens, stats, hf_settings = run_one(m, ids_of[p.id], settings.max_new_tokens,
+                                                         settings.sampling(t), seed)
                 ar = done.get((p.id, "ar", t, r))
                 equal = None
                 if t == 0:

@@ -16,6 +16,7 @@ from specdec.bench.settings import (
 from specdec.bench.store import RESULTS, SUMMARY, check_out_dir, command_line, load_results, row_key
 from specdec.bench.summary import render_tables
 from specdec.cli.common import add_model_args, device_of, drafts_of, err, load_pipeline, tensor_parallel_size_of
+from specdec.core.options import check_positive_int
 from specdec.engine.pipeline import DTYPES
 from specdec.methods.registry import all_methods
 
@@ -49,6 +50,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         run_info["row_invariant"] = args.row_invariant
     if args.draft_vocab is not None:
         run_info["draft_vocab"] = args.draft_vocab
+    if args.batch_size != 1:  # recorded only when batching, so directories written before it still resume
+        run_info["batch_size"] = check_positive_int("--batch-size", args.batch_size)
     settings = BenchSettings(
         methods=parse_methods(args.methods, variants),
         variants=variants,
@@ -77,6 +80,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     argv += ["--draft-weights", args.draft_weights] if args.draft_weights else []
     argv += ["--row-invariant", args.row_invariant] if args.row_invariant != "auto" else []
     argv += ["--draft-vocab", str(args.draft_vocab)] if args.draft_vocab is not None else []
+    argv += ["--batch-size", str(args.batch_size)] if args.batch_size != 1 else []
     argv += ["--per-task", str(args.per_task)] if args.per_task is not None else []
     argv += ["--tasks", args.tasks] if args.tasks else []
     for name in OPTION_FLAGS:
@@ -152,6 +156,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", action="append", default=[], metavar="'LABEL=METHOD KEY=VALUE ...'",
                    help="a labelled run of one of our methods with its own options, usable in --methods "
                    "like a method name, e.g. --variant 'si-221=specinfer expansion=2,2,1' (repeatable)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="generate the prompts of each (method, temperature, repeat) this many at a time with "
+                   "continuous batching (Pipeline.generate_batch); 1 (default) = one prompt at a time")
     p.add_argument("--log", default=None, help="progress log, one line per row (default OUT/bench.log)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     add_model_args(p)

@@ -8,13 +8,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from typing import TYPE_CHECKING
 
 from specdec.cli.common import (
     add_method_args, add_model_args, add_sampling_args, given_options, load_pipeline, resolve_method, sampling_of,
 )
 
+from specdec.engine.limits import (
+    DEFAULT_MAX_BATCH_SIZE, DEFAULT_PREFILL_CHUNK, DEFAULT_SPEC_DISABLE_BATCH_SIZE, PROFILE_FIELD,
+)
 from specdec.serving import SERVER_EXTRA_HINT
 from specdec.serving.guards import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_DRAFT_TOKENS, DEFAULT_MAX_TOKENS_LIMIT
+
+if TYPE_CHECKING:
+    from specdec.core.sampling import SamplingConfig
+    from specdec.engine.pipeline import Pipeline
 
 API_KEY_ENV = "SPECDEC_API_KEY"
 # The app (and with it torch) is imported when the command runs: listing the command or reporting
@@ -26,8 +35,10 @@ DESCRIPTION = (
     "GET /metrics. The decoding flags (--method, --gamma, --max-new-tokens, --temperature, --top-p, --top-k, "
     "--seed and the method options) are the defaults for requests that leave them out; a request may pick "
     "another method with {\"speculative\": {\"method\": ...}}, and gets the method options its method has "
-    "(files such as --tree PROFILE.json are named by the operator only). Requests are served one at a time, in "
-    "arrival order. Beyond this machine (--host other than loopback) the server needs --api-key or "
+    "(files such as --tree PROFILE.json are named by the operator only). Up to --max-batch-size requests decode "
+    "together (continuous batching: drafts and verification batched across requests; new ones join between "
+    "steps, long prompts are filled in chunks); more wait in arrival order, and beyond --max-queue waiting ones "
+    "the server answers 503. Beyond this machine (--host other than loopback) the server needs --api-key or "
     f"${API_KEY_ENV} (or --allow-unauthenticated). Needs the server extra: {SERVER_EXTRA_HINT}."
 )
 
@@ -68,23 +79,74 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # here, before the models load, as create_app checks it again.
     given = given_options(args)
     serving_app.check_default_options(args.method, given, args.gamma)
+    check_positive_int("--max-batch-size", args.max_batch_size)
+    check_positive_int("--prefill-chunk", args.prefill_chunk)
     # A --draft given with a draft-free default method is still loaded: requests may switch to sps.
     pipe = load_pipeline(args, get_method(args.method).loads_draft_model or args.draft is not None)
     if args.method == "auto" and not given.get("tree"):
         # Tune now (once per machine and setting), not inside the first request: greedy, and sampling at
-        # the default temperature (0.7 when the default is greedy). Requests then follow the profiles.
+        # the default temperature. Requests then follow the profiles.
         for temperature in (0.0, sampling.temperature or 0.7):
             pipe.decoder("auto", SamplingConfig(temperature=temperature, top_k=sampling.top_k, top_p=sampling.top_p))
+    max_kv_tokens = kv_budget(args.max_kv_tokens, pipe)
+    spec_disable = spec_disable_batch_size(args.spec_disable_batch_size, pipe, sampling)
+    print(f"batching: up to {args.max_batch_size} requests, KV budget "
+          f"{'unbounded' if max_kv_tokens is None else f'{max_kv_tokens} tokens'}, drafts off above "
+          f"{'never' if spec_disable is None else f'{spec_disable} running requests'}", file=sys.stderr)
     app = serving_app.create_app(
         pipe, args.method, given, args.model_name or args.target, gamma=args.gamma,
         default_sampling=sampling, default_max_tokens=args.max_new_tokens, default_seed=args.seed,
         max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue, max_draft_tokens=args.max_draft_tokens,
-        max_body_bytes=args.max_body_bytes, api_key=api_key,
+        max_body_bytes=args.max_body_bytes, api_key=api_key, max_batch_size=args.max_batch_size,
+        max_kv_tokens=max_kv_tokens, prefill_chunk=args.prefill_chunk, spec_disable_batch_size=spec_disable,
     )
     import uvicorn
 
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+KV_MEMORY_FRACTION = 0.5
+"""--max-kv-tokens auto: the K/V of the running requests may fill this share of the memory free at start."""
+
+
+def kv_budget(value: str, pipe: "Pipeline") -> int | None:
+    """--max-kv-tokens: a number of target K/V slots, `auto` (a share of free memory) or `none`."""
+    from specdec.core.options import check_positive_int
+    from specdec.engine.batch import kv_budget_for_memory
+
+    if value == "none":
+        return None
+    if value == "auto":
+        return kv_budget_for_memory(pipe.target_lm, pipe.draft_lms, KV_MEMORY_FRACTION)
+    try:
+        return check_positive_int("--max-kv-tokens", int(value))
+    except ValueError:
+        raise ValueError(f"--max-kv-tokens must be a positive integer, auto or none, got {value!r}") from None
+
+
+def spec_disable_batch_size(value: str, pipe: "Pipeline", sampling: "SamplingConfig") -> int | None:
+    """--spec-disable-batch-size: a number, `never`, or `auto`: the tune profile's field for this setting
+    when it has one, else the default."""
+    from specdec.core.store import find_profile
+
+    if value == "never":
+        return None
+    if value != "auto":
+        try:
+            n = int(value)
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise ValueError(f"--spec-disable-batch-size must be an integer >= 0, auto or never, got {value!r}")
+        return n
+    key = pipe.profile_key(sampling)
+    try:
+        profile = find_profile(key) if key is not None else {}
+    except ValueError:  # no profile for this setting: the default
+        profile = {}
+    field = profile.get(PROFILE_FIELD)
+    return int(field) if isinstance(field, int) and not isinstance(field, bool) else DEFAULT_SPEC_DISABLE_BATCH_SIZE
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -114,5 +176,17 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help=f"answer larger request bodies 413 before reading them (default {DEFAULT_MAX_BODY_BYTES})")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for the engine; more are answered 503 (default 64)")
+    p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                   help=f"requests decoded together (continuous batching; default {DEFAULT_MAX_BATCH_SIZE})")
+    p.add_argument("--max-kv-tokens", default="auto", metavar="N|auto|none",
+                   help="target K/V slots the running requests may reserve (rows x longest request); requests "
+                   f"beyond it wait. auto (default): {KV_MEMORY_FRACTION * 100:.0f}%% of the memory free at start")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                   help=f"prompt tokens filled per engine step, so a long prompt does not stall the others "
+                   f"(default {DEFAULT_PREFILL_CHUNK})")
+    p.add_argument("--spec-disable-batch-size", default="auto", metavar="N|auto|never",
+                   help="draft nothing in steps with more than N requests running (vLLM's disable-by-batch-size; "
+                   f"output unchanged, speed only). auto (default): the tune profile's {PROFILE_FIELD} for this "
+                   f"setting, else {DEFAULT_SPEC_DISABLE_BATCH_SIZE}")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)

@@ -16,9 +16,10 @@ import os
 import platform
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # Instruction-set flags that decide which kernels a CPU has (AVX2/FMA GEMMs, AVX-512, VNNI int8,
 # native bfloat16 and AMX tiles, Arm NEON/SVE); the rest of /proc/cpuinfo's flags do not matter.
@@ -47,8 +48,10 @@ def _cpu_info() -> tuple[str, tuple[str, ...]]:
     return name, tuple(f for f in SPEED_FLAGS if f in flags)
 
 
-def fingerprint(device: str | torch.device = "cpu") -> dict[str, Any]:
+def fingerprint(device: "str | torch.device" = "cpu") -> dict[str, Any]:
     """The hardware fingerprint of `device` as a JSON-ready dict (see the module docstring)."""
+    import torch  # here, not at module level: the profile store (and the CLI's model listing) stays torch-free
+
     dev = torch.device(device)
     out: dict[str, Any] = {"device": dev.type, "threads": torch.get_num_threads(), "torch": torch.__version__}
     if dev.type == "cuda":

@@ -8,15 +8,23 @@ never missing the bonus token or a fully accepted last draft. Drafted nodes are 
 pending blocks appended level by level; after verification the accepted nodes that were run are
 committed by index and the rest dropped. Nodes that were drafted but never run (the last level)
 are caught up at the next proposal like any unseen committed token.
+
+`catch_up` and `extend` are sub-coroutines of a drafter's proposal (`drafting.base.Proposal`): they
+yield the pass they need as a `ModelCall` and return its logits (`yield from draft.catch_up(…)`).
+The catch-up is a *fill* (run and commit), which a batch engine may spread over several steps when
+it is long (a new prompt).
 """
 
 from __future__ import annotations
+
+from collections.abc import Generator
 
 import torch
 from torch import Tensor
 
 from specdec.core.results import VerifyResult
 from specdec.models.base import LanguageModel
+from specdec.models.batch import ModelCall
 
 
 class DraftModel:
@@ -38,22 +46,22 @@ class DraftModel:
         self.calls = 0
         self.pending = 0
 
-    def catch_up(self, committed_ids: Tensor) -> Tensor:  # committed_ids: [L] -> [V] logits after the last token
-        """Run every committed token the cache lacks (at least the pending root) and commit them."""
+    def catch_up(self, committed_ids: Tensor) -> Generator[ModelCall, Tensor, Tensor]:  # [L] -> [V] logits
+        """Run every committed token the cache lacks (at least the pending root) and commit them
+        (one fill); returns the logits after the last one."""
         unseen = committed_ids[self.lm.kv_len :]
-        logits = self.lm.forward(unseen, last_only=True)[-1]
-        self.lm.commit(unseen.shape[0])
+        logits = yield ModelCall(self.lm, unseen, fill=True)
         self.calls += 1
         self.pending = 0
-        return logits
+        return logits[-1]
 
     def extend(
         self,
         tokens: Tensor,  # [n] int64
         slot_parents: Tensor | None = None,  # [n] parent slot in the pending block, -1 = the last committed token
-    ) -> Tensor:  # [n, V] logits
+    ) -> Generator[ModelCall, Tensor, Tensor]:  # -> [n, V] logits
         """Run a block of drafted nodes after the pending ones; None parents = continue the pending chain."""
-        logits = self.lm.forward(tokens, slot_parents, append=True)
+        logits = yield ModelCall(self.lm, tokens, slot_parents, append=True)
         self.calls += 1
         self.pending += tokens.shape[0]
         return logits

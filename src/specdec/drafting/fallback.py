@@ -20,7 +20,7 @@ from torch import Tensor
 
 from specdec.core.results import VerifyResult
 from specdec.core.tree import TokenTree
-from specdec.drafting.base import Drafter
+from specdec.drafting.base import Drafter, Proposal, finished
 
 
 class FallbackDrafter:
@@ -52,12 +52,12 @@ class FallbackDrafter:
     def forward_calls(self) -> list[int]:
         return self.inner.forward_calls()
 
-    def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> TokenTree:
+    def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> Proposal:
         if self._left > 0:
             self._left -= 1
             self._drafted = False
             self.paused_steps += 1
-            return TokenTree.chain(int(committed_ids[-1]), committed_ids.new_empty(0))
+            return finished(TokenTree.chain(int(committed_ids[-1]), committed_ids.new_empty(0)))
         self._drafted = True
         return self.inner.propose(committed_ids, max_depth, generator)
 

@@ -4,12 +4,17 @@ With no drafter this is plain autoregressive decoding through the very same loop
 per token), so AR and speculative runs share every piece of code except the draft. A proposal is
 always a `TokenTree` (a chain is a tree), scored by the target in one pass and verified by the
 rule its drafter names (docs/algorithms.md §2–§4).
+
+A step is four pieces — `propose`, the target's pass, `verify`, `commit` — that `stream` runs for
+one sequence; the batch engine (`engine.batch`) runs the same pieces for many sequences, with
+their proposals and their target passes batched (docs/algorithms.md §4.10).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -17,7 +22,7 @@ from torch import Tensor
 from specdec.core.results import VerifyResult
 from specdec.core.sampling import SamplingConfig, logits_to_probs
 from specdec.core.tree import TokenTree
-from specdec.drafting.base import Drafter
+from specdec.drafting.base import Drafter, Proposal, finished, run_proposal
 from specdec.engine.cost import cost_ratios, standardized_walltime_improvement
 from specdec.engine.stats import DecodeStats, StepAccounting
 from specdec.models.base import LanguageModel
@@ -30,6 +35,22 @@ def _sync(device: torch.device) -> None:
     # Timings are only honest when queued GPU work is finished.
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@dataclass
+class DecodeRun:
+    """One generation in progress: what `SpeculativeDecoder.start` sets up and each step advances."""
+
+    prompt: Tensor  # [P] int64
+    committed: Tensor  # [L] int64: prompt + emitted tokens; the last one is the pending root
+    max_new_tokens: int
+    generator: torch.Generator | None
+    stats: DecodeStats
+    acct: StepAccounting
+    stopped: str = ""
+    """"" while it goes on, then "eos" or "length"."""
+    drafted: bool = False
+    """Whether this step's proposal came from the drafter (which then gets the step's feedback)."""
 
 
 class SpeculativeDecoder:
@@ -74,6 +95,11 @@ class SpeculativeDecoder:
         self._device = getattr(target, "device", torch.device("cpu"))
         self._cost_ratios: list[float] | None = None  # per draft model, found on first use
 
+    def set_cost_ratios(self, ratios: Sequence[float]) -> None:
+        """Each draft model's parameter count over the target's (SWI), when the caller knows them
+        already: the batch engine, whose per-sequence models are rows of shared ones. [] = unknown."""
+        self._cost_ratios = list(ratios)
+
     def generate(
         self,
         prompt_ids: Sequence[int] | Tensor,
@@ -113,6 +139,41 @@ class SpeculativeDecoder:
         generator: torch.Generator | None = None,
     ) -> Iterator[list[int]]:
         """Yield the tokens each iteration commits; `last_stats` is set when it ends."""
+        run = self.start(prompt_ids, max_new_tokens, generator)
+        stats = run.stats
+        while not run.stopped:
+            # 1. Draft a tree below the pending root (a chain is a tree; no drafter: the root alone).
+            t0 = time.perf_counter()
+            tree = run_proposal(self.propose(run))
+            _sync(self._device)
+            t1 = time.perf_counter()
+            stats.draft_s += t1 - t0
+
+            # 2. Score: one target pass over the root and every drafted node.
+            logits = self.target.forward(tree.tokens, tree.block_parents())
+
+            # 3. Verify.
+            result = self.verify(run, tree, logits)
+            _sync(self._device)
+            stats.target_s += time.perf_counter() - t1
+
+            # 4. Commit and 5. feedback (the drafter keeps what was committed, drops the rest).
+            yield self.commit(run, tree, result)
+
+    # ---- one step in pieces: `stream` above runs them for one sequence; the batch engine
+    # (engine.batch) runs them for many, scoring every sequence's tree in one batched target pass.
+    def start(
+        self,
+        prompt_ids: Sequence[int] | Tensor,
+        max_new_tokens: int,
+        generator: torch.Generator | None = None,
+        prefill: bool = True,
+    ) -> "DecodeRun":
+        """Check the request, reset the target and the drafter, and (with `prefill`) run the prompt.
+
+        Without `prefill` the caller fills `run.prompt[:-1]` into the target's cache before the
+        first step (the batch engine does it in chunks).
+        """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten().cpu()
@@ -121,62 +182,54 @@ class SpeculativeDecoder:
         max_len = self.check_fits(prompt.numel(), max_new_tokens)
         stats = DecodeStats(prompt_tokens=prompt.numel())
         self.last_stats = stats
-        acct = StepAccounting(stats, self.gamma)
         # committed = prompt + emitted tokens; its last token (the pending root) is not yet in the
         # target's cache: each iteration scores [root, drafts…] in one pass.
-        committed = prompt.clone()
-        self._prefill(prompt, max_len, stats)
-
-        while stats.new_tokens < max_new_tokens:
-            # 1. Draft a tree below the pending root (a chain is a tree; no drafter: the root alone).
-            t0 = time.perf_counter()
-            tree = self._propose(committed, min(self.gamma, max_new_tokens - stats.new_tokens - 1), generator)
-            _sync(self._device)
-            t1 = time.perf_counter()
-            stats.draft_s += t1 - t0
-
-            # 2. Score: one target pass over the root and every drafted node.
-            logits = self.target.forward(tree.tokens, tree.block_parents())
-            target_probs = logits_to_probs(logits, self.sampling)  # [N + 1, V]
-
-            # 3. Verify.
-            result = self.verifier(tree, target_probs, generator)
-            _sync(self._device)
-            stats.target_s += time.perf_counter() - t1
-
-            # 4. Commit: the root and the accepted path enter the target's cache (in place for a
-            # chain, gathered by index for a tree); the recovered/bonus token becomes the next root.
-            self.target.commit(1 + result.num_accepted if tree.is_chain else torch.tensor(result.kept_nodes()))
-            new, stop = self._emitted(tree, result, max_new_tokens - stats.new_tokens)
-            committed = torch.cat([committed, torch.tensor(new, dtype=torch.long)])
-            acct.step(tree, result, len(new))
-
-            # 5. Feedback: the drafter keeps what was committed and drops the rest.
-            if self.drafter is not None and not stop:
-                self.drafter.observe(committed, result)
-            acct.finish()
-            self._record_cost(stats)
-            stats.stopped_by = stop
-            yield new
-            if stop:
-                break
-
-    def _prefill(self, prompt: Tensor, max_len: int, stats: DecodeStats) -> None:
+        run = DecodeRun(prompt, prompt.clone(), max_new_tokens, generator, stats, StepAccounting(stats, self.gamma))
         self.target.reset(max_len)
         if self.drafter is not None:
             self.drafter.begin(prompt, max_len)
-        if prompt.numel() > 1:  # the last prompt token is the first pending root
+        if prefill and prompt.numel() > 1:  # the last prompt token is the first pending root
             t0 = time.perf_counter()
             self.target.forward(prompt[:-1], last_only=True)
             self.target.commit(prompt.numel() - 1)
             _sync(self._device)
             stats.prefill_s = time.perf_counter() - t0
             stats.target_s += stats.prefill_s
+        return run
 
-    def _propose(self, committed: Tensor, max_depth: int, generator: torch.Generator | None) -> TokenTree:
-        if self.drafter is None or max_depth <= 0:
-            return TokenTree.chain(int(committed[-1]), committed[:0])
-        return self.drafter.propose(committed, max_depth, generator)
+    def propose(self, run: "DecodeRun", max_depth: int | None = None) -> Proposal:
+        """This step's proposal below the pending root; `max_depth` caps it further (0: the root alone).
+
+        The drafter is not asked when nothing may be drafted; it then hears nothing of the step
+        (`commit` skips its feedback) and catches up on the committed tokens at its next proposal.
+        """
+        depth = min(self.gamma, run.max_new_tokens - run.stats.new_tokens - 1)
+        if max_depth is not None:
+            depth = min(depth, max_depth)
+        run.drafted = self.drafter is not None and depth > 0
+        if self.drafter is None or depth <= 0:
+            return finished(TokenTree.chain(int(run.committed[-1]), run.committed[:0]))
+        return self.drafter.propose(run.committed, depth, run.generator)
+
+    def verify(self, run: "DecodeRun", tree: TokenTree, logits: Tensor) -> VerifyResult:  # logits: [N + 1, V]
+        """The exact rule's decision on the target's logits at the tree's nodes."""
+        target_probs = logits_to_probs(logits, self.sampling)  # [N + 1, V]
+        return self.verifier(tree, target_probs, run.generator)
+
+    def commit(self, run: "DecodeRun", tree: TokenTree, result: VerifyResult) -> list[int]:
+        """Commit a verified step; returns the tokens it emits (also appended to `run.committed`)."""
+        # The root and the accepted path enter the target's cache (in place for a chain, gathered
+        # by index for a tree); the recovered/bonus token becomes the next root.
+        self.target.commit(1 + result.num_accepted if tree.is_chain else torch.tensor(result.kept_nodes()))
+        new, stop = self._emitted(tree, result, run.max_new_tokens - run.stats.new_tokens)
+        run.committed = torch.cat([run.committed, torch.tensor(new, dtype=torch.long)])
+        run.acct.step(tree, result, len(new))
+        if self.drafter is not None and run.drafted and not stop:
+            self.drafter.observe(run.committed, result)
+        run.acct.finish()
+        self._record_cost(run.stats)
+        run.stats.stopped_by = run.stopped = stop
+        return new
 
     def _emitted(self, tree: TokenTree, result: VerifyResult, room: int) -> tuple[list[int], str]:
         """The tokens this step emits and why decoding stops ("" = it goes on).

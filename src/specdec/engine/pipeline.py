@@ -4,6 +4,7 @@
     pipe = Pipeline("qwen2.5-coder-1.5b-instruct", draft="qwen2.5-coder-0.5b-instruct")
     result = pipe.generate("Write quicksort in Python.", method="sps", max_new_tokens=64)
     print(result.text, result.stats.tokens_per_s)
+    results = pipe.generate_batch(["Write quicksort.", "Explain RoPE."], method="sps", max_new_tokens=64)
 
 The command line, the benchmark, the tuner and the server all go through this class. Methods are
 found only through the registry (`methods.registry`): a method gets a `MethodContext` (models,
@@ -14,19 +15,22 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from specdec.core.options import MethodOptions
 from specdec.core.sampling import SamplingConfig
 from specdec.core.store import profile_key
+from specdec.engine.batch import (
+    DEFAULT_MAX_BATCH_SIZE, DEFAULT_PREFILL_CHUNK, DEFAULT_SPEC_DISABLE_BATCH_SIZE, BatchEngine, BatchRequest, StepEvent,
+)
+from specdec.engine.build import build_decoder
 from specdec.engine.decoder import SpeculativeDecoder
 from specdec.engine.stats import DecodeStats
+from specdec.engine.text import TextAssembler
 from specdec.methods.base import MethodContext
-from specdec.methods.registry import get_method
 from specdec.models.base import LanguageModel
 from specdec.models.hf import HFLanguageModel
 from specdec.models.hub.registry import DEFAULT_TARGET, check_known_pair, default_draft
@@ -119,33 +123,6 @@ def check_text(text: str, what: str = "the prompt") -> None:
         detail = (f"byte 0x{code - 0xDC00:02x} at character {exc.start} is not UTF-8" if 0xDC80 <= code <= 0xDCFF
                   else f"it holds an unpaired surrogate U+{code:04X} at character {exc.start}")
         raise ValueError(f"{what} is not valid UTF-8 text: {detail}") from None
-
-
-def describe_options(options: MethodOptions, names: Iterable[str]) -> str:
-    """"gamma=100000" or "budget=512, max_depth=6": the options behind a size, for error messages."""
-    def fmt(value: Any) -> str:
-        if isinstance(value, tuple):  # expansion 1,2,2; a k-matrix 4,2;0,6
-            return (";" if value and isinstance(value[0], tuple) else ",").join(fmt(v) for v in value)
-        return str(value)
-
-    values = options.to_dict()
-    return ", ".join(f"{n}={fmt(values[n])}" for n in names if n in values)
-
-
-SIZE_OPTIONS = ("gamma", "budget", "expansion", "k_matrix")
-"""The options that set how many tokens a step drafts (named in the errors about it)."""
-
-
-def check_draft_fits(method: str, options: MethodOptions, num_drafts: int, context_length: int) -> None:
-    """ValueError, before any drafter is built, when one step would draft more tokens than the
-    target's context can hold beside a prompt token and a new one (building such a drafter can
-    itself be the expensive part: Sequoia's DP grows with the square of its budget)."""
-    drafted = options.draft_tokens_per_step(num_drafts)
-    if drafted is not None and drafted + 3 > context_length:
-        raise ValueError(
-            f"{describe_options(options, SIZE_OPTIONS)}: {method} would draft up to {drafted} tokens per step, "
-            f"which leaves no room in the target's context of {context_length} tokens; ask for fewer"
-        )
 
 
 class Pipeline:
@@ -410,19 +387,7 @@ class Pipeline:
         gamma: the method's draft length where it has one (sps, pld, maxgram); for the others, a
         cap on the levels drafted per step.
         """
-        m = get_method(method)
-        if m.needs_draft_model and not self.draft_lms:
-            raise ValueError(f"method {method!r} needs a draft model (--draft)")
-        cap = None
-        if gamma is not None:
-            if "gamma" in m.options.names():
-                opts["gamma"] = gamma
-            else:
-                cap = gamma
-        options = m.make_options(opts)
-        check_draft_fits(method, options, len(self.draft_lms), self.target_lm.context_length)
-        drafter = m.build(self.context(sampling), options)
-        return SpeculativeDecoder(self.target_lm, drafter, sampling, gamma=cap, eos_token_ids=self.eos_token_ids)
+        return build_decoder(self.context(sampling), method, sampling, gamma, opts, self.eos_token_ids)
 
     def stream(
         self,
@@ -454,3 +419,79 @@ class Pipeline:
             ids.extend(chunk)
         assert dec.last_stats is not None
         return GenerationResult(self.decode(ids), ids, dec.last_stats)
+
+    # ---- many requests at once ---------------------------------------------------------------
+    def batch_engine(
+        self,
+        *,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        max_kv_tokens: int | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        spec_disable_batch_size: int | None = DEFAULT_SPEC_DISABLE_BATCH_SIZE,
+    ) -> BatchEngine:
+        """A continuous-batching engine over this pipeline's models (`engine.batch`): submit
+        `BatchRequest`s with any mix of methods, options and sampling, then `step()`."""
+        return BatchEngine(
+            self.target_lm, self.draft_lms, tokenizer=self.tokenizer, eos_token_ids=self.eos_token_ids,
+            profile_key=self.profile_key, max_batch_size=max_batch_size, max_kv_tokens=max_kv_tokens,
+            prefill_chunk=prefill_chunk, spec_disable_batch_size=spec_disable_batch_size,
+        )
+
+    def generate_batch(
+        self,
+        prompts: Sequence[str | list[int]],
+        method: str = "sps",
+        max_new_tokens: int | Sequence[int] = 128,
+        *,
+        sampling: SamplingConfig = SamplingConfig(),
+        gamma: int | None = None,
+        seed: int | Sequence[int | None] | None = None,
+        stop: Sequence[str] = (),
+        chat: bool | None = None,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        max_kv_tokens: int | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        spec_disable_batch_size: int | None = DEFAULT_SPEC_DISABLE_BATCH_SIZE,
+        **opts: Any,
+    ) -> list[GenerationResult]:
+        """Generate for every prompt, up to `max_batch_size` at a time with continuous batching.
+
+        Result i is what `generate(prompts[i], method, max_new_tokens[i], sampling=…, seed=seed[i])`
+        gives (token for token when greedy; for a seeded sampled request while the batch stays at or
+        below `spec_disable_batch_size`), except that the timings are those of the shared steps.
+        `stop`: strings that end a completion (the text stops before the first; `stopped_by` "stop").
+        """
+        n = len(prompts)
+        news = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        seeds = list(seed) if isinstance(seed, Sequence) else [seed] * n
+        if len(news) != n or len(seeds) != n:
+            raise ValueError(f"give one max_new_tokens and one seed per prompt ({n}), or one for all")
+        if stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this pipeline has none")
+        requests = [
+            BatchRequest(self.encode(p, chat) if isinstance(p, str) else list(p), k, method, dict(opts), sampling,
+                         gamma, s)
+            for p, k, s in zip(prompts, news, seeds)
+        ]
+        engine = self.batch_engine(max_batch_size=max_batch_size, max_kv_tokens=max_kv_tokens,
+                                   prefill_chunk=prefill_chunk, spec_disable_batch_size=spec_disable_batch_size)
+        cleans = bool(getattr(self.tokenizer, "clean_up_tokenization_spaces", False))
+        texts: dict[int, TextAssembler] = {}
+
+        def watch_stops(event: StepEvent) -> None:
+            text = texts.setdefault(event.request_id, TextAssembler(self.decode, list(stop), cleans))
+            if event.tokens and text.push(event.tokens)[1]:
+                engine.abort(event.request_id)
+                if event.stats is not None:
+                    event.stats.stopped_by = "stop"
+
+        outs = engine.run_all(requests, watch_stops if stop else None)
+        results = []
+        for rid, (ids, stats, finished) in enumerate(outs):
+            assert stats is not None
+            if rid in texts and stats.stopped_by == "stop":
+                ids = ids[: texts[rid].completion_tokens]
+                results.append(GenerationResult(texts[rid].released, ids, stats))
+            else:
+                results.append(GenerationResult(self.decode(ids), ids, stats))
+        return results

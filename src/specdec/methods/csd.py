@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,13 +43,22 @@ from torch import Tensor
 from specdec.core.options import MethodOptions, choice, flag, number_at_least, option
 from specdec.core.results import VerifyResult
 from specdec.core.tree import TokenTree
+from specdec.drafting.base import Proposal, finished
 from specdec.drafting.bigram import BigramTable
 from specdec.drafting.ngram import maxgram_continuation
 from specdec.methods.base import Method, MethodContext
 from specdec.methods.maxgram import FILL_HELP, FILLS, context_bigram
 from specdec.methods.registry import register
 from specdec.models.base import LanguageModel
+from specdec.models.batch import ModelCall
 from specdec.verify.match import verify_sample_and_match
+
+LONG_CATCH_UP = 32
+"""Context a level's cache lacks beyond this many tokens (the prompt, text decoded without drafts)
+runs as a fill of its own before the review: a batch engine may spread a fill over several steps."""
+
+Drafting = Generator[ModelCall, Tensor, tuple[Tensor, Tensor]]
+"""Part of a proposal (`drafting.base.Proposal`): yields draft-model calls, returns (text, confidences)."""
 
 
 # ---- the review primitive -------------------------------------------------------------------
@@ -113,7 +122,7 @@ class _ModelLevel:
         """Drop cached drafts the target did not commit (the cache never holds uncommitted tokens)."""
         self._reuse(committed, committed.shape[0])
 
-    def review(self, seq: Tensor, conf: Tensor, start: int, base: int, lenience: float) -> tuple[Tensor, Tensor]:
+    def review(self, seq: Tensor, conf: Tensor, start: int, base: int, lenience: float) -> Drafting:
         """One forward pass over seq[start:] (the drafts of the levels below, after whatever of the
         context is not cached yet): keep the drafts it accepts, then append its own token.
 
@@ -122,7 +131,12 @@ class _ModelLevel:
         """
         # The pass must include seq[start - 1]: its logits give the distribution of the first draft.
         keep = self._reuse(seq, start - 1)
-        logits = self.lm.forward(seq[keep:])  # [L - keep, V]
+        if start - 1 - keep > LONG_CATCH_UP:
+            yield ModelCall(self.lm, seq[keep : start - 1], fill=True)
+            self.calls += 1
+            keep = start - 1
+            self.cached = seq[:keep]
+        logits = yield ModelCall(self.lm, seq[keep:])  # [L - keep, V]
         self.calls += 1
         probs = torch.softmax(logits[start - 1 - keep :].float(), dim=-1)  # [n + 1, V]: row i predicts seq[start + i]
         drafts = seq[start:]
@@ -135,12 +149,11 @@ class _ModelLevel:
         new_conf = probs[torch.arange(n_acc + 1, device=probs.device), new_tokens.to(probs.device)].cpu()
         return torch.cat([seq[: start + n_acc], own]), torch.cat([conf[: start - base], new_conf])
 
-    def propose(self, seq: Tensor, conf: Tensor, need: int) -> tuple[Tensor, Tensor]:  # seq: [L]; conf: [L - base]
+    def propose(self, seq: Tensor, conf: Tensor, need: int) -> Drafting:  # seq: [L]; conf: [L - base]
         """The bottom level when there is no Max-Gram: `need` greedy tokens, one pass each."""
         keep = self._reuse(seq, seq.shape[0] - 1)
-        logits = self.lm.forward(seq[keep:], last_only=True)[-1]  # [V]
+        logits = (yield ModelCall(self.lm, seq[keep:], fill=True))[-1]  # [V]
         self.calls += 1
-        self.lm.commit(seq.shape[0] - keep)
         self.cached = seq
         tokens: list[Tensor] = []
         confs: list[Tensor] = []
@@ -150,9 +163,8 @@ class _ModelLevel:
             tokens.append(token.cpu())
             confs.append(probs[token].cpu())
             if i < need - 1:  # the last token is cached only if a level above keeps it
-                logits = self.lm.forward(token)[-1]
+                logits = (yield ModelCall(self.lm, token, fill=True))[-1]
                 self.calls += 1
-                self.lm.commit(1)
                 self.cached = torch.cat([self.cached, token.cpu()])
         return torch.cat([seq, *tokens]), torch.cat([conf, *confs])
 
@@ -311,18 +323,18 @@ class CascadeDrafter:
             else:
                 level.begin(prompt_ids)
 
-    def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> TokenTree:
+    def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> Proposal:
         # The chain is deterministic: nothing here draws from `generator`.
         cap = min(max_depth, self.max_depth)
         if cap <= 0:
-            return TokenTree.chain(int(committed_ids[-1]), committed_ids.new_empty(0))
+            return (yield from finished(TokenTree.chain(int(committed_ids[-1]), committed_ids.new_empty(0))))
         committed = committed_ids.cpu()
         self._base = committed.shape[0]
-        seq, conf = self._fill(0, committed, torch.empty(0), cap)
+        seq, conf = yield from self._fill(0, committed, torch.empty(0), cap)
         self.last_conf = conf[:cap]
         return TokenTree.chain(int(committed_ids[-1]), seq[self._base : self._base + cap])
 
-    def _fill(self, r: int, seq: Tensor, conf: Tensor, cap: int | None = None) -> tuple[Tensor, Tensor]:
+    def _fill(self, r: int, seq: Tensor, conf: Tensor, cap: int | None = None) -> Drafting:
         """Levels r, r+1, … draft after `seq` until row r's quotas are met (horizontal cascade).
 
         seq: [L] committed tokens and this proposal's drafts so far; conf: [L - base] the
@@ -335,21 +347,23 @@ class CascadeDrafter:
             target = quota if cap is None else min(quota, cap)
             while seq.shape[0] - start < target:
                 before = seq.shape[0]
-                seq, conf = self._call(j, seq, conf, target - (before - start))
+                seq, conf = yield from self._call(j, seq, conf, target - (before - start))
                 if seq.shape[0] == before:  # Max-Gram found nothing to copy and no bigram to follow
                     break
         return seq, conf
 
-    def _call(self, j: int, seq: Tensor, conf: Tensor, need: int) -> tuple[Tensor, Tensor]:  # as `_fill`
+    def _call(self, j: int, seq: Tensor, conf: Tensor, need: int) -> Drafting:  # as `_fill`
         """Level j's contribution: the bottom level proposes; any other reviews the levels below it
         (vertical cascade), with their quotas from row j + 1."""
         level = self.levels[j]
         if j == len(self.levels) - 1:
-            return level.propose(seq, conf, need)
+            if isinstance(level, _MaxGramLevel):
+                return level.propose(seq, conf, need)
+            return (yield from level.propose(seq, conf, need))
         assert isinstance(level, _ModelLevel)
         start = seq.shape[0]
-        seq, conf = self._fill(j + 1, seq, conf)
-        return level.review(seq, conf, start, self._base, self.lenience)
+        seq, conf = yield from self._fill(j + 1, seq, conf)
+        return (yield from level.review(seq, conf, start, self._base, self.lenience))
 
     def observe(self, committed_ids: Tensor, result: VerifyResult) -> None:
         committed = committed_ids.cpu()

@@ -11,6 +11,7 @@ from torch import Tensor
 from specdec.core.options import MethodOptions, check_positive_int, choice, option, positive_int
 from specdec.core.results import VerifyResult
 from specdec.core.tree import TokenTree
+from specdec.drafting.base import Proposal, finished
 from specdec.drafting.bigram import BigramTable, table_for_tokenizer
 from specdec.drafting.ngram import maxgram_continuation
 from specdec.methods.base import Method, MethodContext
@@ -40,9 +41,9 @@ class MaxGramDrafter:
         # The prompt's own bigrams win over the corpus's; a list makes the fill walk cheap.
         self._next_token = self.bigram.with_prompt(prompt_ids).next_token.tolist() if self.bigram else None
 
-    def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> TokenTree:
+    def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> Proposal:
         drafts = maxgram_continuation(committed_ids, min(self.max_depth, max_depth), self._next_token)
-        return TokenTree.chain(int(committed_ids[-1]), drafts)
+        return finished(TokenTree.chain(int(committed_ids[-1]), drafts))
 
     def observe(self, committed_ids: Tensor, result: VerifyResult) -> None:
         pass

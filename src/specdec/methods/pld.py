@@ -10,6 +10,7 @@ from torch import Tensor
 from specdec.core.options import MethodOptions, check_positive_int, option, positive_int
 from specdec.core.results import VerifyResult
 from specdec.core.tree import TokenTree
+from specdec.drafting.base import Proposal, finished
 from specdec.drafting.ngram import lookup_continuation
 from specdec.methods.base import Method, MethodContext
 from specdec.methods.registry import register
@@ -43,10 +44,10 @@ class PromptLookupDrafter:
     def forward_calls(self) -> list[int]:
         return []
 
-    def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> TokenTree:
+    def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> Proposal:
         gamma = min(self.max_depth, max_depth)
         drafts = lookup_continuation(committed_ids, gamma, self.max_ngram, self.min_ngram)
-        return TokenTree.chain(int(committed_ids[-1]), drafts)
+        return finished(TokenTree.chain(int(committed_ids[-1]), drafts))
 
     def observe(self, committed_ids: Tensor, result: VerifyResult) -> None:
         pass

@@ -20,6 +20,7 @@ from torch import Tensor
 from specdec.core.options import MethodOptions, check_positive_int, option, positive_int
 from specdec.core.results import VerifyResult
 from specdec.core.tree import TokenTree
+from specdec.drafting.base import Proposal, finished
 from specdec.methods.base import Method, MethodContext
 from specdec.methods.registry import register
 from specdec.models.base import LanguageModel
@@ -79,10 +80,10 @@ class PromptLookupTreeDrafter:
     def forward_calls(self) -> list[int]:
         return []
 
-    def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> TokenTree:
+    def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> Proposal:
         tokens, parents = lookup_tree(committed_ids, min(self.max_depth, max_depth), self.max_nodes,
                                       self.max_ngram, self.min_ngram)
-        return TokenTree.from_drafted(int(committed_ids[-1]), tokens, parents)
+        return finished(TokenTree.from_drafted(int(committed_ids[-1]), tokens, parents))
 
     def observe(self, committed_ids: Tensor, result: VerifyResult) -> None:
         pass

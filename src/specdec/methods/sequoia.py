@@ -23,6 +23,7 @@ from specdec.core.sampling import SamplingConfig, logits_to_probs
 from specdec.core.hardware import fingerprint
 from specdec.core.store import find_profile, read_profile
 from specdec.core.tree import TokenTree, depths, keep_subtree, paths_to_parents
+from specdec.drafting.base import Proposal
 from specdec.drafting.draft_model import DraftModel
 from specdec.drafting.sequoia_dp import Paths, check_accept, sequoia_dp
 from specdec.methods.base import Method, MethodContext
@@ -110,10 +111,10 @@ class SequoiaDrafter:
         top = torch.topk(keys, n_ranks, dim=-1)
         return top.indices, torch.isfinite(top.values), draft_probs
 
-    def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> TokenTree:
+    def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> Proposal:
         n = self.max_nodes
         depth_cap = min(self.max_depth, max_depth)
-        logits = self.draft.catch_up(committed_ids)[None]  # [1, V]: the root's children come from here
+        logits = (yield from self.draft.catch_up(committed_ids))[None]  # [1, V]: the root's children come from here
         tokens = torch.zeros(n, dtype=torch.long)  # [N] per shape node
         exists = torch.zeros(n, dtype=torch.bool)  # [N] drawn (and its parent exists)
         slots = torch.full((n,), -1, dtype=torch.long)  # [N] slot in the draft's pending region
@@ -145,7 +146,7 @@ class SequoiaDrafter:
                 break
             parent_of = self.shape_parents[expand]
             block_parents = torch.where(parent_of >= 0, slots[parent_of.clamp_min(0)], parent_of)
-            logits = self.draft.extend(tokens[expand], block_parents)  # [P', V]
+            logits = yield from self.draft.extend(tokens[expand], block_parents)  # [P', V]
             slots[expand] = n_run + torch.arange(expand.shape[0])
             n_run += expand.shape[0]
             logits_row.fill_(-1)

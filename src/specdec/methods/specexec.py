@@ -29,6 +29,7 @@ from specdec.core.options import MethodOptions, check_positive_int, option, posi
 from specdec.core.results import VerifyResult
 from specdec.core.sampling import SamplingConfig
 from specdec.core.tree import TokenTree, keep_subtree
+from specdec.drafting.base import Proposal
 from specdec.drafting.draft_model import DraftModel
 from specdec.methods.base import Method, MethodContext
 from specdec.methods.registry import register
@@ -102,9 +103,9 @@ class SpecExecDrafter:
         # since scores only fall along a path).
         return child_tokens.cpu(), scores.masked_fill(scores < self.log_min_prob, -math.inf)
 
-    def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> TokenTree:
+    def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> Proposal:
         depth_cap = min(self.max_depth, max_depth)
-        root_logits = self.draft.catch_up(committed_ids)[None]  # [1, V]
+        root_logits = (yield from self.draft.catch_up(committed_ids))[None]  # [1, V]
 
         # The growing tree, one entry per node in creation order (so parents come first).
         child_tokens, child_scores = self._children(root_logits, torch.zeros(1, dtype=torch.float64))
@@ -126,7 +127,7 @@ class SpecExecDrafter:
             picked = candidates[torch.argsort(rank[candidates])[:room]]  # [B] the best unexpanded nodes
             parent_of_picked = parents[picked]
             block_parents = torch.where(parent_of_picked >= 0, slots[parent_of_picked.clamp_min(0)], parent_of_picked)
-            logits = self.draft.extend(tokens[picked], block_parents)  # [B, V]
+            logits = yield from self.draft.extend(tokens[picked], block_parents)  # [B, V]
             slots[picked] = n_run + torch.arange(picked.shape[0])
             n_run += picked.shape[0]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +12,9 @@ from specdec.core.options import MethodOptions, int_list, option
 from specdec.core.results import VerifyResult
 from specdec.core.sampling import SamplingConfig, logits_to_probs
 from specdec.core.tree import TokenTree, depths, expansion_paths, paths_to_parents
+from specdec.drafting.base import Proposal
 from specdec.drafting.draft_model import DraftModel
+from specdec.models.batch import ModelCall
 from specdec.methods.base import Method, MethodContext
 from specdec.methods.registry import register
 from specdec.models.base import LanguageModel
@@ -89,9 +91,9 @@ class TreeDrafter:
         return [d.calls for d in self.drafts]
 
     def _grow(self, draft: DraftModel, committed_ids: Tensor, max_depth: int,
-              q_rows: list[Tensor], generator: torch.Generator | None) -> _LocalTree:
+              q_rows: list[Tensor], generator: torch.Generator | None) -> Generator[ModelCall, Tensor, _LocalTree]:
         local = _LocalTree()
-        logits = draft.catch_up(committed_ids)
+        logits = yield from draft.catch_up(committed_ids)
         shape_children = self._shape_children
         # frontier: local node (-1 = root) -> (its draft logits, the shape nodes it stands for)
         frontier: dict[int, tuple[Tensor, list[int]]] = {-1: (logits, [-1])}
@@ -120,13 +122,15 @@ class TreeDrafter:
             slot_parents = torch.tensor([local.slot[local.parents[n]] if local.parents[n] >= 0 else -1 for n in expand])
             for n in expand:
                 local.slot[n] = len(local.slot)
-            level_logits = draft.extend(torch.tensor([local.tokens[n] for n in expand]), slot_parents)
+            level_logits = yield from draft.extend(torch.tensor([local.tokens[n] for n in expand]), slot_parents)
             frontier = {n: (level_logits[i], next_level[n]) for i, n in enumerate(expand)}
         return local
 
-    def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> TokenTree:
+    def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> Proposal:
         q_rows: list[Tensor] = []
-        self._locals = [self._grow(d, committed_ids, max_depth, q_rows, generator) for d in self.drafts]
+        self._locals = []
+        for d in self.drafts:
+            self._locals.append((yield from self._grow(d, committed_ids, max_depth, q_rows, generator)))
         # Merge the drafters' trees by shared prefixes into one target-side tree.
         tokens: list[int] = []
         parents: list[int] = []

@@ -12,6 +12,7 @@ from specdec.core.options import MethodOptions, check_positive_int, option, posi
 from specdec.core.results import VerifyResult
 from specdec.core.sampling import SamplingConfig, logits_to_probs, sample
 from specdec.core.tree import TokenTree
+from specdec.drafting.base import Proposal, finished
 from specdec.drafting.draft_model import DraftModel
 from specdec.methods.base import Method, MethodContext
 from specdec.methods.registry import register
@@ -53,12 +54,12 @@ class ModelDrafter:
     def forward_calls(self) -> list[int]:
         return [self.draft.calls]
 
-    def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> TokenTree:
+    def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> Proposal:
         gamma = min(self.max_depth, max_depth)
         root = int(committed_ids[-1])
         if gamma <= 0:
-            return TokenTree.chain(root, committed_ids.new_empty(0))
-        logits = self.draft.catch_up(committed_ids)  # [V]
+            return (yield from finished(TokenTree.chain(root, committed_ids.new_empty(0))))
+        logits = yield from self.draft.catch_up(committed_ids)  # [V]
         tokens: list[Tensor] = []
         probs: list[Tensor] = []
         for i in range(gamma):  # autoregressive by nature: each draft conditions the next pass
@@ -74,9 +75,9 @@ class ModelDrafter:
                 probs.append(dist)
             tokens.append(token)
             if i < gamma - 1:  # the last draft is run only if it gets accepted (next catch-up)
-                logits = self.draft.extend(token)[-1]
+                logits = (yield from self.draft.extend(token))[-1]
         if not tokens:  # unsure from the first position: a plain target step
-            return TokenTree.chain(root, committed_ids.new_empty(0))
+            return (yield from finished(TokenTree.chain(root, committed_ids.new_empty(0))))
         return TokenTree.chain(root, torch.cat(tokens), torch.stack(probs) if probs else None)
 
     def observe(self, committed_ids: Tensor, result: VerifyResult) -> None:

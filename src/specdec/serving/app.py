@@ -15,9 +15,10 @@ How a request flows:
                          (drafted tokens per step, max_tokens) against the server's caps, then
                          build the decoder and check that prompt + max_tokens fit the context:
                          every 400 is decided here, before any model work and before a stream starts;
-  Engine._serve (task)   wait for the engine (FIFO: one request at a time, the model has one KV
-                         cache), then run the decoder step by step on the engine thread; between
-                         two steps release text, count metrics and stop when the client is gone;
+  Engine (driver task)   hand the job to the continuous-batching engine (`engine.batch`), which
+                         decodes up to --max-batch-size requests together on the engine thread;
+                         between two steps release text, count metrics and abort jobs whose
+                         client is gone or whose stop string appeared;
   handler / SSE stream   read the released text from the job's queue and answer.
 
 Only the standard library and specdec are imported at module level, so `import specdec.serving.app`
@@ -39,7 +40,11 @@ from typing import TYPE_CHECKING, Any
 from specdec.core.options import OptionSpec, check_positive_int
 from specdec.core.sampling import SamplingConfig
 from specdec.core.store import profile_temperatures
-from specdec.engine.pipeline import SIZE_OPTIONS, Pipeline, check_text, describe_options
+from specdec.engine.batch import (
+    DEFAULT_MAX_BATCH_SIZE, DEFAULT_PREFILL_CHUNK, DEFAULT_SPEC_DISABLE_BATCH_SIZE, BatchRequest,
+)
+from specdec.engine.build import SIZE_OPTIONS, describe_options
+from specdec.engine.pipeline import Pipeline, check_text
 from specdec.engine.text import TextAssembler
 from specdec.methods.registry import all_methods, get_method
 from specdec.serving import SERVER_EXTRA_HINT
@@ -92,6 +97,14 @@ class ServerConfig:
     max_queue: int = 64
     max_draft_tokens: int = DEFAULT_MAX_DRAFT_TOKENS
     """The most tokens a request's method and options may draft per step (checked before building)."""
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    """Requests decoded together (continuous batching); more wait in the queue."""
+    max_kv_tokens: int | None = None
+    """The target's K/V slots the running requests may reserve (None: no budget beyond the batch)."""
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    """Prompt tokens filled per engine step, so a long prompt does not stall the others."""
+    spec_disable_batch_size: int | None = DEFAULT_SPEC_DISABLE_BATCH_SIZE
+    """Above this many running requests, steps draft nothing (None: never)."""
 
     def options_for(self, method: str) -> dict[str, Any]:
         return default_options_for(method, self.default_opts, self.gamma)
@@ -122,6 +135,10 @@ def create_app(
     max_draft_tokens: int = DEFAULT_MAX_DRAFT_TOKENS,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     api_key: str | None = None,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    max_kv_tokens: int | None = None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    spec_disable_batch_size: int | None = DEFAULT_SPEC_DISABLE_BATCH_SIZE,
 ) -> "FastAPI":
     """A FastAPI app serving `pipe`; run it with uvicorn (`specdec serve` does).
 
@@ -136,6 +153,8 @@ def create_app(
         (None for max_tokens_limit: the context only); a request over one gets a 400 (413 for the
         body) naming it.
     api_key: when given, /v1/… requests need `Authorization: Bearer <api_key>` (401 otherwise).
+    max_batch_size, max_kv_tokens, prefill_chunk, spec_disable_batch_size: the continuous-batching
+        engine's limits (`engine.batch.BatchEngine`).
     """
     _require_server_dependencies()
     method = get_method(default_method)  # ValueError: unknown method
@@ -157,6 +176,8 @@ def create_app(
         default_method=default_method, default_opts=dict(default_opts or {}), model_name=model_name, gamma=gamma,
         sampling=default_sampling, max_tokens=default_max_tokens, seed=default_seed,
         max_tokens_limit=max_tokens_limit, max_queue=max_queue, max_draft_tokens=max_draft_tokens,
+        max_batch_size=max_batch_size, max_kv_tokens=max_kv_tokens, prefill_chunk=prefill_chunk,
+        spec_disable_batch_size=spec_disable_batch_size,
     )
     check_default_options(default_method, cfg.default_opts, gamma)
     check_default_cost(cfg, len(pipe.draft_lms))
@@ -225,7 +246,9 @@ def _build_app(pipe: Pipeline, cfg: ServerConfig) -> "FastAPI":
     from specdec.serving.protocol import ChatCompletionRequest, CompletionRequest
 
     metrics = ServerMetrics(cfg.model_name)
-    engine = Engine(metrics, cfg.max_queue)
+    batch = pipe.batch_engine(max_batch_size=cfg.max_batch_size, max_kv_tokens=cfg.max_kv_tokens,
+                              prefill_chunk=cfg.prefill_chunk, spec_disable_batch_size=cfg.spec_disable_batch_size)
+    engine = Engine(batch, metrics, cfg.max_queue)
     created = int(time.time())
 
     @asynccontextmanager
@@ -260,7 +283,7 @@ def _build_app(pipe: Pipeline, cfg: ServerConfig) -> "FastAPI":
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": cfg.model_name, "running": int(engine.running), "waiting": engine.waiting}
+        return {"status": "ok", "model": cfg.model_name, "running": engine.running, "waiting": engine.waiting}
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -327,7 +350,9 @@ def _build_app(pipe: Pipeline, cfg: ServerConfig) -> "FastAPI":
         return await _answer(request, job, body, chat=True)
 
     async def _answer(request: Request, job: Job, body: Any, chat: bool) -> JSONResponse | StreamingResponse:
-        engine.submit(job, request.is_disconnected)
+        # A streamed answer notices a gone client itself (its generator is cancelled); a plain one is
+        # watched, so that its request stops within a step or two.
+        engine.submit(job, None if body.stream else request.is_disconnected)
         answer_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -477,8 +502,8 @@ def prepare_job(
         raise APIError(str(exc), code="invalid_value") from exc
     check_request_cost(pipe, cfg, method, opts, gamma)
     try:
-        # Built only to validate the options' values and to size the context; the run gets its own
-        # decoder from Pipeline.stream, seeded exactly as `specdec generate` seeds.
+        # Built only to validate the options' values and to size the context; the batch engine
+        # builds the run's own decoder over its rows, seeded exactly as `specdec generate` seeds.
         probe = pipe.decoder(method, sampling, gamma, **opts)
     except (ValueError, TypeError) as exc:  # a bad option value, a missing draft, a drafter refusing its options
         raise APIError(f"speculative: {exc}", param="speculative", code="invalid_value") from exc
@@ -506,6 +531,6 @@ def prepare_job(
     else:
         max_tokens = requested
     seed = body.seed if body.seed is not None else cfg.seed
-    decoder, chunks = pipe.stream(prompt_ids, method, max_tokens, sampling, gamma=gamma, seed=seed, **opts)
+    request = BatchRequest(list(prompt_ids), max_tokens, method, opts, sampling, gamma, seed)
     text = TextAssembler(pipe.decode, body.stop or [], bool(getattr(pipe.tokenizer, "clean_up_tokenization_spaces", False)))
-    return Job(decoder, chunks, text, len(prompt_ids), SpeculativeUsage(method), arrival)
+    return Job(request, text, len(prompt_ids), SpeculativeUsage(method), arrival)

@@ -66,7 +66,7 @@ class ServerMetrics:
             "specdec:request_tokens_per_second", "Completion tokens per second of engine time, per finished request.",
             by_model, buckets=self.RATE_BUCKETS, registry=reg,
         ).labels(model_name)
-        self.running = Gauge(pre + "num_requests_running", "Requests on the engine (0 or 1).", by_model,
+        self.running = Gauge(pre + "num_requests_running", "Requests the batch engine is decoding (or filling).", by_model,
                              registry=reg).labels(model_name)
         self.waiting = Gauge(pre + "num_requests_waiting", "Requests queued for the engine.", by_model,
                              registry=reg).labels(model_name)

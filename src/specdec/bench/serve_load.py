@@ -1,0 +1,267 @@
+"""A load generator for `specdec serve`: N concurrent clients (the official `openai` client) send
+the benchmark prompts, for each concurrency level and each method, and the run reports aggregate
+completion tokens per second and latency percentiles, with plots.
+
+    specdec bench-serve --url http://127.0.0.1:8000 --prompts PROMPTS.jsonl --concurrency 1,2,4,8,16 \\
+        --methods ar,sps --max-tokens 128 --out runs/serve
+
+Each method is a request's `speculative.method`, so one server (started with a draft model) serves
+every row; the server's own batching does the rest. At each level, `concurrency` client threads
+take prompts in turn until `requests` answers are in (at least one round of the prompt set); the
+level's throughput is the completion tokens of all its answers over its wall time. Streamed
+answers give the time to the first token; latency is arrival to the last token, as a client sees it.
+The `openai` package (test extra) and matplotlib (bench extra) are imported only when used.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from specdec.bench.prompts import BenchPrompt
+
+RESULTS = "serve-results.jsonl"
+SUMMARY = "serve-summary.md"
+
+
+@dataclass
+class RequestResult:
+    method: str
+    concurrency: int
+    prompt_id: str
+    completion_tokens: int
+    latency_s: float
+    ttft_s: float
+    finish_reason: str | None
+
+
+@dataclass
+class LevelSummary:
+    method: str
+    concurrency: int
+    requests: int
+    completion_tokens: int
+    wall_s: float
+    tokens_per_s: float
+    p50_latency_s: float
+    p95_latency_s: float
+    mean_ttft_s: float
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-quantile (0…1) with linear interpolation; nan for no values."""
+    if not values:
+        return float("nan")
+    xs = sorted(values)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _client(base_url: str, timeout: float) -> Any:
+    try:
+        import openai
+    except ImportError:
+        raise ValueError("bench-serve needs the openai client: pip install openai") from None
+    return openai.OpenAI(base_url=base_url.rstrip("/") + "/v1", api_key="unused", max_retries=0, timeout=timeout)
+
+
+def one_request(client: Any, model: str, prompt: BenchPrompt, method: str, max_tokens: int, temperature: float,
+                chat: bool) -> tuple[int, float, float, str | None]:
+    """Stream one answer: (completion tokens, latency s, time to first token s, finish reason)."""
+    extra = {"speculative": {"method": method}}
+    t0 = time.perf_counter()
+    ttft = None
+    finish = None
+    usage = None
+    kwargs = dict(model=model, max_tokens=max_tokens, temperature=temperature, stream=True,
+                  stream_options={"include_usage": True}, extra_body=extra)
+    if chat:
+        stream = client.chat.completions.create(messages=[{"role": "user", "content": prompt.text}], **kwargs)
+    else:
+        stream = client.completions.create(prompt=prompt.text, **kwargs)
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text = choice.delta.content if chat else choice.text
+            if ttft is None and text:
+                ttft = time.perf_counter() - t0
+            finish = choice.finish_reason or finish
+    latency = time.perf_counter() - t0
+    tokens = int(usage.completion_tokens) if usage is not None else 0
+    return tokens, latency, ttft if ttft is not None else latency, finish
+
+
+def run_level(
+    base_url: str, model: str, prompts: Sequence[BenchPrompt], method: str, concurrency: int, requests: int,
+    max_tokens: int, temperature: float, chat: bool, timeout: float = 600.0,
+) -> tuple[list[RequestResult], float]:
+    """`concurrency` clients, `requests` answers in all (prompts taken in turn): results and wall time."""
+    lock = threading.Lock()
+    next_index = [0]
+    results: list[RequestResult] = []
+
+    def worker() -> None:
+        client = _client(base_url, timeout)
+        while True:
+            with lock:
+                i = next_index[0]
+                if i >= requests:
+                    return
+                next_index[0] += 1
+            prompt = prompts[i % len(prompts)]
+            tokens, latency, ttft, finish = one_request(client, model, prompt, method, max_tokens, temperature, chat)
+            with lock:
+                results.append(RequestResult(method, concurrency, prompt.id, tokens, latency, ttft, finish))
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for f in [pool.submit(worker) for _ in range(concurrency)]:
+            f.result()
+    return results, time.perf_counter() - t0
+
+
+def summarize_level(results: Sequence[RequestResult], wall_s: float) -> LevelSummary:
+    tokens = sum(r.completion_tokens for r in results)
+    latencies = [r.latency_s for r in results]
+    return LevelSummary(
+        results[0].method, results[0].concurrency, len(results), tokens, wall_s,
+        tokens / wall_s if wall_s > 0 else 0.0, percentile(latencies, 0.5), percentile(latencies, 0.95),
+        statistics.fmean(r.ttft_s for r in results),
+    )
+
+
+def crossover(levels: Sequence[LevelSummary], baseline: str = "ar") -> dict[str, int | None]:
+    """Per speculative method: the smallest concurrency at which the baseline's throughput is at
+    least its own (where speculation stops paying; None = never within the levels run)."""
+    by = {(s.method, s.concurrency): s for s in levels}
+    out: dict[str, int | None] = {}
+    for method in dict.fromkeys(s.method for s in levels):
+        if method == baseline:
+            continue
+        out[method] = next((c for c in sorted({s.concurrency for s in levels})
+                            if (baseline, c) in by and (method, c) in by
+                            and by[(baseline, c)].tokens_per_s >= by[(method, c)].tokens_per_s), None)
+    return out
+
+
+def render(levels: Sequence[LevelSummary], command: str | None = None) -> str:
+    lines = ["# specdec serve under load", ""]
+    if command:
+        lines += ["```", command, "```", ""]
+    base = {s.concurrency: s.tokens_per_s for s in levels if s.method == "ar"}
+    one = {s.method: s.tokens_per_s for s in levels if s.concurrency == min(x.concurrency for x in levels)}
+    lines += ["| method | clients | requests | tokens | tokens/s | vs AR | vs its lowest level | p50 latency s | "
+              "p95 latency s | mean TTFT s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in levels:
+        vs_ar = f"{s.tokens_per_s / base[s.concurrency]:.2f}×" if base.get(s.concurrency) else "—"
+        vs_one = f"{s.tokens_per_s / one[s.method]:.2f}×" if one.get(s.method) else "—"
+        lines.append(f"| {s.method} | {s.concurrency} | {s.requests} | {s.completion_tokens} | {s.tokens_per_s:.2f} | "
+                     f"{vs_ar} | {vs_one} | {s.p50_latency_s:.2f} | {s.p95_latency_s:.2f} | {s.mean_ttft_s:.2f} |")
+    cross = crossover(levels)
+    if cross:
+        lines += ["", "Crossover (smallest number of clients where AR's throughput reaches the method's; "
+                  "a value for `specdec serve --spec-disable-batch-size`, one below it):", ""]
+        lines += [f"- {m}: {c if c is not None else 'not reached'}" for m, c in cross.items()]
+    return "\n".join(lines) + "\n"
+
+
+def make_serve_plots(levels: Sequence[LevelSummary], out_dir: Path) -> list[Path]:
+    """throughput.png (tokens/s by clients) and latency.png (p50/p95 by clients); ImportError without matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(s.method for s in levels))
+    paths = []
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for m in methods:
+        pts = sorted((s.concurrency, s.tokens_per_s) for s in levels if s.method == m)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("completion tokens / s (all clients)")
+    ax.set_title("specdec serve: aggregate throughput")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "throughput.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, m in enumerate(methods):
+        pts = sorted((s.concurrency, s.p50_latency_s, s.p95_latency_s) for s in levels if s.method == m)
+        color = f"C{i}"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, label=f"{m} p50")
+        ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="^", linestyle="--", color=color, label=f"{m} p95")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("request latency (s)")
+    ax.set_title("specdec serve: latency")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "latency.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def run_serve_bench(
+    base_url: str,
+    prompts: Sequence[BenchPrompt],
+    out_dir: str | Path,
+    *,
+    concurrency: Sequence[int] = (1, 2, 4, 8, 16),
+    methods: Sequence[str] = ("ar", "sps"),
+    requests: int | None = None,
+    max_tokens: int = 128,
+    temperature: float = 0.0,
+    chat: bool = True,
+    model: str | None = None,
+    warmup: bool = True,
+    plots: bool = True,
+    command: str | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[list[LevelSummary], list[Path]]:
+    """Every (method, concurrency) level against the server at `base_url`; writes the per-request
+    rows, the summary table and the plots into `out_dir`."""
+    if not prompts:
+        raise ValueError("no prompts to send")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    client = _client(base_url, 600.0)
+    model = model or client.models.list().data[0].id
+    if warmup:  # the first request of a method pays one-off costs (allocations, tables)
+        for m in methods:
+            one_request(client, model, prompts[0], m, min(8, max_tokens), temperature, chat)
+    levels: list[LevelSummary] = []
+    with (out / RESULTS).open("w", encoding="utf-8") as f:
+        for c in concurrency:
+            for m in methods:
+                n = requests if requests is not None else max(len(prompts), 2 * c)
+                rows, wall = run_level(base_url, model, prompts, m, c, n, max_tokens, temperature, chat)
+                for r in rows:
+                    f.write(json.dumps(asdict(r)) + "\n")
+                s = summarize_level(rows, wall)
+                levels.append(s)
+                log(f"{m} x{c}: {s.requests} requests, {s.completion_tokens} tokens in {s.wall_s:.1f} s = "
+                    f"{s.tokens_per_s:.2f} tokens/s, p50 {s.p50_latency_s:.2f} s, p95 {s.p95_latency_s:.2f} s")
+    (out / SUMMARY).write_text(render(levels, command), encoding="utf-8")
+    paths: list[Path] = []
+    if plots:
+        try:
+            paths = make_serve_plots(levels, out)
+        except ImportError:
+            log("matplotlib is not installed, no plots (pip install 'specdec[bench]')")
+    return levels, paths

@@ -1,0 +1,518 @@
+"""Continuous batching with speculative decoding: many requests decode together, their drafts and
+their verification batched (docs/algorithms.md §4.10).
+
+`BatchEngine` holds the target and the draft models as batched models (`models.batch`: rows =
+sequences). Every sequence has its own decoder — its method's drafter over its own rows, its own
+exact verifier, sampling and `torch.Generator` — built and driven by the very pieces of
+single-sequence decoding (`SpeculativeDecoder.start/propose/verify/commit`). One `step()`:
+
+1. admits waiting requests while `max_batch_size`, the models' rows and the KV budget allow;
+2. spends up to `prefill_chunk` tokens on *fills* (a new prompt into the target's cache, a long
+   draft-model catch-up) in chunks, sharing passes across sequences, so a long prompt never
+   stalls the others by more than that budget per step;
+3. runs every sequence's proposal in lockstep rounds: each round's draft-model calls on one model
+   are one batched pass; a proposal whose call is a long fill waits for step 2 of later steps;
+4. scores every ready sequence's tree in one target pass (split only where padding would cost
+   more than another pass, `models.batch.pad_groups`);
+5. verifies and commits each sequence on its own; finished and aborted ones leave at once.
+
+Requests of one batch may differ in everything: method, method options, gamma, sampling, seed,
+max_new_tokens. Any mix shares a step — the only cost of mixing is padding.
+
+Speculation that knows the batch: with more than `spec_disable_batch_size` sequences running, a
+step drafts nothing (vLLM's disable-by-batch-size): a big batch already fills the target's pass,
+so drafted tokens cost more than they save. The verifiers are exact whatever was drafted, so this
+changes speed only — and which random draws a sampled sequence makes: its distribution is the
+same, but a seeded request repeats its output exactly only while the batch stays at or below the
+threshold (None = never disable).
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from specdec.core.sampling import SamplingConfig
+from specdec.core.tree import TokenTree
+from specdec.drafting.base import Proposal, check_proposal
+from specdec.engine.build import build_decoder
+from specdec.engine.cost import cost_ratios
+from specdec.engine.decoder import DecodeRun, SpeculativeDecoder
+from specdec.engine.stats import DecodeStats
+from specdec.methods.base import MethodContext
+from specdec.methods.registry import get_method
+from specdec.models.base import LanguageModel
+from specdec.models.batch import BatchedModel, ModelCall, batched_model, run_calls
+
+from specdec.engine.limits import (  # noqa: E402  (re-exported: the engine's defaults)
+    DEFAULT_MAX_BATCH_SIZE, DEFAULT_PREFILL_CHUNK, DEFAULT_SPEC_DISABLE_BATCH_SIZE, PROFILE_FIELD,
+)
+
+
+LANE_FILL = 32
+"""A draft-model fill longer than this (a new prompt's catch-up) runs in the chunked fill lane, not
+in a proposal round: it would pad every other sequence's call to its length."""
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """One generation request; every field may differ between the requests of a batch."""
+
+    prompt_ids: Sequence[int]
+    max_new_tokens: int
+    method: str = "ar"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """The method's options, as `Method.make_options` takes them."""
+    sampling: SamplingConfig = SamplingConfig()
+    gamma: int | None = None
+    """As `Pipeline.decoder`'s: the draft length of methods that have one, else a depth cap."""
+    seed: int | None = None
+    """Seed of the request's own generator (T > 0); None draws one."""
+
+
+@dataclass
+class StepEvent:
+    """What one step did for one request."""
+
+    request_id: int
+    tokens: list[int]
+    """Tokens committed this step (empty while the prompt is being filled)."""
+    finished: str = ""
+    """"" while it goes on; then "eos", "length", "abort" (`BatchEngine.abort`) or "error"."""
+    stats: DecodeStats | None = None
+    """The request's statistics so far (None when it never started)."""
+    error: BaseException | None = None
+
+
+@dataclass
+class StepInfo:
+    """What one step did as a whole (the server's per-step metrics)."""
+
+    batch_size: int = 0
+    """Sequences whose trees the target scored."""
+    running: int = 0
+    """Sequences admitted (decoding or filling their prompt)."""
+    admitted: list[int] = field(default_factory=list)
+    """Requests that joined the batch this step."""
+    target_tokens: int = 0
+    """Tokens of the scored trees (padding not counted)."""
+    fill_tokens: int = 0
+    """Prompt and catch-up tokens filled in chunks."""
+    drafting: bool = True
+    """False when the batch was above `spec_disable_batch_size` (no drafts this step)."""
+    wall_s: float = 0.0
+
+
+@dataclass
+class _Fill:
+    """A fill spread over steps: `call.tokens` go in by chunks; the last chunk's logits end it."""
+
+    call: ModelCall
+    done: int = 0
+    logits: Tensor | None = None
+
+    @property
+    def remaining(self) -> int:
+        return self.call.size - self.done
+
+
+@dataclass(eq=False)  # compared and hashed by identity
+class _Sequence:
+    request_id: int
+    request: BatchRequest
+    decoder: SpeculativeDecoder
+    run: DecodeRun
+    target_row: LanguageModel
+    draft_rows: list[LanguageModel]
+    prompt_fill: _Fill | None = None
+    """The target's prompt prefill, while it runs."""
+    proposal: Proposal | None = None
+    call: ModelCall | None = None
+    """The proposal's pending draft-model call."""
+    parked: _Fill | None = None
+    """A long fill the proposal waits for (its `call`, moved to the fill lane)."""
+    tree: TokenTree | None = None
+    """This step's proposal, once complete."""
+
+
+class BatchEngine:
+    """Continuous batching over a target and its draft models (module docstring).
+
+    Not thread-safe except `abort`: call `submit` and `step` from one thread.
+    """
+
+    def __init__(
+        self,
+        target: LanguageModel,
+        drafts: Sequence[LanguageModel] = (),
+        *,
+        tokenizer: Any = None,
+        eos_token_ids: Sequence[int] = (),
+        profile_key: Callable[[SamplingConfig], dict[str, Any] | None] | None = None,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        max_kv_tokens: int | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        spec_disable_batch_size: int | None = DEFAULT_SPEC_DISABLE_BATCH_SIZE,
+    ) -> None:
+        """target, drafts: the loaded single-sequence models (the engine makes their batched forms;
+        they are used as they are only to check requests).
+
+        max_kv_tokens: the most K/V slots (rows × longest reservation) the target's batched cache
+            may hold; requests beyond it wait. None: bounded by max_batch_size and the context only.
+        prefill_chunk: fill tokens (prompts, long catch-ups) per step, across sequences.
+        spec_disable_batch_size: above this many running sequences, steps draft nothing (None: never).
+        """
+        for name, value in (("max batch size", max_batch_size), ("prefill chunk", prefill_chunk)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if max_kv_tokens is not None and (not isinstance(max_kv_tokens, int) or max_kv_tokens < 1):
+            raise ValueError(f"max KV tokens must be a positive integer, got {max_kv_tokens!r}")
+        if spec_disable_batch_size is not None and (not isinstance(spec_disable_batch_size, int) or spec_disable_batch_size < 0):
+            raise ValueError(f"spec disable batch size must be an integer >= 0, got {spec_disable_batch_size!r}")
+        self.target_lm, self.draft_lms = target, list(drafts)
+        self.target: BatchedModel = batched_model(target, max_batch_size)
+        self.drafts: list[BatchedModel] = [batched_model(d, max_batch_size) for d in drafts]
+        self.tokenizer, self.eos_token_ids, self.profile_key = tokenizer, list(eos_token_ids), profile_key
+        self.max_batch_size, self.max_kv_tokens = max_batch_size, max_kv_tokens
+        self.prefill_chunk, self.spec_disable_batch_size = prefill_chunk, spec_disable_batch_size
+        self.device = getattr(target, "device", torch.device("cpu"))
+        ratios = cost_ratios(target, self.draft_lms) if self.draft_lms else []
+        self._draft_ratios: list[float] | None = ratios
+        self._waiting: deque[tuple[int, BatchRequest, int]] = deque()
+        self._running: list[_Sequence] = []
+        self._next_id = 0
+        self._block_sizes: dict[str, int] = {}  # a request setting's largest target block
+        self._aborts: set[int] = set()
+        self._lock = threading.Lock()
+        self.last_step = StepInfo()
+
+    # ---- requests ------------------------------------------------------------------------------
+    def context(self, sampling: SamplingConfig, target: LanguageModel, drafts: Sequence[LanguageModel]) -> MethodContext:
+        key = self.profile_key(sampling) if self.profile_key is not None else None
+        return MethodContext(target, tuple(drafts), sampling, self.tokenizer, key)
+
+    def check(self, request: BatchRequest) -> int:
+        """The request's KV need (prompt + new tokens + its largest block); ValueError when it can
+        never run: a bad method or option, a missing draft model, too long for the context or the
+        KV budget."""
+        key = repr((request.method, sorted(request.options.items()), request.sampling, request.gamma))
+        if key not in self._block_sizes:  # a drafter is built once per setting to learn its block
+            probe = build_decoder(self.context(request.sampling, self.target_lm, self.draft_lms), request.method,
+                                  request.sampling, request.gamma, request.options, self.eos_token_ids)
+            self._block_sizes[key] = probe.block_size()
+        if not 0 < len(request.prompt_ids):
+            raise ValueError("the prompt is empty; give at least one token")
+        if isinstance(request.max_new_tokens, bool) or not isinstance(request.max_new_tokens, int) \
+                or request.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {request.max_new_tokens!r}")
+        need = len(request.prompt_ids) + request.max_new_tokens + self._block_sizes[key]
+        context = self.target_lm.context_length
+        if need > context:
+            raise ValueError(
+                f"prompt of {len(request.prompt_ids)} tokens + {request.max_new_tokens} new tokens "
+                f"(+{self._block_sizes[key]} for drafts) exceeds the target's context of {context} tokens"
+            )
+        if self.max_kv_tokens is not None and need > self.max_kv_tokens:
+            raise ValueError(
+                f"the request needs {need} KV slots (prompt {len(request.prompt_ids)} + {request.max_new_tokens} new "
+                f"tokens + drafts), more than the engine's KV budget of {self.max_kv_tokens}"
+            )
+        return need
+
+    def submit(self, request: BatchRequest) -> int:
+        """Queue a request (checked now, see `check`); its id names it in `step`'s events."""
+        need = self.check(request)
+        rid = self._next_id
+        self._next_id += 1
+        self._waiting.append((rid, request, need))
+        return rid
+
+    def abort(self, request_id: int) -> None:
+        """Stop a request at the next step (thread-safe); its rows are freed then."""
+        with self._lock:
+            self._aborts.add(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def kv_slots_in_use(self) -> int:
+        """K/V slots the target's batched cache reserves for the running sequences (what the budget bounds)."""
+        return self.target.slots_in_use()
+
+    # ---- one step ------------------------------------------------------------------------------
+    def step(self) -> list[StepEvent]:
+        """Admit, fill, propose, score, verify and commit once (module docstring); the events."""
+        t0 = time.perf_counter()
+        events: list[StepEvent] = []
+        info = StepInfo()
+        self._apply_aborts(events)
+        self._admit(events, info)
+        info.running = len(self._running)
+        self._fill_lane(info, events)
+        self._propose(info, events)
+        self._score(info, events)
+        info.wall_s = time.perf_counter() - t0
+        self.last_step = info
+        return events
+
+    def _apply_aborts(self, events: list[StepEvent]) -> None:
+        with self._lock:
+            aborts, self._aborts = self._aborts, set()
+        if not aborts:
+            return
+        for item in [w for w in self._waiting if w[0] in aborts]:
+            self._waiting.remove(item)
+            events.append(StepEvent(item[0], [], "abort"))
+        for seq in [s for s in self._running if s.request_id in aborts]:
+            self._leave(seq)
+            events.append(StepEvent(seq.request_id, [], "abort", seq.run.stats))
+
+    def _rows_free(self, request: BatchRequest) -> bool:
+        models = [self.target] + (self.drafts if get_method(request.method).needs_draft_model else [])
+        return all(m.max_rows is None or m.rows_in_use() < m.max_rows for m in models)
+
+    def _admit(self, events: list[StepEvent], info: StepInfo) -> None:
+        while self._waiting and len(self._running) < self.max_batch_size:
+            rid, request, need = self._waiting[0]
+            if self._running and self.max_kv_tokens is not None and self.target.slots_if_added(need) > self.max_kv_tokens:
+                return  # waits for room; first come, first served
+            if not self._rows_free(request):
+                return
+            self._waiting.popleft()
+            try:
+                self._running.append(self._start(rid, request))
+                info.admitted.append(rid)
+            except Exception as exc:  # noqa: BLE001 - reported as this request's error, the others go on
+                events.append(StepEvent(rid, [], "error", None, exc))
+
+    def _start(self, rid: int, request: BatchRequest) -> _Sequence:
+        target_row = self.target.new_row()
+        draft_rows: list[LanguageModel] = []
+        try:
+            if get_method(request.method).needs_draft_model:
+                draft_rows = [m.new_row() for m in self.drafts]
+            ctx = self.context(request.sampling, target_row, draft_rows)
+            decoder = build_decoder(ctx, request.method, request.sampling, request.gamma, request.options,
+                                    self.eos_token_ids)
+            if decoder.drafter is not None:
+                decoder.set_cost_ratios(self._ratios_of(decoder.drafter.draft_models, draft_rows))
+            generator = None
+            if not request.sampling.greedy:
+                generator = torch.Generator(device=self.device)
+                # An unseeded request draws its seed without touching torch's global RNG.
+                generator.manual_seed(request.seed if request.seed is not None else secrets.randbits(63))
+            run = decoder.start(request.prompt_ids, request.max_new_tokens, generator, prefill=False)
+        except BaseException:
+            self._release(target_row, draft_rows)
+            raise
+        seq = _Sequence(rid, request, decoder, run, target_row, draft_rows)
+        if run.prompt.numel() > 1:  # the last prompt token is the first pending root
+            seq.prompt_fill = _Fill(ModelCall(target_row, run.prompt[:-1], fill=True))
+        return seq
+
+    def _ratios_of(self, models: Sequence[LanguageModel], rows: Sequence[LanguageModel]) -> list[float]:
+        """SWI cost ratios of a drafter's models (rows of the engine's drafts); [] = unknown (no SWI)."""
+        if not self._draft_ratios:
+            return []
+        index = {id(row): i for i, row in enumerate(rows)}
+        if any(id(m) not in index for m in models):
+            return []
+        return [self._draft_ratios[index[id(m)]] for m in models]
+
+    def _fill_lane(self, info: StepInfo, events: list[StepEvent]) -> None:
+        """Spend the step's fill budget on prompt prefills and parked catch-ups, oldest first."""
+        budget = self.prefill_chunk
+        jobs: list[tuple[_Sequence, _Fill, ModelCall]] = []
+        for seq in self._running:
+            for fill in (seq.prompt_fill, seq.parked):
+                if fill is None or budget <= 0:
+                    continue
+                k = min(fill.remaining, budget)
+                jobs.append((seq, fill, ModelCall(fill.call.lm, fill.call.tokens[fill.done : fill.done + k], fill=True)))
+                budget -= k
+        if not jobs:
+            return
+        try:
+            outs = run_calls([call for _, _, call in jobs])
+        except Exception as exc:  # noqa: BLE001 - a failed shared pass fails the sequences in it
+            for seq in dict.fromkeys(seq for seq, _, _ in jobs):
+                self._fail(seq, exc, events)
+            return
+        for (seq, fill, call), out in zip(jobs, outs):
+            fill.done += call.size
+            info.fill_tokens += call.size
+            if fill.remaining == 0:
+                fill.logits = out
+        for seq in dict.fromkeys(seq for seq, _, _ in jobs):
+            if seq.prompt_fill is not None and seq.prompt_fill.remaining == 0:
+                seq.prompt_fill = None
+            if seq.parked is not None and seq.parked.remaining == 0:
+                logits, seq.parked = seq.parked.logits, None
+                self._send(seq, logits, events)
+
+    def _propose(self, info: StepInfo, events: list[StepEvent]) -> None:
+        """Every sequence's proposal, in lockstep rounds of batched draft-model passes."""
+        threshold = self.spec_disable_batch_size
+        info.drafting = threshold is None or len(self._running) <= threshold
+        cap = None if info.drafting else 0
+        t0 = time.perf_counter()
+        proposing = [s for s in self._running if s.tree is None]
+        for seq in proposing:
+            if seq.proposal is None:
+                try:
+                    seq.proposal = seq.decoder.propose(seq.run, cap)
+                    check_proposal(seq.proposal)
+                except Exception as exc:  # noqa: BLE001 - this sequence's drafter failed; the others go on
+                    seq.proposal = None
+                    self._fail(seq, exc, events)
+                    continue
+                self._send(seq, None, events)
+        while True:
+            live = [s for s in self._running if s.call is not None]
+            batch: list[_Sequence] = []
+            for seq in live:
+                assert seq.call is not None
+                if seq.call.fill and seq.call.size > LANE_FILL:
+                    seq.parked, seq.call = _Fill(seq.call), None
+                else:
+                    batch.append(seq)
+            if not batch:
+                break
+            try:
+                outs = run_calls([seq.call for seq in batch])  # type: ignore[misc]
+            except Exception as exc:  # noqa: BLE001 - a failed shared pass fails the sequences in it
+                for seq in batch:
+                    self._fail(seq, exc, events)
+                continue
+            for seq, out in zip(batch, outs):
+                self._send(seq, out, events)
+        elapsed = time.perf_counter() - t0
+        for seq in proposing:
+            seq.run.stats.draft_s += elapsed
+
+    def _send(self, seq: _Sequence, value: Tensor | None, events: list[StepEvent]) -> None:
+        """Advance a sequence's proposal with the logits of its last call (None: start it)."""
+        assert seq.proposal is not None
+        try:
+            seq.call = seq.proposal.send(value)  # type: ignore[arg-type]
+        except StopIteration as done:
+            seq.tree, seq.proposal, seq.call = done.value, None, None
+        except Exception as exc:  # noqa: BLE001 - this sequence's drafter failed; the others go on
+            self._fail(seq, exc, events)
+
+    def _score(self, info: StepInfo, events: list[StepEvent]) -> None:
+        """One target pass over every ready tree, then each sequence's own verify and commit."""
+        ready = [s for s in self._running if s.tree is not None and s.prompt_fill is None]
+        if not ready:
+            return
+        t0 = time.perf_counter()
+        calls = [ModelCall(s.target_row, s.tree.tokens, s.tree.block_parents()) for s in ready]  # type: ignore[union-attr]
+        try:
+            outs = run_calls(calls)
+        except Exception as exc:  # noqa: BLE001 - a failed shared pass fails the sequences in it
+            for seq in ready:
+                self._fail(seq, exc, events)
+            return
+        info.batch_size = len(ready)
+        info.target_tokens = sum(c.size for c in calls)
+        for seq, logits in zip(ready, outs):
+            tree, seq.tree = seq.tree, None
+            assert tree is not None
+            try:
+                result = seq.decoder.verify(seq.run, tree, logits)
+                seq.run.stats.target_s += time.perf_counter() - t0
+                new = seq.decoder.commit(seq.run, tree, result)
+            except Exception as exc:  # noqa: BLE001 - this sequence fails; the others go on
+                self._fail(seq, exc, events)
+                continue
+            events.append(StepEvent(seq.request_id, new, seq.run.stopped, seq.run.stats))
+            if seq.run.stopped:
+                self._leave(seq)
+
+    # ---- leaving ---------------------------------------------------------------------------------
+    def _fail(self, seq: _Sequence, exc: BaseException, events: list[StepEvent]) -> None:
+        if seq in self._running:
+            self._leave(seq)
+            events.append(StepEvent(seq.request_id, [], "error", seq.run.stats, exc))
+
+    def _leave(self, seq: _Sequence) -> None:
+        if seq.proposal is not None:
+            seq.proposal.close()
+        self._running.remove(seq)
+        self._release(seq.target_row, seq.draft_rows)
+
+    def _release(self, target_row: LanguageModel, draft_rows: Sequence[LanguageModel]) -> None:
+        self.target.release(target_row)
+        for model, row in zip(self.drafts, draft_rows):
+            model.release(row)
+
+    # ---- running to the end ----------------------------------------------------------------------
+    def run_all(self, requests: Sequence[BatchRequest],
+                on_event: Callable[[StepEvent], None] | None = None) -> list[tuple[list[int], DecodeStats | None, str]]:
+        """Submit every request, step until all finish: (tokens, stats, finished) per request, in order.
+
+        `on_event` sees every event as it happens (it may `abort` requests, e.g. at a stop string).
+        """
+        ids = [self.submit(r) for r in requests]
+        out: dict[int, tuple[list[int], DecodeStats | None, str]] = {i: ([], None, "") for i in ids}
+        while self.has_work():
+            for event in self.step():
+                if event.request_id not in out:
+                    continue
+                tokens, _, _ = out[event.request_id]
+                tokens.extend(event.tokens)
+                out[event.request_id] = (tokens, event.stats, event.finished)
+                if event.error is not None:
+                    raise RuntimeError(f"request {event.request_id} failed: {event.error}") from event.error
+                if on_event is not None:
+                    on_event(event)
+        return [out[i] for i in ids]
+
+
+def kv_bytes_per_token(lm: LanguageModel) -> int:
+    """Bytes of K/V one cached token costs a transformers model (all layers); 0 when unknown."""
+    model = getattr(lm, "model", None)
+    config = getattr(model, "config", None)
+    if config is None:
+        return 0
+    config = config.get_text_config(decoder=True)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    itemsize = torch.empty(0, dtype=getattr(lm, "dtype", torch.float32)).element_size()
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize
+
+
+def kv_budget_for_memory(target: LanguageModel, drafts: Sequence[LanguageModel], fraction: float) -> int | None:
+    """A KV budget (target slots; each sequence's draft rows come along) that fills `fraction` of the
+    memory available now on the target's device; None when the sizes are unknown."""
+    per_token = kv_bytes_per_token(target) + sum(kv_bytes_per_token(d) for d in drafts)
+    device = torch.device(getattr(target, "device", "cpu"))
+    if per_token == 0:
+        return None
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            import os
+
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return max(int(free * fraction) // per_token, 1)

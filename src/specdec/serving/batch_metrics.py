@@ -1,0 +1,55 @@
+"""The continuous-batching metrics, with vLLM's names where vLLM has one: how many sequences each
+engine step scored together, how many tokens it processed, how full the KV budget is, and how often
+speculation was off because the batch was large.
+
+They live on the `ServerMetrics` registry (label `model_name`), beside the per-request counters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from specdec.engine.batch import BatchEngine, StepInfo
+from specdec.serving.metrics import ServerMetrics
+
+
+class BatchMetrics:
+    BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+    TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        reg, name, by_model = metrics.registry, metrics.model_name, ["model_name"]
+
+        def histogram(metric: str, doc: str, buckets: tuple[float, ...]) -> Any:
+            return Histogram(metric, doc, by_model, buckets=buckets, registry=reg).labels(name)
+
+        self.batch_size = histogram(
+            "vllm:iteration_batch_size", "Sequences whose drafts one engine step's target pass scored together.",
+            self.BATCH_BUCKETS,
+        )
+        self.iteration_tokens = histogram(
+            "vllm:iteration_tokens_total",
+            "Tokens the target processed in one engine step: prompt fill plus the scored blocks (root and drafts).",
+            self.TOKEN_BUCKETS,
+        )
+        self.kv_usage = Gauge(
+            "vllm:kv_cache_usage_perc", "Fraction of the KV budget (--max-kv-tokens) the running requests reserve.",
+            by_model, registry=reg,
+        ).labels(name)
+        self.undrafted = Counter(
+            "vllm:spec_decode_disabled_iterations",
+            "Engine steps that drafted nothing because more requests ran than --spec-disable-batch-size.",
+            by_model, registry=reg,
+        ).labels(name)
+
+    def step(self, info: StepInfo, batch: BatchEngine) -> None:
+        if info.batch_size:
+            self.batch_size.observe(info.batch_size)
+            if not info.drafting:
+                self.undrafted.inc()
+        if info.target_tokens + info.fill_tokens:
+            self.iteration_tokens.observe(info.target_tokens + info.fill_tokens)
+        if batch.max_kv_tokens:
+            self.kv_usage.set(batch.kv_slots_in_use() / batch.max_kv_tokens)
