@@ -17,7 +17,9 @@ import pytest
 import torch
 
 import specdec.engine.batch as batch_module
+from specdec.core.hardware import fingerprint
 from specdec.core.sampling import SamplingConfig
+from specdec.core.store import PROFILE_VERSION
 from specdec.engine.batch import BatchEngine, BatchRequest
 from specdec.engine.pipeline import Pipeline
 from specdec.models.hf import HFLanguageModel
@@ -59,11 +61,14 @@ def eos_setting(models):
     return prompts, news, eos
 
 
-@pytest.fixture(scope="module")
-def profile_file(tmp_path_factory):
-    """A tune profile whose winner is a small Sequoia tree (for `auto` without `specdec tune`)."""
-    path = tmp_path_factory.mktemp("profile") / "tune.json"
-    path.write_text(json.dumps({"version": 1, "key": {}, "winner": {"method": "sequoia", "mode": "greedy",
+@pytest.fixture
+def profile_file(tmp_path, one_thread):
+    """A tune profile whose winner is a small Sequoia tree (for `auto` without `specdec tune`),
+    made for this machine at the tests' thread count (a profile applies to the hardware it was
+    measured on)."""
+    path = tmp_path / "tune.json"
+    path.write_text(json.dumps({"version": PROFILE_VERSION, "key": {}, "fingerprint": fingerprint("cpu"),
+                                "winner": {"method": "sequoia", "mode": "greedy",
                                                                     "paths": [[0], [1], [0, 0], [0, 0, 0]]}}))
     return str(path)
 
@@ -265,7 +270,7 @@ def _toy_engine(**kw) -> tuple[MarkovLM, BatchEngine]:
 
 def _mixed_counts(n: int, seed: int) -> tuple[MarkovLM, dict[int, Counter]]:
     """n requests of every configuration in MIXED, interleaved in one continuous batch."""
-    target, engine = _toy_engine(max_batch_size=48)
+    target, engine = _toy_engine(max_batch_size=48, spec_disable_batch_size=None)  # speculation at every size
     reqs = [BatchRequest(PROMPT, L, m, o, s, seed=seed * 100_000 + i) for i in range(n) for m, s, o in MIXED]
     outs = engine.run_all(reqs)
     counts: dict[int, Counter] = {c: Counter() for c in range(len(MIXED))}

@@ -284,7 +284,7 @@ class BatchEngine:
             events.append(StepEvent(seq.request_id, [], "abort", seq.run.stats))
 
     def _rows_free(self, request: BatchRequest) -> bool:
-        models = [self.target] + (self.drafts if get_method(request.method).needs_draft_model else [])
+        models = [self.target] + (self.drafts if get_method(request.method).loads_draft_model else [])
         return all(m.max_rows is None or m.rows_in_use() < m.max_rows for m in models)
 
     def _admit(self, events: list[StepEvent], info: StepInfo) -> None:
@@ -305,7 +305,7 @@ class BatchEngine:
         target_row = self.target.new_row()
         draft_rows: list[LanguageModel] = []
         try:
-            if get_method(request.method).needs_draft_model:
+            if get_method(request.method).loads_draft_model:
                 draft_rows = [m.new_row() for m in self.drafts]
             ctx = self.context(request.sampling, target_row, draft_rows)
             decoder = build_decoder(ctx, request.method, request.sampling, request.gamma, request.options,
