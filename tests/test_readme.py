@@ -74,6 +74,8 @@ def test_shell_lines_parse(line, words):
         targets = re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M)
         assert set(words[1:]) <= set(targets), f"README.md:{line}: no make target {words[1:]}"
         return
+    if words[-1] == "&":  # started in the background
+        words = words[:-1]
     while re.fullmatch(r"[A-Z_]+=.*", words[0]):  # an environment assignment before the command
         words = words[1:]
     if words[0] == "torchrun":  # torchrun's own flags, then the specdec command every rank runs
@@ -110,7 +112,15 @@ def _run(line: int, code: str, capsys) -> str:
 
 @pytest.mark.real
 @pytest.mark.parametrize("line,code", PYTHON, ids=[f"README.md:{line}" for line, _ in PYTHON])
-def test_python_blocks_run(line, code, capsys, smol):
+def test_python_blocks_run(line, code, capsys, smol, monkeypatch, tmp_path):
+    # `auto` (the default method) tunes on first use: allowed here, with the tests' small settings,
+    # measured into a temporary folder.
+    from specdec.tuning import autotune
+    from tests.tuning.test_quick import SMALL
+
+    monkeypatch.setenv("SPECDEC_AUTOTUNE", "1")
+    monkeypatch.setenv("SPECDEC_MEASUREMENTS", str(tmp_path))
+    monkeypatch.setattr(autotune, "DEFAULT_SETTINGS", SMALL)
     if "OpenAI(" in code:
         pytest.importorskip("fastapi", reason="needs the server extra")
         pytest.importorskip("openai", reason="needs the test extra")

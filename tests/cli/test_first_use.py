@@ -217,7 +217,7 @@ def test_serve_passes_the_key_and_caps_to_the_app(checkpoints, monkeypatch):
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: launched.update(app=app, **kw))
     monkeypatch.setenv("SPECDEC_API_KEY", "from-env")
     target, draft = checkpoints
-    assert main(["serve", "--target", str(target), "--draft", str(draft), "--fast-linear", "off", "--port", "0",
+    assert main(["serve", "--target", str(target), "--draft", str(draft), "--fast-linear", "off", "--method", "sps", "--port", "0",
                  "--max-draft-tokens", "5", "--max-body-bytes", "1000", "--log-level", "warning"]) == 0
     with running_server(launched["app"]) as url:
         post = lambda body, key="from-env": httpx.post(  # noqa: E731

@@ -136,7 +136,7 @@ def test_serve_batching_flags(checkpoints, monkeypatch, capsys):
     launched = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: launched.update(app=app, **kw))
     target, draft = checkpoints
-    base = ["serve", "--target", str(target), "--draft", str(draft), "--fast-linear", "off"]
+    base = ["serve", "--target", str(target), "--draft", str(draft), "--fast-linear", "off", "--method", "sps"]
     assert main([*base, "--max-batch-size", "3", "--max-kv-tokens", "5000", "--prefill-chunk", "64",
                  "--spec-disable-batch-size", "never"]) == 0
     cfg = launched["app"].state.config

@@ -54,7 +54,9 @@ def _post(url: str, body: dict, timeout: float = 60, **kw) -> httpx.Response:
 
 def _profile(path) -> str:
     """A minimal tune profile whose winner is a 2-node Sequoia chain."""
-    path.write_text(json.dumps({"version": store.PROFILE_VERSION, "key": {},
+    from specdec.core.hardware import fingerprint
+
+    path.write_text(json.dumps({"version": store.PROFILE_VERSION, "key": {}, "fingerprint": fingerprint("cpu"),
                                 "winner": {"method": "sequoia", "paths": [[0], [0, 0]], "mode": "swor"}}))
     return str(path)
 
@@ -274,12 +276,12 @@ def test_metrics_carry_vllm_names(base_url, client):
 
 
 def test_models_lists_auto_only_when_a_profile_exists(pipe, client, tmp_path, monkeypatch):
-    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    monkeypatch.setenv("SPECDEC_MEASUREMENTS", str(tmp_path))
     (model,) = client.models.list().data
     assert "auto" not in model.model_extra["methods"] and "sequoia" in model.model_extra["methods"]
-    assert model.model_extra["auto_temperatures"] == []
+    assert model.model_extra["auto_modes"] == []
     key = pipe.profile_key(SamplingConfig(temperature=0.7))
     store.save_profile({"version": store.PROFILE_VERSION, "key": key,
                         "winner": {"method": "sequoia", "paths": [[0]], "mode": "swor"}})
     (model,) = client.models.list().data
-    assert "auto" in model.model_extra["methods"] and model.model_extra["auto_temperatures"] == [0.7]
+    assert "auto" in model.model_extra["methods"] and model.model_extra["auto_modes"] == ["sampling"]

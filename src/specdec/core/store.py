@@ -195,20 +195,18 @@ def find_profile(key: dict[str, Any], fp: dict[str, Any] | None = None) -> dict[
     return profile
 
 
-def profile_temperatures(key: dict[str, Any]) -> list[float]:
-    """The temperatures of the saved profiles whose key equals `key` but for the temperature
-    (sorted; unreadable files are skipped)."""
+def profile_modes(key: dict[str, Any]) -> list[str]:
+    """The decoding modes ("greedy", "sampling") of the saved profiles whose key equals `key` but
+    for the mode (sorted; unreadable files are skipped)."""
     found = set()
-    for path in sorted((cache_dir() / "profiles").glob("tune__*.json")):
+    for path in sorted((measurement_dir() / "profiles").glob("tune__*.json")):
         try:
             other = json.loads(path.read_text()).get("key")
         except (OSError, UnicodeDecodeError, ValueError, AttributeError):
             continue
-        if isinstance(other, dict) and all(other.get(k) == v for k, v in key.items() if k != "temperature"):
-            try:
-                found.add(float(other["temperature"]))
-            except (KeyError, TypeError, ValueError):
-                continue
+        if isinstance(other, dict) and other.get("mode") in ("greedy", "sampling") \
+                and all(other.get(k) == v for k, v in key.items() if k != "mode"):
+            found.add(other["mode"])
     return sorted(found)
 
 

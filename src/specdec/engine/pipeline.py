@@ -368,16 +368,17 @@ class Pipeline:
             return None
         dtype = str(self.dtype).replace("torch.", "")
         device = torch.device(self.device).type
-        if getattr(self, "tensor_parallel_size", 1) > 1:  # a sharded target has timings of its own
-            device += f"-tp{self.tensor_parallel_size}"
         weights = getattr(self, "weights", ("dense", "dense"))
         if weights != ("dense", "dense"):  # other kernels, other timings: their own tune profile
             dtype += f"-weights-{weights[0]}-{weights[1]}"
         draft_dtype = self.draft_precisions[0] if drafts and self.draft_precisions else dtype
         if drafts and getattr(self, "draft_vocab", None):  # a pruned head accepts differently: its own profile
             draft_dtype += f"+vocab{self.draft_vocab}"
-        return profile_key(self.target_name, drafts[0] if drafts else None, device, dtype,
-                           sampling.temperature, draft_dtype)
+        key = profile_key(self.target_name, drafts[0] if drafts else None, device, dtype,
+                          sampling.temperature, draft_dtype)
+        if getattr(self, "tensor_parallel_size", 1) > 1:  # a sharded target has timings of its own
+            key["tensor_parallel_size"] = self.tensor_parallel_size
+        return key
 
     def decoder(
         self, method: str = DEFAULT_METHOD, sampling: SamplingConfig = SamplingConfig(), gamma: int | None = None, **opts: Any

@@ -96,6 +96,9 @@ class Options(MethodOptions):
     max_ngram: int = option(3, "longest n-gram to look up", positive_int)
     min_ngram: int = option(1, "shortest n-gram to look up", positive_int)
 
+    def draft_tokens_per_step(self, num_drafts: int = 1) -> int:
+        return self.budget  # the tree never holds more than `budget` drafted nodes
+
     def __post_init__(self) -> None:
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram}, {self.max_ngram}")

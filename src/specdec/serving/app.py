@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from specdec.core.options import OptionSpec, check_positive_int
 from specdec.core.sampling import SamplingConfig
-from specdec.core.store import profile_temperatures
+from specdec.core.store import profile_modes
 from specdec.engine.batch import (
     DEFAULT_MAX_BATCH_SIZE, DEFAULT_PREFILL_CHUNK, DEFAULT_SPEC_DISABLE_BATCH_SIZE, BatchRequest,
 )
@@ -291,16 +291,16 @@ def _build_app(pipe: Pipeline, cfg: ServerConfig) -> "FastAPI":
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        # `auto` needs a `specdec tune` profile for this pipeline: listed (with the temperatures
+        # `auto` needs a tune profile for this pipeline: listed (with the decoding modes
         # the profiles cover) only when one exists, looked up now, as tune may run meanwhile.
-        tuned = await run_in_threadpool(tuned_temperatures, pipe)
+        tuned = await run_in_threadpool(tuned_modes, pipe)
         return {"object": "list", "data": [{
             "id": cfg.model_name, "object": "model", "created": created, "owned_by": "specdec",
             "max_model_len": pipe.target_lm.context_length,
             "default_method": cfg.default_method,
             "methods": [name for name, m in all_methods().items()
                         if (pipe.draft_lm is not None or not m.needs_draft_model) and (name != "auto" or tuned)],
-            "auto_temperatures": tuned,
+            "auto_modes": tuned,
         }]}
 
     def encode(text: str, param: str) -> list[int]:
@@ -464,12 +464,13 @@ def check_request_cost(pipe: Pipeline, cfg: ServerConfig, method: str, opts: dic
         )
 
 
-def tuned_temperatures(pipe: Pipeline) -> list[float]:
-    """The temperatures at which a `specdec tune` profile exists for this pipeline (what `auto` needs)."""
+def tuned_modes(pipe: Pipeline) -> list[str]:
+    """The decoding modes ("greedy", "sampling") for which a tune profile exists for this pipeline
+    (what `auto` follows)."""
     key = pipe.profile_key(SamplingConfig())
     if key is None:
         return []
-    return profile_temperatures(key)
+    return profile_modes(key)
 
 
 def prepare_job(
