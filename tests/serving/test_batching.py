@@ -101,7 +101,7 @@ def test_32_streaming_clients_with_random_disconnects(pipe, one_thread):
             time.sleep(0.05)
         assert (health["running"], health["waiting"]) == (0, 0)
         m = settled()
-        finished = {labels[0][1]: v for (name, labels), v in m.items() if name == "request_success_total"}
+        finished = {labels[0][1]: v for (name, labels), v in m.items() if name == "vllm:request_success_total"}
         assert sum(finished.values()) == CLIENTS
         assert finished.get("abort", 0) <= len(leaving)
         assert finished.get("stop", 0) + finished.get("length", 0) >= CLIENTS - len(leaving)
