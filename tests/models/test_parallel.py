@@ -8,7 +8,6 @@ through the same loader as rank 0. The SmolLM2 versions are in test_parallel_rea
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import signal
@@ -27,7 +26,6 @@ from specdec.methods.registry import all_methods
 from specdec.models.parallel.group import TensorParallelError
 from specdec.models.parallel.launch import check_shardable
 from specdec.models.parallel.target import ShardedTarget
-from tests.conftest import tiny_hf_model
 from tests.serving.server_helpers import save_tiny_checkpoints, tiny_tokenizer
 
 PROMPT = "hello world, tell me a story"
@@ -46,20 +44,9 @@ def restore_threads():
 
 
 def save_qwen2_checkpoints(root: Path, tokenizer, noise: float = 0.05) -> tuple[Path, Path]:
-    """A tiny random Qwen2 target (q/k/v biases: sharded with their columns) and a draft that is the
-    target plus weight noise (accepted often, not always), saved with the tokenizer."""
-    target = tiny_hf_model("qwen2", seed=2, vocab=len(tokenizer))  # 16 greedy tokens before its EOS
-    target.config.eos_token_id = tokenizer.eos_token_id
-    draft = copy.deepcopy(target)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(noise * torch.randn(p.shape, generator=gen))
-    dirs = root / "target", root / "draft"
-    for model, path in zip((target, draft), dirs):
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-    return dirs
+    """A tiny random Qwen2 target (q/k/v biases: sharded with their columns, 16 greedy tokens before
+    its EOS) and a draft that is the target plus weight noise, saved with the tokenizer."""
+    return save_tiny_checkpoints(root, tokenizer, noise, arch="qwen2", seed=2)
 
 
 @pytest.fixture(scope="module")

@@ -49,11 +49,11 @@ def tiny_tokenizer():
     return fast
 
 
-def save_tiny_checkpoints(root: Path, tokenizer, noise: float = 0.05) -> tuple[Path, Path]:
+def save_tiny_checkpoints(root: Path, tokenizer, noise: float = 0.05, arch: str = "llama",
+                          seed: int = 0) -> tuple[Path, Path]:
     """A tiny random target and a draft that is the target plus weight noise (it agrees often but
     not always, so acceptance statistics are neither 0 nor 1), saved with the tokenizer."""
-    vocab = len(tokenizer)
-    target = tiny_hf_model("llama", seed=0, vocab=vocab)
+    target = tiny_hf_model(arch, seed=seed, vocab=len(tokenizer))
     target.config.eos_token_id = tokenizer.eos_token_id
     draft = copy.deepcopy(target)
     gen = torch.Generator().manual_seed(1)

@@ -31,7 +31,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from specdec.core.tree import ancestor_mask, chain_parents, depths, validate_parents
 from specdec.models.base import LanguageModel
-from specdec.models.hf import HFLanguageModel
+from specdec.models.hf import HFLanguageModel, commit_plan
 from specdec.models.toy import MarkovLM
 
 PAD_SLACK = 64
@@ -404,19 +404,10 @@ class BatchedHFModel:
     def commit(self, index: int, keep: Tensor | int) -> None:
         row = self._row(index)
         assert row.pending is not None
-        pending = row.pending.shape[0]
-        if isinstance(keep, int):
-            if not 0 <= keep <= pending:
-                raise ValueError(f"cannot commit {keep} tokens of {pending} pending")
-            row.kv_len += keep
-        else:
-            keep = keep.to(self.device)
-            a = keep.shape[0]
-            if a and (int(keep.max()) >= pending or int(keep.min()) < 0):
-                raise ValueError(f"commit indices must lie in [0, {pending})")
-            if not bool((keep == torch.arange(a, device=self.device)).all()):  # else already in place
-                self._cache.gather(index, row.kv_len, row.kv_len + keep)
-            row.kv_len += a
+        count, moved = commit_plan(keep, row.pending.shape[0], self.device)
+        if moved is not None:
+            self._cache.gather(index, row.kv_len, row.kv_len + moved)
+        row.kv_len += count
         row.pending = row.pending[:0]
 
     def crop(self, index: int, length: int) -> None:

@@ -100,6 +100,24 @@ def _check_supported(model: "PreTrainedModel", config) -> None:
         raise ValueError(f"attention implementation {impl!r} is not supported; load the model with sdpa or eager")
 
 
+def commit_plan(keep: Tensor | int, pending: int, device: torch.device) -> tuple[int, Tensor | None]:
+    """What committing `keep` of `pending` scored entries means for a slot cache: how many enter
+    it, and the pending indices to gather into the next slots (None: already in place, a prefix).
+
+    keep: a count (the first `keep` pending entries, a chain) or [A] indices in tree order.
+    """
+    if isinstance(keep, int):
+        if not 0 <= keep <= pending:
+            raise ValueError(f"cannot commit {keep} tokens of {pending} pending")
+        return keep, None
+    keep = keep.to(device)
+    a = keep.shape[0]
+    if a and (int(keep.max()) >= pending or int(keep.min()) < 0):
+        raise ValueError(f"commit indices must lie in [0, {pending})")
+    in_place = bool((keep == torch.arange(a, device=device)).all())
+    return a, None if in_place else keep
+
+
 class HFLanguageModel:
     """A transformers causal LM behind the `LanguageModel` contract (batch 1, no forked modeling code)."""
 
@@ -185,19 +203,10 @@ class HFLanguageModel:
         return out.logits[0]
 
     def commit(self, keep: Tensor | int) -> None:
-        pending = self._pending_parents.shape[0]
-        if isinstance(keep, int):
-            if not 0 <= keep <= pending:
-                raise ValueError(f"cannot commit {keep} tokens of {pending} pending")
-            self.kv_len += keep
-        else:
-            keep = keep.to(self.device)
-            a = keep.shape[0]
-            if a and (int(keep.max()) >= pending or int(keep.min()) < 0):
-                raise ValueError(f"commit indices must lie in [0, {pending})")
-            if not bool((keep == torch.arange(a, device=self.device)).all()):  # else already in place
-                self._cache.gather(self.kv_len, self.kv_len + keep)
-            self.kv_len += a
+        count, moved = commit_plan(keep, self._pending_parents.shape[0], self.device)
+        if moved is not None:
+            self._cache.gather(self.kv_len, self.kv_len + moved)
+        self.kv_len += count
         self._pending_parents = self._pending_parents[:0]
 
     def crop(self, length: int) -> None:
