@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.specdec-installed
 
-.PHONY: setup demo test test-fast clean-venv
+.PHONY: setup demo test test-all test-fast clean-venv
 
 setup: $(STAMP)
 
@@ -24,12 +24,17 @@ demo: setup
 	$(BIN)/specdec models fetch qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct
 	$(BIN)/specdec demo --max-new-tokens 64
 
+# The suite without the slow real-model end-to-end checks (under ~10 minutes on 2 cores).
 test: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+# Everything, the slow checks included.
+test-all: setup
 	$(BIN)/python -m pytest
 
 # Without the tests that need the real SmolLM2 model (offline machines).
 test-fast: setup
-	$(BIN)/python -m pytest -m "not real"
+	$(BIN)/python -m pytest -m "not real and not slow"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -23,6 +23,7 @@ QUESTIONS = [
 ]
 
 
+@pytest.mark.slow
 def test_batch_of_8_on_smollm2_equals_each_alone(smol, one_thread):
     model, tok = smol
     pipe = Pipeline.from_models(HFLanguageModel(model), tok, HFLanguageModel(_shallow_copy(model, 8)),

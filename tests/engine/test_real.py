@@ -26,6 +26,7 @@ def _shallow_copy(model, layers: int):
     return small
 
 
+@pytest.mark.slow
 def test_greedy_equivalence_on_smollm2(smol):
     model, tok = smol
     prompt = tok.apply_chat_template(
@@ -51,6 +52,7 @@ def test_greedy_equivalence_on_smollm2(smol):
             assert stats.accepted_tokens == stats.draft_tokens
 
 
+@pytest.mark.slow
 def test_cli_generate_json_on_smollm2(capsys):
     argv = ["generate", "--target", NAME, "--draft", NAME, "--method", "sps", "--gamma", "3",
             "--max-new-tokens", "12", "--json", "--prompt", "The capital of France is"]
@@ -72,6 +74,7 @@ def test_cli_generate_json_on_smollm2(capsys):
     assert result["stats"]["accepted_tokens"] == result["stats"]["draft_tokens"]  # same model drafts
 
 
+@pytest.mark.slow
 def test_specinfer_greedy_equivalence_on_smollm2(smol):
     from specdec.methods.specinfer import TreeDrafter
 

@@ -394,6 +394,7 @@ def test_cli_generate_csd_json(tmp_path, monkeypatch, capsys):
 
 
 # ---- the real SmolLM2-135M ----------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.real
 def test_cascade_greedy_equivalence_on_smollm2(smol):
     from specdec.drafting.bigram import build_bigram_table, corpus_files, read_corpus

@@ -187,6 +187,7 @@ def test_pipeline_methods_and_bad_options():
 
 
 # ---- the real SmolLM2-135M ---------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.real
 def test_specexec_and_sequoia_greedy_equivalence_on_smollm2(smol):
     from specdec.drafting.sequoia_dp import sequoia_dp

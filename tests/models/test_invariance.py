@@ -84,6 +84,7 @@ def test_the_check_fails_a_block_pass_that_differs_by_one_ulp():
     assert not rows_agree(lm, PROBE)
 
 
+@pytest.mark.slow
 @pytest.mark.real
 def test_bfloat16_smollm2_greedy_equals_ar(smol):
     from specdec.engine.pipeline import eos_ids

@@ -10,7 +10,7 @@ from specdec.core.sampling import SamplingConfig
 from specdec.engine.pipeline import Pipeline
 from specdec.methods.registry import all_methods
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.slow]
 
 SMOL = "smollm2-135m-instruct"
 PROMPT = "Write a Python function that reverses a string."

@@ -110,6 +110,7 @@ def _real_tensors(spec: str):
     return list(seen.values())
 
 
+@pytest.mark.slow
 @needs_kernel
 @pytest.mark.parametrize("spec", sorted(KNOWN_MODELS))
 def test_kernel_matches_the_dequantized_layer_on_real_tensors(spec):
