@@ -28,9 +28,11 @@ def check_accept(accept: Any) -> Tensor:  # -> [W] float64
             raise ValueError(f"an acceptance vector looks like 0.7,0.1,0.05 (one probability per child rank), "
                              f"got {accept!r}") from None
     vec = torch.as_tensor(accept, dtype=torch.float64).flatten()
-    if vec.numel() == 0 or not bool(torch.isfinite(vec).all()) or bool((vec < 0).any()) or float(vec.sum()) > 1 + 1e-9:
+    # Measured vectors are means of float32 probabilities: their sum may exceed 1 by round-off.
+    if vec.numel() == 0 or not bool(torch.isfinite(vec).all()) or bool((vec < 0).any()) or float(vec.sum()) > 1 + 1e-6:
         raise ValueError(f"an acceptance vector needs >= 1 non-negative entries summing to <= 1, got {vec.tolist()}")
-    return vec
+    total = float(vec.sum())
+    return vec / total if total > 1 else vec
 
 
 @dataclass
