@@ -15,23 +15,11 @@ openai = pytest.importorskip("openai", reason="needs the test extra (the officia
 httpx = pytest.importorskip("httpx", reason="needs the test extra")
 
 from specdec.cli import main  # noqa: E402
-from specdec.engine.pipeline import Pipeline  # noqa: E402
 from specdec.serving.app import create_app  # noqa: E402
-from tests.serving.server_helpers import metric_values, running_server, save_tiny_checkpoints, tiny_tokenizer  # noqa: E402
+from tests.serving.server_helpers import metric_values, running_server  # noqa: E402
 
 MODEL = "tiny"
 CLIENTS = 32
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    return save_tiny_checkpoints(tmp_path_factory.mktemp("tiny-ckpt"), tiny_tokenizer())
-
-
-@pytest.fixture(scope="module")
-def pipe(checkpoints):
-    target, draft = checkpoints
-    return Pipeline(str(target), str(draft), fast_linear="off", progress=False)
 
 
 def _prompt(c: int) -> str:

@@ -20,21 +20,10 @@ from specdec.core.sampling import SamplingConfig  # noqa: E402
 from specdec.engine.pipeline import Pipeline  # noqa: E402
 from specdec.serving.app import create_app  # noqa: E402
 from specdec.serving.guards import DEFAULT_MAX_DRAFT_TOKENS  # noqa: E402
-from tests.serving.server_helpers import metric_values, running_server, save_tiny_checkpoints, tiny_tokenizer  # noqa: E402
+from tests.serving.server_helpers import metric_values, running_server  # noqa: E402
 
 MODEL = "tiny"
 LIMIT = 64 * 1024  # the body limit of these tests' server
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    return save_tiny_checkpoints(tmp_path_factory.mktemp("tiny-ckpt"), tiny_tokenizer())
-
-
-@pytest.fixture(scope="module")
-def pipe(checkpoints):
-    target, draft = checkpoints
-    return Pipeline(str(target), str(draft), fast_linear="off", progress=False)
 
 
 @pytest.fixture(scope="module")

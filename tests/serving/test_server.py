@@ -22,25 +22,13 @@ from specdec.cli import main  # noqa: E402
 from specdec.engine.pipeline import Pipeline  # noqa: E402
 from specdec.engine.text import TextAssembler  # noqa: E402
 from specdec.serving.app import create_app  # noqa: E402
-from tests.serving.server_helpers import metric_values, running_server, save_tiny_checkpoints, tiny_tokenizer  # noqa: E402
+from tests.serving.server_helpers import metric_values, running_server  # noqa: E402
 
 MODEL = "tiny"
 PROMPT = "hello world, tell me a story"
 SPEC_COUNTERS = (
     "vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_draft_tokens_total", "vllm:spec_decode_num_accepted_tokens_total",
 )
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    return save_tiny_checkpoints(tmp_path_factory.mktemp("tiny-ckpt"), tiny_tokenizer())
-
-
-@pytest.fixture(scope="module")
-def pipe(checkpoints):
-    # Loaded exactly as `specdec generate --target DIR --draft DIR --fast-linear off` loads them.
-    target, draft = checkpoints
-    return Pipeline(str(target), str(draft), fast_linear="off", progress=False)
 
 
 @pytest.fixture(scope="module")
