@@ -13,14 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from specdec.core.hardware import fingerprint
 from specdec.core.options import MethodOptions, choice, flag, option
-from specdec.core.store import ProfileProblem, find_profile, read_profile
+from specdec.core.store import ProfileProblem
 from specdec.drafting.base import Drafter
 from specdec.drafting.fallback import FallbackDrafter
 from specdec.methods.base import Method, MethodContext
 from specdec.methods.registry import get_method, register
-from specdec.methods.sequoia import MODES, SequoiaDrafter, parse_tree
+from specdec.methods.sequoia import MODES, SequoiaDrafter, parse_tree, tuned_profile
 
 
 @dataclass(frozen=True)
@@ -38,15 +37,13 @@ class Options(MethodOptions):
 
 def auto_profile(ctx: MethodContext, tree: str = "auto") -> dict[str, Any]:
     """The profile auto follows: a given file, the saved one for this setting, or a fresh tune."""
-    device = getattr(ctx.target, "device", "cpu")
-    if tree not in ("auto", "dp"):
-        return read_profile(tree, fingerprint(device))
-    if ctx.profile_key is None:
+    given = tree not in ("auto", "dp")
+    if not given and ctx.profile_key is None:
         raise ValueError("auto is tuned for one draft model at a time; give a single --draft (or a --method)")
     try:
-        return find_profile(ctx.profile_key, fingerprint(device))
+        return tuned_profile(ctx, tree)
     except ProfileProblem as exc:
-        if ctx.tuner is None:
+        if given or ctx.tuner is None:  # an operator's file is reported, never replaced by a tune
             raise
         return ctx.tuner(str(exc))
 
