@@ -321,7 +321,7 @@ def test_parameter_count_is_the_architectures():
     model = tiny_hf_model("llama", seed=0)
     lm = HFLanguageModel(model)
     assert parameter_count(lm) == sum(p.numel() for p in model.parameters())
-    from specdec.models.fastpath import enable_packed_linears, packed_linear_supported
+    from specdec.models.dense.fastpath import enable_packed_linears, packed_linear_supported
 
     packed = copy.deepcopy(model)
     if packed_linear_supported(packed) and enable_packed_linears(packed, "on"):

@@ -4,11 +4,11 @@ draft, cached per machine, and never changes the output."""
 import pytest
 import torch
 
-import specdec.models.draft_precision as dp
+import specdec.models.dense.draft_precision as dp
 from specdec.core.sampling import SamplingConfig
 from specdec.engine.decoder import SpeculativeDecoder
 from specdec.methods.sps import ModelDrafter
-from specdec.models.draft_precision import choose_draft_precision, format_precision_choice, make_variant
+from specdec.models.dense.draft_precision import choose_draft_precision, format_precision_choice, make_variant
 from specdec.models.hf import HFLanguageModel
 from tests.conftest import tiny_hf_model
 

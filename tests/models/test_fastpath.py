@@ -5,7 +5,7 @@ import torch
 
 from specdec.engine.decoder import SpeculativeDecoder
 from specdec.methods.sps import ModelDrafter
-from specdec.models.fastpath import PackedLinear, enable_packed_linears, packed_linear_supported, quantize_draft_int8
+from specdec.models.dense.fastpath import PackedLinear, enable_packed_linears, packed_linear_supported, quantize_draft_int8
 from specdec.models.hf import HFLanguageModel
 from specdec.core.sampling import SamplingConfig
 from tests.conftest import TINY_VOCAB, tiny_hf_model

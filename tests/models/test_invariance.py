@@ -1,4 +1,4 @@
-"""Reduced-precision targets are lossless: once row-invariant (`models.invariance`), greedy output of
+"""Reduced-precision targets are lossless: once row-invariant (`models.dense.invariance`), greedy output of
 every method equals plain decoding in bfloat16, on tiny models and on SmolLM2."""
 
 import copy
@@ -16,7 +16,7 @@ from specdec.methods.specexec import SpecExecDrafter
 from specdec.methods.specinfer import TreeDrafter
 from specdec.methods.sps import ModelDrafter
 from specdec.models.hf import HFLanguageModel
-from specdec.models.invariance import SEQUENTIAL, make_row_invariant, register_sequential_attention, rows_agree
+from specdec.models.dense.invariance import SEQUENTIAL, make_row_invariant, register_sequential_attention, rows_agree
 from tests.conftest import TINY_VOCAB, tiny_hf_model
 
 GREEDY = SamplingConfig()
@@ -39,7 +39,7 @@ def drafters(draft_model, other_model):
 
 def test_sequential_attention_computes_attention(arch, monkeypatch):
     """It is attention: its logits match sdpa's to float32 round-off (with several key chunks too)."""
-    import specdec.models.invariance as inv
+    import specdec.models.dense.invariance as inv
 
     monkeypatch.setattr(inv, "KEY_CHUNK", 3)
     register_sequential_attention()

@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-import specdec.models.kernel_choice as kc
+import specdec.models.dense.kernel_choice as kc
 from specdec.core.hardware import fingerprint
 from specdec.engine.decoder import SpeculativeDecoder
 from specdec.models.hf import HFLanguageModel
-from specdec.models.kernel_choice import (
+from specdec.models.dense.kernel_choice import (
     apply_linear_paths, best_single_path, choose_buckets, format_kernel_report, kernel_cache_path,
 )
-from specdec.models.linear_paths import (
+from specdec.models.dense.linear_paths import (
     BUCKET_ROWS, PACKED, PLAIN, BlockSizeLinear, LinearPath, PackedLinear, bucket_label, bucket_of,
 )
 from tests.conftest import TINY_VOCAB, tiny_hf_model

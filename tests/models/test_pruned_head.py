@@ -14,7 +14,7 @@ from specdec.methods.sequoia import SequoiaDrafter
 from specdec.methods.specexec import SpecExecDrafter
 from specdec.methods.sps import ModelDrafter
 from specdec.models.hf import HFLanguageModel
-from specdec.models.pruned_head import PrunedHead, prune_output_head
+from specdec.models.dense.pruned_head import PrunedHead, prune_output_head
 from specdec.models.toy import MarkovLM
 from tests.conftest import TINY_VOCAB, tiny_hf_model
 from tests.engine.test_distribution import ALPHA, L, PROMPT, V, chi_square_pvalue, exact_continuations

@@ -15,7 +15,7 @@ from specdec.core.store import PROFILE_VERSION, find_profile, profile_key, profi
 from specdec.core.tree import paths_to_parents
 from specdec.drafting.sequoia_dp import sequoia_dp, tree_value
 from specdec.engine.pipeline import Pipeline
-from specdec.models.offload import offload_target
+from specdec.models.dense.offload import offload_target
 from specdec.models.toy import MarkovLM
 from specdec.tuning.acceptance import measure_acceptance
 from specdec.tuning.choice import candidate_table, draft_ms_of_tree, format_candidates, interpolate_ms, tune

@@ -109,8 +109,8 @@ def forget_measurements(device: str) -> None:
     """Delete this machine's cached measurements (linear paths, draft precision, forward times), so the
     next load measures again; tune profiles stay (re-tune to replace them)."""
     from specdec.core.hardware import fingerprint
-    from specdec.models.draft_precision import precision_cache_path
-    from specdec.models.kernel_choice import kernel_cache_path
+    from specdec.models.dense.draft_precision import precision_cache_path
+    from specdec.models.dense.kernel_choice import kernel_cache_path
     from specdec.tuning.quick import timing_cache_path
 
     fp = fingerprint(device)

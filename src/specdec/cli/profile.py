@@ -27,11 +27,11 @@ PATHS = ("plain", "packed", "auto", "native", "precisions")
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from specdec.models.draft_precision import make_variant, precision_candidates
+    from specdec.models.dense.draft_precision import make_variant, precision_candidates
     from specdec.models.hf import HFLanguageModel
     from specdec.models.hub import ModelError, load_model
-    from specdec.models.kernel_choice import apply_linear_paths, format_kernel_report
-    from specdec.models.quant.load import native_summary
+    from specdec.models.dense.kernel_choice import apply_linear_paths, format_kernel_report
+    from specdec.models.native.load import native_summary
 
     ks = tuple(int(k) for k in args.ks.split(","))
     if not ks or min(ks) < 1:
@@ -77,9 +77,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
                 nmodel = None
         if role == "target" and args.dtype != "float32":
             # What exactness costs in reduced precision: one path for every block size and the
-            # attention that makes a block pass equal one-token passes (`models.invariance`).
-            from specdec.models.draft_precision import probe_ids
-            from specdec.models.invariance import make_row_invariant
+            # attention that makes a block pass equal one-token passes (`models.dense.invariance`).
+            from specdec.models.dense.draft_precision import probe_ids
+            from specdec.models.dense.invariance import make_row_invariant
 
             model, tok = load_model(name, dtype=DTYPES[args.dtype], device=device)
             apply_linear_paths(model, "auto", single_path=True)
@@ -102,9 +102,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
                                                 path=f"{precision} (auto paths)"))
                 fp32 = variant = None
             if args.draft_vocab:
-                # The pruned head (`models.pruned_head`) in each precision.
+                # The pruned head (`models.dense.pruned_head`) in each precision.
                 from specdec.drafting.vocab import tokens_to_keep
-                from specdec.models.pruned_head import prune_output_head
+                from specdec.models.dense.pruned_head import prune_output_head
 
                 for precision in precision_candidates(device):
                     fp32, tok = load_model(name, dtype=torch.float32, device=device)

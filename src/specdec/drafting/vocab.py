@@ -1,4 +1,4 @@
-"""Which tokens a pruned draft head keeps (`models.pruned_head`): the most frequent ones.
+"""Which tokens a pruned draft head keeps (`models.dense.pruned_head`): the most frequent ones.
 
 Token frequencies are counted once per tokenizer over the corpus the bigram table uses (a bounded
 amount of the Python standard library's source and docs, present offline on every machine) and

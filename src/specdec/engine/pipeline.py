@@ -149,38 +149,38 @@ class Pipeline:
 
         dtype: the target's dtype (and the draft's when `draft_dtype` is None).
         draft_dtype: "auto" (default: the fastest precision measured on this machine, cached;
-            `models.draft_precision`), None (the target's dtype), "float32", "bfloat16", "float16"
+            `models.dense.draft_precision`), None (the target's dtype), "float32", "bfloat16", "float16"
             or "int8" (dynamic int8 quantization of the draft's linears, CPU). The draft's precision
             only changes speed: every drafted token is verified against the target.
         fast_linear: "auto" (default: the linear path per row-count bucket measured on this machine,
-            cached; `models.kernel_choice`), "on" (prepacked oneDNN linears wherever they apply) or
+            cached; `models.dense.kernel_choice`), "on" (prepacked oneDNN linears wherever they apply) or
             "off"; every path computes the same function up to round-off.
         offload: keep the target's weights in CPU RAM and stream them to the GPU layer by layer
-            (`models.offload`; CUDA only). Every method of this pipeline then sees that target.
+            (`models.dense.offload`; CUDA only). Every method of this pipeline then sees that target.
         tensor_parallel_size: shard the target over this many processes with transformers'
             tensor-parallel plan (`models.parallel`; gloo on CPU, NCCL on CUDA, one GPU per rank). This
             process becomes rank 0 and starts the others, or, under torchrun, joins its ranks. The
             drafts stay in this process; `close()` (or the end of the process) stops the other ranks.
         weights: "dense" (default: float32 copies of the weights) or "native": the linear layers of a
-            GGUF model compute on the file's quantized blocks (`models.quant`; the file's own values,
+            GGUF model compute on the file's quantized blocks (`models.native`; the file's own values,
             float32 activations and sums; known models and .gguf files, float32 only).
         draft_weights: the same for the draft models (default: as `weights`). A native draft changes
             speed only, as any draft does.
         row_invariant: "auto" (default: on for bfloat16 and float16 targets), "on" or "off": make
             the target score a block of k tokens bit for bit like k one-token passes (one linear path
             for every block size, eager or per-query attention; checked at load,
-            `models.invariance`), so greedy speculative output equals plain decoding in reduced
+            `models.dense.invariance`), so greedy speculative output equals plain decoding in reduced
             precision too. Native weights are row-invariant by construction (float32 only).
         draft_vocab: keep only this many of the most frequent tokens in the draft's output head
-            (`models.pruned_head`): a cheaper draft step; the target still verifies and emits over
+            (`models.dense.pruned_head`): a cheaper draft step; the target still verifies and emits over
             its full vocabulary, so only acceptance and speed change.
         """
         import sys
 
-        from specdec.models.draft_precision import DRAFT_PRECISIONS, choose_draft_precision, make_variant
+        from specdec.models.dense.draft_precision import DRAFT_PRECISIONS, choose_draft_precision, make_variant
         from specdec.models.hub import load_model, load_tokenizer
-        from specdec.models.kernel_choice import apply_linear_paths
-        from specdec.models.offload import offload_target
+        from specdec.models.dense.kernel_choice import apply_linear_paths
+        from specdec.models.dense.offload import offload_target
 
         choices = (*DRAFT_PRECISIONS, "auto")
         if draft_dtype is not None and draft_dtype not in choices:
@@ -234,8 +234,8 @@ class Pipeline:
             self.kernel_reports = {"target": apply_linear_paths(target_model, fast_linear, progress=say,
                                                                 single_path=invariant)}
             if invariant:
-                from specdec.models.draft_precision import probe_ids
-                from specdec.models.invariance import make_row_invariant
+                from specdec.models.dense.draft_precision import probe_ids
+                from specdec.models.dense.invariance import make_row_invariant
 
                 self.row_invariant = make_row_invariant(
                     target_model, probe_ids(target_model.config.vocab_size, self.tokenizer)[:24])
@@ -261,7 +261,7 @@ class Pipeline:
                 draft_model, _ = load_model(name, dtype=load_dtype, device=device, progress=progress)
             if draft_vocab is not None:
                 from specdec.drafting.vocab import tokens_to_keep
-                from specdec.models.pruned_head import prune_output_head
+                from specdec.models.dense.pruned_head import prune_output_head
 
                 if self.tokenizer is None:
                     raise ValueError("a pruned draft head needs the tokenizer to count token frequencies")

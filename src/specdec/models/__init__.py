@@ -1,2 +1,4 @@
-"""Models: the `LanguageModel` contract, the transformers adapter with its slot cache, the CPU fast
-path, offloading, exact toy models, and the hub that fetches and loads weights."""
+"""Models: the `LanguageModel` contract, the transformers adapter with its slot cache, batched rows,
+exact toy models and t(k) timing, and the weights paths a model can take: `dense/` (transformers
+modules with full-precision weights), `native/` (GGUF blocks computed on by our integer kernels),
+`parallel/` (a target sharded over tensor-parallel ranks) and `hub/` (fetching and loading)."""

@@ -18,7 +18,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from specdec.core.tree import ancestor_mask, chain_parents, depths, validate_parents
-from specdec.models.quant.attention import EXACT_ATTENTION
+from specdec.models.native.attention import EXACT_ATTENTION
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -95,7 +95,7 @@ def _check_supported(model: "PreTrainedModel", config) -> None:
             "decoder layers only (a custom mask would silently ignore a sliding window)"
         )
     impl = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
-    # specdec_sequential: `models.invariance.sequential_attention` (row-invariant, for reduced precision).
+    # specdec_sequential: `models.dense.invariance.sequential_attention` (row-invariant, for reduced precision).
     if impl not in ("sdpa", "eager", EXACT_ATTENTION, "specdec_sequential"):
         raise ValueError(f"attention implementation {impl!r} is not supported; load the model with sdpa or eager")
 
@@ -134,7 +134,7 @@ class HFLanguageModel:
         # transformers 5.2x renamed `past_key_values` to `cache` (the old name warns, then goes away).
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.kv_len = 0
-        self.offloaded = False  # set by models.offload.offload_target
+        self.offloaded = False  # set by models.dense.offload.offload_target
         self._cache = SlotCache(self.num_layers, capacity=0)
         # Parents (relative to the first pending slot) of the uncommitted tokens after the prefix.
         self._pending_parents = torch.empty(0, dtype=torch.long)  # CPU: topology only

@@ -4,7 +4,7 @@ A spec is resolved first (a known name, a ``.gguf`` path, a checkpoint directory
 hub id) and then read from the checkpoint directory, the hub, or a GGUF: a known model is fetched
 first, and a GGUF is dequantized once and read from its converted safetensors copy afterwards
 (``weights="dense"``), or its linear layers compute on the file's quantized blocks
-(``weights="native"``, `models.quant`).
+(``weights="native"``, `models.native`).
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ from specdec.models.hub.cache import remove_stale
 from specdec.models.hub.checkpoint import tokenizer_from_dir
 from specdec.models.hub.convert import conversion_ok, open_gguf
 from specdec.models.hub.registry import ModelError
-from specdec.models.quant.formats import UnsupportedFormat
-from specdec.models.quant.load import TensorEntry, build_native_model, tensor_index
+from specdec.models.native.formats import UnsupportedFormat
+from specdec.models.native.load import TensorEntry, build_native_model, tensor_index
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase

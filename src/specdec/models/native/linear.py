@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from specdec.models.quant.formats import BlockFormat, dequantize, format_of
-from specdec.models.quant.kernels import (
+from specdec.models.native.formats import BlockFormat, dequantize, format_of
+from specdec.models.native.kernels import (
     INT4_FORMATS,
     gguf_linear,
     int4_exact,

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from specdec.models.quant.attention import use_exact_attention
-from specdec.models.quant.formats import UnsupportedFormat, dequantize, format_of
-from specdec.models.quant.linear import GGUFEmbedding, GGUFLinear
+from specdec.models.native.attention import use_exact_attention
+from specdec.models.native.formats import UnsupportedFormat, dequantize, format_of
+from specdec.models.native.linear import GGUFEmbedding, GGUFLinear
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel

@@ -4,7 +4,7 @@ On some CPUs `F.linear` on float32 takes a GEMM path for 2–16 rows that costs 
 row as for one row, so verifying k tokens costs ~k forward passes; a weight reordered once into
 oneDNN's blocked layout makes a pass over several tokens cost little more than over one. On
 others the packed path is slower for a single row. Which path runs for which row count is
-therefore measured per machine (`models.kernel_choice`); `enable_packed_linears` keeps the old
+therefore measured per machine (`models.dense.kernel_choice`); `enable_packed_linears` keeps the old
 switch (on: packed wherever it applies; auto: the measured per-bucket choice; off: plain).
 
 The int8 draft is a different (quantized) model, but only the drafter uses it, and drafts are
@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from specdec.models.kernel_choice import apply_linear_paths
-from specdec.models.linear_paths import PackedLinear, packed_dtype_supported
+from specdec.models.dense.kernel_choice import apply_linear_paths
+from specdec.models.dense.linear_paths import PackedLinear, packed_dtype_supported
 
 __all__ = ["PackedLinear", "enable_packed_linears", "packed_linear_supported", "quantize_draft_int8"]
 

@@ -11,10 +11,10 @@ from torch import nn
 
 from specdec.engine.pipeline import Pipeline
 from specdec.models.hf import HFLanguageModel
-from specdec.models.quant import kernels
-from specdec.models.quant.attention import EXACT_ATTENTION, use_exact_attention
-from specdec.models.quant.formats import FORMATS, UnsupportedFormat, dequantize, format_of, random_blocks
-from specdec.models.quant.linear import GGUFEmbedding, GGUFLinear
+from specdec.models.native import kernels
+from specdec.models.native.attention import EXACT_ATTENTION, use_exact_attention
+from specdec.models.native.formats import FORMATS, UnsupportedFormat, dequantize, format_of, random_blocks
+from specdec.models.native.linear import GGUFEmbedding, GGUFLinear
 from tests.conftest import TINY_VOCAB
 
 NAMES = list(FORMATS)

@@ -16,7 +16,7 @@ dimension, the softmax denominator, the weighted sum of values) is one sequentia
 depends only on the visible keys in order — exactly what a one-token pass sees. Its cost is
 memory traffic proportional to queries x keys x head size (chunked over keys); `specdec profile
 --dtype bfloat16` shows it. The linear layers get one path for every block size
-(`models.kernel_choice`, `single_path`), and `make_row_invariant` checks at load, on a probe text,
+(`models.dense.kernel_choice`, `single_path`), and `make_row_invariant` checks at load, on a probe text,
 that a chain pass and tree passes equal one-token passes bit for bit; if they do not (a GEMM whose
 rows depend on how many rows it is given), the caller warns.
 """

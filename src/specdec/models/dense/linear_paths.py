@@ -7,7 +7,7 @@ depends on the machine and on how many rows (tokens) a call carries: on one AVX-
 packed oneDNN path was ~1.6x slower than plain for one row and faster from four rows on, on an
 AVX2 CPU it won at every row count. So a model's linears are wrapped in `BlockSizeLinear`, which
 holds the kernels chosen for the layer's shape and dispatches each call by its row-count bucket
-(`models.kernel_choice` measures and chooses).
+(`models.dense.kernel_choice` measures and chooses).
 
 Every path must compute the layer's own function up to round-off of its dtype (the layer's own
 `forward` is the reference); `kernel_choice` checks that at load and drops a path that does not.

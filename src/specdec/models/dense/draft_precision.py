@@ -5,7 +5,7 @@ changes speed (and how often drafts are accepted), never the output. What is fas
 the machine: dynamic int8 halves the draft's cost on an AVX2 or AVX-512 CPU, bfloat16 pays on CPUs
 with native bfloat16 or AMX and on GPUs, and is emulated (slow) elsewhere. So each candidate the
 device can run is built from the float32 weights, given its own linear paths
-(`models.kernel_choice`), and timed per draft level (one forward of 1 and of 4 new tokens after a
+(`models.dense.kernel_choice`), and timed per draft level (one forward of 1 and of 4 new tokens after a
 short context). A candidate whose top-1 prediction agrees with the float32 draft on fewer than
 `MIN_AGREEMENT` of the probe positions is refused (it would cost acceptance), and the fastest of
 the rest is kept. The choice is cached per machine (`core.hardware` fingerprint) and draft
@@ -29,7 +29,7 @@ from torch import nn
 from specdec.core.hardware import fingerprint, fingerprint_digest
 from specdec.core.store import measurement_dir, read_json, write_json
 from specdec.models.hf import HFLanguageModel
-from specdec.models.kernel_choice import apply_linear_paths
+from specdec.models.dense.kernel_choice import apply_linear_paths
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def make_variant(model: nn.Module, precision: str, fast_linear: str = "auto", ke
         raise ValueError(f"draft precision must be one of {', '.join(DRAFT_PRECISIONS)}, got {precision!r}")
     base = copy.deepcopy(model) if keep else model
     if precision == "int8":
-        from specdec.models.fastpath import quantize_draft_int8
+        from specdec.models.dense.fastpath import quantize_draft_int8
 
         return quantize_draft_int8(base.float())
     variant = base.to(DTYPE_OF[precision])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from specdec.models.quant import kernels
+from specdec.models.native import kernels
 
 __all__ = ["EXACT_ATTENTION", "exact_attention_forward", "use_exact_attention"]
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from specdec.core.store import cache_dir
-from specdec.models.quant.formats import BlockFormat, k4_scales_mins
+from specdec.models.native.formats import BlockFormat, k4_scales_mins
 
 __all__ = [
     "INT4_FORMATS",

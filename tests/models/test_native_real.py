@@ -14,10 +14,10 @@ from specdec.cli import main
 from specdec.engine.pipeline import Pipeline, eos_ids
 from specdec.models.hub import load_model
 from specdec.models.hub.registry import KNOWN_MODELS
-from specdec.models.quant import kernels
-from specdec.models.quant.formats import FORMATS, dequantize
-from specdec.models.quant.linear import GGUFEmbedding, GGUFLinear
-from tests.models.test_quant import _check_layer
+from specdec.models.native import kernels
+from specdec.models.native.formats import FORMATS, dequantize
+from specdec.models.native.linear import GGUFEmbedding, GGUFLinear
+from tests.models.test_native import _check_layer
 
 pytestmark = pytest.mark.real
 NAME = "smollm2-135m-instruct"
@@ -83,8 +83,8 @@ def _real_tensors(spec: str):
     """(name, format, blocks, cols) for one non-embedding tensor of each natively computed format of a file."""
     from specdec.models.hub.cache import models_dir
     from specdec.models.hub.convert import open_gguf
-    from specdec.models.quant.formats import UnsupportedFormat, format_of
-    from specdec.models.quant.load import tensor_index
+    from specdec.models.native.formats import UnsupportedFormat, format_of
+    from specdec.models.native.load import tensor_index
 
     gguf = models_dir() / KNOWN_MODELS[spec].gguf_name
     if not gguf.is_file():

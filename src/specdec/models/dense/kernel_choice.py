@@ -1,7 +1,7 @@
 """Choosing the linear path per layer shape and row-count bucket, by measurement, cached per machine.
 
 For every distinct linear shape of a model (type, dtype, device, out x in, bias) the candidate
-paths (`models.linear_paths`) are prepared on the first layer of that shape, checked against the
+paths (`models.dense.linear_paths`) are prepared on the first layer of that shape, checked against the
 layer's own forward (they must agree to the dtype's round-off), and timed on that real layer for
 the row count of every bucket (interleaved, best of a few calls). Each bucket gets its fastest
 path; a path that is not the layer's own must win by a margin, so noise does not make a layer
@@ -28,7 +28,7 @@ from torch import nn
 
 from specdec.core.hardware import available_memory_bytes, fingerprint, fingerprint_digest
 from specdec.core.store import measurement_dir, read_json, write_json
-from specdec.models.linear_paths import (
+from specdec.models.dense.linear_paths import (
     BUCKET_ROWS, PACKED, PLAIN, BlockSizeLinear, LinearPath, bucket_label, is_linear, linear_paths,
 )
 
@@ -225,7 +225,7 @@ def apply_linear_paths(
     candidates (default: every registered path). `timer` and `memory_bytes` are for tests (a fake
     clock, a memory limit; "query" asks the OS). single_path: one path per shape for every block
     size (the one best over all buckets), so a one-token pass and a k-token pass run the same
-    kernels (`models.invariance`).
+    kernels (`models.dense.invariance`).
     """
     if mode not in MODES:
         raise ValueError(f"fast linear mode must be one of {', '.join(MODES)}, got {mode!r}")
