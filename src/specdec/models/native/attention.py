@@ -2,7 +2,7 @@
 
 Speculative decoding scores k drafted tokens in one pass; greedy output equals plain decoding exactly
 only if each token's logits are the bits a 1-token step would give. The compiled linear kernel
-(`kernels.gguf_linear`) has that property, and so do the norms, the rotary embedding and the
+(`kernels.linear`) has that property, and so do the norms, the rotary embedding and the
 element-wise ops; torch's sdpa does not (it blocks its work differently for different numbers of
 query rows). This attention computes each (query row, head) alone in one fixed order
 (`csrc/attention.cpp`): masked keys are skipped, which adds exact zeros, so a token inside a chain

@@ -5,17 +5,19 @@ Each weight row of K values is K / block_size blocks of `type_size` bytes (ggml'
     Q4_0  32 values, 18 B: d f16, 16 B of 4-bit q          w = d·(q − 8)
     Q4_1  32 values, 20 B: d f16, m f16, 16 B of 4-bit q   w = d·q + m
     Q5_0  32 values, 22 B: d f16, 4 B of high bits, 16 B   w = d·(q − 16), q 5-bit
+    Q5_1  32 values, 24 B: d, m f16, 4 B of high bits, 16 B w = d·q + m, q 5-bit
     Q8_0  32 values, 34 B: d f16, 32 int8                  w = d·q
     Q4_K 256 values, 144 B: d, dmin f16, 12 B of eight 6-bit (scale, min) pairs, 128 B of 4-bit q
                             w = (d·sc)·q − (dmin·m) per 32 values
+    Q5_K 256 values, 176 B: as Q4_K, plus 32 B of high bits (q 5-bit)
     Q6_K 256 values, 210 B: 128 B low 4 bits, 64 B high 2 bits, sixteen int8 scales, d f16
                             w = (d·sc)·(q − 32) per 16 values
 
 `dequantize` reproduces `gguf.quants.dequantize` bit for bit, in the same float32 operations: every
 product of a scale and a quant is exact in float32 (at most 24 significant bits), so each value is
-rounded once, at the final add or subtract. The compiled kernels form the same values. It runs on
-any device (the fallback when no kernel is available, and the path on CUDA), and decodes embedding
-rows.
+rounded once, at the final add or subtract. It runs on any device (the fallback when no kernel is
+available, and the path on CUDA), and decodes embedding rows. The compiled kernels multiply the
+same quants and scales by integer arithmetic (kernels.py).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class BlockFormat:
     ggml_type: int  # gguf.GGMLQuantizationType value
     block_size: int  # values per block
     type_size: int  # bytes per block
-    code: int  # the format's number in the compiled kernels (csrc/gguf_linear.cpp)
+    code: int  # the format's number in the compiled kernels (csrc/qgemm.cpp)
     half_offsets: tuple[int, ...]  # byte offsets of the f16 scale fields in a block (d first)
 
     def row_bytes(self, cols: int) -> int:
@@ -56,6 +58,8 @@ FORMATS: dict[str, BlockFormat] = {
         BlockFormat("Q8_0", 8, 32, 34, 3, (0,)),
         BlockFormat("Q4_K", 12, 256, 144, 4, (0, 2)),
         BlockFormat("Q6_K", 14, 256, 210, 5, (208,)),
+        BlockFormat("Q5_1", 7, 32, 24, 6, (0, 2)),
+        BlockFormat("Q5_K", 13, 256, 176, 7, (0, 2)),
     )
 }
 
@@ -89,13 +93,21 @@ def _q4_1(b: Tensor) -> Tensor:
     return _half(b, 0) * _nibbles(b[..., 4:20]).float() + _half(b, 2)
 
 
-def _q5_0(b: Tensor) -> Tensor:
-    qh = b[..., 2:6].to(torch.int32)
+def _five_bit(qh: Tensor, qs: Tensor) -> Tensor:  # qh [..., 4], qs [..., 16] uint8 -> [..., 32] quants 0..31
+    qh = qh.to(torch.int32)
     bits = qh[..., 0] | (qh[..., 1] << 8) | (qh[..., 2] << 16) | (qh[..., 3] << 24)  # [...] the 32 high bits
-    shifts = torch.arange(32, device=b.device, dtype=torch.int32)
+    shifts = torch.arange(32, device=qh.device, dtype=torch.int32)
     high = ((bits.unsqueeze(-1) >> shifts) & 1).to(torch.uint8) << 4
-    q = (_nibbles(b[..., 6:22]) | high).to(torch.int8) - 16
+    return _nibbles(qs) | high
+
+
+def _q5_0(b: Tensor) -> Tensor:
+    q = _five_bit(b[..., 2:6], b[..., 6:22]).to(torch.int8) - 16
     return _half(b, 0) * q.float()
+
+
+def _q5_1(b: Tensor) -> Tensor:
+    return _half(b, 0) * _five_bit(b[..., 4:8], b[..., 8:24]).float() + _half(b, 2)
 
 
 def _q8_0(b: Tensor) -> Tensor:
@@ -119,6 +131,17 @@ def _q4_k(b: Tensor) -> Tensor:
     return (d * q - dm).flatten(-2)
 
 
+def _q5_k(b: Tensor) -> Tensor:
+    sc, mn = k4_scales_mins(b[..., 4:16])
+    d = (_half(b, 0) * sc.float()).unsqueeze(-1)  # [..., 8, 1] exact
+    dm = (_half(b, 2) * mn.float()).unsqueeze(-1)
+    qs = b[..., 48:176].unflatten(-1, (4, 32))
+    low = torch.stack([qs & 0x0F, qs >> 4], dim=-2).flatten(-3, -2)  # [..., 8, 32]
+    shifts = torch.arange(8, dtype=torch.uint8, device=b.device).view(8, 1)
+    high = ((b[..., 16:48].unsqueeze(-2) >> shifts) & 1) << 4  # [..., 8, 32]: sub-block s uses bit s
+    return (d * (low | high).float() - dm).flatten(-2)
+
+
 def _q6_k(b: Tensor) -> Tensor:
     lead = b.shape[:-1]
     ql = b[..., 0:128].unflatten(-1, (2, 1, 64))
@@ -131,7 +154,8 @@ def _q6_k(b: Tensor) -> Tensor:
     return (d.unsqueeze(-1) * q.reshape(*lead, 16, 16).float()).flatten(-2)
 
 
-_DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q8_0": _q8_0, "Q4_K": _q4_k, "Q6_K": _q6_k}
+_DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0, "Q4_K": _q4_k,
+             "Q5_K": _q5_k, "Q6_K": _q6_k}
 
 
 def dequantize(blocks: Tensor, fmt: BlockFormat, cols: int) -> Tensor:
@@ -157,9 +181,9 @@ def random_blocks(fmt: BlockFormat, rows: int, cols: int, generator: torch.Gener
     blocks = torch.randint(0, 256, (nb, fmt.type_size), dtype=torch.uint8, generator=generator)
     for i, off in enumerate(fmt.half_offsets):
         value = torch.rand(nb, generator=generator) * scale + scale / 4
-        if fmt.name == "Q4_1" and i == 1:
-            value = -8 * value  # the min sits below zero, as a real block's does
-        elif fmt.name == "Q4_K" and i == 1:
-            value = 7.5 * value  # dmin·min about the middle of d·scale·q: values centred on zero
+        if fmt.name in ("Q4_1", "Q5_1") and i == 1:
+            value = (-8 if fmt.name == "Q4_1" else -16) * value  # the min sits below zero, as a real block's does
+        elif fmt.name in ("Q4_K", "Q5_K") and i == 1:
+            value = (7.5 if fmt.name == "Q4_K" else 15.5) * value  # dmin·min mid-range: values centred on zero
         blocks[:, off : off + 2] = value.to(torch.float16).view(torch.uint8).view(nb, 2)
     return blocks.reshape(rows, fmt.row_bytes(cols))

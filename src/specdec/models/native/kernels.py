@@ -1,19 +1,18 @@
-"""The compute kernels for GGUF blocks on the CPU: our compiled one, and PyTorch's int4 kernel.
+"""The compiled CPU kernels of the native path, built for this CPU on first use, and their Python calls.
 
-`csrc/gguf_linear.cpp` (the linear layers) and `csrc/attention.cpp` (a batch-invariant attention)
-are compiled on first use for the instruction set this CPU has (read at run time: AVX2 + FMA + F16C,
-else portable code), with torch's `cpp_extension` (g++/clang and ninja), into
-`$SPECDEC_CACHE/kernels/`; later processes load the cached library in milliseconds. They include only
-`ATen/Parallel.h` (torch's thread pool, so `torch.set_num_threads` applies) and are called through a C
-ABI with ctypes, which keeps that first build near ten seconds on two cores. Without a compiler the
-callers fall back to dequantizing per call (`formats.dequantize` + `F.linear`), which is exact but
-slow; `unavailable_reason()` says why.
+`csrc/qgemm.cpp` (the integer block kernels of the linear layers), `csrc/ops.cpp` (RMSNorm, rotary
+embedding, the float16 KV cache, attention, SiLU) and `csrc/attention.cpp` (a float32 attention for
+transformers models) are compiled with torch's `cpp_extension` (g++/clang and ninja) into
+`$SPECDEC_CACHE/kernels/`, once per instruction set; later processes load the cached library in
+milliseconds. They include only `ATen/Parallel.h` (torch's thread pool, so `torch.set_num_threads`
+applies) and are called through a C ABI with ctypes, which keeps a build near ten seconds.
 
-PyTorch's `_weight_int4pack_mm_for_cpu` computes w = (q − 8)·s + z per group of 32 from 4-bit q and
-float32 (s, z). Q4_0, Q4_1 and each Q4_K sub-block fit that form with s = d (·sc) and
-z = m + 8·d (Q4_1) or 8·d·sc − dmin·m (Q4_K); when z is exact in float32 the kernel forms the very
-values the file dequantizes to (the product is exact, one rounding at the add), so `int4pack_of`
-checks that and returns None otherwise.
+Instruction sets, best first (`ISAS`): "avx512vnni" (AVX-512 F/BW/VL/DQ + VNNI), "avxvnni" (AVX2 +
+AVX-VNNI), "avx2" (AVX2 + FMA + F16C) and "generic" (portable C++). The best one this CPU runs is
+used (`cpu_isa`); `SPECDEC_NATIVE_ISA` forces a lower one, so one machine can run and test
+every build below its own. Every build computes the same bits (csrc/simd.h), so the choice is a
+matter of speed only. Without a compiler the callers fall back to dequantizing per call;
+`unavailable_reason()` says why.
 """
 
 from __future__ import annotations
@@ -33,29 +32,49 @@ import torch
 from torch import Tensor
 
 from specdec.core.store import cache_dir
-from specdec.models.native.formats import BlockFormat, k4_scales_mins
+from specdec.models.native.formats import BlockFormat
 
 __all__ = [
-    "INT4_FORMATS",
+    "ISAS",
+    "ISA_ENV",
+    "attention",
     "cpu_isa",
     "exact_attention",
-    "gguf_linear",
-    "int4_exact",
-    "int4pack_linear",
-    "int4pack_of",
+    "kv_gather",
+    "kv_store",
+    "linear",
     "native_library",
+    "qgemm",
+    "quantize",
+    "repack",
+    "rmsnorm",
+    "rope",
+    "runnable_isas",
+    "silu_mul",
     "unavailable_reason",
 ]
 
 log = logging.getLogger(__name__)
 
 CSRC_DIR = Path(__file__).with_name("csrc")
-SOURCES = ("gguf_linear.cpp", "attention.cpp")  # plus the header vec8.h they share
+SOURCES = ("qgemm.cpp", "ops.cpp", "attention.cpp")
+HEADERS = ("simd.h", "vec8.h")
+ISA_ENV = "SPECDEC_NATIVE_ISA"
+_COMMON = ["-O3", "-ffp-contract=off", "-fopenmp", "-std=c++17"]
 ISA_FLAGS = {
-    "avx2": ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"],
-    "generic": ["-O3", "-ffp-contract=off", "-fopenmp"],
+    "avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c",
+                   "-DSPECDEC_ISA_AVX512VNNI"],
+    "avxvnni": ["-mavx2", "-mfma", "-mf16c", "-mavxvnni", "-DSPECDEC_ISA_AVXVNNI"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DSPECDEC_ISA_AVX2"],
+    "generic": [],
 }
-INT4_FORMATS = ("Q4_0", "Q4_1", "Q4_K")
+ISAS = tuple(ISA_FLAGS)
+_NEEDS = {  # /proc/cpuinfo flags each build needs
+    "avx512vnni": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx2", "fma", "f16c"},
+    "avxvnni": {"avx_vnni", "avx2", "fma", "f16c"},
+    "avx2": {"avx2", "fma", "f16c"},
+    "generic": set(),
+}
 
 _lock = threading.Lock()
 
@@ -72,14 +91,26 @@ def _cpu_flags() -> set[str] | None:
     return None
 
 
-def cpu_isa() -> str:
-    """'avx2' when this CPU runs AVX2, FMA and F16C (checked now, on this machine), else 'generic'."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return "generic"
+def runnable_isas() -> list[str]:
+    """The builds this CPU can run, best first (read now, on this machine)."""
     flags = _cpu_flags()
-    if flags is not None and not {"avx2", "fma", "f16c"} <= flags:
-        return "generic"
-    return "avx2"
+    if flags is None:  # no /proc/cpuinfo (macOS): what torch itself dispatches to
+        cap = torch.backends.cpu.get_cpu_capability()
+        return ["avx2", "generic"] if cap in ("AVX2", "AVX512") else ["generic"]
+    return [isa for isa in ISAS if _NEEDS[isa] <= flags]
+
+
+def cpu_isa() -> str:
+    """The build to use: the best this CPU runs, or the lower one `SPECDEC_NATIVE_ISA` names."""
+    runnable = runnable_isas()
+    forced = os.environ.get(ISA_ENV, "").strip().lower()
+    if not forced:
+        return runnable[0]
+    if forced not in ISA_FLAGS:
+        raise ValueError(f"{ISA_ENV}={forced!r} is not an instruction set; known: {', '.join(ISAS)}")
+    if forced not in runnable:
+        raise ValueError(f"{ISA_ENV}={forced} cannot run on this CPU (it runs {', '.join(runnable)})")
+    return forced
 
 
 def _ensure_ninja() -> None:
@@ -103,22 +134,41 @@ def _build(isa: str) -> Path:
     _ensure_ninja()
     if shutil.which("ninja") is None:
         raise RuntimeError("ninja is not installed (pip install ninja)")
-    text = b"".join((CSRC_DIR / f).read_bytes() for f in (*SOURCES, "vec8.h"))
-    digest = hashlib.sha256(text + " ".join(ISA_FLAGS[isa]).encode()).hexdigest()[:10]
+    flags = _COMMON + ISA_FLAGS[isa]
+    text = b"".join((CSRC_DIR / f).read_bytes() for f in (*SOURCES, *HEADERS))
+    digest = hashlib.sha256(text + " ".join(flags).encode()).hexdigest()[:10]
     tag = f"{isa}-torch{torch.__version__.split('+')[0]}-py{sys.version_info[0]}{sys.version_info[1]}-{digest}"
     build_dir = cache_dir() / "kernels" / f"native-{platform.machine()}-{tag}"
     build_dir.mkdir(parents=True, exist_ok=True)
     name = f"specdec_native_{isa}"
     lib = build_dir / f"{name}.so"
     if not lib.is_file():
-        log.info("Compiling the GGUF kernels for %s into %s (once, ~10-60 s)", isa, build_dir)
+        log.info("Compiling the native kernels for %s into %s (once, ~10-60 s)", isa, build_dir)
     cpp_extension.load(
-        name=name, sources=[str(CSRC_DIR / f) for f in SOURCES], extra_cflags=ISA_FLAGS[isa],
+        name=name, sources=[str(CSRC_DIR / f) for f in SOURCES], extra_cflags=flags,
         extra_ldflags=["-fopenmp"], extra_include_paths=[str(CSRC_DIR)],
         build_directory=str(build_dir), is_python_module=False, verbose=False,
     )
     return lib
 
+
+_I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+_SIGNATURES = {  # name: (restype, argtypes)
+    "specdec_isa": (ctypes.c_char_p, []),
+    "specdec_repacked_bytes": (_I64, [_I64, _I64, _I64]),
+    "specdec_repack": (ctypes.c_int, [_I64, _PTR, _I64, _I64, _PTR]),
+    "specdec_quantized_bytes": (_I64, [_I64, _I64, _I64]),
+    "specdec_quantize": (ctypes.c_int, [_I64, _PTR, _I64, _I64, _I64, _PTR]),
+    "specdec_qgemm": (ctypes.c_int, [_I64, _PTR, _I64, _I64, _PTR, _I64, _PTR, _PTR, _I64]),
+    "specdec_rmsnorm": (ctypes.c_int, [_PTR, _PTR, _PTR, _F32, _I64, _I64, _PTR]),
+    "specdec_rope": (ctypes.c_int, [_PTR, _I64, _I64, _I64, _PTR, _PTR]),
+    "specdec_kv_store": (ctypes.c_int, [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _I64]),
+    "specdec_kv_gather": (ctypes.c_int, [_PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64]),
+    "specdec_attention": (ctypes.c_int, [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR,
+                                         _F32, _PTR]),
+    "specdec_silu_mul": (ctypes.c_int, [_PTR, _PTR, _I64, _PTR]),
+    "specdec_exact_attention": (ctypes.c_int, [_PTR, *[_I64] * 5, _PTR, _PTR, *[_I64] * 7, _PTR, _I64, _I64, _F32, _PTR]),
+}
 
 _reasons: dict[str, str] = {}
 
@@ -132,21 +182,13 @@ def _library(isa: str) -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(_build(isa)))
     except Exception as exc:  # no compiler, no ninja, a failed build: fall back, and say why
         first = (str(exc).strip().splitlines() or [""])[0]
-        _reasons[isa] = f"the GGUF kernels could not be built ({type(exc).__name__}: {first})"
+        _reasons[isa] = f"the native kernels could not be built ({type(exc).__name__}: {first})"
         log.warning("%s; --weights native falls back to dequantizing per call (slow)", _reasons[isa])
         return None
-    lib.specdec_gguf_linear.restype = ctypes.c_int
-    lib.specdec_gguf_linear.argtypes = [
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-        ctypes.c_void_p, ctypes.c_void_p,
-    ]
-    lib.specdec_exact_attention.restype = ctypes.c_int
-    lib.specdec_exact_attention.argtypes = [
-        ctypes.c_void_p, *[ctypes.c_int64] * 5, ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 7,
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p,
-    ]
-    lib.specdec_gguf_isa.restype = ctypes.c_int
-    built = "avx2" if lib.specdec_gguf_isa() == 1 else "generic"
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    built = lib.specdec_isa().decode()
     if built != isa:
         _reasons[isa] = f"the kernel library built for {isa} reports {built} (compiler flags not honoured)"
         return None
@@ -154,14 +196,18 @@ def _library(isa: str) -> ctypes.CDLL | None:
 
 
 def native_library(isa: str | None = None) -> ctypes.CDLL | None:
-    """The compiled kernels (built on first call) for `isa` (default: this CPU's), or None.
+    """The compiled kernels (built on first call) for `isa`, or None; `unavailable_reason()` says why.
 
-    `unavailable_reason()` says why it is None. "generic" works on any CPU (tests use it to check the
-    portable code on an AVX2 machine).
+    Default: `cpu_isa()`, or the next build down when that one cannot be built here.
     """
-    isa = isa or cpu_isa()
+    if isa is None:
+        best = cpu_isa()
+        for candidate in ISAS[ISAS.index(best):]:
+            if candidate in runnable_isas() and native_library(candidate) is not None:
+                return native_library(candidate)
+        return None
     if isa not in ISA_FLAGS:
-        raise ValueError(f"unknown instruction set {isa!r}; known: {', '.join(ISA_FLAGS)}")
+        raise ValueError(f"unknown instruction set {isa!r}; known: {', '.join(ISAS)}")
     with _lock:
         return _library(isa)
 
@@ -172,31 +218,128 @@ def unavailable_reason(isa: str | None = None) -> str | None:
     return None if native_library(isa) is not None else _reasons.get(isa, "unknown")
 
 
-def gguf_linear(
-    x: Tensor, blocks: Tensor, fmt: BlockFormat, bias: Tensor | None = None, isa: str | None = None
-) -> Tensor:
-    """y = x · Wᵀ (+ bias) on the compiled kernel.
-
-    x [M, K] float32 contiguous (CPU); blocks [N, row_bytes] uint8 contiguous; bias [N] float32 or None
-    -> [M, N] float32. Each row of the result is the same whatever M (batch-invariant).
-    """
+def _lib(isa: str | None) -> ctypes.CDLL:
     lib = native_library(isa)
     if lib is None:
-        raise RuntimeError(unavailable_reason(isa) or "the GGUF kernels are not available")
-    m, k = x.shape
-    n = blocks.shape[0]
-    if (x.dtype != torch.float32 or not x.is_contiguous() or x.device.type != "cpu" or blocks.dtype != torch.uint8
-            or not blocks.is_contiguous() or blocks.shape[1] != fmt.row_bytes(k)):
-        raise ValueError(f"gguf_linear: bad arguments x {tuple(x.shape)} {x.dtype}, blocks {tuple(blocks.shape)} "
-                         f"{blocks.dtype} for {fmt.name} rows of {k} values")
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.numel() != n):
-        raise ValueError(f"gguf_linear: bias must be contiguous float32 [{n}]")
-    y = torch.empty(m, n, dtype=torch.float32)
-    rc = lib.specdec_gguf_linear(x.data_ptr(), m, k, blocks.data_ptr(), n, fmt.code,
-                                 bias.data_ptr() if bias is not None else None, y.data_ptr())
+        raise RuntimeError(unavailable_reason(isa) or "the native kernels are not available")
+    return lib
+
+
+def _check(rc: int, what: str) -> None:
     if rc != 0:
-        raise ValueError(f"gguf_linear: the kernel refused {fmt.name} with K={k}")
-    return y
+        raise ValueError(f"{what}: the kernel refused its arguments")
+
+
+def _f32(*tensors: Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+# ---- linear layers ---------------------------------------------------------------------------------
+def repack(blocks: Tensor, fmt: BlockFormat, cols: int, isa: str | None = None) -> Tensor:
+    """The kernel's layout of a weight: blocks [N, row_bytes] uint8 (the file's rows) -> uint8 [bytes].
+
+    Panels of 16 rows, block by block (N padded to 16 with zero rows); the same bytes for every build.
+    """
+    lib = _lib(isa)
+    n = blocks.shape[0]
+    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != fmt.row_bytes(cols):
+        raise ValueError(f"repack: expected uint8 [{n}, {fmt.row_bytes(cols)}] {fmt.name} rows of {cols} values")
+    blocks = blocks.contiguous()
+    out = torch.empty(lib.specdec_repacked_bytes(fmt.code, n, cols), dtype=torch.uint8)
+    _check(lib.specdec_repack(fmt.code, blocks.data_ptr(), n, cols, out.data_ptr()), "repack")
+    return out
+
+
+def quantize(x: Tensor, fmt: BlockFormat, isa: str | None = None) -> Tensor:
+    """x [M, K] float32 -> its rows quantized to int8 blocks for weights of `fmt` (uint8 bytes)."""
+    lib = _lib(isa)
+    m, k = x.shape
+    if not _f32(x) or k % fmt.block_size:
+        raise ValueError(f"quantize: x must be contiguous float32 [M, K] with K a multiple of {fmt.block_size}")
+    out = torch.empty(lib.specdec_quantized_bytes(fmt.code, m, k), dtype=torch.uint8)
+    _check(lib.specdec_quantize(fmt.code, x.data_ptr(), m, k, k, out.data_ptr()), "quantize")
+    return out
+
+
+def qgemm(xq: Tensor, rows: int, cols: int, packed: Tensor, fmt: BlockFormat, out_features: int,
+          bias: Tensor | None = None, out: Tensor | None = None, isa: str | None = None) -> Tensor:
+    """y = x·Wᵀ (+ bias): xq from `quantize` ([rows, cols] of x), packed from `repack` -> [rows, N] float32.
+
+    bias: float32 [N rounded up to 16] or None. Each output row depends on its input row only.
+    """
+    lib = _lib(isa)
+    if out is None:
+        out = torch.empty(rows, out_features, dtype=torch.float32)
+    if bias is not None and (not _f32(bias) or bias.numel() < -(-out_features // 16) * 16):
+        raise ValueError("qgemm: bias must be contiguous float32, padded to a multiple of 16")
+    _check(lib.specdec_qgemm(fmt.code, xq.data_ptr(), rows, cols, packed.data_ptr(), out_features,
+                             bias.data_ptr() if bias is not None else None, out.data_ptr(), out.stride(0)), "qgemm")
+    return out
+
+
+def linear(x: Tensor, packed: Tensor, fmt: BlockFormat, out_features: int, bias: Tensor | None = None,
+           isa: str | None = None) -> Tensor:
+    """x [M, K] float32 -> [M, N]: quantize the rows, then `qgemm`."""
+    m, k = x.shape
+    return qgemm(quantize(x, fmt, isa), m, k, packed, fmt, out_features, bias, isa=isa)
+
+
+# ---- the rest of a layer ---------------------------------------------------------------------------
+def rmsnorm(x: Tensor, weight: Tensor, eps: float, out: Tensor, residual: Tensor | None = None,
+            isa: str | None = None) -> Tensor:
+    """out = rmsnorm(x (+= residual, in place)) · weight; x, residual, out [M, D] float32."""
+    m, d = x.shape
+    if not _f32(x, weight, out) or (residual is not None and not _f32(residual)):
+        raise ValueError("rmsnorm: contiguous float32 CPU tensors expected")
+    _check(_lib(isa).specdec_rmsnorm(x.data_ptr(), residual.data_ptr() if residual is not None else None,
+                                     weight.data_ptr(), float(eps), m, d, out.data_ptr()), "rmsnorm")
+    return out
+
+
+def rope(x: Tensor, table: Tensor, positions: Tensor, isa: str | None = None) -> None:
+    """Rotate x [T, heads, d] in place; table [P, d] = cos | sin halves per position; positions [T] int64."""
+    t, heads, d = x.shape
+    if not _f32(x, table) or positions.dtype != torch.int64 or int(positions.max(initial=0)) >= table.shape[0]:
+        raise ValueError("rope: float32 x and table, int64 positions within the table expected")
+    _check(_lib(isa).specdec_rope(x.data_ptr(), t, heads, d, table.data_ptr(), positions.data_ptr()), "rope")
+
+
+def kv_store(k: Tensor, v: Tensor, rows: Tensor | None, slots: Tensor, kt: Tensor, vc: Tensor,
+             isa: str | None = None) -> None:
+    """Write k, v [T, Hkv, d] float32 to float16 caches kt [R, Hkv, d, cap], vc [R, Hkv, cap, d]:
+    token t to row rows[t] (None: row 0), slot slots[t] (int64 [T])."""
+    t, hkv, d = k.shape
+    r, _, cap, _ = vc.shape
+    _check(_lib(isa).specdec_kv_store(k.data_ptr(), v.data_ptr(), t, hkv, d, rows.data_ptr() if rows is not None else None,
+                                      slots.data_ptr(), kt.data_ptr(), vc.data_ptr(), r, cap), "kv_store")
+
+
+def kv_gather(kt: Tensor, vc: Tensor, dst: int, src: Tensor, isa: str | None = None) -> None:
+    """One row's cache (kt [Hkv, d, cap], vc [Hkv, cap, d]): slots dst + i take slot src[i] (src [n] int64)."""
+    hkv, cap, d = vc.shape
+    _check(_lib(isa).specdec_kv_gather(kt.data_ptr(), vc.data_ptr(), hkv, d, cap, dst, src.data_ptr(), src.numel()),
+           "kv_gather")
+
+
+def attention(q: Tensor, kt: Tensor, vc: Tensor, rows: Tensor | None, prefix: Tensor, vis: Tensor, vis_off: Tensor,
+              scale: float, out: Tensor, isa: str | None = None) -> Tensor:
+    """Attention of q [T, H, d] over float16 caches (kt [R, Hkv, d, cap], vc [R, Hkv, cap, d]) -> out [T, H, d].
+
+    Query t reads row rows[t] (None: row 0) and sees its slots [0, prefix[t]) and then the slots
+    vis[vis_off[t]:vis_off[t+1]] (int64, increasing).
+    """
+    t, h, d = q.shape
+    r, hkv, cap, _ = vc.shape
+    _check(_lib(isa).specdec_attention(q.data_ptr(), t, h, hkv, d, kt.data_ptr(), vc.data_ptr(), r, cap,
+                                       rows.data_ptr() if rows is not None else None, prefix.data_ptr(), vis.data_ptr(),
+                                       vis_off.data_ptr(), float(scale), out.data_ptr()), "attention")
+    return out
+
+
+def silu_mul(gate: Tensor, up: Tensor, out: Tensor, isa: str | None = None) -> Tensor:
+    """out = silu(gate)·up, element-wise (float32, same shape; out may be gate)."""
+    _check(_lib(isa).specdec_silu_mul(gate.data_ptr(), up.data_ptr(), gate.numel(), out.data_ptr()), "silu_mul")
+    return out
 
 
 def exact_attention(
@@ -207,10 +350,9 @@ def exact_attention(
     scale: float,
     isa: str | None = None,
 ) -> Tensor:  # [n, H, dv] float32
-    """softmax(scale·q·kᵀ + mask)·v per head and row, each (row, head) in one fixed order (batch-invariant)."""
-    lib = native_library(isa)
-    if lib is None:
-        raise RuntimeError(unavailable_reason(isa) or "the compiled kernels are not available")
+    """softmax(scale·q·kᵀ + mask)·v per head and row, each (row, head) in one fixed order (batch-invariant);
+    for transformers models (`attention.py`)."""
+    lib = _lib(isa)
     h, n, d = q.shape
     hkv, length, dv = v.shape
     tensors = [q, k, v] + ([mask] if mask is not None else [])
@@ -227,58 +369,3 @@ def exact_attention(
     if rc != 0:
         raise ValueError(f"exact_attention: the kernel refused heads {h}/{hkv}, head sizes {d}/{dv}")
     return out
-
-
-# ---- PyTorch's int4 kernel ---------------------------------------------------------------------------
-def _int4_fields(
-    blocks: Tensor, fmt: BlockFormat, cols: int, quants: bool = True
-) -> tuple[Tensor | None, Tensor, Tensor]:
-    """(q [N, K] int32 in 0..15 or None, s [N, K/32] float64, z [N, K/32] float64): w = (q − 8)·s + z."""
-    n = blocks.shape[0]
-    b = blocks.reshape(n, cols // fmt.block_size, fmt.type_size)
-
-    def half(off: int) -> Tensor:
-        return b[..., off : off + 2].contiguous().view(torch.float16).double()
-
-    if fmt.name in ("Q4_0", "Q4_1"):
-        start = 2 if fmt.name == "Q4_0" else 4
-        qs = b[..., start : start + 16]
-        q = torch.cat([qs & 0x0F, qs >> 4], dim=-1) if quants else None  # [N, nb, 32]
-        s = half(0).squeeze(-1)
-        z = torch.zeros_like(s) if fmt.name == "Q4_0" else half(2).squeeze(-1) + 8 * s
-    elif fmt.name == "Q4_K":
-        sc, mn = k4_scales_mins(b[..., 4:16])
-        s = half(0) * sc.double()  # [N, nb, 8]
-        z = 8 * s - half(2) * mn.double()
-        qs = b[..., 16:144].unflatten(-1, (4, 32))
-        q = torch.stack([qs & 0x0F, qs >> 4], dim=-2).flatten(-3, -2) if quants else None  # [N, nb, 8, 32]
-    else:
-        raise ValueError(f"{fmt.name} has no int4 form")
-    q = q.reshape(n, cols).to(torch.int32) if q is not None else None
-    return q, s.reshape(n, -1), z.reshape(n, -1)
-
-
-def int4_exact(blocks: Tensor, fmt: BlockFormat, cols: int) -> bool:
-    """Whether `_weight_int4pack_mm_for_cpu` can form exactly the values of these rows (see the module doc)."""
-    op = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
-    if fmt.name not in INT4_FORMATS or op is None or blocks.device.type != "cpu" or blocks.shape[0] % 16:
-        return False  # the op packs 16 output rows together
-    _, s, z = _int4_fields(blocks, fmt, cols, quants=False)
-    return bool(torch.equal(s.float().double(), s) and torch.equal(z.float().double(), z))
-
-
-def int4pack_of(blocks: Tensor, fmt: BlockFormat, cols: int) -> tuple[Tensor, Tensor] | None:
-    """(packed weight, scales_and_zeros [K/32, N, 2]) for `_weight_int4pack_mm_for_cpu`, or None when
-    `int4_exact` is False."""
-    if not int4_exact(blocks, fmt, cols):
-        return None
-    q, s, z = _int4_fields(blocks, fmt, cols)
-    # One call for the whole matrix: the packed layout interleaves rows across more than 16 of them.
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    return packed, torch.stack([s.float(), z.float()], dim=-1).transpose(0, 1).contiguous()
-
-
-def int4pack_linear(x: Tensor, packed: Tensor, scales_zeros: Tensor, bias: Tensor | None = None) -> Tensor:
-    """y = x · Wᵀ (+ bias) on PyTorch's int4 kernel: x [M, K] float32 -> [M, N] float32."""
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, scales_zeros)
-    return y + bias if bias is not None else y

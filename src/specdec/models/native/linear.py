@@ -1,17 +1,16 @@
 """`GGUFLinear` and `GGUFEmbedding`: drop-in modules for `nn.Linear` and `nn.Embedding` whose weight
 is a GGUF file's quantized rows, kept as they are in the file.
 
-`GGUFLinear.forward(x [..., in]) -> [..., out]` multiplies the rows' dequantized values (exactly the
-float32 values `gguf` dequantizes to) with float32 activations, accumulating in float32. It runs one
-of several kernels, all of them exact in that sense (they differ only in summation order):
+`GGUFLinear.forward(x [..., in]) -> [..., out]` runs one of two kernels:
 
-    "gguf"      our compiled CPU kernel (`kernels.gguf_linear`): every format; each output row is the
-                same whatever the number of input rows (batch-invariant), so a k-token verification
-                pass scores each token exactly as a 1-token decoding step does
-    "int4pack"  PyTorch's `_weight_int4pack_mm_for_cpu` (Q4_0, Q4_1, Q4_K where the file's values fit
-                its form exactly; repacked on first use); its own summation order
+    "gguf"      our compiled CPU kernel (`kernels.linear`): each input row quantized to int8 per
+                block on its own, integer dot products against the file's quants, one fixed float
+                order across blocks; each output row is the same bits whatever the number of input
+                rows (batch-invariant), so a k-token verification pass scores each token exactly
+                as a 1-token decoding step does (docs/algorithms.md §15)
     "dequant"   dequantize the whole weight per call and `F.linear` (any device: CUDA, or a CPU
-                without a compiler); exact values, but slow on the CPU and not batch-invariant
+                without a compiler): the file's exact values against float activations, but slow
+                on the CPU and not batch-invariant
 
 `kernels()` lists those that apply to a layer here; `kernel` is the one in use (default: "gguf"
 when it is built, else "dequant"; inputs on another device than the CPU always take "dequant").
@@ -24,20 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from specdec.models.native import kernels as native_kernels
 from specdec.models.native.formats import BlockFormat, dequantize, format_of
-from specdec.models.native.kernels import (
-    INT4_FORMATS,
-    gguf_linear,
-    int4_exact,
-    int4pack_linear,
-    int4pack_of,
-    native_library,
-    unavailable_reason,
-)
 
 __all__ = ["KERNELS", "GGUFEmbedding", "GGUFLinear"]
 
-KERNELS = ("gguf", "int4pack", "dequant")
+KERNELS = ("gguf", "dequant")
 
 
 class GGUFLinear(nn.Module):
@@ -64,44 +55,33 @@ class GGUFLinear(nn.Module):
         # Buffers (not parameters, not in state dicts): the blocks are the file's bytes, not trainable weights.
         self.register_buffer("blocks", blocks.contiguous(), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous(), persistent=False)
-        self._int4_ok: bool | None = None  # can the int4 kernel form these values? (checked on demand)
-        self._int4: tuple[Tensor, Tensor] | None = None  # its repacked weight, made when first chosen
+        self._packed: Tensor | None = None  # the compiled kernel's layout of the blocks, made when first used
+        self._bias16: Tensor | None = None  # the bias padded to whole 16-output panels
         self.kernel = "dequant"
-        self.set_kernel(kernel or ("gguf" if native_library() is not None else "dequant"))
+        self.set_kernel(kernel or ("gguf" if native_kernels.native_library() is not None else "dequant"))
 
     # ---- kernel choice -------------------------------------------------------------------------
     def kernels(self) -> list[str]:
-        """The kernels that compute this layer exactly on this machine (see the module docstring)."""
-        out = []
-        if self.blocks.device.type == "cpu":
-            if native_library() is not None:
-                out.append("gguf")
-            if self._int4_exact():
-                out.append("int4pack")
-        out.append("dequant")
-        return out
+        """The kernels that compute this layer on this machine (see the module docstring)."""
+        usable = self.blocks.device.type == "cpu" and native_kernels.native_library() is not None
+        return ["gguf", "dequant"] if usable else ["dequant"]
 
     def set_kernel(self, name: str) -> None:
         """Use kernel `name` from now on; ValueError when it does not apply to this layer here."""
         if name not in KERNELS:
             raise ValueError(f"unknown GGUF kernel {name!r}; known: {', '.join(KERNELS)}")
-        if name == "gguf" and native_library() is None:
-            raise ValueError(f"the compiled GGUF kernel is not available: {unavailable_reason()}")
-        if name == "int4pack":
-            if not self._int4_exact():
-                raise ValueError(
-                    f"PyTorch's int4 kernel cannot represent this {self.fmt.name} layer exactly "
-                    f"({self.out_features}x{self.in_features}); use 'gguf' or 'dequant'"
-                )
-            if self._int4 is None:
-                self._int4 = int4pack_of(self.blocks, self.fmt, self.in_features)
+        if name == "gguf" and native_kernels.native_library() is None:
+            raise ValueError(f"the compiled GGUF kernel is not available: {native_kernels.unavailable_reason()}")
         self.kernel = name
 
-    def _int4_exact(self) -> bool:
-        if self._int4_ok is None:
-            self._int4_ok = (self.blocks.device.type == "cpu" and self.fmt.name in INT4_FORMATS
-                             and int4_exact(self.blocks, self.fmt, self.in_features))
-        return self._int4_ok
+    def packed(self) -> Tensor:
+        """The blocks in the compiled kernel's layout (made on first use, CPU)."""
+        if self._packed is None:
+            self._packed = native_kernels.repack(self.blocks, self.fmt, self.in_features)
+            if self.bias is not None:
+                self._bias16 = torch.zeros(-(-self.out_features // 16) * 16)
+                self._bias16[: self.out_features] = self.bias
+        return self._packed
 
     # ---- compute -------------------------------------------------------------------------------
     def dequantized_weight(self) -> Tensor:
@@ -117,21 +97,15 @@ class GGUFLinear(nn.Module):
             w = self.dequantized_weight().to(x.dtype)
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x2, w, bias).reshape(*lead, self.out_features)
-        xf = x2.float().contiguous()
-        if self.kernel == "gguf":
-            y = gguf_linear(xf, self.blocks, self.fmt, self.bias)
-        else:
-            assert self._int4 is not None
-            y = int4pack_linear(xf, *self._int4, self.bias)
+        packed = self.packed()
+        y = native_kernels.linear(x2.float().contiguous(), packed, self.fmt, self.out_features, self._bias16)
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
-    def _apply(self, fn, recurse=True):  # .to(device) and friends: the int4 repack belongs to the old place
-        self._int4_ok, self._int4 = None, None
+    def _apply(self, fn, recurse=True):  # .to(device) and friends: the packed copy belongs to the old place
+        self._packed, self._bias16 = None, None
         out = super()._apply(fn, recurse)
-        if self.kernel == "int4pack":
+        if self.blocks.device.type != "cpu":
             self.kernel = "dequant"
-            if self.blocks.device.type == "cpu":
-                self.set_kernel("int4pack")
         return out
 
     def extra_repr(self) -> str:

@@ -1,0 +1,277 @@
+"""A lean forward pass for llama-family GGUF models on the native kernels (`NativeModel`).
+
+The transformers model that `load.py` builds around a GGUF file's blocks (GGUFLinear layers) is
+correct for any architecture, but each of its modules costs Python and dispatch time that a
+~30 ms decoding step cannot afford. For the architectures whose decoder layer is the llama layer
+(llama, mistral, qwen2: RMSNorm, rotary embedding, grouped-query attention with optional q/k/v
+biases, SiLU-gated MLP) `NativeModel` runs the same computation as a short sequence of compiled
+calls per layer (kernels.py): every linear layer on the integer block kernel, attention over a
+float16 KV cache, norms, rotary embedding and SiLU in one fixed order per token. Each token's
+result depends on that token's row and on the cache entries it attends to, never on what else is in
+the pass, so a chain or tree pass of k tokens scores each exactly as k one-token steps
+(docs/algorithms.md §15).
+
+`forward` takes a flat list of tokens, each with its position, the cache row and slot its K/V go to,
+and the cache slots it attends to; a single sequence (`lm.NativeLM`) and many sequences in one pass
+(`lm.BatchedNativeModel`) are both this call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from specdec.models.native import kernels
+from specdec.models.native.formats import BlockFormat, UnsupportedFormat
+from specdec.models.native.linear import GGUFEmbedding, GGUFLinear
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "KVCache", "NativeModel", "QLinear"]
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+class QLinear:
+    """A weight in the compiled kernel's layout: y [M, out] = x [M, in] · Wᵀ (+ bias)."""
+
+    def __init__(self, blocks: Tensor, fmt: BlockFormat, in_features: int, bias: Tensor | None = None) -> None:
+        self.fmt, self.in_features, self.out_features = fmt, int(in_features), int(blocks.shape[0])
+        self.packed = kernels.repack(blocks, fmt, in_features)  # [bytes] uint8
+        self.bias: Tensor | None = None  # [out rounded up to 16] float32
+        if bias is not None:
+            self.bias = torch.zeros(-(-self.out_features // 16) * 16)
+            self.bias[: self.out_features] = bias.float()
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> "QLinear":
+        if not isinstance(layer, GGUFLinear):
+            raise UnsupportedFormat(f"{type(layer).__name__} is not a GGUF block layer")
+        return cls(layer.blocks, layer.fmt, layer.in_features, layer.bias)
+
+    def nbytes(self) -> int:
+        return self.packed.numel() + (self.bias.numel() * 4 if self.bias is not None else 0)
+
+
+@dataclass
+class NativeLayer:
+    ln1: Tensor  # [D] float32
+    ln2: Tensor
+    q: QLinear
+    k: QLinear
+    v: QLinear
+    o: QLinear
+    gate: QLinear
+    up: QLinear
+    down: QLinear
+
+
+class KVCache:
+    """Float16 keys and values per layer for `rows` sequences of `capacity` slots each.
+
+    kt[l] [rows, Hkv, d, capacity] (keys transposed: attention reads 16 slots of one dimension at a
+    time), vc[l] [rows, Hkv, capacity, d]. Slots hold whatever was written last: the attention call
+    says which ones a token sees.
+    """
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, rows: int = 1, capacity: int = 0) -> None:
+        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.rows, self.capacity = 0, 0
+        self.kt: list[Tensor] = []
+        self.vc: list[Tensor] = []
+        self.resize(rows, capacity)
+
+    def resize(self, rows: int, capacity: int) -> None:
+        """New buffers of `rows` × `capacity`; the slots both sizes have keep their contents."""
+        if (rows, capacity) == (self.rows, self.capacity):
+            return
+        r, c = min(rows, self.rows), min(capacity, self.capacity)
+        kts, vcs = [], []
+        for layer in range(self.num_layers):
+            kt = torch.empty(rows, self.kv_heads, self.head_dim, capacity, dtype=torch.float16)
+            vc = torch.empty(rows, self.kv_heads, capacity, self.head_dim, dtype=torch.float16)
+            if r and c:
+                kt[:r, :, :, :c] = self.kt[layer][:r, :, :, :c]
+                vc[:r, :, :c] = self.vc[layer][:r, :, :c]
+            kts.append(kt)
+            vcs.append(vc)
+        self.kt, self.vc, self.rows, self.capacity = kts, vcs, rows, capacity
+
+    def gather(self, row: int, dst: int, src: Tensor) -> None:
+        """Row `row`: slots dst + i take the K/V of slot src[i] (src [n] int64), every layer."""
+        src = src.to(torch.int64).contiguous()
+        for kt, vc in zip(self.kt, self.vc):
+            kernels.kv_gather(kt[row], vc[row], dst, src)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * 2 for t in (*self.kt, *self.vc))
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return t.data_ptr() if t is not None else None
+
+
+class NativeModel:
+    """The weights of a llama-family decoder in the kernels' layouts, and one forward pass over tokens."""
+
+    def __init__(self, config, embed: GGUFEmbedding, layers: list[NativeLayer], norm: Tensor, head: QLinear,
+                 rotary: nn.Module, eps: float) -> None:
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        self.config = config
+        self.hidden = int(text.hidden_size)
+        self.heads = int(text.num_attention_heads)
+        self.kv_heads = int(getattr(text, "num_key_value_heads", None) or self.heads)
+        self.head_dim = int(getattr(text, "head_dim", None) or self.hidden // self.heads)
+        self.intermediate = layers[0].gate.out_features
+        self.vocab_size = head.out_features
+        self.context_length = int(getattr(text, "max_position_embeddings", 1 << 20))
+        self.embed, self.layers, self.norm, self.head = embed, layers, norm, head
+        self.rotary, self.eps = rotary, float(eps)
+        self.scale = self.head_dim**-0.5
+        self.num_layers = len(layers)
+        self._table = torch.empty(0, self.head_dim)
+        self.lib = kernels.native_library()
+
+    # ---- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, model: "PreTrainedModel") -> "NativeModel":
+        """The lean form of a transformers model built around GGUF blocks (`load.build_native_model`);
+        UnsupportedFormat says why a model has none (the caller keeps the transformers model)."""
+        config = model.config
+        why = unsupported_reason(model)
+        if why:
+            raise UnsupportedFormat(why)
+        inner = model.model
+        layers = []
+        for block in inner.layers:
+            att, mlp = block.self_attn, block.mlp
+            layers.append(NativeLayer(
+                block.input_layernorm.weight.detach().float().contiguous(),
+                block.post_attention_layernorm.weight.detach().float().contiguous(),
+                *(QLinear.of(m) for m in (att.q_proj, att.k_proj, att.v_proj, att.o_proj,
+                                          mlp.gate_proj, mlp.up_proj, mlp.down_proj)),
+            ))
+        return cls(config, inner.embed_tokens, layers, inner.norm.weight.detach().float().contiguous(),
+                   QLinear.of(model.get_output_embeddings()), inner.rotary_emb, inner.norm.variance_epsilon)
+
+    def nbytes(self) -> int:
+        """Bytes of weights held (packed layers, norms, the embedding's blocks)."""
+        layers = sum(getattr(l, n).nbytes() for l in self.layers for n in ("q", "k", "v", "o", "gate", "up", "down"))
+        return layers + self.head.nbytes() + self.embed.blocks.numel()
+
+    def new_cache(self, rows: int = 1, capacity: int = 0) -> KVCache:
+        return KVCache(self.num_layers, self.kv_heads, self.head_dim, rows, capacity)
+
+    # ---- the pass ------------------------------------------------------------------------------
+    def rope_table(self, length: int) -> Tensor:
+        """[≥ length, d] float32: cos of the first half-dimensions, then sin, per position."""
+        if self._table.shape[0] < length:
+            size = max(length, 2 * self._table.shape[0], 256)
+            pos = torch.arange(size).unsqueeze(0)
+            with torch.inference_mode():
+                cos, sin = self.rotary(torch.zeros(1, 1, self.head_dim), pos)
+            half = self.head_dim // 2
+            self._table = torch.cat([cos[0, :, :half], sin[0, :, :half]], dim=-1).float().contiguous()
+        return self._table
+
+    def _linear(self, w: QLinear, xq: Tensor, rows: int, out: Tensor) -> None:
+        rc = self.lib.specdec_qgemm(w.fmt.code, xq.data_ptr(), rows, w.in_features, w.packed.data_ptr(),
+                                    w.out_features, _ptr(w.bias), out.data_ptr(), out.stride(0))
+        if rc:
+            raise ValueError("native linear: the kernel refused its arguments")
+
+    def _quantized(self, x: Tensor, fmts: list[BlockFormat]) -> dict[int, Tensor]:
+        """x [M, K] quantized once per activation block size that `fmts` need."""
+        out: dict[int, Tensor] = {}
+        m, k = x.shape
+        for fmt in fmts:
+            if fmt.block_size not in out:
+                xq = torch.empty(self.lib.specdec_quantized_bytes(fmt.code, m, k), dtype=torch.uint8)
+                self.lib.specdec_quantize(fmt.code, x.data_ptr(), m, k, k, xq.data_ptr())
+                out[fmt.block_size] = xq
+        return out
+
+    def forward(
+        self,
+        ids: Tensor,  # [T] int64
+        positions: Tensor,  # [T] int64
+        cache: KVCache,
+        slots: Tensor,  # [T] int64: the cache slot each token's K/V go to
+        prefix: Tensor,  # [T] int64: token t sees its row's slots [0, prefix[t]) ...
+        vis: Tensor,  # [E] int64: ... then these slots, vis[vis_off[t]:vis_off[t+1]] (increasing)
+        vis_off: Tensor,  # [T + 1] int64
+        keep: Tensor | None = None,  # [K] int64: the tokens whose logits are returned (None: all)
+        rows: Tensor | None = None,  # [T] int64: each token's cache row (None: row 0)
+    ) -> Tensor:  # [K, V] float32 logits
+        t = ids.numel()
+        lib, hd, h, hkv = self.lib, self.head_dim, self.heads, self.kv_heads
+        x = self.embed(ids).float().contiguous()  # [T, D]
+        hid = torch.empty_like(x)
+        q, att = torch.empty(t, h * hd), torch.empty(t, h * hd)
+        k, v = torch.empty(t, hkv * hd), torch.empty(t, hkv * hd)
+        gate, up = torch.empty(t, self.intermediate), torch.empty(t, self.intermediate)
+        res = torch.empty_like(x)
+        table = self.rope_table(int(positions.max()) + 1)
+        args = [_ptr(a) for a in (positions, slots, rows, prefix, vis, vis_off)]
+        pos_p, slot_p, row_p, pre_p, vis_p, off_p = args
+        res_p = None
+        nrows, cap = cache.rows, cache.capacity
+        for i, layer in enumerate(self.layers):
+            lib.specdec_rmsnorm(x.data_ptr(), res_p, layer.ln1.data_ptr(), self.eps, t, self.hidden, hid.data_ptr())
+            xq = self._quantized(hid, [layer.q.fmt, layer.k.fmt, layer.v.fmt])
+            for w, out in ((layer.q, q), (layer.k, k), (layer.v, v)):
+                self._linear(w, xq[w.fmt.block_size], t, out)
+            lib.specdec_rope(q.data_ptr(), t, h, hd, table.data_ptr(), pos_p)
+            lib.specdec_rope(k.data_ptr(), t, hkv, hd, table.data_ptr(), pos_p)
+            kt, vc = cache.kt[i], cache.vc[i]
+            if lib.specdec_kv_store(k.data_ptr(), v.data_ptr(), t, hkv, hd, row_p, slot_p, kt.data_ptr(), vc.data_ptr(),
+                                    nrows, cap):
+                raise ValueError("native forward: a token's cache row or slot is out of range")
+            if lib.specdec_attention(q.data_ptr(), t, h, hkv, hd, kt.data_ptr(), vc.data_ptr(), nrows, cap, row_p,
+                                     pre_p, vis_p, off_p, self.scale, att.data_ptr()):
+                raise ValueError("native forward: bad attention arguments")
+            self._linear(layer.o, self._quantized(att, [layer.o.fmt])[layer.o.fmt.block_size], t, res)
+            lib.specdec_rmsnorm(x.data_ptr(), res.data_ptr(), layer.ln2.data_ptr(), self.eps, t, self.hidden,
+                                hid.data_ptr())
+            xq = self._quantized(hid, [layer.gate.fmt, layer.up.fmt])
+            self._linear(layer.gate, xq[layer.gate.fmt.block_size], t, gate)
+            self._linear(layer.up, xq[layer.up.fmt.block_size], t, up)
+            lib.specdec_silu_mul(gate.data_ptr(), up.data_ptr(), gate.numel(), gate.data_ptr())
+            self._linear(layer.down, self._quantized(gate, [layer.down.fmt])[layer.down.fmt.block_size], t, res)
+            res_p = res.data_ptr()
+        lib.specdec_rmsnorm(x.data_ptr(), res_p, self.norm.data_ptr(), self.eps, t, self.hidden, hid.data_ptr())
+        if keep is not None and keep.numel() != t:
+            hid = hid.index_select(0, keep).contiguous()
+        logits = torch.empty(hid.shape[0], self.vocab_size)
+        self._linear(self.head, self._quantized(hid, [self.head.fmt])[self.head.fmt.block_size], hid.shape[0], logits)
+        return logits
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why `NativeModel.from_hf` cannot take this transformers model (None: it can)."""
+    config = model.config
+    kind = getattr(config, "model_type", "?")
+    if kind not in SUPPORTED_ARCHITECTURES:
+        return f"the lean native runner covers {', '.join(SUPPORTED_ARCHITECTURES)}, not {kind}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"hidden_act {config.hidden_act} (the lean runner computes SiLU)"
+    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
+        return "sliding-window attention"
+    scaling = getattr(config, "rope_scaling", None) or {}
+    if isinstance(scaling, dict) and scaling.get("rope_type", "default") not in ("default", "linear", "llama3", "dynamic"):
+        return f"rope type {scaling.get('rope_type')}"
+    if isinstance(scaling, dict) and scaling.get("rope_type") == "dynamic":
+        return "dynamic rope scaling (its frequencies depend on the sequence length)"
+    inner = getattr(model, "model", None)
+    if inner is None or not isinstance(getattr(inner, "embed_tokens", None), GGUFEmbedding):
+        return "the token embedding is not kept as GGUF blocks"
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or (isinstance(module, GGUFLinear) and module.kernel != "gguf"):
+            return f"{name} is not computed by the integer kernel"
+    if any(getattr(b.self_attn, "o_proj").bias is not None for b in inner.layers):
+        return "an output projection with a bias"
+    return None
