@@ -26,11 +26,11 @@ demo: setup
 
 # The suite without the slow real-model end-to-end checks (under ~10 minutes on 2 cores).
 test: setup
-	$(BIN)/python -m pytest -m "not slow"
+	SPECDEC_REQUIRE_KERNELS=1 $(BIN)/python -m pytest -m "not slow"
 
 # Everything, the slow checks included.
 test-all: setup
-	$(BIN)/python -m pytest
+	SPECDEC_REQUIRE_KERNELS=1 $(BIN)/python -m pytest
 
 # Without the tests that need the real SmolLM2 model (offline machines).
 test-fast: setup

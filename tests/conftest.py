@@ -82,3 +82,19 @@ def smol():
     from specdec.models.hub import load_model
 
     return load_model("smollm2-135m-instruct", progress=False)
+
+
+
+def _kernels_missing() -> str | None:
+    from specdec.models.native import kernels
+
+    return kernels.unavailable_reason()
+
+
+_missing = _kernels_missing()
+needs_kernels = pytest.mark.skipif(
+    _missing is not None and os.environ.get("SPECDEC_REQUIRE_KERNELS") != "1",
+    reason=f"no compiled native kernels here: {_missing}",
+)
+"""Marks tests of the compiled kernels: skipped (with the reason) where they cannot be built, except
+with SPECDEC_REQUIRE_KERNELS=1 (`make test`, CI), where they run and fail."""

@@ -78,7 +78,7 @@ def test_abbreviations_are_judged_among_all_flags(capsys):
 
 def test_cli_dtype_names_are_the_pipelines():
     assert sorted(DTYPE_NAMES) == sorted(DTYPES)
-    from specdec.models.hub.load import WEIGHTS
+    from specdec.models.backends import WEIGHTS
 
     assert sorted(WEIGHT_NAMES) == sorted(WEIGHTS)
     from specdec.engine.pipeline import DEFAULT_METHOD as PIPELINE_DEFAULT

@@ -1,6 +1,7 @@
 """Native GGUF weights on the real files: every layer of SmolLM2 holds exactly the dense model's values,
-the kernel matches the dequantized layer on tensors of every format in the three known files, and
-greedy decoding with native weights gives the same tokens with every method as plain decoding."""
+the kernels compute the scheme on tensors of every format in the three known files with the same bits
+on every build, the lean runner scores chains and trees of SmolLM2 as one-token steps, and greedy
+decoding with native weights gives the same tokens with every method as plain decoding."""
 
 from __future__ import annotations
 
@@ -13,22 +14,30 @@ import torch
 from specdec.cli import main
 from specdec.engine.pipeline import Pipeline, eos_ids
 from specdec.models.hub import load_model
+from specdec.models.hub.load import load_native_lm
 from specdec.models.hub.registry import KNOWN_MODELS
 from specdec.models.native import kernels
-from specdec.models.native.formats import FORMATS, dequantize
+from specdec.models.native.formats import dequantize
 from specdec.models.native.linear import GGUFEmbedding, GGUFLinear
-from tests.models.test_native import _check_layer
+from specdec.models.native.lm import NativeLM
+from tests.conftest import needs_kernels
+from tests.models.test_native import _check_scheme
 
 pytestmark = pytest.mark.real
 NAME = "smollm2-135m-instruct"
-needs_kernel = pytest.mark.skipif(
-    kernels.native_library() is None, reason=f"no compiled GGUF kernel here: {kernels.unavailable_reason()}"
-)
 
 
 @pytest.fixture(scope="module")
 def smol_native():
     return load_model(NAME, weights="native", progress=False)
+
+
+@pytest.fixture(scope="module")
+def smol_lean():
+    """(NativeLM, tokenizer, config) of SmolLM2: the lean runner the default path loads."""
+    lm, config, tok = load_native_lm(NAME, progress=False)
+    assert isinstance(lm, NativeLM)
+    return lm, tok, config
 
 
 def test_every_native_layer_holds_the_dense_models_values(smol, smol_native):
@@ -51,13 +60,14 @@ def test_every_native_layer_holds_the_dense_models_values(smol, smol_native):
         assert torch.equal(p, dense.get_parameter(name)), name  # norms
 
 
-@needs_kernel
-def test_native_smollm2_scores_a_chain_and_a_tree_as_one_token_steps(smol_native):
+@needs_kernels
+@pytest.mark.parametrize("runner", ["transformers", "lean"])
+def test_native_smollm2_scores_a_chain_and_a_tree_as_one_token_steps(smol_native, smol_lean, runner):
     """Bit for bit: linear layers, attention and everything between are row-invariant."""
     from specdec.models.hf import HFLanguageModel
 
     model, tok = smol_native
-    lm = HFLanguageModel(model)
+    lm = HFLanguageModel(model) if runner == "transformers" else smol_lean[0]
     ids = torch.tensor(tok("def fibonacci(n):\n    if n < 2:\n        return n")["input_ids"])
     ctx, block = ids[:-6], ids[-6:]
     lm.reset(len(ids) + 8)
@@ -111,9 +121,9 @@ def _real_tensors(spec: str):
 
 
 @pytest.mark.slow
-@needs_kernel
+@needs_kernels
 @pytest.mark.parametrize("spec", sorted(KNOWN_MODELS))
-def test_kernel_matches_the_dequantized_layer_on_real_tensors(spec):
+def test_kernels_compute_the_scheme_on_real_tensors(spec):
     from gguf import GGMLQuantizationType, dequantize as gguf_dequantize
 
     tensors = _real_tensors(spec)
@@ -123,37 +133,35 @@ def test_kernel_matches_the_dequantized_layer_on_real_tensors(spec):
         ref = gguf_dequantize(blocks.numpy(), GGMLQuantizationType(fmt.ggml_type))
         w = dequantize(blocks, fmt, cols)
         assert np.array_equal(w.numpy().view(np.uint32), ref.view(np.uint32)), name
-        layer = GGUFLinear(blocks, fmt, cols)
         x = torch.randn(5, cols, generator=gen)
-        y = layer(x)
-        _check_layer(y, x, w)
-        assert torch.equal(layer(x[2:3]), y[2:3]), f"{name}: not batch-invariant"
-        if "int4pack" in layer.kernels():
-            layer.set_kernel("int4pack")
-            _check_layer(layer(x), x, w)
+        outs = {isa: kernels.linear(x, kernels.repack(blocks, fmt, cols), fmt, blocks.shape[0], isa=isa)
+                for isa in kernels.runnable_isas()}
+        y = outs["generic"]
+        _check_scheme(y, x, w, fmt.block_size)
+        assert all(torch.equal(o, y) for o in outs.values()), f"{name}: builds differ"
+        assert torch.equal(GGUFLinear(blocks, fmt, cols)(x[2:3]), y[2:3]), f"{name}: not batch-invariant"
 
 
-@needs_kernel
-def test_greedy_native_smollm2_equals_ar_with_every_method(smol_native):
+@needs_kernels
+def test_greedy_native_smollm2_equals_ar_with_every_method(smol_lean):
     import copy
 
-    from specdec.models.hf import HFLanguageModel
-
-    model, tok = smol_native
-    draft = copy.copy(model)
-    draft.model = copy.copy(model.model)
-    draft.model.layers = model.model.layers[:10]  # a weaker draft with the same vocabulary, sharing blocks
-    draft.config = copy.deepcopy(model.config)
-    draft.config.num_hidden_layers = 10
-    pipe = Pipeline.from_models(HFLanguageModel(model), tok, HFLanguageModel(draft), eos_ids(model, tok))
+    lm, tok, config = smol_lean
+    shallow = copy.copy(lm.model)
+    shallow.layers, shallow.num_layers = lm.model.layers[:10], 10  # a weaker draft sharing the blocks
+    pipe = Pipeline.from_models(lm, tok, NativeLM(shallow), eos_ids(config, tok))
     prompt = "Write a Python function that returns the n-th Fibonacci number."
     ref = pipe.generate(prompt, "ar", 20).token_ids
     assert len(ref) == 20
-    runs = {"sps": {}, "pld": {}, "specinfer": {"expansion": "1,2,1"}, "csd": {"maxgram_fill": "none"},
+    runs = {"sps": {}, "pld": {}, "pld-tree": {}, "specinfer": {"expansion": "1,2,1"}, "csd": {"maxgram_fill": "none"},
             "maxgram": {"maxgram_fill": "none"}, "specexec": {"budget": 8, "max_depth": 4},
             "sequoia": {"budget": 6, "max_depth": 3}}
+    accepted = 0
     for method, opts in runs.items():
-        assert pipe.generate(prompt, method, 20, **opts).token_ids == ref, method
+        res = pipe.generate(prompt, method, 20, **opts)
+        assert res.token_ids == ref, method
+        accepted += res.stats.accepted_tokens
+    assert accepted > 0
 
 
 def test_the_native_cache_spares_later_loads_the_gguf_parse(smol_native, monkeypatch):
@@ -163,8 +171,11 @@ def test_the_native_cache_spares_later_loads_the_gguf_parse(smol_native, monkeyp
         raise AssertionError("the GGUF metadata was parsed again")
 
     monkeypatch.setattr(native, "open_gguf", parse)
+    monkeypatch.setattr(native, "_loaded", {})  # not this process's copy either
     model, tok = load_model(NAME, weights="native", progress=False)
     assert isinstance(model.lm_head, GGUFLinear) and tok.get_vocab() == smol_native[1].get_vocab()
+    lm, _, _ = load_native_lm(NAME, progress=False)
+    assert isinstance(lm, NativeLM)
 
 
 def test_cli_generate_and_profile_with_native_weights(capsys, tmp_path):

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 """The names of `engine.pipeline.DTYPES` (a test keeps them equal), without importing torch."""
-WEIGHT_NAMES = ("dense", "native")
+WEIGHT_NAMES = ("auto", "dense", "native")
 """The names of `models.hub.load.WEIGHTS` (a test keeps them equal), without importing torch."""
 DEFAULT_METHOD = "auto"
 """`engine.pipeline.DEFAULT_METHOD` (a test keeps them equal), without importing torch."""
@@ -87,12 +87,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "still verifies over its whole vocabulary, so only acceptance and speed change)",
     )
     p.add_argument(
-        "--weights", default="dense", choices=WEIGHT_NAMES,
-        help="dense = float32 copies of the weights (default); native = a GGUF model's linear layers compute on the "
-        "file's quantized blocks (the file's own values, float32 activations; target and draft)",
+        "--weights", default="auto", choices=WEIGHT_NAMES,
+        help="auto (default) = native for a GGUF model on the CPU where it measures faster here, else dense; "
+        "dense = full-precision copies of the weights; native = a GGUF model computes on the file's quantized "
+        "blocks with our integer kernels (exact: every token scored as in a one-token step)",
     )
     p.add_argument("--draft-weights", default=None, choices=WEIGHT_NAMES,
-                   help="the draft's weights, dense or native (default: as --weights)")
+                   help="the draft's weights, auto, dense or native (default: as --weights)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, which honours OMP_NUM_THREADS)")
     p.add_argument("--offload", action="store_true",
                    help="keep the target's weights in CPU RAM and stream them to the GPU layer by layer (CUDA only; "

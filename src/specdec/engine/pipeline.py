@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,15 +32,14 @@ from specdec.engine.decoder import SpeculativeDecoder
 from specdec.engine.stats import DecodeStats
 from specdec.engine.text import TextAssembler
 from specdec.methods.base import MethodContext
+from specdec.models.backends import DTYPES, LoadedModel, choose_weights, eos_ids
 from specdec.models.base import LanguageModel
-from specdec.models.hf import HFLanguageModel
 from specdec.models.hub.registry import DEFAULT_TARGET, check_known_pair, default_draft
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 DEFAULT_DRAFT = default_draft(DEFAULT_TARGET)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_METHOD = "auto"
 
 Tuner = Callable[["Pipeline", SamplingConfig, str], dict[str, Any]]
@@ -72,22 +72,6 @@ class GenerationResult:
         return {"text": self.text, "token_ids": self.token_ids, "stats": self.stats.to_dict()}
 
 
-def eos_ids(model: Any, tokenizer: "PreTrainedTokenizerBase | None") -> list[int]:
-    """Every id that ends a generation: the generation config's EOS list plus the tokenizer's."""
-    ids: set[int] = set()
-    gen_cfg = getattr(model, "generation_config", None)
-    eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif eos:
-        ids.update(int(e) for e in eos)
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return sorted(ids)
-
-
 def check_same_tokenizer(
     target_tok: "PreTrainedTokenizerBase", draft_tok: "PreTrainedTokenizerBase", draft_name: str = ""
 ) -> None:
@@ -100,16 +84,12 @@ def check_same_tokenizer(
         )
 
 
-def sharded_target(target: str, size: int, dtype: torch.dtype, device: str | torch.device, offload: bool,
-                   progress: bool) -> tuple[LanguageModel, "PreTrainedTokenizerBase"]:
-    """The target sharded over `size` tensor-parallel ranks (`models.parallel`), and its tokenizer."""
-    from specdec.models.parallel.launch import check_size, start_sharded_target
+def _progress_printer(progress: bool) -> Callable[[str], None]:
+    def say(msg: str) -> None:
+        if progress:
+            print(msg, file=sys.stderr)
 
-    check_size(size)
-    if offload:
-        raise ValueError("offloading and tensor parallelism do not combine: shard the target over several devices, "
-                         "or stream it to one, not both")
-    return start_sharded_target(target, size, dtype=dtype, device=device, progress=progress)
+    return say
 
 
 def check_text(text: str, what: str = "the prompt") -> None:
@@ -123,6 +103,52 @@ def check_text(text: str, what: str = "the prompt") -> None:
         detail = (f"byte 0x{code - 0xDC00:02x} at character {exc.start} is not UTF-8" if 0xDC80 <= code <= 0xDCFF
                   else f"it holds an unpaired surrogate U+{code:04X} at character {exc.start}")
         raise ValueError(f"{what} is not valid UTF-8 text: {detail}") from None
+
+
+def _check_load_options(*, weights: str, draft_weights: str, draft_dtype: str | None, draft_vocab: int | None,
+                        tensor_parallel_size: int, offload: bool, row_invariant: str) -> None:
+    """Refuse combinations that cannot load, before anything is read (one line each)."""
+    from specdec.models.backends import WEIGHTS
+    from specdec.models.dense.draft_precision import DRAFT_PRECISIONS
+
+    for name, value in (("weights", weights), ("draft weights", draft_weights)):
+        if value not in WEIGHTS:
+            raise ValueError(f"{name} must be one of {', '.join(WEIGHTS)}, got {value!r}")
+    choices = (*DRAFT_PRECISIONS, "auto")
+    if draft_dtype is not None and draft_dtype not in choices:
+        raise ValueError(f"draft dtype must be one of {', '.join(choices)}, got {draft_dtype!r}")
+    if row_invariant not in ("auto", "on", "off"):
+        raise ValueError(f"row_invariant must be auto, on or off, got {row_invariant!r}")
+    if draft_weights == "native" and draft_dtype not in (None, "auto", "float32"):
+        raise ValueError(
+            f"--draft-dtype {draft_dtype} changes a dense draft; with native draft weights the draft already "
+            "computes on its GGUF blocks (drop --draft-dtype, or pass --draft-weights dense)"
+        )
+    if draft_weights == "native" and draft_vocab is not None:
+        raise ValueError("--draft-vocab prunes a dense draft's output head; with native draft weights the head is "
+                         "the GGUF file's (drop --draft-vocab, or pass --draft-weights dense)")
+    if tensor_parallel_size != 1 and weights == "native":
+        raise ValueError("--weights native and --tensor-parallel-size do not combine (the native blocks are not "
+                         "sharded); use --weights dense to shard the target")
+    if offload and weights == "native":
+        raise ValueError("--offload streams dense weights to a GPU; native weights compute on the CPU (use "
+                         "--weights dense)")
+    if tensor_parallel_size != 1 and offload:
+        raise ValueError("offloading and tensor parallelism do not combine: shard the target over several devices, "
+                         "or stream it to one, not both")
+
+
+def _check_drafts(target: str, drafts: list[str]) -> None:
+    """A draft that cannot pair with the target is refused before any weights load: known models by
+    their registry entries, any model by its tokenizer (loaded first, cheaply)."""
+    from specdec.models.hub import load_tokenizer
+
+    for name in drafts:
+        check_known_pair(target, name)
+    if drafts:
+        target_tok = load_tokenizer(target)
+        for name in drafts:
+            check_same_tokenizer(target_tok, load_tokenizer(name), name)
 
 
 class Pipeline:
@@ -140,7 +166,7 @@ class Pipeline:
         offload: bool = False,
         progress: bool = True,
         tensor_parallel_size: int = 1,
-        weights: str = "dense",
+        weights: str = "auto",
         draft_weights: str | None = None,
         row_invariant: str = "auto",
         draft_vocab: int | None = None,
@@ -151,143 +177,114 @@ class Pipeline:
         draft_dtype: "auto" (default: the fastest precision measured on this machine, cached;
             `models.dense.draft_precision`), None (the target's dtype), "float32", "bfloat16", "float16"
             or "int8" (dynamic int8 quantization of the draft's linears, CPU). The draft's precision
-            only changes speed: every drafted token is verified against the target.
+            only changes speed: every drafted token is verified against the target. Dense drafts only.
         fast_linear: "auto" (default: the linear path per row-count bucket measured on this machine,
-            cached; `models.dense.kernel_choice`), "on" (prepacked oneDNN linears wherever they apply) or
-            "off"; every path computes the same function up to round-off.
+            cached; `models.dense.kernel_choice`), "on" (prepacked oneDNN linears wherever they apply)
+            or "off"; every path computes the same function up to round-off. Dense weights only.
         offload: keep the target's weights in CPU RAM and stream them to the GPU layer by layer
             (`models.dense.offload`; CUDA only). Every method of this pipeline then sees that target.
         tensor_parallel_size: shard the target over this many processes with transformers'
             tensor-parallel plan (`models.parallel`; gloo on CPU, NCCL on CUDA, one GPU per rank). This
             process becomes rank 0 and starts the others, or, under torchrun, joins its ranks. The
             drafts stay in this process; `close()` (or the end of the process) stops the other ranks.
-        weights: "dense" (default: float32 copies of the weights) or "native": the linear layers of a
-            GGUF model compute on the file's quantized blocks (`models.native`; the file's own values,
-            float32 activations and sums; known models and .gguf files, float32 only).
-        draft_weights: the same for the draft models (default: as `weights`). A native draft changes
-            speed only, as any draft does.
+        weights: "auto" (default: a GGUF model on the CPU computes on its own blocks where that
+            measures faster here than dense float32, `models.native.choice`; everything else is
+            dense), "dense" (full-precision copies of the weights) or "native" (the GGUF file's blocks
+            on our integer kernels, `models.native`: activations quantized per row and block, exact
+            integer sums, every token scored as in a 1-token step).
+        draft_weights: the same for the draft models (default: as `weights`).
         row_invariant: "auto" (default: on for bfloat16 and float16 targets), "on" or "off": make
-            the target score a block of k tokens bit for bit like k one-token passes (one linear path
-            for every block size, eager or per-query attention; checked at load,
-            `models.dense.invariance`), so greedy speculative output equals plain decoding in reduced
-            precision too. Native weights are row-invariant by construction (float32 only).
-        draft_vocab: keep only this many of the most frequent tokens in the draft's output head
-            (`models.dense.pruned_head`): a cheaper draft step; the target still verifies and emits over
-            its full vocabulary, so only acceptance and speed change.
+            a dense target score a block of k tokens bit for bit like k one-token passes (checked at
+            load, `models.dense.invariance`). Native weights are row-invariant by construction.
+        draft_vocab: keep only this many of the most frequent tokens in a dense draft's output head
+            (`models.dense.pruned_head`): a cheaper draft step; the target still verifies and emits
+            over its full vocabulary, so only acceptance and speed change.
         """
-        import sys
-
-        from specdec.models.dense.draft_precision import DRAFT_PRECISIONS, choose_draft_precision, make_variant
-        from specdec.models.hub import load_model, load_tokenizer
-        from specdec.models.dense.kernel_choice import apply_linear_paths
-        from specdec.models.dense.offload import offload_target
-
-        choices = (*DRAFT_PRECISIONS, "auto")
-        if draft_dtype is not None and draft_dtype not in choices:
-            raise ValueError(f"draft dtype must be one of {', '.join(choices)}, got {draft_dtype!r}")
-
-        def say(msg: str) -> None:
-            if progress:
-                print(msg, file=sys.stderr)
-
-        if row_invariant not in ("auto", "on", "off"):
-            raise ValueError(f"row_invariant must be auto, on or off, got {row_invariant!r}")
-        invariant = row_invariant == "on" or (row_invariant == "auto" and dtype in (torch.bfloat16, torch.float16))
-        self.target_name, self.draft_name = target, draft
-        self.tensor_parallel_size = tensor_parallel_size
-        draft_weights = draft_weights or weights
-        if draft_weights == "native" and draft_dtype not in (None, "auto", "float32"):
-            raise ValueError(
-                f"--draft-dtype {draft_dtype} changes a dense draft; with native draft weights the draft already "
-                "computes on its GGUF blocks in float32 (drop --draft-dtype, or pass --draft-weights dense)"
-            )
-        if draft_weights == "native" and draft_vocab is not None:
-            raise ValueError("--draft-vocab prunes a dense draft's output head; with native draft weights the head is "
-                             "the GGUF file's (drop --draft-vocab, or pass --draft-weights dense)")
-        if tensor_parallel_size != 1 and weights == "native":
-            raise ValueError("--weights native and --tensor-parallel-size do not combine (the native blocks are not "
-                             "sharded); use --weights dense to shard the target")
-        self.weights = (weights, draft_weights)
         draft_names = [draft] if isinstance(draft, str) else list(draft or [])
-        # A draft that cannot pair with the target is refused before any weights load: known
-        # models by their registry entries, any model by its tokenizer (loaded first, cheaply).
-        for name in draft_names:
-            check_known_pair(target, name)
-        if draft_names:
-            target_tok = load_tokenizer(target)
-            for name in draft_names:
-                check_same_tokenizer(target_tok, load_tokenizer(name), name)
-        self.target_lm: LanguageModel
-        self.row_invariant: bool | None = None
-        """Whether the target passed the row-invariance check (None: not asked for)."""
+        draft_weights = draft_weights or weights
+        _check_load_options(weights=weights, draft_weights=draft_weights, draft_dtype=draft_dtype,
+                            draft_vocab=draft_vocab, tensor_parallel_size=tensor_parallel_size, offload=offload,
+                            row_invariant=row_invariant)
+        say = _progress_printer(progress)
+        _check_drafts(target, draft_names)
+        invariant = row_invariant == "on" or (row_invariant == "auto" and dtype in (torch.bfloat16, torch.float16))
+        loaded = self._load_target(target, weights, device=device, dtype=dtype, fast_linear=fast_linear,
+                                   offload=offload, progress=progress, tensor_parallel_size=tensor_parallel_size,
+                                   row_invariant=invariant, say=say)
+        drafts = [self._load_draft(name, draft_weights, device=device, dtype=dtype, draft_dtype=draft_dtype,
+                                   fast_linear=fast_linear, draft_vocab=draft_vocab, tokenizer=loaded.tokenizer,
+                                   progress=progress, say=say) for name in draft_names]
+        self._assemble(target, draft, loaded, drafts, device=device, dtype=dtype, draft_vocab=draft_vocab,
+                       tensor_parallel_size=tensor_parallel_size, autotune=True)
+
+    @staticmethod
+    def _load_target(target: str, weights: str, *, device: str | torch.device, dtype: torch.dtype, fast_linear: str,
+                     offload: bool, progress: bool, tensor_parallel_size: int, row_invariant: bool,
+                     say: Callable[[str], None]) -> LoadedModel:
+        from specdec.models import backends
+
         if tensor_parallel_size != 1 or isinstance(tensor_parallel_size, bool):
-            self.target_lm, self.tokenizer = sharded_target(target, tensor_parallel_size, dtype, device, offload,
-                                                            progress)
-            target_model = self.target_lm.model
-            self.kernel_reports = {}  # prepacking would replace the linears transformers sharded and hooked
-            self.fast_linears = 0
+            return backends.load_sharded_target(target, tensor_parallel_size, dtype=dtype, device=device,
+                                                progress=progress)
+        chosen, measured = choose_weights(target, weights, device, dtype, say)
+        if chosen == "native":
+            loaded = backends.load_native(target, progress=progress)
         else:
-            target_model, self.tokenizer = load_model(target, dtype=dtype, device=device, progress=progress,
-                                                      weights=weights)
-            # Native weights are row-invariant by construction (docs/algorithms.md §15.3).
-            invariant = invariant and weights == "dense"
-            self.kernel_reports = {"target": apply_linear_paths(target_model, fast_linear, progress=say,
-                                                                single_path=invariant)}
-            if invariant:
-                from specdec.models.dense.draft_precision import probe_ids
-                from specdec.models.dense.invariance import make_row_invariant
+            loaded = backends.load_dense_target(target, dtype=dtype, device=device, fast_linear=fast_linear,
+                                                row_invariant=row_invariant, offload=offload, progress=progress,
+                                                say=say)
+        loaded.weights_choice = measured
+        return loaded
 
-                self.row_invariant = make_row_invariant(
-                    target_model, probe_ids(target_model.config.vocab_size, self.tokenizer)[:24])
-                if not self.row_invariant:
-                    say(f"warning: this {str(dtype).replace('torch.', '')} target scores a block of tokens "
-                        "differently from one token at a time on this machine, so greedy speculative output may "
-                        "differ from plain decoding at near-ties; use --dtype float32 for exact equality")
-            self.fast_linears = self.kernel_reports["target"].replaced
-            self.target_lm = HFLanguageModel(target_model)
-        if offload:
-            offload_target(self.target_lm, device)
-        self.eos_token_ids = eos_ids(target_model, self.tokenizer)
-        self.draft_lms: list[LanguageModel] = []
-        self.draft_precisions: list[str] = []
-        self.precision_choices: list[Any] = []
-        for name in draft_names:
+    @staticmethod
+    def _load_draft(name: str, weights: str, *, device: str | torch.device, dtype: torch.dtype,
+                    draft_dtype: str | None, fast_linear: str, draft_vocab: int | None, tokenizer: Any,
+                    progress: bool, say: Callable[[str], None]) -> LoadedModel:
+        from specdec.models import backends
+
+        dense_only = draft_vocab is not None or draft_dtype not in (None, "auto", "float32")
+        chosen, measured = choose_weights(name, "dense" if dense_only and weights == "auto" else weights, device,
+                                          torch.float32, say)
+        if chosen == "native":
+            loaded = backends.load_native(name, progress=progress)
+        else:
             precision = str(dtype).replace("torch.", "") if draft_dtype is None else draft_dtype
-            if draft_weights == "native":
-                draft_model, _ = load_model(name, device=device, progress=progress, weights="native")
-                precision = "native"
-            else:
-                load_dtype = torch.float32 if precision in ("auto", "int8") else DTYPES[precision]
-                draft_model, _ = load_model(name, dtype=load_dtype, device=device, progress=progress)
-            if draft_vocab is not None:
-                from specdec.drafting.vocab import tokens_to_keep
-                from specdec.models.dense.pruned_head import prune_output_head
+            loaded = backends.load_dense_draft(name, precision=precision, device=device, fast_linear=fast_linear,
+                                               vocab=draft_vocab, tokenizer=tokenizer, progress=progress, say=say)
+        loaded.weights_choice = measured
+        return loaded
 
-                if self.tokenizer is None:
-                    raise ValueError("a pruned draft head needs the tokenizer to count token frequencies")
-                vocab = draft_model.get_output_embeddings().weight.shape[0]
-                prune_output_head(draft_model, tokens_to_keep(self.tokenizer, vocab, int(draft_vocab)))
-            if precision == "auto":
-                draft_model, choice = choose_draft_precision(draft_model, fast_linear=fast_linear,
-                                                             tokenizer=self.tokenizer, progress=say)
-                self.precision_choices.append(choice)
-                precision = choice.chosen
-            elif precision != "native":
-                draft_model = make_variant(draft_model.float() if precision == "int8" else draft_model, precision,
-                                           fast_linear)
-            self.draft_precisions.append(precision)
-            draft_lm = HFLanguageModel(draft_model)
-            if draft_lm.vocab_size != self.target_lm.vocab_size:
-                raise ValueError(
-                    f"draft model {name} has {draft_lm.vocab_size} output logits, target {self.target_lm.vocab_size}; "
-                    "they must match"
-                )
-            self.draft_lms.append(draft_lm)
+    def _assemble(self, target_name: str, draft_name: str | list[str] | None, target: LoadedModel,
+                  drafts: list[LoadedModel], *, device: str | torch.device, dtype: torch.dtype,
+                  draft_vocab: int | None, tensor_parallel_size: int, autotune: bool) -> None:
+        """Every field of a pipeline, from loaded models (both constructors end here)."""
+        for name, d in zip([draft_name] if isinstance(draft_name, str) else list(draft_name or []), drafts):
+            if d.lm.vocab_size != target.lm.vocab_size:
+                raise ValueError(f"draft model {name} has {d.lm.vocab_size} output logits, target "
+                                 f"{target.lm.vocab_size}; they must match")
+        self.target_name, self.draft_name = target_name, draft_name
+        self.target_lm: LanguageModel = target.lm
+        self.tokenizer = target.tokenizer
+        self.eos_token_ids = list(target.eos_token_ids)
+        self.draft_lms: list[LanguageModel] = [d.lm for d in drafts]
         self.draft_lm: LanguageModel | None = self.draft_lms[0] if self.draft_lms else None
+        self.draft_precisions = [d.precision for d in drafts]
+        self.precision_choices = [d.precision_choice for d in drafts if d.precision_choice is not None]
+        self.kernel_reports = {"target": target.kernel_report} if target.kernel_report else {}
+        self.fast_linears = getattr(target.kernel_report, "replaced", 0)
+        self.row_invariant: bool | None = target.row_invariant
+        """Whether the target passed the row-invariance check (None: not asked for)."""
+        custom = target.weights == "custom"
+        self.weights = ("dense" if custom else target.weights.replace("sharded", "dense"),
+                        drafts[0].weights if drafts and not custom else "dense")
+        self.weights_choices = {n: m.weights_choice for n, m in (("target", target), ("draft", drafts[0] if drafts
+                                                                                          else None)) if m is not None
+                                and m.weights_choice is not None}
         self.draft_vocab = draft_vocab
         self.device = torch.device(device)
         self.dtype = dtype
-        self.autotune = True
+        self.tensor_parallel_size = tensor_parallel_size
+        self.autotune = autotune
         """Whether `auto` may tune this pipeline on first use (needs a registered tuner)."""
 
     def close(self) -> None:
@@ -310,19 +307,17 @@ class Pipeline:
         draft_lm: LanguageModel | None = None,
         eos_token_ids: list[int] | None = None,
     ) -> "Pipeline":
-        """Wrap models that are already loaded (tests, custom models)."""
+        """Wrap models that are already loaded (tests, custom models); `auto` then needs a profile
+        (or set `autotune = True`)."""
+        def custom(lm: LanguageModel) -> LoadedModel:
+            return LoadedModel(lm, tokenizer, list(eos_token_ids or []), "custom",
+                               str(lm.dtype).replace("torch.", ""))
+
         pipe = cls.__new__(cls)
-        pipe.target_name, pipe.draft_name = "custom", ("custom" if draft_lm is not None else None)
-        pipe.target_lm, pipe.tokenizer, pipe.draft_lm = target_lm, tokenizer, draft_lm
-        pipe.draft_lms = [draft_lm] if draft_lm is not None else []
-        pipe.draft_precisions = [str(getattr(draft_lm, "dtype", "custom")).replace("torch.", "")] if draft_lm else []
-        pipe.precision_choices, pipe.kernel_reports = [], {}
-        pipe.eos_token_ids = list(eos_token_ids or [])
-        pipe.device = getattr(target_lm, "device", torch.device("cpu"))
-        pipe.tensor_parallel_size = int(getattr(target_lm, "tensor_parallel_size", 1))
-        pipe.weights = ("dense", "dense")
-        pipe.dtype = getattr(target_lm, "dtype", torch.float32)
-        pipe.autotune = False  # models built by hand: `auto` needs a profile, or set autotune = True
+        pipe._assemble("custom", "custom" if draft_lm is not None else None, custom(target_lm),
+                       [custom(draft_lm)] if draft_lm is not None else [], device=target_lm.device,
+                       dtype=target_lm.dtype, draft_vocab=None,
+                       tensor_parallel_size=int(getattr(target_lm, "tensor_parallel_size", 1)), autotune=False)
         return pipe
 
     # ---- prompts -------------------------------------------------------------------------

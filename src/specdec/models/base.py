@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 
@@ -23,6 +24,8 @@ class LanguageModel(Protocol):
     vocab_size: int
     kv_len: int
     context_length: int
+    device: torch.device  # where its logits live
+    dtype: torch.dtype  # of its logits
 
     def reset(self, max_len: int) -> None:
         """Start a new sequence with room for `max_len` tokens (prefix + any block)."""

@@ -23,6 +23,7 @@ class MarkovLM:
         self.vocab_size = table.shape[-1]
         self.context_length = context_length
         self.device = table.device
+        self.dtype = table.dtype
         self.kv_len = 0
         self.calls = 0
         self._tokens: list[int] = []

@@ -28,14 +28,17 @@ from specdec.models.hub.convert import (
     save_conversion,
 )
 from specdec.models.hub.download import fetch
-from specdec.models.hub.native import load_native
+from specdec.models.hub.native import largest_linear, load_native, load_native_runner, native_cache, native_cache_ok
 from specdec.models.hub.registry import ModelError
 from specdec.models.hub.resolve import Source, not_found, resolve
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["WEIGHTS", "hub_call", "hub_reachable", "load_config", "load_model", "load_tokenizer", "prepare_model"]
+__all__ = [
+    "WEIGHTS", "hub_call", "hub_reachable", "is_gguf", "load_config", "load_model", "load_native_lm", "load_tokenizer",
+    "native_linear_shape", "prepare_model",
+]
 
 WEIGHTS = ("dense", "native")
 
@@ -63,6 +66,47 @@ def _gguf_source(src: Source, progress: bool) -> tuple[Path, dict[str, Any]]:
     assert src.path is not None
     st = src.path.stat()
     return src.path, {"source": str(src.path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _native_source(src: Source, progress: bool) -> tuple[Path, Path, dict[str, Any], Path]:
+    """(GGUF file, its native cache directory, what identifies it, its dense conversion directory)."""
+    conversion, _ = _conversion_for(src)
+    gguf_path, meta = _gguf_source(src, progress)
+    return gguf_path, native_root() / (src.model.name if src.model is not None else conversion.name), meta, conversion
+
+
+def is_gguf(spec: str | os.PathLike[str]) -> bool:
+    """Whether `spec` names a GGUF file (a known model or a .gguf path), which `--weights native` takes."""
+    return resolve(spec).kind in ("registry", "gguf")
+
+
+def load_native_lm(spec: str | os.PathLike[str], *, progress: bool = True) -> tuple[Any, Any, PreTrainedTokenizerBase]:
+    """(language model computing on the GGUF file's blocks, its config, tokenizer).
+
+    The lean runner (`models.native.runner`) where the architecture is llama-family, else the
+    transformers model built around the blocks, behind `HFLanguageModel`.
+    """
+    from specdec.models.hf import HFLanguageModel
+    from specdec.models.native.lm import NativeLM
+
+    src = resolve(spec)
+    if src.kind not in ("registry", "gguf"):
+        raise ModelError(f"--weights native computes on a GGUF file's quantized blocks, and {src.spec!r} is a "
+                         f"{'checkpoint directory' if src.kind == 'dir' else 'Hugging Face hub id'}; pass a known "
+                         f"model name or a .gguf file, or use --weights dense")
+    source = _native_source(src, progress)
+    runner, config, tokenizer, why = load_native_runner(*source)
+    if runner is not None:
+        return NativeLM(runner), config, tokenizer
+    log.info("%s: no lean native runner (%s); computing on its blocks through transformers", spec, why)
+    model, tokenizer = load_native(*source, "cpu")
+    return HFLanguageModel(model), model.config, tokenizer
+
+
+def native_linear_shape(spec: str | os.PathLike[str], progress: bool = True) -> tuple[Any, int, int] | None:
+    """(format, rows, cols) of a GGUF model's largest linear layer in a native format (None: none is)."""
+    _, _, _, entries = native_cache(*_native_source(resolve(spec), progress))
+    return largest_linear(entries)
 
 
 # --------------------------------------------------------------------------- Hugging Face hub ids
@@ -136,10 +180,7 @@ def load_model(
                 f"--weights native computes in float32 (the file's values, float32 activations); got dtype "
                 f"{str(dtype).replace('torch.', '')}"
             )
-        conversion, _ = _conversion_for(src)
-        gguf_path, meta = _gguf_source(src, progress)
-        directory = native_root() / (src.model.name if src.model is not None else conversion.name)
-        return load_native(gguf_path, directory, meta, conversion, device)
+        return load_native(*_native_source(src, progress), device)
     sharded: dict[str, Any] = {}
     if tensor_parallel_size > 1:
         from transformers.distributed import DistributedConfig
@@ -240,14 +281,7 @@ def load_tokenizer(spec: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
     target, source_sha = _conversion_for(src)
     if conversion_ok(target, source_sha):
         return tokenizer_from_dir(target)
-    gguf_path, _ = _gguf_source(src, progress=True)
-    check_gguf(gguf_path)
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    except Exception as exc:
-        raise ModelError(
-            f"transformers could not read the tokenizer from the GGUF file {gguf_path} "
-            f"({type(exc).__name__}: {exc})."
-        ) from exc
+    gguf_path, directory, meta, conversion = _native_source(src, progress=True)
+    if not native_cache_ok(directory, meta):
+        check_gguf(gguf_path)  # a clear error for a broken file before transformers reads it
+    return native_cache(gguf_path, directory, meta, conversion)[1]  # read once, kept with the file's table

@@ -23,13 +23,14 @@ from specdec.models.hub.cache import remove_stale
 from specdec.models.hub.checkpoint import tokenizer_from_dir
 from specdec.models.hub.convert import conversion_ok, open_gguf
 from specdec.models.hub.registry import ModelError
-from specdec.models.native.formats import UnsupportedFormat
-from specdec.models.native.load import TensorEntry, build_native_model, tensor_index
+from specdec.models.native.formats import BlockFormat, UnsupportedFormat, format_of
+from specdec.models.native.load import TensorEntry, build_native_model, build_native_runner, tensor_index
+from specdec.models.native.runner import NativeModel
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["NATIVE_META", "load_native"]
+__all__ = ["NATIVE_META", "largest_linear", "load_native", "load_native_runner", "native_cache", "native_cache_ok"]
 
 log = logging.getLogger(__name__)
 
@@ -83,24 +84,73 @@ def _build(
     return config, tokenizer, arch, entries
 
 
+def native_cache_ok(directory: Path, meta: dict[str, Any]) -> bool:
+    """Whether `directory` holds a complete native cache of the file `meta` describes."""
+    return _read(directory, meta) is not None
+
+
+_loaded: dict[str, tuple[Any, ...]] = {}  # directory -> what native_cache returned, for this process
+
+
+def native_cache(
+    gguf_path: Path, directory: Path, meta: dict[str, Any], conversion: Path | None
+) -> tuple[PretrainedConfig, PreTrainedTokenizerBase, str, list[TensorEntry]]:
+    """(config, tokenizer, architecture, tensor table) of a GGUF file, from its native cache (made on
+    first use; the tokenizer loads without the weights, so drafts are checked before any load). A
+    process reads each cache once."""
+    key = json.dumps([str(directory), meta], sort_keys=True, default=str)
+    if key in _loaded:
+        return _loaded[key]  # type: ignore[return-value]
+    cached = _read(directory, meta)
+    if cached is None:
+        out = _build(gguf_path, directory, meta, conversion)
+    else:
+        from transformers import AutoConfig
+
+        arch, entries = cached
+        out = AutoConfig.from_pretrained(str(directory)), tokenizer_from_dir(directory), arch, entries
+    _loaded[key] = out
+    return out
+
+
 def load_native(
     gguf_path: Path, directory: Path, meta: dict[str, Any], conversion: Path | None, device: str | torch.device
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """(model computing on the file's blocks, tokenizer) for the GGUF file at `gguf_path`.
+    """(transformers model computing on the file's blocks, tokenizer) for the GGUF file at `gguf_path`.
 
     directory: this file's native cache; meta: what identifies the file (compared with the cache's);
     conversion: the dense conversion directory, whose tokenizer is reused when it exists.
     """
-    cached = _read(directory, meta)
-    if cached is not None:
-        from transformers import AutoConfig
-
-        arch, entries = cached
-        config, tokenizer = AutoConfig.from_pretrained(str(directory)), tokenizer_from_dir(directory)
-    else:
-        config, tokenizer, arch, entries = _build(gguf_path, directory, meta, conversion)
+    config, tokenizer, arch, entries = native_cache(gguf_path, directory, meta, conversion)
     try:
         model = build_native_model(gguf_path, config, arch, entries, device)
     except UnsupportedFormat as exc:
         raise ModelError(str(exc)) from exc
     return model, tokenizer
+
+
+def load_native_runner(
+    gguf_path: Path, directory: Path, meta: dict[str, Any], conversion: Path | None
+) -> tuple[NativeModel | None, PretrainedConfig, PreTrainedTokenizerBase, str]:
+    """(the lean runner of the file, or None; config; tokenizer; why there is no runner, or "")."""
+    config, tokenizer, arch, entries = native_cache(gguf_path, directory, meta, conversion)
+    try:
+        return build_native_runner(gguf_path, config, arch, entries), config, tokenizer, ""
+    except UnsupportedFormat as exc:
+        return None, config, tokenizer, str(exc)
+
+
+def largest_linear(entries: list[TensorEntry]) -> tuple[BlockFormat, int, int] | None:
+    """(format, rows, cols) of the largest matrix in a supported block format other than the
+    embedding and output head (the kind of layer that dominates a decoding step), or None."""
+    best = None
+    for e in entries:
+        if len(e.shape) != 2 or e.name.startswith(("token_embd", "output")):
+            continue
+        try:
+            fmt = format_of(e.ggml_type)
+        except UnsupportedFormat:
+            continue
+        if best is None or e.nbytes > best[0]:
+            best = (e.nbytes, fmt, e.shape[0], e.shape[1])
+    return None if best is None else best[1:]

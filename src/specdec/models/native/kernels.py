@@ -125,7 +125,7 @@ def _ensure_ninja() -> None:
         pass
 
 
-def _build(isa: str) -> Path:
+def _build(isa: str, defines: tuple[str, ...] = ()) -> Path:
     from torch.utils import cpp_extension
 
     compiler = os.environ.get("CXX", "c++")
@@ -134,13 +134,13 @@ def _build(isa: str) -> Path:
     _ensure_ninja()
     if shutil.which("ninja") is None:
         raise RuntimeError("ninja is not installed (pip install ninja)")
-    flags = _COMMON + ISA_FLAGS[isa]
+    flags = _COMMON + ISA_FLAGS[isa] + [f"-D{d}" for d in defines]
     text = b"".join((CSRC_DIR / f).read_bytes() for f in (*SOURCES, *HEADERS))
     digest = hashlib.sha256(text + " ".join(flags).encode()).hexdigest()[:10]
     tag = f"{isa}-torch{torch.__version__.split('+')[0]}-py{sys.version_info[0]}{sys.version_info[1]}-{digest}"
     build_dir = cache_dir() / "kernels" / f"native-{platform.machine()}-{tag}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    name = f"specdec_native_{isa}"
+    name = f"specdec_native_{isa}" + "".join(f"_{d.lower()}" for d in defines)
     lib = build_dir / f"{name}.so"
     if not lib.is_file():
         log.info("Compiling the native kernels for %s into %s (once, ~10-60 s)", isa, build_dir)
@@ -174,12 +174,12 @@ _reasons: dict[str, str] = {}
 
 
 @functools.cache
-def _library(isa: str) -> ctypes.CDLL | None:
+def _library(isa: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     if sys.platform.startswith("win"):
         _reasons[isa] = "the compiled kernels are built on Linux and macOS only"
         return None
     try:
-        lib = ctypes.CDLL(str(_build(isa)))
+        lib = ctypes.CDLL(str(_build(isa, defines)))
     except Exception as exc:  # no compiler, no ninja, a failed build: fall back, and say why
         first = (str(exc).strip().splitlines() or [""])[0]
         _reasons[isa] = f"the native kernels could not be built ({type(exc).__name__}: {first})"
@@ -210,6 +210,13 @@ def native_library(isa: str | None = None) -> ctypes.CDLL | None:
         raise ValueError(f"unknown instruction set {isa!r}; known: {', '.join(ISAS)}")
     with _lock:
         return _library(isa)
+
+
+def planted_library(isa: str = "generic") -> ctypes.CDLL | None:
+    """For tests only: a build with SPECDEC_PLANT_ORDER, which sums blocks of several rows in another
+    float order than a single row's (a planted invariance bug the tests must catch)."""
+    with _lock:
+        return _library(isa, ("SPECDEC_PLANT_ORDER",))
 
 
 def unavailable_reason(isa: str | None = None) -> str | None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -35,11 +36,12 @@ from torch import nn
 from specdec.models.native.attention import use_exact_attention
 from specdec.models.native.formats import UnsupportedFormat, dequantize, format_of
 from specdec.models.native.linear import GGUFEmbedding, GGUFLinear
+from specdec.models.native.runner import NativeLayer, NativeModel, QLinear, config_unsupported
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
-__all__ = ["TensorEntry", "build_native_model", "native_summary", "tensor_index"]
+__all__ = ["TensorEntry", "build_native_model", "build_native_runner", "native_summary", "tensor_index"]
 
 log = logging.getLogger(__name__)
 
@@ -89,47 +91,70 @@ def _dense_values(entry: TensorEntry, raw: np.ndarray) -> np.ndarray:  # raw: th
     return np.asarray(gguf_dequantize(raw.reshape(rows, -1), qtype), dtype=np.float32).reshape(entry.shape)
 
 
+def _read(f: Any, entry: TensorEntry) -> np.ndarray:
+    """The bytes of one tensor, read into memory of their own (the file stays unmapped)."""
+    f.seek(entry.offset)
+    raw = np.fromfile(f, dtype=np.uint8, count=entry.nbytes)
+    if raw.size != entry.nbytes:
+        raise UnsupportedFormat(f"the file ends inside tensor {entry.name}")
+    return raw
+
+
+def _meta_model(config: PretrainedConfig) -> PreTrainedModel:
+    """The architecture without weights: parameters on the meta device, buffers (rotary) real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def _file_params(path: Path, model: nn.Module, config: PretrainedConfig, arch: str,
+                 entries: list[TensorEntry]) -> Iterator[tuple[str, str, Any]]:
+    """(module path, parameter name, value) for every tensor of the file the model has a place for.
+
+    value: (blocks [rows, row_bytes] uint8, BlockFormat, cols) for a matrix in a supported block
+    format (rows in transformers' order), else a float32 tensor of its values.
+    """
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    parsed = {"config": config.to_dict(), "tensors": {}}
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
+    mapping = _name_map(model, arch, config)
+    with open(path, "rb") as f:
+        for entry in entries:
+            try:
+                fmt = format_of(entry.ggml_type) if len(entry.shape) == 2 else None
+            except UnsupportedFormat:
+                fmt = None
+            if fmt is not None:
+                rows, cols = entry.shape
+                order, name = _row_order(processor, entry.name, rows, mapping, parsed)
+                if name not in mapping:
+                    continue
+                blocks = torch.from_numpy(_read(f, entry).reshape(rows, fmt.row_bytes(cols)))
+                if not np.array_equal(order, np.arange(rows)):
+                    blocks = blocks[torch.from_numpy(order)].contiguous()
+                value: Any = (blocks, fmt, cols)
+            else:
+                out = processor.process(weights=_dense_values(entry, _read(f, entry)), name=entry.name,
+                                        tensor_key_mapping=mapping, parsed_parameters=parsed)
+                if out.name not in mapping:
+                    continue
+                name, value = out.name, torch.from_numpy(np.array(out.weights, dtype=np.float32))
+            module_path, _, param = mapping[name].rpartition(".")
+            yield module_path, param, value
+
+
 def build_native_model(
     path: str | Path, config: PretrainedConfig, arch: str, entries: list[TensorEntry], device: str | torch.device = "cpu"
 ) -> PreTrainedModel:
     """An eval-mode transformers causal LM for the GGUF file at `path` whose linear layers compute on its blocks."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
-
     path = Path(path)
-    with init_empty_weights(include_buffers=False):  # parameters on the meta device; buffers (rope) real
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    parsed = {"config": config.to_dict(), "tensors": {}}
-    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
-    mapping = _name_map(model, arch, config)
-    blob = np.memmap(path, mode="r", dtype=np.uint8)
-
+    model = _meta_model(config)
     found: dict[str, dict[str, Any]] = {}  # module path -> {"weight": (blocks, fmt, cols) or tensor, "bias": …}
-    for entry in entries:
-        raw = np.asarray(blob[entry.offset : entry.offset + entry.nbytes])
-        try:
-            fmt = format_of(entry.ggml_type) if len(entry.shape) == 2 else None
-        except UnsupportedFormat:
-            fmt = None
-        if fmt is not None:
-            rows, cols = entry.shape
-            order, name = _row_order(processor, entry.name, rows, mapping, parsed)
-            if name not in mapping:
-                continue
-            blocks = torch.from_numpy(raw.reshape(rows, fmt.row_bytes(cols)).copy())
-            if not np.array_equal(order, np.arange(rows)):
-                blocks = blocks[torch.from_numpy(order)].contiguous()
-            value: Any = (blocks, fmt, cols)
-        else:
-            out = processor.process(weights=_dense_values(entry, raw), name=entry.name, tensor_key_mapping=mapping,
-                                    parsed_parameters=parsed)
-            if out.name not in mapping:
-                continue
-            name, value = out.name, torch.from_numpy(np.array(out.weights, dtype=np.float32))
-        module_path, _, param = mapping[name].rpartition(".")
+    for module_path, param, value in _file_params(path, model, config, arch, entries):
         found.setdefault(module_path, {})[param] = value
-    del blob
 
     embed_blocks = None
     for module_path, params in found.items():
@@ -160,6 +185,50 @@ def build_native_model(
     model = model.to(device).eval()
     use_exact_attention(model)  # CPU: batch-invariant attention too, so k-token passes equal 1-token steps
     return model
+
+
+def build_native_runner(path: str | Path, config: PretrainedConfig, arch: str, entries: list[TensorEntry]) -> NativeModel:
+    """The lean `NativeModel` of a llama-family GGUF file, each weight repacked as it is read (the
+    file's bytes are never all in memory at once); UnsupportedFormat says why a file has none."""
+    why = config_unsupported(config)
+    if why:
+        raise UnsupportedFormat(why)
+    path = Path(path)
+    model = _meta_model(config)
+    linears: dict[str, QLinear] = {}
+    pending: dict[str, dict[str, Any]] = {}  # a linear's weight waits for its bias, or the other way round
+    found: dict[str, Any] = {}
+    for module_path, param, value in _file_params(path, model, config, arch, entries):
+        module = model.get_submodule(module_path)
+        if isinstance(module, nn.Linear):
+            pending.setdefault(module_path, {})[param] = value
+            parts = pending[module_path]
+            if "weight" in parts and ("bias" in parts or module.bias is None):
+                weight = parts.pop("weight")
+                if not isinstance(weight, tuple):
+                    raise UnsupportedFormat(f"{module_path} is not stored in a supported block format")
+                linears[module_path] = QLinear(*weight, bias=parts.pop("bias", None))
+        else:
+            found[f"{module_path}.{param}"] = value
+    embed = found.get("model.embed_tokens.weight")
+    if not isinstance(embed, tuple):
+        raise UnsupportedFormat("the token embedding is not stored in a supported block format")
+    head = linears.get("lm_head") or QLinear(*embed)  # no output.weight: tied to the embedding
+    inner = model.model
+    layers = []
+    for i, block in enumerate(inner.layers):
+        names = [f"model.layers.{i}.{n}" for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                   "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+        missing = [n for n in names if n not in linears]
+        if missing:
+            raise UnsupportedFormat(f"no quantized weight for {missing[0]}")
+        if block.self_attn.o_proj.bias is not None:
+            raise UnsupportedFormat("an output projection with a bias")
+        layers.append(NativeLayer(found[f"model.layers.{i}.input_layernorm.weight"].contiguous(),
+                                  found[f"model.layers.{i}.post_attention_layernorm.weight"].contiguous(),
+                                  *(linears[n] for n in names)))
+    return NativeModel(config, GGUFEmbedding(*embed), layers, found["model.norm.weight"].contiguous(), head,
+                       inner.rotary_emb, inner.norm.variance_epsilon)
 
 
 def _name_map(model: nn.Module, arch: str, config: PretrainedConfig) -> dict[str, str]:

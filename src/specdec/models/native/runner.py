@@ -18,6 +18,7 @@ and the cache slots it attends to; a single sequence (`lm.NativeLM`) and many se
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -119,7 +120,7 @@ class NativeModel:
     """The weights of a llama-family decoder in the kernels' layouts, and one forward pass over tokens."""
 
     def __init__(self, config, embed: GGUFEmbedding, layers: list[NativeLayer], norm: Tensor, head: QLinear,
-                 rotary: nn.Module, eps: float) -> None:
+                 rotary: nn.Module, eps: float, lib: ctypes.CDLL | None = None) -> None:
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         self.config = config
         self.hidden = int(text.hidden_size)
@@ -134,11 +135,14 @@ class NativeModel:
         self.scale = self.head_dim**-0.5
         self.num_layers = len(layers)
         self._table = torch.empty(0, self.head_dim)
-        self.lib = kernels.native_library()
+        self.lib = lib if lib is not None else kernels.native_library()
+        """The compiled kernels this model calls (any build: the packed weights are the same bytes)."""
+        if self.lib is None:
+            raise UnsupportedFormat(kernels.unavailable_reason() or "the native kernels are not available")
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, model: "PreTrainedModel") -> "NativeModel":
+    def from_hf(cls, model: "PreTrainedModel", lib: ctypes.CDLL | None = None) -> "NativeModel":
         """The lean form of a transformers model built around GGUF blocks (`load.build_native_model`);
         UnsupportedFormat says why a model has none (the caller keeps the transformers model)."""
         config = model.config
@@ -156,7 +160,14 @@ class NativeModel:
                                           mlp.gate_proj, mlp.up_proj, mlp.down_proj)),
             ))
         return cls(config, inner.embed_tokens, layers, inner.norm.weight.detach().float().contiguous(),
-                   QLinear.of(model.get_output_embeddings()), inner.rotary_emb, inner.norm.variance_epsilon)
+                   QLinear.of(model.get_output_embeddings()), inner.rotary_emb, inner.norm.variance_epsilon, lib)
+
+    def with_library(self, lib: ctypes.CDLL) -> "NativeModel":
+        """The same weights computed by another build of the kernels (tests compare builds)."""
+        twin = object.__new__(NativeModel)
+        twin.__dict__.update(self.__dict__)
+        twin.lib = lib
+        return twin
 
     def nbytes(self) -> int:
         """Bytes of weights held (packed layers, norms, the embedding's blocks)."""
@@ -251,9 +262,8 @@ class NativeModel:
         return logits
 
 
-def unsupported_reason(model: nn.Module) -> str | None:
-    """Why `NativeModel.from_hf` cannot take this transformers model (None: it can)."""
-    config = model.config
+def config_unsupported(config) -> str | None:
+    """Why a model of this configuration has no `NativeModel` (None: it has one)."""
     kind = getattr(config, "model_type", "?")
     if kind not in SUPPORTED_ARCHITECTURES:
         return f"the lean native runner covers {', '.join(SUPPORTED_ARCHITECTURES)}, not {kind}"
@@ -261,17 +271,24 @@ def unsupported_reason(model: nn.Module) -> str | None:
         return f"hidden_act {config.hidden_act} (the lean runner computes SiLU)"
     if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
         return "sliding-window attention"
-    scaling = getattr(config, "rope_scaling", None) or {}
-    if isinstance(scaling, dict) and scaling.get("rope_type", "default") not in ("default", "linear", "llama3", "dynamic"):
-        return f"rope type {scaling.get('rope_type')}"
-    if isinstance(scaling, dict) and scaling.get("rope_type") == "dynamic":
-        return "dynamic rope scaling (its frequencies depend on the sequence length)"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
+    if kind not in ("default", "linear", "llama3"):
+        return f"rope type {kind} (its frequencies may depend on the sequence length)"
+    return None
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why `NativeModel.from_hf` cannot take this transformers model (None: it can)."""
+    why = config_unsupported(model.config)
+    if why:
+        return why
     inner = getattr(model, "model", None)
     if inner is None or not isinstance(getattr(inner, "embed_tokens", None), GGUFEmbedding):
         return "the token embedding is not kept as GGUF blocks"
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) or (isinstance(module, GGUFLinear) and module.kernel != "gguf"):
             return f"{name} is not computed by the integer kernel"
-    if any(getattr(b.self_attn, "o_proj").bias is not None for b in inner.layers):
+    if any(b.self_attn.o_proj.bias is not None for b in inner.layers):
         return "an output projection with a bias"
     return None

@@ -21,6 +21,9 @@
 namespace {
 using namespace sd;
 constexpr int L = 16;
+#ifdef SPECDEC_PLANT_ORDER
+bool plant_reverse = false;  // tests only: set for passes of more than one query
+#endif
 
 // ---- scalar and 16-lane building blocks ----------------------------------------------------------
 // Sum of 16 lanes in one fixed order: pairs (i, i+8), then (i, i+4), (i, i+2), (i, i+1).
@@ -114,7 +117,12 @@ SD_INLINE void values_tile(const float* p, int64_t stride, int64_t n, const uint
   F32 acc[GN][CN];
   for (int g = 0; g < GN; ++g)
     for (int c = 0; c < CN; ++c) acc[g][c] = fzero();
-  for (int64_t j = 0; j < n; ++j) {
+  for (int64_t i = 0; i < n; ++i) {
+#ifdef SPECDEC_PLANT_ORDER
+    const int64_t j = plant_reverse ? n - 1 - i : i;  // tests only: values summed backwards in block passes
+#else
+    const int64_t j = i;
+#endif
     const uint16_t* vr = vh + sl[j] * d;
     F32 v[CN];
     for (int c = 0; c < CN; ++c) v[c] = ld_f16(vr + c * L);
@@ -245,6 +253,9 @@ int specdec_attention(const float* q, int64_t T, int64_t H, int64_t Hkv, int64_t
                       const int64_t* vis, const int64_t* vis_off, float scale, float* out) {
   if (H % Hkv || d % L || d > 256 || T < 0) return 1;
   const int64_t G = H / Hkv, row = Hkv * d * cap;
+#ifdef SPECDEC_PLANT_ORDER
+  plant_reverse = T > 1;
+#endif
   for (int64_t t = 0; t < T; ++t) {
     if (prefix[t] < 0 || prefix[t] > cap || vis_off[t + 1] < vis_off[t] || (rows && (rows[t] < 0 || rows[t] >= nrows)))
       return 1;

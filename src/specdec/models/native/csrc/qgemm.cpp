@@ -336,7 +336,12 @@ void panel_rows(const uint8_t* panel, int64_t nb, const uint8_t* xq, int64_t x_r
   const int64_t pbytes = kTypeSize[F] * kLanes, xbytes = x_block_bytes(F);
   F32 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = fzero();
-  for (int64_t b = 0; b < nb; ++b) {
+  for (int64_t i = 0; i < nb; ++i) {
+#ifdef SPECDEC_PLANT_ORDER
+    const int64_t b = R > 1 ? nb - 1 - i : i;  // tests only: blocks of row tiles summed backwards
+#else
+    const int64_t b = i;
+#endif
     const uint8_t* xb[R];
     for (int r = 0; r < R; ++r) xb[r] = xq + (r0 + r) * x_row + b * xbytes;
     prefetch(panel + (b + kPrefetchBlocks) * pbytes, pbytes);
