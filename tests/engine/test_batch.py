@@ -24,7 +24,7 @@ from specdec.engine.batch import BatchEngine, BatchRequest
 from specdec.engine.pipeline import Pipeline
 from specdec.models.hf import HFLanguageModel
 from specdec.models.toy import MarkovLM
-from tests.conftest import TINY_VOCAB, tiny_hf_model
+from tests.conftest import TINY_VOCAB, needs_kernels, tiny_hf_model
 from tests.engine.test_distribution import ALPHA, L, PROMPT, V, chi_square_pvalue, exact_continuations
 
 GREEDY = SamplingConfig()
@@ -127,6 +127,30 @@ def test_greedy_batch_equals_alone_for_every_method(models, eos_setting, profile
         assert r.stats.new_tokens == len(a) and r.stats.stopped_by in ("eos", "length")
         if method != "ar":
             assert r.stats.target_calls <= len(a)
+
+
+@pytest.fixture(scope="module")
+def native_models():
+    from specdec.models.native.lm import NativeLM
+    from specdec.models.native.runner import NativeModel
+    from tests.models.test_native import _tiny_native
+
+    return (NativeLM(NativeModel.from_hf(_tiny_native("Q4_K", "llama", 0))),
+            NativeLM(NativeModel.from_hf(_tiny_native("Q4_K", "llama", 1))))
+
+
+@needs_kernels
+@pytest.mark.parametrize("method,opts", METHODS, ids=[m for m, _ in METHODS])
+def test_native_batch_equals_alone_bit_for_bit(native_models, profile_file, method, opts, one_thread):
+    """Native rows share flat passes without padding and every token is computed as in its own
+    pass: batched output equals each request alone exactly, no tie allowance."""
+    target, draft = native_models
+    opts = {"tree": profile_file} if opts == "profile" else opts
+    prompts, news = _prompts(8, seed=3), [6, 11, 4, 14, 9, 13, 7, 12]
+    pipe = Pipeline.from_models(target, None, draft)
+    alone = _alone(pipe, prompts, method, opts, news)
+    results = pipe.generate_batch(prompts, method, news, max_batch_size=5, prefill_chunk=8, **opts)
+    assert [r.token_ids for r in results] == alone
 
 
 def test_mixed_methods_share_steps_and_each_equals_alone(models, profile_file, one_thread):

@@ -7,7 +7,7 @@ import torch
 from specdec.core.tree import path_to
 from specdec.models.batch import BatchedHFModel, ModelCall, RowView, batched_model, pad_groups, run_calls
 from specdec.models.hf import HFLanguageModel
-from tests.conftest import TINY_VOCAB, tiny_hf_model
+from tests.conftest import TINY_VOCAB, needs_kernels, tiny_hf_model
 
 TOL = dict(atol=2e-5, rtol=1e-5)
 
@@ -179,3 +179,49 @@ def test_run_calls_shares_one_pass_per_model_and_group(monkeypatch):
     assert [r.kv_len for r in rows] == [300, 1, 1, 1] and single.kv_len == 0
     assert outs[-1].shape == (2, TINY_VOCAB) and all(o.shape == (1, TINY_VOCAB) for o in outs[:-1])
     assert isinstance(rows[0], RowView)
+
+
+# ---- native rows: one flat pass, nothing padded ----------------------------------------------------
+@needs_kernels
+def test_native_batched_pass_equals_each_rows_own_pass_bit_for_bit():
+    """Fills of ragged lengths, then chains, trees and appended levels of several rows in one flat
+    pass: every row's logits are exactly its own `NativeLM`'s, and commits by index equal them too."""
+    from specdec.models.batch import BatchedNativeModel
+    from specdec.models.native.lm import NativeLM
+    from specdec.models.native.runner import NativeModel
+    from tests.models.test_native import _tiny_native
+
+    model = NativeModel.from_hf(_tiny_native("Q4_K", "qwen2", seed=0))
+    batched = batched_model(NativeLM(model))
+    assert isinstance(batched, BatchedNativeModel) and not batched.pads
+    gen = torch.Generator().manual_seed(0)
+    prefix_lens = [9, 1, 23, 4]
+    rows = [batched.new_row() for _ in prefix_lens]
+    singles = [NativeLM(model) for _ in prefix_lens]
+    prefixes = [torch.randint(0, TINY_VOCAB, (n,), generator=gen) for n in prefix_lens]
+    for row, single in zip(rows, singles):
+        row.reset(64)
+        single.reset(64)
+    outs = run_calls([ModelCall(r, p, fill=True) for r, p in zip(rows, prefixes)])
+    for out, single, prefix in zip(outs, singles, prefixes):
+        assert torch.equal(out, single.forward(prefix, last_only=True))
+        single.commit(prefix.numel())
+    blocks = {0: _random_tree(7, gen), 1: None, 3: _random_tree(4, gen)}
+    tokens = {i: torch.randint(0, TINY_VOCAB, (5 if p is None else p.numel(),), generator=gen) for i, p in blocks.items()}
+    outs = batched.forward_rows([ModelCall(rows[i], tokens[i], blocks[i]) for i in blocks])
+    for out, (i, parents) in zip(outs, blocks.items()):
+        assert torch.equal(out, singles[i].forward(tokens[i], parents)), f"row {i}"
+    # a level appended to row 0's tree, alone in its pass; then commits by index in both
+    level = torch.randint(0, TINY_VOCAB, (2,), generator=gen)
+    out = batched.forward_rows([ModelCall(rows[0], level, torch.tensor([6, 7]), append=True)])[0]
+    assert torch.equal(out, singles[0].forward(level, torch.tensor([6, 7]), append=True))
+    for i, keep in ((0, torch.tensor([0, 6, 7])), (1, 3), (3, torch.tensor([0, 2]))):
+        rows[i].commit(keep)
+        singles[i].commit(keep)
+        for layer in range(model.num_layers):
+            for a, b in zip(rows[i].cached_kv(layer), singles[i].cached_kv(layer)):
+                assert torch.equal(a, b)
+    nxt = torch.randint(0, TINY_VOCAB, (1,), generator=gen)
+    outs = run_calls([ModelCall(rows[i], nxt) for i in (0, 1, 3)])
+    for out, i in zip(outs, (0, 1, 3)):
+        assert torch.equal(out, singles[i].forward(nxt))

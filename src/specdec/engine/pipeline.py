@@ -13,6 +13,7 @@ sampling, tokenizer) and its parsed `Options`, never the pipeline.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import sys
@@ -249,8 +250,15 @@ class Pipeline:
             loaded = backends.load_native(name, progress=progress)
         else:
             precision = str(dtype).replace("torch.", "") if draft_dtype is None else draft_dtype
+            keep = None
+            if draft_vocab is not None:
+                from specdec.drafting.vocab import tokens_to_keep
+
+                if tokenizer is None:
+                    raise ValueError("a pruned draft head needs the tokenizer to count token frequencies")
+                keep = functools.partial(lambda n, size: tokens_to_keep(tokenizer, size, n), int(draft_vocab))
             loaded = backends.load_dense_draft(name, precision=precision, device=device, fast_linear=fast_linear,
-                                               vocab=draft_vocab, tokenizer=tokenizer, progress=progress, say=say)
+                                               keep_tokens=keep, tokenizer=tokenizer, progress=progress, say=say)
         loaded.weights_choice = measured
         return loaded
 

@@ -149,24 +149,21 @@ def load_dense_target(spec: str, *, dtype: torch.dtype, device: str | torch.devi
 
 
 def load_dense_draft(spec: str, *, precision: str, device: str | torch.device, fast_linear: str,
-                     vocab: int | None, tokenizer: Any, progress: bool, say: Say) -> LoadedModel:
+                     keep_tokens: Callable[[int], torch.Tensor] | None, tokenizer: Any, progress: bool,
+                     say: Say) -> LoadedModel:
     """A draft with full-precision weights: `precision` "auto" (the fastest measured here whose
-    top-1 agrees with float32), "float32", "bfloat16", "float16" or "int8"; `vocab`: keep only the
-    `vocab` most frequent tokens of its output head."""
+    top-1 agrees with float32), "float32", "bfloat16", "float16" or "int8"; `keep_tokens(head
+    size)`: the token ids its pruned output head keeps (None: the whole head)."""
     from specdec.models.dense.draft_precision import choose_draft_precision, make_variant
     from specdec.models.hf import HFLanguageModel
     from specdec.models.hub import load_model
 
     load_dtype = torch.float32 if precision in ("auto", "int8") else DTYPES[precision]
     model, draft_tokenizer = load_model(spec, dtype=load_dtype, device=device, progress=progress)
-    if vocab is not None:
-        from specdec.drafting.vocab import tokens_to_keep
+    if keep_tokens is not None:
         from specdec.models.dense.pruned_head import prune_output_head
 
-        if tokenizer is None:
-            raise ValueError("a pruned draft head needs the tokenizer to count token frequencies")
-        size = model.get_output_embeddings().weight.shape[0]
-        prune_output_head(model, tokens_to_keep(tokenizer, size, int(vocab)))
+        prune_output_head(model, keep_tokens(model.get_output_embeddings().weight.shape[0]))
     choice = None
     if precision == "auto":
         model, choice = choose_draft_precision(model, fast_linear=fast_linear, tokenizer=tokenizer, progress=say)

@@ -32,6 +32,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from specdec.core.tree import ancestor_mask, chain_parents, depths, validate_parents
 from specdec.models.base import LanguageModel
 from specdec.models.hf import HFLanguageModel, commit_plan
+from specdec.models.native.lm import NativeLM, block_plan, flat_visibility
 from specdec.models.toy import MarkovLM
 
 PAD_SLACK = 64
@@ -68,9 +69,9 @@ class ModelCall:
 
 
 class RowView:
-    """One row of a `BatchedHFModel`, behind the single-sequence `LanguageModel` contract."""
+    """One row of a batched model, behind the single-sequence `LanguageModel` contract."""
 
-    def __init__(self, owner: "BatchedHFModel", index: int) -> None:
+    def __init__(self, owner: "BatchedHFModel | BatchedNativeModel", index: int) -> None:
         self.owner = owner
         self.index = index
 
@@ -92,8 +93,13 @@ class RowView:
 
     @property
     def model(self) -> Any:
-        """The transformers model (the SWI cost model counts its parameters)."""
+        """The owner's model (the SWI cost model counts its parameters)."""
         return self.owner.model
+
+    @property
+    def num_parameters(self) -> int | None:
+        """The model's size where the owner states it (native models), for the SWI cost model."""
+        return getattr(self.owner, "num_parameters", None)
 
     @property
     def kv_len(self) -> int:
@@ -216,27 +222,33 @@ def _logits_index_supported() -> bool:
     return "bool" in inspect.getsource(slice_logits_to_keep)
 
 
-class BatchedHFModel:
-    """A transformers causal LM serving many sequences (rows) from one batched slot cache.
+class _RowPool:
+    """The rows of a batched model: handed out lowest-index first and freed at once (so a continuous
+    batch keeps them dense), their reservations, commits and crops. The cache itself is the
+    subclass's (`_cache_shape`, `_resize`, `_gather`).
 
-    Rows are allocated lowest-index first and freed at once, so a continuous batch keeps them
-    dense. The K/V buffers are sized to what the rows in use need (rows × the longest reservation)
-    and resized when that changes: `slots_if_added` tells a scheduler what admitting one more
-    sequence would cost.
+    The buffers are sized to what the rows in use need (rows × the longest reservation) and resized
+    when that changes: `slots_if_added` tells a scheduler what admitting one more sequence would cost.
     """
 
-    def __init__(self, lm: HFLanguageModel, max_rows: int | None = None) -> None:
-        self.base = lm
-        self.model = lm.model
-        self.vocab_size = lm.vocab_size
-        self.context_length = lm.context_length
-        self.device = lm.device
-        self.dtype = lm.dtype
+    pads = True
+    """Whether a shared pass pads every block to the longest (`run_calls` then groups blocks)."""
+
+    def __init__(self, vocab_size: int, context_length: int, device: torch.device, dtype: torch.dtype,
+                 max_rows: int | None) -> None:
+        self.vocab_size, self.context_length = vocab_size, context_length
+        self.device, self.dtype = device, dtype
         self.max_rows = max_rows
-        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self._rows: list[_Row | None] = []
-        self._cache = _BatchCache(lm.num_layers)
-        self._index_logits = _logits_index_supported()
+
+    def _cache_shape(self) -> tuple[int, int]:  # (rows, capacity) of the buffers now
+        raise NotImplementedError
+
+    def _resize(self, rows: int, capacity: int) -> None:
+        raise NotImplementedError
+
+    def _gather(self, index: int, dst: int, src: Tensor) -> None:  # row `index`: slots dst + i <- src[i]
+        raise NotImplementedError
 
     # ---- rows ---------------------------------------------------------------------------------
     def new_row(self) -> RowView:
@@ -247,7 +259,7 @@ class BatchedHFModel:
         if index == len(self._rows):
             self._rows.append(None)
         self._rows[index] = _Row(pending=torch.empty(0, dtype=torch.long))
-        return RowView(self, index)
+        return RowView(self, index)  # type: ignore[arg-type]
 
     def release(self, row: LanguageModel) -> None:
         assert isinstance(row, RowView) and row.owner is self
@@ -255,7 +267,7 @@ class BatchedHFModel:
         while self._rows and self._rows[-1] is None:
             self._rows.pop()
         if not self._rows:  # idle: give the memory back
-            self._cache.resize_all(0, 0)
+            self._resize(0, 0)
 
     def rows_in_use(self) -> int:
         return sum(r is not None for r in self._rows)
@@ -276,11 +288,11 @@ class BatchedHFModel:
         `slots_if_added` budget holds), shrunk once they hold more than twice that."""
         rows = len(self._rows)
         capacity = max([read_len] + [r.need for r in self._rows if r is not None])
-        have_rows, have_cap = self._cache.rows, self._cache.capacity
+        have_rows, have_cap = self._cache_shape()
         if have_rows < rows or have_cap < capacity or have_rows * have_cap > 2 * rows * capacity:
             # Rounded up a little, so a pass whose padding reaches past the reservations does not
             # resize the buffers again on the next step.
-            self._cache.resize_all(rows, -(-capacity // 64) * 64)
+            self._resize(rows, -(-capacity // 64) * 64)
 
     def _row(self, index: int) -> _Row:
         row = self._rows[index] if index < len(self._rows) else None
@@ -300,6 +312,45 @@ class BatchedHFModel:
             )
         row = self._row(index)
         row.kv_len, row.need, row.pending = 0, max_len, torch.empty(0, dtype=torch.long)
+
+    # ---- per-row commit and crop ------------------------------------------------------------------
+    def commit(self, index: int, keep: Tensor | int) -> None:
+        row = self._row(index)
+        assert row.pending is not None
+        count, moved = commit_plan(keep, row.pending.shape[0], self.device)
+        if moved is not None:
+            self._gather(index, row.kv_len, row.kv_len + moved)
+        row.kv_len += count
+        row.pending = row.pending[:0]
+
+    def crop(self, index: int, length: int) -> None:
+        row = self._row(index)
+        if not 0 <= length <= row.kv_len:
+            raise ValueError(f"cannot crop to {length}: only {row.kv_len} tokens are cached")
+        assert row.pending is not None
+        row.kv_len = length
+        row.pending = row.pending[:0]
+
+
+class BatchedHFModel(_RowPool):
+    """A transformers causal LM serving many sequences (rows) from one batched slot cache."""
+
+    def __init__(self, lm: HFLanguageModel, max_rows: int | None = None) -> None:
+        super().__init__(lm.vocab_size, lm.context_length, lm.device, lm.dtype, max_rows)
+        self.base = lm
+        self.model = lm.model
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self._cache = _BatchCache(lm.num_layers)
+        self._index_logits = _logits_index_supported()
+
+    def _cache_shape(self) -> tuple[int, int]:
+        return self._cache.rows, self._cache.capacity
+
+    def _resize(self, rows: int, capacity: int) -> None:
+        self._cache.resize_all(rows, capacity)
+
+    def _gather(self, index: int, dst: int, src: Tensor) -> None:
+        self._cache.gather(index, dst, src)
 
     # ---- one batched pass ------------------------------------------------------------------------
     def forward_rows(self, calls: Sequence[ModelCall]) -> list[Tensor]:
@@ -400,28 +451,83 @@ class BatchedHFModel:
             back[i] = results[pos]
         return back
 
-    # ---- per-row commit and crop ------------------------------------------------------------------
-    def commit(self, index: int, keep: Tensor | int) -> None:
-        row = self._row(index)
-        assert row.pending is not None
-        count, moved = commit_plan(keep, row.pending.shape[0], self.device)
-        if moved is not None:
-            self._cache.gather(index, row.kv_len, row.kv_len + moved)
-        row.kv_len += count
-        row.pending = row.pending[:0]
-
-    def crop(self, index: int, length: int) -> None:
-        row = self._row(index)
-        if not 0 <= length <= row.kv_len:
-            raise ValueError(f"cannot crop to {length}: only {row.kv_len} tokens are cached")
-        assert row.pending is not None
-        row.kv_len = length
-        row.pending = row.pending[:0]
-
     def cached_kv(self, index: int, layer: int) -> tuple[Tensor, Tensor]:
         n = self._row(index).kv_len
         lay = self._cache.layers[layer]
         return lay.keys[index : index + 1, :, :n], lay.values[index : index + 1, :, :n]
+
+
+class BatchedNativeModel(_RowPool):
+    """A `NativeModel` serving many sequences (rows) from one float16 cache [rows, …, capacity, …].
+
+    The blocks of several rows go through one pass as one flat list of tokens, each with its row,
+    position, write slot and visible slots (`native.lm.block_plan`), so nothing is padded: every
+    token is computed exactly as it would be in its row's own pass.
+    """
+
+    pads = False
+
+    def __init__(self, lm: NativeLM, max_rows: int | None = None) -> None:
+        super().__init__(lm.vocab_size, lm.context_length, lm.device, lm.dtype, max_rows)
+        self.base = lm
+        self.model = lm.model
+        self.num_parameters = lm.num_parameters
+        self._cache = lm.model.new_cache(0, 0)
+
+    def _cache_shape(self) -> tuple[int, int]:
+        return self._cache.rows, self._cache.capacity
+
+    def _resize(self, rows: int, capacity: int) -> None:
+        self._cache.resize(rows, capacity)
+
+    def _gather(self, index: int, dst: int, src: Tensor) -> None:
+        self._cache.gather(index, dst, src.cpu())
+
+    def forward_rows(self, calls: Sequence[ModelCall]) -> list[Tensor]:
+        """Score the blocks of distinct rows in one pass: the logits each call asks for (fills are not
+        committed here; `run_calls` does that)."""
+        if not calls:
+            return []
+        index = [c.lm.index for c in calls]  # type: ignore[attr-defined]
+        if len(set(index)) != len(index):
+            raise ValueError("one batched pass takes at most one block per row")
+        rows = [self._row(i) for i in index]
+        plans = []
+        for call, row in zip(calls, rows):
+            assert row.pending is not None
+            if call.size < 1:
+                raise ValueError("every block needs at least one token")
+            plan = block_plan(row.kv_len, row.pending, None if call.fill else call.parents, call.size,
+                              call.append and not call.fill)
+            if int(plan.slots[-1]) >= max(row.need, 1):
+                raise ValueError(f"cache overflow: {int(plan.slots[0])} cached + {call.size} new tokens > capacity "
+                                 f"{row.need}")
+            plans.append(plan)
+        self._fit(max(int(p.slots[-1]) + 1 for p in plans))
+        sizes = [c.size for c in calls]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        keep = torch.cat([torch.tensor([st + n - 1]) if c.last_only or c.fill else st + torch.arange(n)
+                          for c, st, n in zip(calls, starts, sizes)])
+        vis, offsets = flat_visibility([v for p in plans for v in p.vis])
+        with torch.inference_mode():
+            logits = self.model.forward(
+                torch.cat([c.tokens.cpu().to(torch.long) for c in calls]).contiguous(),
+                torch.cat([p.positions for p in plans]), self._cache, torch.cat([p.slots for p in plans]),
+                torch.cat([p.prefix for p in plans]), vis, offsets, keep,
+                torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in zip(index, sizes)]),
+            )
+        out, at = [], 0
+        for call, row, plan in zip(calls, rows, plans):
+            row.pending = plan.all_parents
+            kept = 1 if call.last_only or call.fill else call.size
+            out.append(logits[at : at + kept])
+            at += kept
+        return out
+
+    def cached_kv(self, index: int, layer: int) -> tuple[Tensor, Tensor]:
+        n = self._row(index).kv_len
+        kt, vc = self._cache.kt[layer][index : index + 1], self._cache.vc[layer][index : index + 1]
+        return kt[:, :, :, :n].transpose(-1, -2), vc[:, :, :n]
 
 
 class RowwiseModel:
@@ -486,14 +592,16 @@ class SerialModel:
         return self.lm.kv_len if self._busy else 0
 
 
-BatchedModel = BatchedHFModel | RowwiseModel | SerialModel
+BatchedModel = BatchedHFModel | BatchedNativeModel | RowwiseModel | SerialModel
 
 
 def batched_model(lm: LanguageModel, max_rows: int | None = None) -> BatchedModel:
-    """The batched form of a loaded model: transformers models share passes; the toy Markov model
-    gets independent rows; anything else serves one sequence at a time."""
+    """The batched form of a loaded model: transformers and native models share passes; the toy
+    Markov model gets independent rows; anything else serves one sequence at a time."""
     if isinstance(lm, HFLanguageModel):
         return BatchedHFModel(lm, max_rows)
+    if isinstance(lm, NativeLM):
+        return BatchedNativeModel(lm, max_rows)
     if isinstance(lm, MarkovLM):
         def fresh() -> MarkovLM:
             row = MarkovLM(lm.table, lm.context_length)
@@ -535,7 +643,7 @@ def run_calls(calls: Sequence[ModelCall]) -> list[Tensor]:
     """
     results: list[Tensor | None] = [None] * len(calls)
     shared: dict[int, list[int]] = {}
-    owners: dict[int, BatchedHFModel] = {}
+    owners: dict[int, BatchedHFModel | BatchedNativeModel] = {}
     for i, call in enumerate(calls):
         if isinstance(call.lm, RowView):
             owners[id(call.lm.owner)] = call.lm.owner
@@ -543,7 +651,8 @@ def run_calls(calls: Sequence[ModelCall]) -> list[Tensor]:
         else:
             results[i] = call.run()
     for key, idx in shared.items():
-        for group in pad_groups([calls[i].size for i in idx]):
+        sizes = [calls[i].size for i in idx]
+        for group in pad_groups(sizes) if owners[key].pads else [list(range(len(idx)))]:
             members = [idx[g] for g in group]
             outs = owners[key].forward_rows([calls[i] for i in members])
             for i, out in zip(members, outs):

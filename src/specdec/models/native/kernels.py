@@ -1,8 +1,8 @@
 """The compiled CPU kernels of the native path, built for this CPU on first use, and their Python calls.
 
 `csrc/qgemm.cpp` (the integer block kernels of the linear layers), `csrc/ops.cpp` (RMSNorm, rotary
-embedding, the float16 KV cache, attention, SiLU) and `csrc/attention.cpp` (a float32 attention for
-transformers models) are compiled with torch's `cpp_extension` (g++/clang and ninja) into
+embedding, the float16 KV cache, attention, SiLU), `csrc/decoder.cpp` (a model's decoder layers in one
+call) and `csrc/attention.cpp` (a float32 attention for transformers models) are compiled with torch's `cpp_extension` (g++/clang and ninja) into
 `$SPECDEC_CACHE/kernels/`, once per instruction set; later processes load the cached library in
 milliseconds. They include only `ATen/Parallel.h` (torch's thread pool, so `torch.set_num_threads`
 applies) and are called through a C ABI with ctypes, which keeps a build near ten seconds.
@@ -57,7 +57,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CSRC_DIR = Path(__file__).with_name("csrc")
-SOURCES = ("qgemm.cpp", "ops.cpp", "attention.cpp")
+SOURCES = ("qgemm.cpp", "ops.cpp", "decoder.cpp", "attention.cpp")
 HEADERS = ("simd.h", "vec8.h")
 ISA_ENV = "SPECDEC_NATIVE_ISA"
 _COMMON = ["-O3", "-ffp-contract=off", "-fopenmp", "-std=c++17"]
@@ -167,6 +167,7 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "specdec_attention": (ctypes.c_int, [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR,
                                          _F32, _PTR]),
     "specdec_silu_mul": (ctypes.c_int, [_PTR, _PTR, _I64, _PTR]),
+    "specdec_decoder_layers": (ctypes.c_int, [_PTR, _PTR, _PTR]),
     "specdec_exact_attention": (ctypes.c_int, [_PTR, *[_I64] * 5, _PTR, _PTR, *[_I64] * 7, _PTR, _I64, _I64, _F32, _PTR]),
 }
 

@@ -20,7 +20,7 @@ from specdec.core.tree import ancestor_mask, chain_parents, depths, validate_par
 from specdec.models.hf import commit_plan
 from specdec.models.native.runner import KVCache, NativeModel
 
-__all__ = ["NativeLM", "block_plan"]
+__all__ = ["NativeLM", "block_plan", "flat_visibility"]
 
 
 @dataclass
@@ -65,7 +65,7 @@ def block_plan(kv_len: int, pending: Tensor, parents: Tensor | None, n: int, app
     return _Block(kv_len + depths(all_parents)[n_prev:], start + torch.arange(n), prefix, vis, all_parents)
 
 
-def _flat(vis: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+def flat_visibility(vis: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """Ragged visible-slot lists -> (values [E], offsets [T + 1])."""
     lengths = torch.tensor([v.numel() for v in vis], dtype=torch.long)
     offsets = torch.zeros(len(vis) + 1, dtype=torch.long)
@@ -86,6 +86,8 @@ class NativeLM:
         self.dtype = torch.float32
         self.kv_len = 0
         self.offloaded = False
+        self.num_parameters = model.num_parameters()
+        """The architecture's size (the SWI cost model weighs drafts by it)."""
         self.cache: KVCache = model.new_cache(1, 0)
         self._pending = torch.empty(0, dtype=torch.long)
 
@@ -108,7 +110,7 @@ class NativeLM:
         if int(plan.slots[-1]) >= self.cache.capacity:
             raise ValueError(f"cache overflow: {int(plan.slots[0])} cached + {n} new tokens > capacity "
                              f"{self.cache.capacity}")
-        vis, offsets = _flat(plan.vis)
+        vis, offsets = flat_visibility(plan.vis)
         keep = torch.tensor([n - 1]) if last_only else None
         with torch.inference_mode():
             logits = self.model.forward(input_ids.cpu().to(torch.long).contiguous(), plan.positions, self.cache,

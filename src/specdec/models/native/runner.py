@@ -19,6 +19,7 @@ and the cache slots it attends to; a single sequence (`lm.NativeLM`) and many se
 from __future__ import annotations
 
 import ctypes
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["SUPPORTED_ARCHITECTURES", "KVCache", "NativeModel", "QLinear"]
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+_BUFFER_VERSIONS = itertools.count(1)
 
 
 class QLinear:
@@ -82,6 +84,7 @@ class KVCache:
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, rows: int = 1, capacity: int = 0) -> None:
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.rows, self.capacity = 0, 0
+        self.version = 0  # unique per set of buffers (process-wide), so pointers are never reused stale
         self.kt: list[Tensor] = []
         self.vc: list[Tensor] = []
         self.resize(rows, capacity)
@@ -101,6 +104,7 @@ class KVCache:
             kts.append(kt)
             vcs.append(vc)
         self.kt, self.vc, self.rows, self.capacity = kts, vcs, rows, capacity
+        self.version = next(_BUFFER_VERSIONS)
 
     def gather(self, row: int, dst: int, src: Tensor) -> None:
         """Row `row`: slots dst + i take the K/V of slot src[i] (src [n] int64), every layer."""
@@ -114,6 +118,34 @@ class KVCache:
 
 def _ptr(t: Tensor | None) -> int | None:
     return t.data_ptr() if t is not None else None
+
+
+# Mirrors of csrc/decoder.cpp's structs.
+class _CLinear(ctypes.Structure):
+    _fields_ = [("fmt", ctypes.c_int64), ("inp", ctypes.c_int64), ("out", ctypes.c_int64),
+                ("packed", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
+class _CLayer(ctypes.Structure):
+    _fields_ = [("ln1", ctypes.c_void_p), ("ln2", ctypes.c_void_p),
+                *[(n, _CLinear) for n in ("q", "k", "v", "o", "gate", "up", "down")],
+                ("kt", ctypes.c_void_p), ("vc", ctypes.c_void_p)]
+
+
+class _CModel(ctypes.Structure):
+    _fields_ = [*[(n, ctypes.c_int64) for n in ("layers", "hidden", "heads", "kv_heads", "head_dim", "inter",
+                                                "rows", "cap")],
+                ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("rope", ctypes.c_void_p),
+                ("layer", ctypes.POINTER(_CLayer))]
+
+
+class _CPass(ctypes.Structure):
+    _fields_ = [("T", ctypes.c_int64), *[(n, ctypes.c_void_p) for n in ("pos", "rows", "slots", "prefix", "vis",
+                                                                          "vis_off")]]
+
+
+def _c_linear(w: QLinear) -> _CLinear:
+    return _CLinear(w.fmt.code, w.in_features, w.out_features, w.packed.data_ptr(), _ptr(w.bias))
 
 
 class NativeModel:
@@ -135,6 +167,11 @@ class NativeModel:
         self.scale = self.head_dim**-0.5
         self.num_layers = len(layers)
         self._table = torch.empty(0, self.head_dim)
+        self._c_layers = (_CLayer * len(layers))(*[
+            _CLayer(l.ln1.data_ptr(), l.ln2.data_ptr(), *(_c_linear(getattr(l, n)) for n in
+                                                          ("q", "k", "v", "o", "gate", "up", "down")), None, None)
+            for l in layers])
+        self._c_cache: int | None = None  # the version of the cache buffers the layers point at
         self.lib = lib if lib is not None else kernels.native_library()
         """The compiled kernels this model calls (any build: the packed weights are the same bytes)."""
         if self.lib is None:
@@ -162,17 +199,37 @@ class NativeModel:
         return cls(config, inner.embed_tokens, layers, inner.norm.weight.detach().float().contiguous(),
                    QLinear.of(model.get_output_embeddings()), inner.rotary_emb, inner.norm.variance_epsilon, lib)
 
+    def first_layers(self, n: int) -> "NativeModel":
+        """The model cut after its first `n` decoder layers, sharing the weights (a weaker draft for
+        tests and experiments)."""
+        twin = self.with_library(self.lib)
+        twin.layers, twin.num_layers = self.layers[:n], n
+        twin._c_layers = (_CLayer * n)(*self._c_layers[:n])
+        return twin
+
     def with_library(self, lib: ctypes.CDLL) -> "NativeModel":
         """The same weights computed by another build of the kernels (tests compare builds)."""
         twin = object.__new__(NativeModel)
         twin.__dict__.update(self.__dict__)
         twin.lib = lib
+        twin._c_layers = (_CLayer * len(self.layers))(*self._c_layers)  # its own cache pointers
+        twin._c_cache = None
         return twin
 
     def nbytes(self) -> int:
         """Bytes of weights held (packed layers, norms, the embedding's blocks)."""
         layers = sum(getattr(l, n).nbytes() for l in self.layers for n in ("q", "k", "v", "o", "gate", "up", "down"))
         return layers + self.head.nbytes() + self.embed.blocks.numel()
+
+    def num_parameters(self) -> int:
+        """Parameters of the architecture as transformers counts them (a tied head once)."""
+        linears = [getattr(l, n) for l in self.layers for n in ("q", "k", "v", "o", "gate", "up", "down")]
+        count = sum(w.in_features * w.out_features + (w.out_features if w.bias is not None else 0) for w in linears)
+        count += sum(l.ln1.numel() + l.ln2.numel() for l in self.layers) + self.norm.numel()
+        count += self.embed.num_embeddings * self.embed.embedding_dim
+        if not getattr(self.config, "tie_word_embeddings", False):
+            count += self.head.in_features * self.head.out_features
+        return count
 
     def new_cache(self, rows: int = 1, capacity: int = 0) -> KVCache:
         return KVCache(self.num_layers, self.kv_heads, self.head_dim, rows, capacity)
@@ -219,47 +276,31 @@ class NativeModel:
         rows: Tensor | None = None,  # [T] int64: each token's cache row (None: row 0)
     ) -> Tensor:  # [K, V] float32 logits
         t = ids.numel()
-        lib, hd, h, hkv = self.lib, self.head_dim, self.heads, self.kv_heads
-        x = self.embed(ids).float().contiguous()  # [T, D]
-        hid = torch.empty_like(x)
-        q, att = torch.empty(t, h * hd), torch.empty(t, h * hd)
-        k, v = torch.empty(t, hkv * hd), torch.empty(t, hkv * hd)
-        gate, up = torch.empty(t, self.intermediate), torch.empty(t, self.intermediate)
-        res = torch.empty_like(x)
+        x = self.embed(ids).float().contiguous()  # [T, D], the residual stream
         table = self.rope_table(int(positions.max()) + 1)
-        args = [_ptr(a) for a in (positions, slots, rows, prefix, vis, vis_off)]
-        pos_p, slot_p, row_p, pre_p, vis_p, off_p = args
-        res_p = None
-        nrows, cap = cache.rows, cache.capacity
-        for i, layer in enumerate(self.layers):
-            lib.specdec_rmsnorm(x.data_ptr(), res_p, layer.ln1.data_ptr(), self.eps, t, self.hidden, hid.data_ptr())
-            xq = self._quantized(hid, [layer.q.fmt, layer.k.fmt, layer.v.fmt])
-            for w, out in ((layer.q, q), (layer.k, k), (layer.v, v)):
-                self._linear(w, xq[w.fmt.block_size], t, out)
-            lib.specdec_rope(q.data_ptr(), t, h, hd, table.data_ptr(), pos_p)
-            lib.specdec_rope(k.data_ptr(), t, hkv, hd, table.data_ptr(), pos_p)
-            kt, vc = cache.kt[i], cache.vc[i]
-            if lib.specdec_kv_store(k.data_ptr(), v.data_ptr(), t, hkv, hd, row_p, slot_p, kt.data_ptr(), vc.data_ptr(),
-                                    nrows, cap):
-                raise ValueError("native forward: a token's cache row or slot is out of range")
-            if lib.specdec_attention(q.data_ptr(), t, h, hkv, hd, kt.data_ptr(), vc.data_ptr(), nrows, cap, row_p,
-                                     pre_p, vis_p, off_p, self.scale, att.data_ptr()):
-                raise ValueError("native forward: bad attention arguments")
-            self._linear(layer.o, self._quantized(att, [layer.o.fmt])[layer.o.fmt.block_size], t, res)
-            lib.specdec_rmsnorm(x.data_ptr(), res.data_ptr(), layer.ln2.data_ptr(), self.eps, t, self.hidden,
-                                hid.data_ptr())
-            xq = self._quantized(hid, [layer.gate.fmt, layer.up.fmt])
-            self._linear(layer.gate, xq[layer.gate.fmt.block_size], t, gate)
-            self._linear(layer.up, xq[layer.up.fmt.block_size], t, up)
-            lib.specdec_silu_mul(gate.data_ptr(), up.data_ptr(), gate.numel(), gate.data_ptr())
-            self._linear(layer.down, self._quantized(gate, [layer.down.fmt])[layer.down.fmt.block_size], t, res)
-            res_p = res.data_ptr()
-        lib.specdec_rmsnorm(x.data_ptr(), res_p, self.norm.data_ptr(), self.eps, t, self.hidden, hid.data_ptr())
+        model = _CModel(self.num_layers, self.hidden, self.heads, self.kv_heads, self.head_dim, self.intermediate,
+                        cache.rows, cache.capacity, self.eps, self.scale, table.data_ptr(),
+                        self._layers_on(cache))
+        tokens = _CPass(t, *(_ptr(a) for a in (positions, rows, slots, prefix, vis, vis_off)))
+        rc = self.lib.specdec_decoder_layers(ctypes.byref(model), ctypes.byref(tokens), x.data_ptr())
+        if rc:
+            raise ValueError(f"native forward: step {rc} refused its arguments (a cache row or slot out of range?)")
         if keep is not None and keep.numel() != t:
-            hid = hid.index_select(0, keep).contiguous()
+            x = x.index_select(0, keep).contiguous()
+        hid = torch.empty_like(x)
+        self.lib.specdec_rmsnorm(x.data_ptr(), None, self.norm.data_ptr(), self.eps, x.shape[0], self.hidden,
+                                 hid.data_ptr())
         logits = torch.empty(hid.shape[0], self.vocab_size)
         self._linear(self.head, self._quantized(hid, [self.head.fmt])[self.head.fmt.block_size], hid.shape[0], logits)
         return logits
+
+    def _layers_on(self, cache: KVCache) -> ctypes.Array:
+        """The C layer array pointing at `cache`'s buffers (updated when the cache changes)."""
+        if self._c_cache != cache.version:
+            for c, kt, vc in zip(self._c_layers, cache.kt, cache.vc):
+                c.kt, c.vc = kt.data_ptr(), vc.data_ptr()
+            self._c_cache = cache.version
+        return self._c_layers
 
 
 def config_unsupported(config) -> str | None:
