@@ -1,7 +1,8 @@
-"""Measure the cost of one forward pass over k new tokens, t(k), for the plain and the fast path.
+"""Measure the cost of one forward pass over k new tokens, t(k), and the prompt rate of a model.
 
 t(k) decides how many tokens a verification pass may hold and how much a draft may cost: the
-`specdec profile` table is what the tuner and the benchmark notes are based on.
+`specdec profile` table is what the tuner and the benchmark notes are based on. The prompt rate
+(tokens per second of a prefill of n tokens) is the other half of end-to-end speed.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specdec.models.hf import HFLanguageModel
+from specdec.models.base import LanguageModel
 
 DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -24,13 +25,35 @@ class ForwardProfile:
     path: str
     context: int
     ms: dict[int, float] = field(default_factory=dict)
+    prompt_tokens_per_s: dict[int, float] = field(default_factory=dict)  # prompt length -> tokens/s
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "context": self.context, "ms": {str(k): v for k, v in self.ms.items()}}
+        return {"path": self.path, "context": self.context, "ms": {str(k): v for k, v in self.ms.items()},
+                "prompt_tokens_per_s": {str(n): v for n, v in self.prompt_tokens_per_s.items()}}
+
+
+def measure_prompt(lm: LanguageModel, profile: ForwardProfile, lengths: tuple[int, ...] = (512,),
+                   repeats: int = 2) -> ForwardProfile:
+    """Add the prompt rate to `profile`: tokens per second of a fresh prefill of n tokens (best of
+    `repeats`), for each n in `lengths`."""
+    gen = torch.Generator().manual_seed(1)
+    for n in lengths:
+        ids = torch.randint(0, lm.vocab_size, (n,), generator=gen)
+        best = float("inf")
+        for _ in range(repeats):
+            lm.reset(n + 1)
+            t0 = time.perf_counter()
+            lm.forward(ids, last_only=True)
+            if lm.device.type == "cuda":
+                torch.cuda.synchronize(lm.device)
+            best = min(best, time.perf_counter() - t0)
+        profile.prompt_tokens_per_s[n] = n / best
+    lm.crop(0)
+    return profile
 
 
 def measure_forward(
-    lm: HFLanguageModel,
+    lm: LanguageModel,
     ks: tuple[int, ...] = DEFAULT_KS,
     context: int = 200,
     repeats: int = 3,
@@ -61,12 +84,18 @@ def measure_forward(
 
 
 def format_table(name: str, profiles: list[ForwardProfile]) -> str:
-    """One markdown row per path, one column per k, and t(16)/t(1): how flat the cost of a wider block is."""
+    """One markdown row per path, one column per k, t(8)/t(1) and t(16)/t(1) (how flat the cost of a
+    wider block is) and the prompt rate where measured."""
     ks = sorted({k for p in profiles for k in p.ms})
+    prompts = sorted({n for p in profiles for n in p.prompt_tokens_per_s})
     lines = [f"{name}: ms per forward over k new tokens (context {profiles[0].context})"]
-    lines.append("| path | " + " | ".join(f"k={k}" for k in ks) + " | t(16)/t(1) |")
-    lines.append("|---" * (len(ks) + 2) + "|")
+    lines.append("| path | " + " | ".join(f"k={k}" for k in ks) + " | t(8)/t(1) | t(16)/t(1) |"
+                 + "".join(f" prompt {n} tok/s |" for n in prompts))
+    lines.append("|---" * (len(ks) + 3 + len(prompts)) + "|")
     for p in profiles:
-        ratio = p.ms[16] / p.ms[1] if 16 in p.ms and 1 in p.ms else float("nan")
-        lines.append(f"| {p.path} | " + " | ".join(f"{p.ms.get(k, float('nan')):.0f}" for k in ks) + f" | {ratio:.2f} |")
+        ratios = [p.ms[k] / p.ms[1] if k in p.ms and 1 in p.ms else float("nan") for k in (8, 16)]
+        lines.append(f"| {p.path} | " + " | ".join(f"{p.ms.get(k, float('nan')):.1f}" for k in ks)
+                     + "".join(f" | {r:.2f}" for r in ratios) + " |"
+                     + "".join(f" {p.prompt_tokens_per_s[n]:.0f} |" if n in p.prompt_tokens_per_s else " – |"
+                               for n in prompts))
     return "\n".join(lines)

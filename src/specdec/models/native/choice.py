@@ -15,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ from specdec.core.store import measurement_dir, read_json, write_json
 from specdec.models.native import kernels
 from specdec.models.native.formats import BlockFormat, dequantize, random_blocks
 
-__all__ = ["WeightsChoice", "choose_weights"]
+__all__ = ["WeightsChoice", "choice_cache_path", "choose_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class WeightsChoice:
         return out
 
 
-def _cache_path(fp: dict) -> object:
+def choice_cache_path(fp: dict) -> Path:
     return measurement_dir() / "weights" / f"{fingerprint_digest(fp)}.json"
 
 
@@ -72,7 +73,7 @@ def choose_weights(fmt: BlockFormat, rows: int, cols: int, device: str | torch.d
         return WeightsChoice("dense", kernels.unavailable_reason() or "the native kernels are not available")
     fp = fingerprint(dev)
     key = f"{fmt.name}:{rows}x{cols}"
-    path = _cache_path(fp)
+    path = choice_cache_path(fp)
     cache = read_json(path, CHOICE_VERSION, fp) if use_cache else {}
     entry = cache.get(key)
     if isinstance(entry, dict) and entry.get("weights") in ("native", "dense"):
