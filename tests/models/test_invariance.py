@@ -104,15 +104,19 @@ def test_bfloat16_smollm2_greedy_equals_ar(smol):
         assert out == ref, f"{name} changed SmolLM2's bfloat16 greedy output"
 
 
-def test_without_it_bfloat16_trees_drift_from_plain_decoding():
-    """Why it exists: with sdpa a bfloat16 block pass differs from one-token passes here, and tree
-    methods' greedy output drifts (skipped on a machine where sdpa happens to be row-invariant)."""
+def test_without_it_bfloat16_trees_drift_from_plain_decoding(one_thread):
+    """Why it exists: with sdpa a bfloat16 block pass differs from one-token passes here, and
+    speculative greedy output drifts from plain decoding on some prompts (skipped on a machine where
+    sdpa happens to be row-invariant)."""
     model = tiny_hf_model("llama", seed=0).to(torch.bfloat16)
     if rows_agree(HFLanguageModel(model), PROBE):
         pytest.skip("sdpa is row-invariant in bfloat16 on this machine")
     target = HFLanguageModel(model)
-    prompt = [3, 4, 5, 6, 3, 4, 5, 7, 3, 4]
-    ref, _ = SpeculativeDecoder(target).generate(prompt, 32)
-    outs = [SpeculativeDecoder(target, d, GREEDY).generate(prompt, 32)[0]
-            for d in drafters(copy.deepcopy(model), tiny_hf_model("llama", seed=5).to(torch.bfloat16)).values()]
-    assert any(out != ref for out in outs)
+    drifted = 0
+    for seed in range(4):
+        prompt = torch.randint(0, TINY_VOCAB, (10,), generator=torch.Generator().manual_seed(seed)).tolist()
+        ref, _ = SpeculativeDecoder(target).generate(prompt, 32)
+        outs = [SpeculativeDecoder(target, d, GREEDY).generate(prompt, 32)[0]
+                for d in drafters(copy.deepcopy(model), tiny_hf_model("llama", seed=5).to(torch.bfloat16)).values()]
+        drifted += sum(out != ref for out in outs)
+    assert drifted > 0

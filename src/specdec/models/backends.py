@@ -129,8 +129,13 @@ def load_dense_target(spec: str, *, dtype: torch.dtype, device: str | torch.devi
     from specdec.models.hf import HFLanguageModel
     from specdec.models.hub import load_model
 
+    from specdec.models.dense.exact_linear import exact_linear_available
+
     model, tokenizer = load_model(spec, dtype=dtype, device=device, progress=progress)
-    report = apply_linear_paths(model, fast_linear, progress=say, single_path=row_invariant)
+    # Row invariance needs one fixed order per output: the exact linear kernel where it runs (it
+    # replaces the linears in `make_row_invariant`), else one measured path for every block size.
+    exact = row_invariant and exact_linear_available(model)
+    report = apply_linear_paths(model, "off" if exact else fast_linear, progress=say, single_path=row_invariant)
     passed = None
     if row_invariant:
         from specdec.models.dense.draft_precision import probe_ids

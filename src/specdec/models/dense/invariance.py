@@ -15,10 +15,12 @@ dimension, the softmax denominator, the weighted sum of values) is one sequentia
 `cumsum` in key order, where a hidden key adds an exact zero and changes nothing, and the result
 depends only on the visible keys in order — exactly what a one-token pass sees. Its cost is
 memory traffic proportional to queries x keys x head size (chunked over keys); `specdec profile
---dtype bfloat16` shows it. The linear layers get one path for every block size
-(`models.dense.kernel_choice`, `single_path`), and `make_row_invariant` checks at load, on a probe text,
-that a chain pass and tree passes equal one-token passes bit for bit; if they do not (a GEMM whose
-rows depend on how many rows it is given), the caller warns.
+--dtype bfloat16` shows it. The linear layers become `ExactLinear` (`models.dense.exact_linear`:
+one fixed float32 order per output, whatever the number of rows) where the compiled kernels are
+available on the CPU, else they keep one path for every block size (`models.dense.kernel_choice`,
+`single_path`), which is not enough where the GEMM itself sums rows differently by row count.
+`make_row_invariant` checks at load, on a probe text, that a chain pass and tree passes equal
+one-token passes bit for bit; if they do not, the caller warns.
 """
 
 from __future__ import annotations
@@ -116,8 +118,12 @@ def rows_agree(lm: HFLanguageModel, ids: Tensor) -> bool:  # ids: [L >= 12] int6
 
 
 def make_row_invariant(model: nn.Module, probe: Tensor) -> bool:
-    """Switch `model` to `sequential_attention` and check on `probe` ([L >= 12] ids) that block
-    passes equal one-token passes bit for bit; False when they do not (the caller warns)."""
+    """Switch `model` to exact linear layers (where available) and `sequential_attention`, and check
+    on `probe` ([L >= 12] ids) that block passes equal one-token passes bit for bit; False when they
+    do not (the caller warns)."""
+    from specdec.models.dense.exact_linear import use_exact_linears
+
+    use_exact_linears(model)
     register_sequential_attention()
     model.set_attn_implementation(SEQUENTIAL)
     ok = rows_agree(HFLanguageModel(model), probe)

@@ -2,7 +2,8 @@
 
 `csrc/qgemm.cpp` (the integer block kernels of the linear layers), `csrc/ops.cpp` (RMSNorm, rotary
 embedding, the float16 KV cache, attention, SiLU), `csrc/decoder.cpp` (a model's decoder layers in one
-call) and `csrc/attention.cpp` (a float32 attention for transformers models) are compiled with torch's `cpp_extension` (g++/clang and ninja) into
+call), `csrc/dense.cpp` (a row-invariant linear layer for bfloat16/float16 weights, the dense path's)
+and `csrc/attention.cpp` (a float32 attention for transformers models) are compiled with torch's `cpp_extension` (g++/clang and ninja) into
 `$SPECDEC_CACHE/kernels/`, once per instruction set; later processes load the cached library in
 milliseconds. They include only `ATen/Parallel.h` (torch's thread pool, so `torch.set_num_threads`
 applies) and are called through a C ABI with ctypes, which keeps a build near ten seconds.
@@ -39,6 +40,8 @@ __all__ = [
     "ISA_ENV",
     "attention",
     "cpu_isa",
+    "dense_linear",
+    "dense_repack",
     "exact_attention",
     "kv_gather",
     "kv_store",
@@ -57,7 +60,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CSRC_DIR = Path(__file__).with_name("csrc")
-SOURCES = ("qgemm.cpp", "ops.cpp", "decoder.cpp", "attention.cpp")
+SOURCES = ("qgemm.cpp", "ops.cpp", "decoder.cpp", "dense.cpp", "attention.cpp")
 HEADERS = ("simd.h", "vec8.h")
 ISA_ENV = "SPECDEC_NATIVE_ISA"
 _COMMON = ["-O3", "-ffp-contract=off", "-fopenmp", "-std=c++17"]
@@ -168,6 +171,8 @@ _SIGNATURES = {  # name: (restype, argtypes)
                                          _F32, _PTR]),
     "specdec_silu_mul": (ctypes.c_int, [_PTR, _PTR, _I64, _PTR]),
     "specdec_decoder_layers": (ctypes.c_int, [_PTR, _PTR, _PTR]),
+    "specdec_dense_repack": (ctypes.c_int, [_PTR, _I64, _I64, _PTR]),
+    "specdec_dense_gemm": (ctypes.c_int, [_I64, _PTR, _I64, _I64, _PTR, _I64, _PTR, _PTR, _I64]),
     "specdec_exact_attention": (ctypes.c_int, [_PTR, *[_I64] * 5, _PTR, _PTR, *[_I64] * 7, _PTR, _I64, _I64, _F32, _PTR]),
 }
 
@@ -348,6 +353,37 @@ def silu_mul(gate: Tensor, up: Tensor, out: Tensor, isa: str | None = None) -> T
     """out = silu(gate)·up, element-wise (float32, same shape; out may be gate)."""
     _check(_lib(isa).specdec_silu_mul(gate.data_ptr(), up.data_ptr(), gate.numel(), out.data_ptr()), "silu_mul")
     return out
+
+
+_DENSE_KINDS = {torch.bfloat16: 0, torch.float16: 1}
+
+
+def dense_repack(weight: Tensor, isa: str | None = None) -> Tensor:
+    """A bfloat16/float16 weight [N, K] as the dense kernel's panels (a uint16 tensor)."""
+    if weight.dtype not in _DENSE_KINDS or weight.dim() != 2 or weight.device.type != "cpu":
+        raise ValueError("dense_repack: a 2-D bfloat16 or float16 CPU weight expected")
+    n, k = weight.shape
+    w = weight.contiguous().view(torch.int16)
+    out = torch.empty(-(-n // 16) * 16 * k, dtype=torch.int16)
+    _check(_lib(isa).specdec_dense_repack(w.data_ptr(), n, k, out.data_ptr()), "dense_repack")
+    return out
+
+
+def dense_linear(x: Tensor, packed: Tensor, out_features: int, bias: Tensor | None = None,
+                 isa: str | None = None) -> Tensor:
+    """y = x·Wᵀ (+ bias) in x's dtype (bfloat16 or float16) with one fixed float32 order per output:
+    x [M, K] -> [M, N]; each row depends on its own input row only."""
+    m, k = x.shape
+    kind = _DENSE_KINDS.get(x.dtype)
+    if kind is None or x.device.type != "cpu":
+        raise ValueError("dense_linear: bfloat16 or float16 CPU activations expected")
+    x = x.contiguous()
+    y = torch.empty(m, out_features, dtype=x.dtype)
+    b = bias.to(x.dtype).contiguous().view(torch.int16) if bias is not None else None
+    _check(_lib(isa).specdec_dense_gemm(kind, x.view(torch.int16).data_ptr(), m, k, packed.data_ptr(), out_features,
+                                        b.data_ptr() if b is not None else None, y.view(torch.int16).data_ptr(),
+                                        out_features), "dense_linear")
+    return y
 
 
 def exact_attention(
