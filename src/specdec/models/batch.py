@@ -367,34 +367,59 @@ class BatchedHFModel(_RowPool):
         if len(set(index)) != len(index):
             raise ValueError("one batched pass takes at most one block per row")
         rows = [self._row(i) for i in index]
-        sizes = [c.size for c in calls]
-        if min(sizes) < 1:
-            raise ValueError("every block needs at least one token")
-        b, n_max = len(calls), max(sizes)
-
-        plans = []  # per row: (all pending parents, n_prev, start)
-        for call, row in zip(calls, rows):
-            assert row.pending is not None
-            prev = row.pending if call.append and not call.fill else row.pending[:0]
-            n_prev = prev.shape[0]
-            if call.parents is None or call.fill:
-                parents = chain_parents(call.size) + n_prev
-                if n_prev == 0:
-                    parents[0] = -1
-            else:
-                parents = call.parents.cpu()
-                if parents.shape != call.tokens.shape:
-                    raise ValueError("parents and tokens must have the same length")
-            all_parents = torch.cat([prev, parents])
-            validate_parents(all_parents)
-            start = row.kv_len + n_prev
-            if start + call.size > max(row.need, 1):
-                raise ValueError(f"cache overflow: {start} cached + {call.size} new tokens > capacity {row.need}")
-            plans.append((all_parents, n_prev, start))
-
-        read_len = max(start for _, _, start in plans) + n_max  # every row's padded block fits
+        plans = [self._plan(call, row) for call, row in zip(calls, rows)]
+        read_len = max(start for _, _, start in plans) + max(c.size for c in calls)  # every padded block fits
         self._fit(read_len)
+        input_ids, position_ids, mask, keep = self._padded_inputs(calls, rows, plans, read_len, index)
+        sparse = self._index_logits and not bool(keep.all())
+        device = self.device
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=input_ids.to(device), attention_mask=mask.to(device)[:, None],
+                position_ids=position_ids.to(device), **{self._cache_arg: self._cache}, use_cache=True,
+                logits_to_keep=keep.to(device) if sparse else 0,
+            )
+        logits = out.logits  # [B, n_max, V], or [kept, V] when only some positions were kept
+        results: list[Tensor] = []
+        offset = 0
+        for j, (row, (all_parents, _, _)) in enumerate(zip(rows, plans)):
+            row.pending = all_parents
+            kept = int(keep[j].sum())
+            results.append(logits[offset : offset + kept] if sparse else logits[j, keep[j].to(logits.device)])
+            offset += kept
+        back = [torch.empty(0)] * len(results)
+        for pos, i in enumerate(order):
+            back[i] = results[pos]
+        return back
 
+    @staticmethod
+    def _plan(call: ModelCall, row: _Row) -> tuple[Tensor, int, int]:
+        """(every pending parent after the block, pending count before it, first write slot) of a call."""
+        assert row.pending is not None
+        if call.size < 1:
+            raise ValueError("every block needs at least one token")
+        prev = row.pending if call.append and not call.fill else row.pending[:0]
+        n_prev = prev.shape[0]
+        if call.parents is None or call.fill:
+            parents = chain_parents(call.size) + n_prev
+            if n_prev == 0:
+                parents[0] = -1
+        else:
+            parents = call.parents.cpu()
+            if parents.shape != call.tokens.shape:
+                raise ValueError("parents and tokens must have the same length")
+        all_parents = torch.cat([prev, parents])
+        validate_parents(all_parents)
+        start = row.kv_len + n_prev
+        if start + call.size > max(row.need, 1):
+            raise ValueError(f"cache overflow: {start} cached + {call.size} new tokens > capacity {row.need}")
+        return all_parents, n_prev, start
+
+    def _padded_inputs(self, calls: Sequence[ModelCall], rows: list[_Row], plans: list, read_len: int,
+                       index: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Ids, positions, the additive mask [B, n_max, read_len] and the kept positions of one padded
+        pass; sets the cache's write plan."""
+        b, n_max = len(calls), max(c.size for c in calls)
         input_ids = torch.zeros(b, n_max, dtype=torch.long)
         position_ids = torch.zeros(b, n_max, dtype=torch.long)
         write_slots = torch.zeros(b, n_max, dtype=torch.long)
@@ -418,38 +443,12 @@ class BatchedHFModel(_RowPool):
             else:
                 keep[j, :n] = True
         mask = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, torch.finfo(self.dtype).min)
-
         cache = self._cache
-        device = self.device
-        cache.write_rows = torch.tensor(index, dtype=torch.long, device=device)
-        cache.write_slots = write_slots.to(device)
+        cache.write_rows = torch.tensor(index, dtype=torch.long, device=self.device)
+        cache.write_slots = write_slots.to(self.device)
         cache.first_row = index[0] if index == list(range(index[0], index[0] + b)) else None
         cache.read_len, cache.query_len = read_len, n_max
-        sparse = self._index_logits and not bool(keep.all())
-        with torch.inference_mode():
-            out = self.model(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device)[:, None],
-                position_ids=position_ids.to(device),
-                **{self._cache_arg: cache},
-                use_cache=True,
-                logits_to_keep=keep.to(device) if sparse else 0,
-            )
-        logits = out.logits  # [B, n_max, V], or [kept, V] when only some positions were kept
-        results: list[Tensor] = []
-        offset = 0
-        for j, (call, row, (all_parents, _, _)) in enumerate(zip(calls, rows, plans)):
-            row.pending = all_parents
-            kept = int(keep[j].sum())
-            if sparse:
-                results.append(logits[offset : offset + kept])
-            else:
-                results.append(logits[j, keep[j].to(logits.device)])
-            offset += kept
-        back = [torch.empty(0)] * len(results)
-        for pos, i in enumerate(order):
-            back[i] = results[pos]
-        return back
+        return input_ids, position_ids, mask, keep
 
     def cached_kv(self, index: int, layer: int) -> tuple[Tensor, Tensor]:
         n = self._row(index).kv_len

@@ -207,6 +207,67 @@ def _candidates(layer: nn.Module, paths: list[LinearPath]) -> dict[str, nn.Modul
     return out
 
 
+def _linears_by_shape(model: nn.Module) -> dict[str, list[tuple[nn.Module, str, nn.Module]]]:
+    """Every linear layer of `model` as (parent, attribute, layer), grouped by shape key."""
+    by_shape: dict[str, list[tuple[nn.Module, str, nn.Module]]] = {}
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if is_linear(child):
+                by_shape.setdefault(shape_key(child), []).append((parent, child_name, child))
+    return by_shape
+
+
+def _choose_for_shape(key: str, members: list, mode: str, paths: list[LinearPath], cache: dict, timer: Timer,
+                      progress: Callable[[str], None] | None) -> tuple[ShapeReport, bool]:
+    """The path per bucket for one shape (measured, or from `cache`), and whether it was measured now."""
+    probe = members[0][2]
+    kernels = _candidates(probe, paths)
+    rel = {name: (0.0 if name == PLAIN.name else relative_difference(k, probe)) for name, k in kernels.items()}
+    tol = ROUND_OFF.get(_layer_dtype(probe), 1e-4)
+    for name in [n for n, d in rel.items() if d > tol or not math.isfinite(d)]:
+        log.warning("linear path %s differs from %s by %.2e (> %.0e): not used", name, key, rel[name], tol)
+        kernels.pop(name)
+    names = sorted(kernels)
+    if mode == "on":
+        chosen = PACKED.name if PACKED.name in kernels else PLAIN.name
+        return ShapeReport(key, len(members), names, {}, rel, [chosen] * len(BUCKET_ROWS), False), False
+    entry = cache.get(key)
+    if len(names) <= 1:
+        only = names[0] if names else PLAIN.name
+        return ShapeReport(key, len(members), names, {}, rel, [only] * len(BUCKET_ROWS), False), False
+    if entry is not None and _valid_entry(entry, names):
+        ms = {n: [float(v) for v in entry["ms"][n]] for n in names}
+        return ShapeReport(key, len(members), names, ms, rel, list(entry["bucket_paths"]), True), False
+    if progress is not None:
+        progress(f"measuring linear paths {', '.join(names)} for {key} ({len(members)} layers; once per machine)")
+    ms = measure_kernels(probe, kernels, timer)
+    rep = ShapeReport(key, len(members), names, ms, rel, choose_buckets(ms), False)
+    cache[key] = {"candidates": names, "ms": ms, "bucket_paths": rep.bucket_paths, "rel_diff": rel}
+    return rep, True
+
+
+def _one_path_if_needed(choices: dict[str, ShapeReport], by_shape: dict, paths: list[LinearPath], mode: str,
+                        single_path: bool, memory_bytes: int | None | str, report: KernelReport) -> None:
+    """One path per shape for every bucket: asked for (`single_path`), or forced when keeping a second
+    copy of the weights for some buckets would take more than `MEMORY_SHARE` of the free memory."""
+    if mode != "auto":
+        return
+    own_copy = {p.name for p in paths if not p.shares_weight}
+    extra = sum(_weight_bytes(layer) * len((set(choices[key].bucket_paths) & own_copy))
+                - (_weight_bytes(layer) if PLAIN.name not in choices[key].bucket_paths else 0)
+                for key, members in by_shape.items() for _, _, layer in members)
+    limit = available_memory_bytes() if memory_bytes == "query" else memory_bytes
+    if not single_path:
+        if extra <= 0 or limit is None or extra <= MEMORY_SHARE * limit:
+            return
+        log.warning("per-bucket linear paths would need %.1f GB more memory (%.1f GB available): one path per shape",
+                    extra / 1e9, limit / 1e9)
+        report.memory_fallback = True
+    for rep in choices.values():
+        if rep.ms:
+            rep.bucket_paths = [best_single_path(rep.ms)] * len(BUCKET_ROWS)
+
+
 def apply_linear_paths(
     model: nn.Module,
     mode: str = "auto",
@@ -230,74 +291,24 @@ def apply_linear_paths(
     if mode not in MODES:
         raise ValueError(f"fast linear mode must be one of {', '.join(MODES)}, got {mode!r}")
     report = KernelReport(mode)
-    if mode == "off":
-        return report
-    by_shape: dict[str, list[tuple[nn.Module, str, nn.Module]]] = {}
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if is_linear(child):
-                by_shape.setdefault(shape_key(child), []).append((parent, child_name, child))
+    by_shape = _linears_by_shape(model) if mode != "off" else {}
     if not by_shape:
         return report
     fp = fingerprint(_layer_device(next(iter(by_shape.values()))[0][2]))
     cache = read_kernel_cache(fp) if (use_cache and mode == "auto") else {}
-    changed = False
     if paths is None:
         paths = linear_paths() if mode == "auto" else [PLAIN, PACKED]
-    choices: dict[str, ShapeReport] = {}
+    choices, changed = {}, False
     for key, members in by_shape.items():
-        probe = members[0][2]
-        kernels = _candidates(probe, paths)
-        rel = {name: (0.0 if name == PLAIN.name else relative_difference(k, probe)) for name, k in kernels.items()}
-        tol = ROUND_OFF.get(_layer_dtype(probe), 1e-4)
-        for name in [n for n, d in rel.items() if d > tol or not math.isfinite(d)]:
-            log.warning("linear path %s differs from %s by %.2e (> %.0e): not used", name, key, rel[name], tol)
-            kernels.pop(name)
-        names = sorted(kernels)
-        if mode == "on":
-            chosen = PACKED.name if PACKED.name in kernels else PLAIN.name
-            choices[key] = ShapeReport(key, len(members), names, {}, rel, [chosen] * len(BUCKET_ROWS), False)
-            continue
-        entry = cache.get(key)
-        if len(names) <= 1:
-            only = names[0] if names else PLAIN.name
-            choices[key] = ShapeReport(key, len(members), names, {}, rel, [only] * len(BUCKET_ROWS), False)
-            continue
-        if entry is not None and _valid_entry(entry, names):
-            ms = {n: [float(v) for v in entry["ms"][n]] for n in names}
-            choices[key] = ShapeReport(key, len(members), names, ms, rel, list(entry["bucket_paths"]), True)
-            continue
-        if progress is not None:
-            progress(f"measuring linear paths {', '.join(names)} for {key} ({len(members)} layers; once per machine)")
-        ms = measure_kernels(probe, kernels, timer)
-        choices[key] = ShapeReport(key, len(members), names, ms, rel, choose_buckets(ms), False)
-        cache[key] = {"candidates": names, "ms": ms, "bucket_paths": choices[key].bucket_paths, "rel_diff": rel}
-        changed = True
-    kernels = {}  # the probe's copies go; each layer gets its own below
+        choices[key], measured = _choose_for_shape(key, members, mode, paths, cache, timer, progress)
+        changed = changed or measured
     if changed and use_cache:
         try:
             write_kernel_cache(fp, cache)
         except OSError as exc:  # a read-only cache only costs a measurement next time
             log.warning("could not save the kernel choice: %s", exc)
-
-    # Memory: every layer whose buckets use a path holding its own copy pays that copy.
-    own_copy = {p.name for p in paths if not p.shares_weight}
-    extra = sum(_weight_bytes(layer) * len((set(choices[key].bucket_paths) & own_copy))
-                - (_weight_bytes(layer) if PLAIN.name not in choices[key].bucket_paths else 0)
-                for key, members in by_shape.items() for _, _, layer in members)
-    limit = available_memory_bytes() if memory_bytes == "query" else memory_bytes
-    if single_path and mode == "auto":
-        for rep in choices.values():
-            if rep.ms:
-                rep.bucket_paths = [best_single_path(rep.ms)] * len(BUCKET_ROWS)
-    elif extra > 0 and limit is not None and extra > MEMORY_SHARE * limit and mode == "auto":
-        log.warning("per-bucket linear paths would need %.1f GB more memory (%.1f GB available): one path per shape",
-                    extra / 1e9, limit / 1e9)
-        report.memory_fallback = True
-        for rep in choices.values():
-            if rep.ms:
-                rep.bucket_paths = [best_single_path(rep.ms)] * len(BUCKET_ROWS)
-
+    _one_path_if_needed(choices, by_shape, paths, mode, single_path, memory_bytes, report)
+    by_name = {p.name: p for p in paths}
     for key, members in by_shape.items():
         rep = choices[key]
         report.shapes.append(rep)
@@ -305,13 +316,9 @@ def apply_linear_paths(
         if used == [PLAIN.name]:
             continue
         for parent, child_name, layer in members:
-            by_name = {p.name: p for p in paths}
             kernels = {name: by_name[name].prepare(layer) for name in used}
-            if len(used) == 1:
-                setattr(parent, child_name, kernels[used[0]])
-            else:
-                setattr(parent, child_name, BlockSizeLinear(kernels, rep.bucket_paths, layer.in_features,
-                                                            layer.out_features))
+            setattr(parent, child_name, kernels[used[0]] if len(used) == 1 else
+                    BlockSizeLinear(kernels, rep.bucket_paths, layer.in_features, layer.out_features))
             report.replaced += 1
     return report
 
