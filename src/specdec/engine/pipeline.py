@@ -229,7 +229,7 @@ class Pipeline:
                                                 progress=progress)
         chosen, measured = choose_weights(target, weights, device, dtype, say)
         if chosen == "native":
-            loaded = backends.load_native(target, progress=progress)
+            loaded = backends.load_native(target, progress=progress, say=say)
         else:
             loaded = backends.load_dense_target(target, dtype=dtype, device=device, fast_linear=fast_linear,
                                                 row_invariant=row_invariant, offload=offload, progress=progress,
@@ -247,7 +247,7 @@ class Pipeline:
         chosen, measured = choose_weights(name, "dense" if dense_only and weights == "auto" else weights, device,
                                           torch.float32, say)
         if chosen == "native":
-            loaded = backends.load_native(name, progress=progress)
+            loaded = backends.load_native(name, progress=progress, say=say)
         else:
             precision = str(dtype).replace("torch.", "") if draft_dtype is None else draft_dtype
             keep = None

@@ -100,11 +100,11 @@ def choose_weights(spec: str, weights: str, device: str | torch.device, dtype: t
     return choice.weights, choice
 
 
-def load_native(spec: str, *, progress: bool = True) -> LoadedModel:
-    """The GGUF model `spec` computing on its own blocks (float32 activations quantized per row)."""
+def load_native(spec: str, *, progress: bool = True, say: Say | None = None) -> LoadedModel:
+    """The GGUF model `spec` computing on its own blocks (activations quantized per row and block)."""
     from specdec.models.hub.load import load_native_lm
 
-    lm, config, tokenizer = load_native_lm(spec, progress=progress)
+    lm, config, tokenizer = load_native_lm(spec, progress=progress, say=say)
     from transformers import GenerationConfig
 
     source = _ConfigOnly(config, GenerationConfig.from_model_config(config))

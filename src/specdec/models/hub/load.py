@@ -80,11 +80,14 @@ def is_gguf(spec: str | os.PathLike[str]) -> bool:
     return resolve(spec).kind in ("registry", "gguf")
 
 
-def load_native_lm(spec: str | os.PathLike[str], *, progress: bool = True) -> tuple[Any, Any, PreTrainedTokenizerBase]:
+def load_native_lm(spec: str | os.PathLike[str], *, progress: bool = True,
+                   say: Any = None) -> tuple[Any, Any, PreTrainedTokenizerBase]:
     """(language model computing on the GGUF file's blocks, its config, tokenizer).
 
-    The lean runner (`models.native.runner`) where the architecture is llama-family, else the
-    transformers model built around the blocks, behind `HFLanguageModel`.
+    The lean runner (`models.native.runner`) where the architecture is llama-family and every linear
+    layer is in a supported block format; else the transformers model built around the blocks (a
+    tensor in another type gets its dequantized values), behind `HFLanguageModel`, with one line to
+    `say` why.
     """
     from specdec.models.hf import HFLanguageModel
     from specdec.models.native.lm import NativeLM
@@ -98,7 +101,11 @@ def load_native_lm(spec: str | os.PathLike[str], *, progress: bool = True) -> tu
     runner, config, tokenizer, why = load_native_runner(*source)
     if runner is not None:
         return NativeLM(runner), config, tokenizer
-    log.info("%s: no lean native runner (%s); computing on its blocks through transformers", spec, why)
+    message = f"{spec}: {why}; computing on its blocks through transformers modules (slower)"
+    if say is not None:
+        say(message)
+    else:
+        log.info(message)
     model, tokenizer = load_native(*source, "cpu")
     return HFLanguageModel(model), model.config, tokenizer
 

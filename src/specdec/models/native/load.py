@@ -187,10 +187,27 @@ def build_native_model(
     return model
 
 
+def _odd_matrices(entries: list[TensorEntry]) -> str:
+    """Why some matrix of the file is not for the integer kernels ("" when every one is)."""
+    from gguf import GGMLQuantizationType
+
+    odd: dict[str, int] = {}
+    for e in entries:
+        if len(e.shape) != 2:
+            continue
+        try:
+            format_of(e.ggml_type)
+        except UnsupportedFormat:
+            name = GGMLQuantizationType(e.ggml_type).name
+            odd[name] = odd.get(name, 0) + 1
+    return ", ".join(f"{n} matrices in {kind}" for kind, n in sorted(odd.items())) + (
+        " are not computed by the integer kernels" if odd else "")
+
+
 def build_native_runner(path: str | Path, config: PretrainedConfig, arch: str, entries: list[TensorEntry]) -> NativeModel:
     """The lean `NativeModel` of a llama-family GGUF file, each weight repacked as it is read (the
     file's bytes are never all in memory at once); UnsupportedFormat says why a file has none."""
-    why = config_unsupported(config)
+    why = config_unsupported(config) or _odd_matrices(entries)
     if why:
         raise UnsupportedFormat(why)
     path = Path(path)
