@@ -91,6 +91,8 @@ struct F32 { __m512 v; };   // 16 lanes of float
 SD_INLINE B64 ld64(const uint8_t* p) { return {_mm512_loadu_si512((const void*)p)}; }
 SD_INLINE B64 nib_lo(B64 b) { return {_mm512_and_si512(b.v, _mm512_set1_epi8(0x0F))}; }
 SD_INLINE B64 nib_hi(B64 b) { return {_mm512_and_si512(_mm512_srli_epi16(b.v, 4), _mm512_set1_epi8(0x0F))}; }
+// Each byte's high nibble in its low nibble, the high nibble undefined: for nib_or, which masks it.
+SD_INLINE B64 shr4(B64 b) { return {_mm512_srli_epi16(b.v, 4)}; }
 // ((b >> s) & mask) per byte (16-bit shifts; the mask drops what crossed from the neighbour byte)
 SD_INLINE B64 bits(B64 b, int s, uint8_t mask) {
   return {_mm512_and_si512(_mm512_srli_epi16(b.v, s), _mm512_set1_epi8((char)mask))};
@@ -203,6 +205,7 @@ SD_INLINE B64 nib_hi(B64 x) {
   const __m256i m = _mm256_set1_epi8(0x0F);
   return {_mm256_and_si256(_mm256_srli_epi16(x.a, 4), m), _mm256_and_si256(_mm256_srli_epi16(x.b, 4), m)};
 }
+SD_INLINE B64 shr4(B64 x) { return {_mm256_srli_epi16(x.a, 4), _mm256_srli_epi16(x.b, 4)}; }
 SD_INLINE B64 bits(B64 x, int s, uint8_t mask) {
   const __m256i m = _mm256_set1_epi8((char)mask);
   const __m128i c = _mm_cvtsi32_si128(s);
@@ -372,6 +375,10 @@ inline B64 nib_lo(B64 b) {
   return b;
 }
 inline B64 nib_hi(B64 b) {
+  for (int i = 0; i < 64; ++i) b.v[i] = (uint8_t)(b.v[i] >> 4);
+  return b;
+}
+inline B64 shr4(B64 b) {
   for (int i = 0; i < 64; ++i) b.v[i] = (uint8_t)(b.v[i] >> 4);
   return b;
 }
