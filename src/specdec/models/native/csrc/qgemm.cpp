@@ -245,7 +245,7 @@ struct Q6K {
   template <int t>
   static SD_INLINE void chunk_pair(B64 raw, B64 h1, B64 h2, B64& w1, B64& w2) {
     w1 = nib_or(raw, move_bits<2 * t, 4>(h1, 3));
-    w2 = nib_or(nib_hi(raw), move_bits<2 * t, 4>(h2, 3));
+    w2 = nib_or(shr4(raw), move_bits<2 * t, 4>(h2, 3));  // nib_or masks the low nibble
   }
 
   template <int R>
