@@ -16,6 +16,7 @@ from specdec.models.native.attention import EXACT_ATTENTION, use_exact_attention
 from specdec.models.native.formats import FORMATS, UnsupportedFormat, dequantize, format_of, random_blocks
 from specdec.models.native.linear import GGUFEmbedding, GGUFLinear
 from tests.conftest import TINY_VOCAB
+from tests.helpers import every_method_example
 
 NAMES = list(FORMATS)
 # f16 scales giving dequantized values of about ±0.3, like the tiny test models' weights
@@ -250,12 +251,8 @@ def test_every_method_gives_ar_output_on_a_native_model(name, one_thread):
     prompt = torch.randint(0, TINY_VOCAB, (10,), generator=torch.Generator().manual_seed(5)).tolist() * 2
     ref = pipe.generate(prompt, "ar", 24).token_ids
     assert len(set(ref)) > 3  # not a degenerate model
-    runs = {
-        "sps": {}, "pld": {}, "specinfer": {"expansion": "1,2,1"}, "maxgram": {"maxgram_fill": "none"},
-        "csd": {"maxgram_fill": "none"}, "specexec": {"budget": 8, "max_depth": 4}, "sequoia": {"budget": 8},
-    }
-    for method, opts in runs.items():
-        assert pipe.generate(prompt, method, 24, **opts).token_ids == ref, f"{method} on {name} blocks"
+    for method, opts in every_method_example(include_profile_methods=False):
+        assert pipe.generate(prompt, method, 24, **opts).token_ids == ref, f"{method} {opts} on {name} blocks"
 
 
 # ---- loading errors ---------------------------------------------------------------------------------

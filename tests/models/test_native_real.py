@@ -17,6 +17,7 @@ from specdec.models.hub.registry import KNOWN_MODELS
 from specdec.models.native import kernels
 from specdec.models.native.formats import FORMATS, dequantize
 from specdec.models.native.linear import GGUFEmbedding, GGUFLinear
+from tests.helpers import every_method_example
 from tests.models.test_native import _check_layer
 
 pytestmark = pytest.mark.real
@@ -149,11 +150,8 @@ def test_greedy_native_smollm2_equals_ar_with_every_method(smol_native):
     prompt = "Write a Python function that returns the n-th Fibonacci number."
     ref = pipe.generate(prompt, "ar", 20).token_ids
     assert len(ref) == 20
-    runs = {"sps": {}, "pld": {}, "specinfer": {"expansion": "1,2,1"}, "csd": {"maxgram_fill": "none"},
-            "maxgram": {"maxgram_fill": "none"}, "specexec": {"budget": 8, "max_depth": 4},
-            "sequoia": {"budget": 6, "max_depth": 3}}
-    for method, opts in runs.items():
-        assert pipe.generate(prompt, method, 20, **opts).token_ids == ref, method
+    for method, opts in every_method_example(include_profile_methods=False):
+        assert pipe.generate(prompt, method, 20, **opts).token_ids == ref, (method, opts)
 
 
 def test_the_native_cache_spares_later_loads_the_gguf_parse(smol_native, monkeypatch):

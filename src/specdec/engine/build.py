@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from specdec.core.options import MethodOptions
+from specdec.core.options import MethodOptions, format_option_value
 from specdec.core.sampling import SamplingConfig
 from specdec.engine.decoder import SpeculativeDecoder
 from specdec.methods.base import MethodContext
@@ -15,13 +15,8 @@ from specdec.methods.registry import get_method
 
 def describe_options(options: MethodOptions, names: Iterable[str]) -> str:
     """"gamma=100000" or "budget=512, max_depth=6": the options behind a size, for error messages."""
-    def fmt(value: Any) -> str:
-        if isinstance(value, tuple):  # expansion 1,2,2; a k-matrix 4,2;0,6
-            return (";" if value and isinstance(value[0], tuple) else ",").join(fmt(v) for v in value)
-        return str(value)
-
     values = options.to_dict()
-    return ", ".join(f"{n}={fmt(values[n])}" for n in names if n in values)
+    return ", ".join(f"{n}={format_option_value(values[n])}" for n in names if n in values)
 
 
 SIZE_OPTIONS = ("gamma", "budget", "expansion", "k_matrix")

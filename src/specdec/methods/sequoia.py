@@ -26,7 +26,7 @@ from specdec.core.tree import TokenTree, depths, keep_subtree, paths_to_parents
 from specdec.drafting.base import Proposal
 from specdec.drafting.draft_model import DraftModel
 from specdec.drafting.sequoia_dp import Paths, check_accept, sequoia_dp
-from specdec.methods.base import Method, MethodContext
+from specdec.methods.base import Method, MethodContext, TuningSpace
 from specdec.methods.registry import register
 from specdec.models.base import LanguageModel
 from specdec.verify.greedy import verify_greedy
@@ -242,9 +242,12 @@ def build(ctx: MethodContext, opts: Options) -> SequoiaDrafter:
     return drafter
 
 
+TUNING = TuningSpace("tree-dp", lambda setting: [{"budget": size, "max_depth": 8} for size in (2, 4, 8, 16, 32, 64)])
+"""Every size, and every depth up to 8, in both modes (the profile's winner keeps its paths)."""
+
 METHOD = register(Method(
     "sequoia",
     "Sequoia: a DP-optimal tree (--budget, --max-depth, --accept; --tree auto = the `specdec tune` winner), "
     "children drawn without replacement and SWOR-verified (--sequoia-mode greedy: top-k, sample-and-match)",
-    Options, build, needs_draft_model=True,
+    Options, build, needs_draft_model=True, list_rank=70, tuning=TUNING, examples=({"budget": 6, "max_depth": 3},),
 ))

@@ -68,7 +68,8 @@ def tune_pipeline(
     begin_tune(key)  # left behind by an interruption (Ctrl-C, a kill): noticed at the next use
     try:
         profile = quick_tune(pipe.target_lm, pipe.draft_lm, prompts or tune_prompts(pipe), sampling, key,
-                             settings=settings, eos_token_ids=pipe.eos_token_ids, bigram=cached_bigram(pipe),
+                             settings=settings, eos_token_ids=pipe.eos_token_ids, tokenizer=pipe.tokenizer,
+                             bigram=cached_bigram(pipe),
                              progress=progress)
         path = save_profile(profile)
     except Exception:
