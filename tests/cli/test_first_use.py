@@ -4,6 +4,7 @@ before any model loads (tiny checkpoints; the SmolLM2 versions are in test_first
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 import subprocess
@@ -81,9 +82,16 @@ def test_cli_dtype_names_are_the_pipelines():
     from specdec.models.hub.load import WEIGHTS
 
     assert sorted(WEIGHT_NAMES) == sorted(WEIGHTS)
+    from specdec.engine.batch import BatchRequest
     from specdec.engine.pipeline import DEFAULT_METHOD as PIPELINE_DEFAULT
+    from specdec.serving.app import create_app
 
-    assert DEFAULT_METHOD == PIPELINE_DEFAULT
+    # One default method, everywhere a method may be left out.
+    assert DEFAULT_METHOD == PIPELINE_DEFAULT == "auto"
+    for func in (Pipeline.generate, Pipeline.generate_batch, Pipeline.decoder, Pipeline.stream, create_app):
+        assert inspect.signature(func).parameters[
+            "default_method" if func is create_app else "method"].default == DEFAULT_METHOD, func
+    assert BatchRequest([1], 1).method == DEFAULT_METHOD
 
 
 # ---- 10: one clear line instead of a traceback ----------------------------------------------

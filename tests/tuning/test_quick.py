@@ -3,10 +3,15 @@ exact values and real runs, the whole tune on tiny models, auto's tune on first 
 then), and every kind of unusable profile giving a clear message and a re-tune."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import specdec
 import specdec.tuning.autotune as autotune
 import specdec.tuning.quick as quick
 from specdec.cli import main
@@ -173,6 +178,20 @@ def test_auto_tunes_on_first_use_then_reuses_the_profile(tuner_calls, capsys):
     sampled = pipe.generate(prompt, max_new_tokens=12, sampling=SamplingConfig(temperature=0.8), seed=3)
     assert len(tuner_calls) == 2 and len(sampled.token_ids) == 12  # sampling has its own profile
     assert find_profile(pipe.profile_key(SamplingConfig(temperature=0.5)))["key"]["mode"] == "sampling"
+
+
+@pytest.mark.parametrize("imported", ["from specdec.engine.pipeline import Pipeline", "from specdec import Pipeline"])
+def test_auto_can_tune_however_the_pipeline_is_imported(imported):
+    """The tuning layer registers its tuner; the pipeline imports it by name when it first needs one."""
+    code = (f"{imported}\n"
+            "from specdec.engine.pipeline import registered_tuner\n"
+            "tuner = registered_tuner()\n"
+            "print(f'{tuner.__module__}.{tuner.__name__}')\n")
+    src = str(Path(specdec.__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": src})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "specdec.tuning.autotune.tune_pipeline"
 
 
 def test_without_a_tuner_auto_reports_what_to_run(monkeypatch):

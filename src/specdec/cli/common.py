@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from specdec.core.options import OptionSpec
+from specdec.methods import DEFAULT_METHOD
 from specdec.models.hub.registry import DEFAULT_TARGET, default_draft
 
 if TYPE_CHECKING:
@@ -29,8 +30,6 @@ DTYPE_NAMES = ("bfloat16", "float16", "float32")
 """The names of `engine.pipeline.DTYPES` (a test keeps them equal), without importing torch."""
 WEIGHT_NAMES = ("dense", "native")
 """The names of `models.hub.load.WEIGHTS` (a test keeps them equal), without importing torch."""
-DEFAULT_METHOD = "auto"
-"""`engine.pipeline.DEFAULT_METHOD` (a test keeps them equal), without importing torch."""
 DRAFT_FREE_METHOD = "pld"
 """The method of a run that names no --method and has no draft model (prompt lookup needs none)."""
 
@@ -227,9 +226,6 @@ def load_pipeline(args: argparse.Namespace, need_draft: bool) -> Pipeline:
         print(f"loading {args.target}" + "".join(f" + {d}" for d in drafts)
               + (f", target sharded over {tp_size} ranks" if tp_size > 1 else "") + " …",
               end="", file=sys.stderr, flush=True)
-    # `auto` tunes on first use: importing the tuner registers it with the pipeline.
-    from specdec.tuning import autotune  # noqa: F401
-
     try:
         with quiet_loading(bool(getattr(args, "verbose", False))):
             # Offloading is a property of the loaded target: every method of this run, the AR baseline

@@ -47,6 +47,7 @@ from specdec.engine.build import build_decoder
 from specdec.engine.cost import cost_ratios
 from specdec.engine.decoder import DecodeRun, SpeculativeDecoder
 from specdec.engine.stats import DecodeStats
+from specdec.methods import DEFAULT_METHOD
 from specdec.methods.base import MethodContext
 from specdec.methods.registry import get_method
 from specdec.models.base import LanguageModel
@@ -68,7 +69,7 @@ class BatchRequest:
 
     prompt_ids: Sequence[int]
     max_new_tokens: int
-    method: str = "ar"
+    method: str = DEFAULT_METHOD
     options: Mapping[str, Any] = field(default_factory=dict)
     """The method's options, as `Method.make_options` takes them."""
     sampling: SamplingConfig = SamplingConfig()

@@ -13,6 +13,7 @@ sampling, tokenizer) and its parsed `Options`, never the pipeline.
 
 from __future__ import annotations
 
+import importlib
 import os
 import secrets
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +31,7 @@ from specdec.engine.build import build_decoder
 from specdec.engine.decoder import SpeculativeDecoder
 from specdec.engine.stats import DecodeStats
 from specdec.engine.text import TextAssembler
+from specdec.methods import DEFAULT_METHOD
 from specdec.methods.base import MethodContext
 from specdec.models.base import LanguageModel
 from specdec.models.hf import HFLanguageModel
@@ -40,12 +42,15 @@ if TYPE_CHECKING:
 
 DEFAULT_DRAFT = default_draft(DEFAULT_TARGET)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_METHOD = "auto"
 
 Tuner = Callable[["Pipeline", SamplingConfig, str], dict[str, Any]]
 """(pipeline, sampling, why no usable profile exists) -> the new profile, saved. Registered by the
 tuning layer (`tuning.autotune`), which sits above this one."""
 _TUNERS: list[Tuner] = []
+TUNER_ENTRY = "specdec.tuning.autotune"
+"""The module that registers the first-use tuner when imported: named here, not imported (its
+layer sits above this one), and imported the first time a tuner is asked for, so this module
+tunes on first use however it was imported."""
 
 
 def register_tuner(tuner: Tuner) -> None:
@@ -54,6 +59,8 @@ def register_tuner(tuner: Tuner) -> None:
 
 
 def registered_tuner() -> Tuner | None:
+    if not _TUNERS:
+        importlib.import_module(TUNER_ENTRY)  # registers its tuner
     return _TUNERS[0] if _TUNERS else None
 
 
@@ -441,7 +448,7 @@ class Pipeline:
     def generate_batch(
         self,
         prompts: Sequence[str | list[int]],
-        method: str = "sps",
+        method: str = DEFAULT_METHOD,
         max_new_tokens: int | Sequence[int] = 128,
         *,
         sampling: SamplingConfig = SamplingConfig(),

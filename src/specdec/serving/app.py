@@ -46,6 +46,7 @@ from specdec.engine.batch import (
 from specdec.engine.build import SIZE_OPTIONS, describe_options
 from specdec.engine.pipeline import Pipeline, check_text
 from specdec.engine.text import TextAssembler
+from specdec.methods import DEFAULT_METHOD
 from specdec.methods.registry import all_methods, get_method
 from specdec.serving import SERVER_EXTRA_HINT
 from specdec.serving.engine import Engine, Job
@@ -122,7 +123,7 @@ def default_options_for(method: str, default_opts: dict[str, Any], gamma: int | 
 
 def create_app(
     pipe: Pipeline,
-    default_method: str = "sps",
+    default_method: str = DEFAULT_METHOD,
     default_opts: dict[str, Any] | None = None,
     model_name: str = "specdec",
     *,

@@ -1,6 +1,6 @@
 """`auto`'s first use on a new machine or model pair: the quick tune of a loaded pipeline, saved
-under its key. Importing this module registers it as the pipeline's tuner (`engine.pipeline`);
-the command line, the server and `specdec.Pipeline` import it.
+under its key. Importing this module registers it as the pipeline's tuner; `engine.pipeline`
+imports it (by name, `TUNER_ENTRY`) the first time a tuner is asked for.
 
 A tune writes a marker next to its profile while it runs and removes it when it finishes, so a
 tune that was interrupted is reported (and run again) at the next use.
