@@ -293,29 +293,41 @@ def _fmt_default(value: Any) -> str:
     return str(value)
 
 
-GAMMA_HELP = ("draft length per target call for sps, pld and maxgram (default 4); for the other methods a cap on "
-              "the levels drafted per step")
-
-
 def add_method_args(p: argparse.ArgumentParser, default_method: str | None = None) -> None:
-    """--method, --gamma and one flag per method option (default None = the method's own default).
+    """--method and one flag per method option (`--gamma`, `--budget`, …; default None = the
+    method's own default), each declared once, by the methods' `Options`.
 
-    default_method None: the command resolves it (`resolve_method`: sps with a draft model, else pld).
+    default_method None: the command resolves it (`resolve_method`: auto with a draft model, else pld).
     """
     default_help = (f"default {default_method}" if default_method else
                     f"default {DEFAULT_METHOD} (the tuned fastest method; tuned on first use) when a draft model is given or "
                     f"known for the target, else {DRAFT_FREE_METHOD}")
     if not _with_method_flags:  # a first look at the command line: no methods imported
         p.add_argument("--method", default=default_method, help=f"decoding method ({default_help})")
-        p.add_argument("--gamma", type=int, default=None, help=GAMMA_HELP)
         return
     from specdec.methods.registry import all_methods
 
     names = list(all_methods())
     p.add_argument("--method", default=default_method, choices=names, help=f"decoding method ({default_help})")
-    p.add_argument("--gamma", type=int, default=None, help=GAMMA_HELP)
+    add_option_flags(p)
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """What a command that generates on the command line takes: --max-new-tokens, the model flags,
+    the sampling flags and the method flags (`generate`, `demo`)."""
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    add_model_args(p)
+    add_sampling_args(p)
+    add_method_args(p)
+
+
+def add_option_flags(p: argparse.ArgumentParser, skip: Iterable[str] = ()) -> None:
+    """One flag per method option of every method (`--gamma`, `--budget`, …), default None (each
+    method's own), help from each method's declaration; `skip`: options the command declares itself."""
+    if not _with_method_flags:  # a first look at the command line: no methods imported
+        return
     for name, pairs in option_specs().items():
-        if name == "gamma":
+        if name in skip:
             continue
         spec = pairs[0][1]
         if spec.flag:
@@ -327,8 +339,7 @@ def add_method_args(p: argparse.ArgumentParser, default_method: str | None = Non
 
 def given_options(args: argparse.Namespace) -> dict[str, Any]:
     """The method option flags the user gave (as strings; each method parses its own)."""
-    return {name: getattr(args, name) for name in option_specs() if name != "gamma"
-            and getattr(args, name, None) is not None}
+    return {name: getattr(args, name) for name in option_specs() if getattr(args, name, None) is not None}
 
 
 def options_for(method: str, given: dict[str, Any], strict: bool = True) -> dict[str, Any]:
@@ -341,7 +352,7 @@ def options_for(method: str, given: dict[str, Any], strict: bool = True) -> dict
         if extra:
             flag = "--" + extra[0].replace("_", "-")
             raise ValueError(f"{flag} is not an option of method {method!r} (its options: "
-                             f"{', '.join(sorted(known - {'gamma'})) or 'none'})")
+                             f"{', '.join(sorted(known)) or 'none'})")
     return {k: v for k, v in given.items() if k in known}
 
 

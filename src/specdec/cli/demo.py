@@ -26,7 +26,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"temperature {sampling.temperature}", file=sys.stderr)
     results = {}
     for method in methods:
-        res = pipe.generate(ids, method, args.max_new_tokens, sampling=sampling, gamma=args.gamma, seed=args.seed,
+        res = pipe.generate(ids, method, args.max_new_tokens, sampling=sampling, seed=args.seed,
                             **options_for(method, given, strict=False))
         results[method] = res
         print(f"[{method}] " + format_stats(res.stats.to_dict()), file=sys.stderr)

@@ -49,16 +49,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     opts = options_for(args.method, given_options(args))
     method.make_options(opts)  # a bad value is reported now, not after the models have loaded
     pipe = load_pipeline(args, method.loads_draft_model)
-    dec, chunks = pipe.stream(text, args.method, args.max_new_tokens, sampling, gamma=args.gamma, seed=args.seed,
-                              chat=chat, **opts)
+    dec, chunks = pipe.stream(text, args.method, args.max_new_tokens, sampling, seed=args.seed, chat=chat, **opts)
+    text_out = TextAssembler(pipe.decode, [])
     if args.json:
         ids: list[int] = []
         for chunk in chunks:
             ids.extend(chunk)
+            text_out.push(chunk)
         assert dec.last_stats is not None
-        print(json.dumps({"text": pipe.decode(ids), "token_ids": ids, "stats": dec.last_stats.to_dict()}))
+        text_out.flush()  # the text as a stream would show it: no half character at the end
+        print(json.dumps({"text": text_out.released, "token_ids": ids, "stats": dec.last_stats.to_dict()}))
         return 0
-    text_out = TextAssembler(pipe.decode, [])
     for chunk in chunks:
         sys.stdout.write(text_out.push(chunk)[0])
         sys.stdout.flush()

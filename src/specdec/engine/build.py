@@ -1,5 +1,5 @@
-"""Building a decoder for a method: the one place where a method name, its options and `gamma`
-become a drafter and a `SpeculativeDecoder` (used by `Pipeline.decoder` and the batch engine)."""
+"""Building a decoder for a method: the one place where a method name and its options become a
+drafter and a `SpeculativeDecoder` (used by `Pipeline.decoder` and the batch engine)."""
 
 from __future__ import annotations
 
@@ -35,30 +35,30 @@ def check_draft_fits(method: str, options: MethodOptions, num_drafts: int, conte
         )
 
 
+def parse_options(method: str, options: MethodOptions | Mapping[str, Any]) -> MethodOptions:
+    """`method`'s options: as given when already parsed, else parsed from user-given values
+    (unknown or invalid ones raise ValueError)."""
+    m = get_method(method)
+    if isinstance(options, MethodOptions):
+        if not isinstance(options, m.options):
+            raise ValueError(f"{type(options).__name__} are not the options of method {method!r}")
+        return options
+    return m.make_options(dict(options))
+
+
 def build_decoder(
     ctx: MethodContext,
     method: str,
     sampling: SamplingConfig,
-    gamma: int | None,
-    opts: Mapping[str, Any],
+    options: MethodOptions | Mapping[str, Any],
     eos_token_ids: Sequence[int] = (),
 ) -> SpeculativeDecoder:
-    """A decoder for `method` over the context's models (unknown or invalid options raise ValueError).
-
-    gamma: the method's draft length where it has one (sps, pld, maxgram); for the others, a cap on
-    the levels drafted per step.
-    """
+    """A decoder for `method` over the context's models, with its options parsed (`MethodOptions`)
+    or as a user gives them (unknown or invalid options raise ValueError)."""
     m = get_method(method)
     if m.needs_draft_model and not ctx.drafts:
         raise ValueError(f"method {method!r} needs a draft model (--draft)")
-    options = dict(opts)
-    cap = None
-    if gamma is not None:
-        if "gamma" in m.options.names():
-            options["gamma"] = gamma
-        else:
-            cap = gamma
-    made = m.make_options(options)
+    made = parse_options(method, options)
     check_draft_fits(method, made, len(ctx.drafts), ctx.target.context_length)
     drafter = m.build(ctx, made)
-    return SpeculativeDecoder(ctx.target, drafter, sampling, gamma=cap, eos_token_ids=eos_token_ids)
+    return SpeculativeDecoder(ctx.target, drafter, sampling, eos_token_ids=eos_token_ids)

@@ -387,15 +387,10 @@ class Pipeline:
             key["tensor_parallel_size"] = self.tensor_parallel_size
         return key
 
-    def decoder(
-        self, method: str = DEFAULT_METHOD, sampling: SamplingConfig = SamplingConfig(), gamma: int | None = None, **opts: Any
-    ) -> SpeculativeDecoder:
-        """A decoder for `method` with its options (unknown or invalid options raise ValueError).
-
-        gamma: the method's draft length where it has one (sps, pld, maxgram); for the others, a
-        cap on the levels drafted per step.
-        """
-        return build_decoder(self.context(sampling), method, sampling, gamma, opts, self.eos_token_ids)
+    def decoder(self, method: str = DEFAULT_METHOD, sampling: SamplingConfig = SamplingConfig(),
+                **opts: Any) -> SpeculativeDecoder:
+        """A decoder for `method` with its options (unknown or invalid options raise ValueError)."""
+        return build_decoder(self.context(sampling), method, sampling, opts, self.eos_token_ids)
 
     def stream(
         self,
@@ -403,14 +398,13 @@ class Pipeline:
         method: str = DEFAULT_METHOD,
         max_new_tokens: int = 128,
         sampling: SamplingConfig = SamplingConfig(),
-        gamma: int | None = None,
         seed: int | None = None,
         chat: bool | None = None,
         **opts: Any,
     ) -> tuple[SpeculativeDecoder, Iterator[list[int]]]:
         """The decoder (whose `last_stats` fill in as it runs) and an iterator of token chunks."""
         ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
-        dec = self.decoder(method, sampling, gamma, **opts)
+        dec = self.decoder(method, sampling, **opts)
         generator = None
         if not sampling.greedy:
             generator = torch.Generator(device=self.device)
@@ -452,7 +446,6 @@ class Pipeline:
         max_new_tokens: int | Sequence[int] = 128,
         *,
         sampling: SamplingConfig = SamplingConfig(),
-        gamma: int | None = None,
         seed: int | Sequence[int | None] | None = None,
         stop: Sequence[str] = (),
         chat: bool | None = None,
@@ -478,7 +471,7 @@ class Pipeline:
             raise ValueError("stop strings need a tokenizer; this pipeline has none")
         requests = [
             BatchRequest(self.encode(p, chat) if isinstance(p, str) else list(p), k, method, dict(opts), sampling,
-                         gamma, s)
+                         seed=s)
             for p, k, s in zip(prompts, news, seeds)
         ]
         engine = self.batch_engine(max_batch_size=max_batch_size, max_kv_tokens=max_kv_tokens,
