@@ -120,8 +120,8 @@ def forget_measurements(device: str) -> None:
 
 
 def device_of(args: argparse.Namespace) -> str:
-    """--device, checked against this torch build (a one-line error, not a traceback, when it lacks
-    the device), or cuda when available, else cpu."""
+    """--device, checked against this torch build (a one-line error, not a traceback, when this torch
+    cannot compute on it), or cuda when available, else cpu."""
     import torch
 
     if args.device is None:
@@ -130,6 +130,13 @@ def device_of(args: argparse.Namespace) -> str:
         device = torch.device(args.device)
     except (RuntimeError, ValueError) as exc:
         raise ValueError(f"--device {args.device}: not a device torch knows ({exc})") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        # meta holds no data; other backends (xpu, …) count only when this torch has them working.
+        backend = getattr(torch, device.type, None)
+        available = getattr(backend, "is_available", None)
+        if device.type == "meta" or available is None or not available():
+            raise ValueError(f"--device {args.device}: this torch ({torch.__version__}) cannot run models there; "
+                             "use --device cpu, or cuda / mps where available")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             build = "a CPU-only build" if torch.version.cuda is None else "a CUDA build, but no GPU is visible"
@@ -159,7 +166,8 @@ def drafts_of(args: argparse.Namespace, need: bool = False) -> list[str]:
 
 def resolve_method(args: argparse.Namespace, default: str = DEFAULT_METHOD) -> str:
     """--method, or `default` when a draft model is given or known for the target, else the
-    draft-free method (saying so in one line on stderr)."""
+    draft-free method (saying so in one line on stderr; commands check first that the target
+    exists, `check_target`, so that a missing one gets its error alone)."""
     if getattr(args, "method", None) is not None:
         return args.method
     if drafts_of(args):
@@ -205,6 +213,44 @@ def tensor_parallel_size_of(args: argparse.Namespace) -> int:
     if size is not None and size < 1:
         raise ValueError(f"--tensor-parallel-size must be >= 1, got {size}")
     return size or 1
+
+
+def check_target(args: argparse.Namespace) -> None:
+    """ModelError, before anything else is said or loaded, when --target names nothing: not a
+    known model, not a file or directory, not a hub id (nothing is downloaded here)."""
+    from specdec.models.hub.resolve import resolve
+
+    resolve(args.target)
+
+
+def context_length_of(spec: str) -> int | None:
+    """The model's context in tokens, from its config alone (no weights): for a checkpoint
+    directory, or a known model or GGUF file already converted once. None where only loading it
+    would tell (a hub id, a first use, a config without it)."""
+    from specdec.models.hub.load import load_config
+    from specdec.models.hub.resolve import resolve
+
+    try:
+        if resolve(spec).kind == "hub":
+            return None  # its config may be behind the network: the load tells
+        config = load_config(spec)
+    except (ValueError, OSError):
+        return None
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    length = getattr(config, "max_position_embeddings", None)
+    return length if isinstance(length, int) and length > 0 else None
+
+
+def check_max_new_tokens(args: argparse.Namespace) -> None:
+    """--max-new-tokens, before any model loads: positive, and (where the target's config tells
+    without loading it) within its context, beside at least one prompt token."""
+    from specdec.core.options import check_positive_int
+
+    check_positive_int("--max-new-tokens", args.max_new_tokens)
+    context = context_length_of(args.target)
+    if context is not None and args.max_new_tokens + 1 > context:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} does not fit {args.target}'s context of {context} "
+                         "tokens (with the prompt); ask for fewer")
 
 
 def load_pipeline(args: argparse.Namespace, need_draft: bool) -> Pipeline:

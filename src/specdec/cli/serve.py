@@ -12,7 +12,8 @@ import sys
 from typing import TYPE_CHECKING
 
 from specdec.cli.common import (
-    add_method_args, add_model_args, add_sampling_args, given_options, load_pipeline, resolve_method, sampling_of,
+    add_method_args, add_model_args, add_sampling_args, check_target, given_options, load_pipeline, resolve_method,
+    sampling_of,
 )
 
 from specdec.engine.limits import (
@@ -71,6 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     # A taken port is found now, not after the models have loaded.
     check_port_free(args.host, args.port)
+    check_target(args)
     args.method = resolve_method(args)
     sampling = sampling_of(args)
     # The defaults and limits, checked now, before the models load (every option flag is a default
