@@ -7,8 +7,8 @@ import json
 import sys
 
 from specdec.cli.common import (
-    add_method_args, add_model_args, add_sampling_args, check_max_new_tokens, check_target, device_of, format_stats,
-    given_options, load_pipeline, options_for, resolve_method, sampling_of,
+    add_generation_args, check_max_new_tokens, check_target, device_of, format_stats, given_options, load_pipeline,
+    options_for, resolve_method, sampling_of,
 )
 
 
@@ -82,8 +82,5 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", help="raw prompt text (no chat template)")
     p.add_argument("--chat", help="user message rendered with the target's chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    add_model_args(p)
-    add_sampling_args(p)
-    add_method_args(p)
+    add_generation_args(p)
     p.set_defaults(func=cmd_generate)
