@@ -194,6 +194,15 @@ def test_auto_can_tune_however_the_pipeline_is_imported(imported):
     assert done.stdout.strip() == "specdec.tuning.autotune.tune_pipeline"
 
 
+def test_generate_batch_follows_auto_and_tunes_on_first_use_as_generate_does(tuner_calls):
+    pipe = Pipeline.from_models(tiny_lm("llama", 0), None, tiny_lm("llama", 1))
+    pipe.autotune = True
+    prompts = [list(range(10, 22)), list(range(30, 37))]
+    outs = [r.token_ids for r in pipe.generate_batch(prompts, max_new_tokens=8)]  # auto, the default
+    assert len(tuner_calls) == 1 and "no tune profile" in tuner_calls[0]
+    assert outs == [pipe.generate(p, "ar", 8).token_ids for p in prompts]
+
+
 def test_without_a_tuner_auto_reports_what_to_run(monkeypatch):
     pipe = Pipeline.from_models(tiny_lm("llama", 0), None, tiny_lm("llama", 1))
     with pytest.raises(ProfileProblem, match="run `specdec tune --quick --target custom --draft custom"):

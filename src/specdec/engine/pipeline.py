@@ -469,6 +469,7 @@ class Pipeline:
             raise ValueError(f"give one max_new_tokens and one seed per prompt ({n}), or one for all")
         if stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this pipeline has none")
+        self.decoder(method, sampling, **opts)  # the options checked now, and `auto` tuned on first use as in generate
         requests = [
             BatchRequest(self.encode(p, chat) if isinstance(p, str) else list(p), k, method, dict(opts), sampling,
                          seed=s)
