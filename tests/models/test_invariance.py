@@ -9,7 +9,12 @@ import torch
 from specdec.core.sampling import SamplingConfig
 from specdec.engine.decoder import SpeculativeDecoder
 from specdec.methods.base import MethodContext
+from specdec.methods.csd import CascadeDrafter
 from specdec.methods.registry import get_method
+from specdec.methods.sequoia import SequoiaDrafter
+from specdec.methods.specexec import SpecExecDrafter
+from specdec.methods.specinfer import TreeDrafter
+from specdec.methods.sps import ModelDrafter
 from specdec.models.hf import HFLanguageModel
 from specdec.models.dense.invariance import SEQUENTIAL, make_row_invariant, register_sequential_attention, rows_agree
 from tests.conftest import TINY_VOCAB, tiny_hf_model
@@ -21,15 +26,30 @@ PROBE = torch.randint(0, TINY_VOCAB, (20,), generator=torch.Generator().manual_s
 
 def drafters(target, draft_model, other_model):
     """Every registered method's drafter with each option set it declares for these tests, over two
-    draft models (SpecInfer merges both drafters' trees, the cascade stacks them)."""
-    ctx = MethodContext(target, (HFLanguageModel(draft_model), HFLanguageModel(other_model)), GREEDY)
+    draft models (SpecInfer merges both drafters' trees, the cascade stacks them), then the shapes
+    that stress the exactness most (`stress_drafters`)."""
+    d, o = HFLanguageModel(draft_model), HFLanguageModel(other_model)
+    ctx = MethodContext(target, (d, o), GREEDY)
     out = {}
     for name, opts in every_method_example(include_profile_methods=False):
         method = get_method(name)
         drafter = method.build(ctx, method.make_options(opts))
         if drafter is not None:
             out[f"{name} {opts}"] = drafter
-    return out
+    return {**out, **stress_drafters(d, o)}
+
+
+def stress_drafters(d: HFLanguageModel, o: HFLanguageModel) -> dict:
+    """Shapes where a block pass that differs from one-token passes shows in the greedy output
+    (wide, deep, several drafters, a lenient cascade): what the drift test below needs to see the
+    difference at all, and what the equality tests must survive."""
+    return {
+        "sps-adaptive 4": ModelDrafter(d, GREEDY, 4, stop_below=0.3),
+        "specinfer 2,2,1 over two drafters": TreeDrafter([d, o], GREEDY, expansion=[2, 2, 1]),
+        "specexec 12 nodes": SpecExecDrafter(d, GREEDY, 12, 4, 4, 3),
+        "sequoia 5 nodes": SequoiaDrafter(d, GREEDY, [(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]),
+        "csd 3 levels, lenience 2": CascadeDrafter([d, o], [[3, 1, 1], [0, 2, 2], [0, 0, 3]], 2.0),
+    }
 
 
 def test_sequential_attention_computes_attention(arch, monkeypatch):
