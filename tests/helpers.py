@@ -2,9 +2,39 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from specdec.engine.decoder import SpeculativeDecoder
+from specdec.methods.registry import all_methods
+
+PROFILE = "profile"
+"""In `every_method_example()`: the method decodes by a tune profile, which the test supplies."""
+
+
+def every_method_example(include_profile_methods: bool = True) -> list[tuple[str, Any]]:
+    """(method, options) for every registered method and every option set it declares for these
+    tests (`Method.examples`), in listing order; `PROFILE` for a method that runs from a tune
+    profile (`auto`). A new method appears here, and in every test that uses this, by itself."""
+    out: list[tuple[str, Any]] = []
+    for name, method in all_methods().items():
+        if method.examples is None:
+            if include_profile_methods:
+                out.append((name, PROFILE))
+            continue
+        out.extend((name, dict(opts)) for opts in method.examples)
+    return out
+
+
+def example_ids(pairs: list[tuple[str, Any]]) -> list[str]:
+    """Test ids for `every_method_example()`: the method's name, numbered where it has several."""
+    seen: dict[str, int] = {}
+    ids = []
+    for name, _ in pairs:
+        seen[name] = seen.get(name, 0) + 1
+        ids.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return ids
 
 
 def stream_checking_caches(

@@ -8,6 +8,11 @@ names a specdec module is an edge. The layers, lowest first:
 A module may import its own folder or a lower layer; `bench` and `serving` share a rank and must
 not import each other. The root `specdec/__init__.py` is the public face (it loads names lazily)
 and nothing inside the package imports it. Imports under `if TYPE_CHECKING:` are not edges.
+
+One sanctioned way up: a module may name a module of a higher layer in a module-level constant
+whose name ends in `_ENTRY` (a plugin entry, imported by name when first needed, as
+`engine.pipeline.TUNER_ENTRY` names the tuner's module). Any other string that names a higher
+module (`importlib.import_module("specdec.…")` hidden in a function) is an upward import too.
 """
 
 from __future__ import annotations
@@ -141,6 +146,39 @@ def test_no_import_cycles():
     graph = {m: {t for t, _ in edges if t != m} for m, edges in import_graph().items()}
     cycles = find_cycles(graph)
     assert not cycles, f"import cycles: {cycles}"
+
+
+def upward_names(module: str, tree: ast.AST, known: set[str]) -> list[tuple[str, int]]:
+    """(higher module, line) for every string of the module that names a specdec module of a higher
+    layer ("specdec.x.y" or "specdec.x.y:attr"), except the values of module-level `*_ENTRY` constants."""
+    here = layer(module)
+    entries = {id(node.value) for node in getattr(tree, "body", [])
+               if isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) and t.id.endswith("_ENTRY")
+                                                      for t in node.targets)}
+    out = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Constant) or not isinstance(node.value, str) or id(node) in entries:
+            continue
+        name = node.value.partition(":")[0]
+        if name in known and layer(name) is not None and here is not None and layer(name) != here \
+                and RANK[layer(name)] >= RANK[here]:
+            out.append((name, node.lineno))
+    return out
+
+
+def test_higher_modules_are_named_only_in_declared_entries():
+    mods = modules()
+    bad = [f"{m}:{line} names {target}" for m, path in mods.items()
+           for target, line in upward_names(m, ast.parse(path.read_text()), set(mods))]
+    assert not bad, "strings naming a higher layer's module outside an *_ENTRY constant:\n" + "\n".join(bad)
+
+
+def test_the_check_fails_on_a_hidden_string_import():
+    known = set(modules())
+    hidden = ast.parse('def f():\n    import importlib\n    importlib.import_module("specdec.tuning.autotune")\n')
+    assert upward_names("specdec.engine.x", hidden, known) == [("specdec.tuning.autotune", 3)]
+    declared = ast.parse('TUNER_ENTRY = "specdec.tuning.autotune"\n')
+    assert upward_names("specdec.engine.x", declared, known) == []
 
 
 def test_no_private_names_cross_modules():

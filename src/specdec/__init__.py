@@ -54,8 +54,6 @@ def __getattr__(name: str) -> Any:
     if name == "get_method":
         return importlib.import_module("specdec.methods.registry").get_method
     if name in _EXPORTS:
-        if name == "Pipeline":  # its `auto` method tunes on first use: register the tuner
-            importlib.import_module("specdec.tuning.autotune")
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value
         return value

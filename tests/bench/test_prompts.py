@@ -27,6 +27,14 @@ def test_prompt_file_errors_name_the_line(tmp_path, bad_line, message):
         load_prompts(path)
 
 
+def test_a_prompt_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    second = '{"id": "b", "task": "qa", "turns": ["caf\u00e9"]}'  # é written raw, as latin-1 writes it
+    path.write_bytes((prompt_line("a", "qa") + "\n" + second + "\n").encode("latin-1"))
+    with pytest.raises(ValueError, match=f"prompt file '{path}' is not UTF-8 text: byte 0xe9 on line 2"):
+        load_prompts(path)
+
+
 def test_missing_and_empty_prompt_files(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load_prompts(tmp_path / "nope.jsonl")

@@ -25,10 +25,14 @@ def test_methods_are_validated_and_ordered():
 def test_options_are_checked_against_the_methods_options():
     # A global option goes to the selected methods that have it, and only to them.
     s = BenchSettings(methods=["sps", "specexec", "pld"], opts={"budget": 16, "max_ngram": 2})
-    assert s.method_options("sps") == {} and s.method_options("specexec") == {"budget": 16}
-    assert s.method_options("pld") == {"max_ngram": 2}
-    # gamma is the draft length of the methods that have it; the others draft as their options say.
-    assert s.method_gamma("sps") == s.method_gamma("pld") == 4 and s.method_gamma("specexec") is None
+    assert s.method_options("sps") == {"gamma": 4} and s.method_options("specexec") == {"budget": 16}
+    assert s.method_options("pld") == {"gamma": 4, "max_ngram": 2}
+    # --gamma is an option like the others: the methods that have it get it, the others never do.
+    s = BenchSettings(methods=["sps", "specexec", "pld"], gamma=5, opts={"budget": 16, "max_ngram": 2})
+    assert s.method_options("sps") == {"gamma": 5} and s.method_options("pld") == {"gamma": 5, "max_ngram": 2}
+    assert "gamma" not in s.method_options("specexec")
+    with pytest.raises(ValueError, match="use --gamma"):
+        BenchSettings(methods=["sps"], opts={"gamma": 3})
     # ... and is an error when none of them has it (max_ngram, hf-pld's setting too, excepted).
     with pytest.raises(ValueError, match="'budget' is not an option of any of the methods ar, sps"):
         BenchSettings(methods=["sps"], opts={"budget": 16})
@@ -43,6 +47,9 @@ def test_options_are_checked_against_the_methods_options():
         parse_variants(["si=specinfer budget=3"])
     variants = parse_variants(["si=specinfer expansion=2,2,1"])
     s = BenchSettings(methods=["si", "specexec"], variants=variants, opts={"budget": 8})
-    assert s.method_options("si") == {"expansion": "2,2,1"} and s.method_gamma("si") is None
+    assert s.method_options("si") == {"expansion": "2,2,1"}
+    # A variant may set its own gamma (it wins over --gamma).
+    assert BenchSettings(methods=["g6"], variants=parse_variants(["g6=sps gamma=6"])).method_options("g6") == {
+        "gamma": 6}
     with pytest.raises(ValueError, match="'budget' is not an option of any of the methods ar, si"):
         BenchSettings(methods=["si"], variants=variants, opts={"budget": 8})

@@ -4,6 +4,7 @@ before any model loads (tiny checkpoints; the SmolLM2 versions are in test_first
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 import subprocess
@@ -81,9 +82,16 @@ def test_cli_dtype_names_are_the_pipelines():
     from specdec.models.backends import WEIGHTS
 
     assert sorted(WEIGHT_NAMES) == sorted(WEIGHTS)
+    from specdec.engine.batch import BatchRequest
     from specdec.engine.pipeline import DEFAULT_METHOD as PIPELINE_DEFAULT
+    from specdec.serving.app import create_app
 
-    assert DEFAULT_METHOD == PIPELINE_DEFAULT
+    # One default method, everywhere a method may be left out.
+    assert DEFAULT_METHOD == PIPELINE_DEFAULT == "auto"
+    for func in (Pipeline.generate, Pipeline.generate_batch, Pipeline.decoder, Pipeline.stream, create_app):
+        assert inspect.signature(func).parameters[
+            "default_method" if func is create_app else "method"].default == DEFAULT_METHOD, func
+    assert BatchRequest([1], 1).method == DEFAULT_METHOD
 
 
 # ---- 10: one clear line instead of a traceback ----------------------------------------------
@@ -98,6 +106,53 @@ def test_cuda_on_a_cpu_only_torch(capsys):
 def test_an_unknown_device(capsys):
     rc, err = _err(capsys, ["generate", "--prompt", "hi", "--target", MISSING, "--method", "pld", "--device", "gpu0"])
     assert rc == 2 and "--device gpu0" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("device", ["meta", "xpu", "hpu"])
+def test_a_device_torch_knows_but_cannot_run_on_here(capsys, device):
+    import torch
+
+    backend = getattr(torch, device, None)
+    if backend is not None and getattr(backend, "is_available", lambda: False)():
+        pytest.skip(f"this torch runs on {device}")
+    rc, err = _err(capsys, ["generate", "--prompt", "hi", "--target", MISSING, "--method", "pld", "--device", device])
+    assert rc == 2 and f"--device {device}" in err and "Traceback" not in err
+    assert err.count("\n") == 1 and MISSING not in err  # one line, before the model was looked for
+
+
+def test_an_unknown_target_says_only_that(capsys):
+    rc, err = _err(capsys, ["generate", "--target", MISSING, "hi"])
+    assert rc == 2 and MISSING in err and err.startswith("specdec: error:")
+    assert "no known draft" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--prompt", ""], "--prompt is empty"),
+    (["--chat", ""], "--chat is empty"),
+    ([""], "the prompt is empty"),  # the positional prompt too, as --prompt ""
+    (["--method", "sps", "--gamma", "-3", "hi"], "gamma: must be a positive integer, got '-3'"),
+    (["--method", "specinfer", "--gamma", "3", "hi"], "--gamma is not an option of method 'specinfer'"),
+    (["--max-new-tokens", "0", "hi"], "--max-new-tokens must be a positive integer"),
+    (["--max-new-tokens", "100000", "hi"], "--max-new-tokens 100000 does not fit"),  # the checkpoint's config
+])
+def test_mistakes_that_need_no_model_are_refused_before_one_loads(capsys, checkpoints, monkeypatch, args, needle):
+    calls = _loads_nothing(monkeypatch)
+    target, draft = checkpoints
+    rc, err = _err(capsys, ["generate", "--target", str(target), "--draft", str(draft), "--fast-linear", "off", *args])
+    assert rc == 2 and needle in err, err
+    assert calls == [] and "loading" not in err and "Traceback" not in err
+
+
+def test_version_answers_without_torch(tmp_path):
+    code = ("import sys, atexit\n"
+            "atexit.register(lambda: print('TORCH' if 'torch' in sys.modules else 'NO-TORCH'))\n"
+            "from specdec.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    env = {**os.environ, "PYTHONPATH": SRC, "SPECDEC_CACHE": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-c", code, "--version"], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    version, marker = res.stdout.split()[-2:]
+    assert res.stdout.startswith("specdec ") and version[0].isdigit() and marker == "NO-TORCH"
 
 
 def test_a_prompt_that_is_not_utf8(capsys):

@@ -25,6 +25,7 @@ from specdec.engine.pipeline import Pipeline
 from specdec.models.hf import HFLanguageModel
 from specdec.models.toy import MarkovLM
 from tests.conftest import TINY_VOCAB, needs_kernels, tiny_hf_model
+from tests.helpers import PROFILE, example_ids, every_method_example
 from tests.engine.test_distribution import ALPHA, L, PROMPT, V, chi_square_pvalue, exact_continuations
 
 GREEDY = SamplingConfig()
@@ -79,17 +80,8 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
     return [torch.randint(0, TINY_VOCAB, (k,), generator=gen).tolist() for k in lengths]
 
 
-METHODS = [
-    ("ar", {}),
-    ("sps", {"gamma": 3}),
-    ("pld", {"max_ngram": 2}),
-    ("specinfer", {"expansion": (2, 1, 2)}),
-    ("csd", {"maxgram_fill": "none"}),
-    ("maxgram", {"maxgram_fill": "none"}),
-    ("specexec", {"budget": 8, "max_depth": 4, "max_beams": 3, "branch_width": 3}),
-    ("sequoia", {"budget": 6, "max_depth": 3}),
-    ("auto", "profile"),
-]
+METHODS = every_method_example()
+"""Every registered method with the options it declares for these tests (`PROFILE`: auto's file)."""
 
 
 def assert_same_or_tie(model, prompt: list[int], alone: list[int], batched: list[int]) -> int:
@@ -111,10 +103,10 @@ def _alone(pipe: Pipeline, prompts, method, opts, news, sampling=GREEDY, seed=No
     return [pipe.generate(p, method, k, sampling=sampling, seed=seed, **opts).token_ids for p, k in zip(prompts, news)]
 
 
-@pytest.mark.parametrize("method,opts", METHODS, ids=[m for m, _ in METHODS])
+@pytest.mark.parametrize("method,opts", METHODS, ids=example_ids(METHODS))
 def test_greedy_batch_equals_alone_for_every_method(models, eos_setting, profile_file, method, opts, one_thread):
     target, draft = models
-    opts = {"tree": profile_file} if opts == "profile" else opts
+    opts = {"tree": profile_file} if opts == PROFILE else opts
     prompts, news, eos = eos_setting
     pipe = Pipeline.from_models(target, None, draft, eos_token_ids=[eos])
     alone = _alone(pipe, prompts, method, opts, news)
@@ -140,12 +132,12 @@ def native_models():
 
 
 @needs_kernels
-@pytest.mark.parametrize("method,opts", METHODS, ids=[m for m, _ in METHODS])
+@pytest.mark.parametrize("method,opts", METHODS, ids=example_ids(METHODS))
 def test_native_batch_equals_alone_bit_for_bit(native_models, profile_file, method, opts, one_thread):
     """Native rows share flat passes without padding and every token is computed as in its own
     pass: batched output equals each request alone exactly, no tie allowance."""
     target, draft = native_models
-    opts = {"tree": profile_file} if opts == "profile" else opts
+    opts = {"tree": profile_file} if opts == PROFILE else opts
     prompts, news = _prompts(8, seed=3), [6, 11, 4, 14, 9, 13, 7, 12]
     pipe = Pipeline.from_models(target, None, draft)
     alone = _alone(pipe, prompts, method, opts, news)
@@ -157,13 +149,16 @@ def test_mixed_methods_share_steps_and_each_equals_alone(models, profile_file, o
     """One batch, a different method, options and length per request, qwen2-free llama models."""
     target, draft = models
     pipe = Pipeline.from_models(target, None, draft)
-    prompts = _prompts(9, seed=7)
-    news = [12, 7, 15, 9, 11, 5, 14, 8, 10]
+    n = len(METHODS)
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, TINY_VOCAB, (int(k),), generator=gen).tolist()
+               for k in torch.randint(1, 42, (n,), generator=gen)]
+    news = torch.randint(5, 16, (n,), generator=gen).tolist()
     reqs = []
     for (method, opts), p, k in zip(METHODS, prompts, news):
-        opts = {"tree": profile_file} if opts == "profile" else opts
+        opts = {"tree": profile_file} if opts == PROFILE else opts
         reqs.append(BatchRequest(p, k, method, opts))
-    engine = pipe.batch_engine(max_batch_size=9)
+    engine = pipe.batch_engine(max_batch_size=n)
     sizes = []
     ids = [engine.submit(r) for r in reqs]
     out: dict[int, list[int]] = {i: [] for i in ids}
@@ -172,7 +167,7 @@ def test_mixed_methods_share_steps_and_each_equals_alone(models, profile_file, o
             assert ev.error is None
             out[ev.request_id] += ev.tokens
         sizes.append(engine.last_step.batch_size)
-    assert max(sizes) >= 8  # (nearly) every method in one target pass
+    assert max(sizes) >= n - 1  # (nearly) every method in one target pass
     for req, rid in zip(reqs, ids):
         assert out[rid] == pipe.generate(req.prompt_ids, req.method, req.max_new_tokens, **req.options).token_ids
 

@@ -1,5 +1,6 @@
-"""Continuous batching on the real SmolLM2-135M-Instruct: 8 requests of different prompts, lengths and
-methods in one batch, each equal to its output served alone (fp32, greedy)."""
+"""Continuous batching on the real SmolLM2-135M-Instruct: one request per method and option set
+(`Method.examples`), with different prompts and lengths, in one batch, each equal to its output
+served alone (fp32, greedy)."""
 
 import pytest
 
@@ -8,6 +9,7 @@ from specdec.engine.pipeline import Pipeline, eos_ids
 from specdec.models.hf import HFLanguageModel
 from tests.engine.test_batch import assert_same_or_tie
 from tests.engine.test_real import _shallow_copy
+from tests.helpers import every_method_example
 
 pytestmark = pytest.mark.real
 
@@ -24,17 +26,15 @@ QUESTIONS = [
 
 
 @pytest.mark.slow
-def test_batch_of_8_on_smollm2_equals_each_alone(smol, one_thread):
+def test_a_batch_of_every_method_on_smollm2_equals_each_alone(smol, one_thread):
     model, tok = smol
     pipe = Pipeline.from_models(HFLanguageModel(model), tok, HFLanguageModel(_shallow_copy(model, 8)),
                                 eos_token_ids=eos_ids(model, tok))
     prompts = [pipe.encode(q) for q in QUESTIONS]
-    methods = [("sps", {"gamma": 3}), ("pld", {}), ("specinfer", {"expansion": (2, 1, 1)}), ("ar", {}),
-               ("sequoia", {"budget": 6, "max_depth": 3}), ("sps", {"gamma": 5}), ("specexec", {"budget": 8}),
-               ("csd", {"maxgram_fill": "none"})]
+    methods = every_method_example(include_profile_methods=False)  # every method, in one batch
     news = [24, 16, 10, 20, 12, 18, 14, 8]
-    reqs = [BatchRequest(p, k, m, o) for p, k, (m, o) in zip(prompts, news, methods)]
-    engine = pipe.batch_engine(max_batch_size=8, prefill_chunk=64)
+    reqs = [BatchRequest(prompts[i % len(prompts)], news[i % len(news)], m, o) for i, (m, o) in enumerate(methods)]
+    engine = pipe.batch_engine(max_batch_size=len(reqs), prefill_chunk=64)
     outs = engine.run_all(reqs)
     ties = 0
     for req, (tokens, stats, finished) in zip(reqs, outs):

@@ -55,6 +55,15 @@ def test_empty_prompt_and_bad_gamma():
         SpeculativeDecoder(target, ModelDrafter(tiny_lm("llama"), SamplingConfig()), gamma=0)
 
 
+def test_gamma_is_the_draft_length_of_chain_methods_and_nothing_else():
+    pipe = Pipeline.from_models(tiny_lm("llama"), None, tiny_lm("llama", 1))
+    for method, opts in (("sps", {}), ("pld", {}), ("maxgram", {"maxgram_fill": "none"})):
+        assert pipe.decoder(method, gamma=3, **opts).drafter.max_depth == 3
+    for method in ("specinfer", "specexec", "sequoia", "pld-tree", "csd"):  # trees have max_depth, csd a k-matrix
+        with pytest.raises(ValueError, match=f"method '{method}' has no option 'gamma'"):
+            pipe.decoder(method, gamma=3)
+
+
 def test_pipeline_rejects_unknown_method_and_missing_draft():
     pipe = Pipeline.from_models(tiny_lm("llama"), None)
     with pytest.raises(ValueError, match="unknown method"):

@@ -8,9 +8,9 @@ import torch
 
 from specdec.core.sampling import SamplingConfig
 from specdec.engine.decoder import SpeculativeDecoder
+from specdec.methods.base import MethodContext
 from specdec.methods.csd import CascadeDrafter
-from specdec.methods.maxgram import MaxGramDrafter
-from specdec.methods.pld import PromptLookupDrafter
+from specdec.methods.registry import get_method
 from specdec.methods.sequoia import SequoiaDrafter
 from specdec.methods.specexec import SpecExecDrafter
 from specdec.methods.specinfer import TreeDrafter
@@ -18,22 +18,37 @@ from specdec.methods.sps import ModelDrafter
 from specdec.models.hf import HFLanguageModel
 from specdec.models.dense.invariance import SEQUENTIAL, make_row_invariant, register_sequential_attention, rows_agree
 from tests.conftest import TINY_VOCAB, tiny_hf_model
+from tests.helpers import every_method_example
 
 GREEDY = SamplingConfig()
 PROBE = torch.randint(0, TINY_VOCAB, (20,), generator=torch.Generator().manual_seed(0))
 
 
-def drafters(draft_model, other_model):
+def drafters(target, draft_model, other_model):
+    """Every registered method's drafter with each option set it declares for these tests, over two
+    draft models (SpecInfer merges both drafters' trees, the cascade stacks them), then the shapes
+    that stress the exactness most (`stress_drafters`)."""
     d, o = HFLanguageModel(draft_model), HFLanguageModel(other_model)
+    ctx = MethodContext(target, (d, o), GREEDY)
+    out = {}
+    for name, opts in every_method_example(include_profile_methods=False):
+        method = get_method(name)
+        drafter = method.build(ctx, method.make_options(opts))
+        if drafter is not None:
+            out[f"{name} {opts}"] = drafter
+    return {**out, **stress_drafters(d, o)}
+
+
+def stress_drafters(d: HFLanguageModel, o: HFLanguageModel) -> dict:
+    """Shapes where a block pass that differs from one-token passes shows in the greedy output
+    (wide, deep, several drafters, a lenient cascade): what the drift test below needs to see the
+    difference at all, and what the equality tests must survive."""
     return {
-        "sps": ModelDrafter(d, GREEDY, 4),
-        "sps-adaptive": ModelDrafter(d, GREEDY, 4, stop_below=0.3),
-        "pld": PromptLookupDrafter(2, 1, 4),
-        "maxgram": MaxGramDrafter(None, 4),
-        "specinfer": TreeDrafter([d, o], GREEDY, expansion=[2, 2, 1]),
-        "specexec": SpecExecDrafter(d, GREEDY, 12, 4, 4, 3),
-        "sequoia": SequoiaDrafter(d, GREEDY, [(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]),
-        "csd": CascadeDrafter([d, o], [[3, 1, 1], [0, 2, 2], [0, 0, 3]], 2.0),
+        "sps-adaptive 4": ModelDrafter(d, GREEDY, 4, stop_below=0.3),
+        "specinfer 2,2,1 over two drafters": TreeDrafter([d, o], GREEDY, expansion=[2, 2, 1]),
+        "specexec 12 nodes": SpecExecDrafter(d, GREEDY, 12, 4, 4, 3),
+        "sequoia 5 nodes": SequoiaDrafter(d, GREEDY, [(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]),
+        "csd 3 levels, lenience 2": CascadeDrafter([d, o], [[3, 1, 1], [0, 2, 2], [0, 0, 3]], 2.0),
     }
 
 
@@ -63,7 +78,7 @@ def test_bfloat16_greedy_equals_ar_for_every_method(arch):
     far = tiny_hf_model(arch, seed=5).to(torch.bfloat16)
     prompt = [3, 4, 5, 6, 3, 4, 5, 7, 3, 4]
     ref, _ = SpeculativeDecoder(target).generate(prompt, 32)
-    for name, drafter in drafters(near, far).items():
+    for name, drafter in drafters(target, near, far).items():
         out, stats = SpeculativeDecoder(target, drafter, GREEDY).generate(prompt, 32)
         assert out == ref, f"{name} changed the bfloat16 greedy output"
 
@@ -99,7 +114,7 @@ def test_bfloat16_smollm2_greedy_equals_ar(smol):
     shallow = _shallow_copy(target_model, 8)
     prompt = tok("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")["input_ids"]
     ref, _ = SpeculativeDecoder(target, None, GREEDY, eos_token_ids=eos).generate(prompt, 24)
-    for name, drafter in drafters(target_model, shallow).items():
+    for name, drafter in drafters(target, target_model, shallow).items():
         out, _ = SpeculativeDecoder(target, drafter, GREEDY, eos_token_ids=eos).generate(prompt, 24)
         assert out == ref, f"{name} changed SmolLM2's bfloat16 greedy output"
 
@@ -117,6 +132,7 @@ def test_without_it_bfloat16_trees_drift_from_plain_decoding(one_thread):
         prompt = torch.randint(0, TINY_VOCAB, (10,), generator=torch.Generator().manual_seed(seed)).tolist()
         ref, _ = SpeculativeDecoder(target).generate(prompt, 32)
         outs = [SpeculativeDecoder(target, d, GREEDY).generate(prompt, 32)[0]
-                for d in drafters(copy.deepcopy(model), tiny_hf_model("llama", seed=5).to(torch.bfloat16)).values()]
+                for d in drafters(target, copy.deepcopy(model),
+                                  tiny_hf_model("llama", seed=5).to(torch.bfloat16)).values()]
         drifted += sum(out != ref for out in outs)
     assert drifted > 0

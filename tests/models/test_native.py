@@ -21,6 +21,7 @@ from specdec.models.native.linear import GGUFEmbedding, GGUFLinear
 from specdec.models.native.lm import NativeLM
 from specdec.models.native.runner import NativeModel
 from tests.conftest import TINY_VOCAB, needs_kernels
+from tests.helpers import every_method_example
 
 NAMES = list(FORMATS)
 # f16 scales giving dequantized values of about ±0.3, like the tiny test models' weights
@@ -403,14 +404,10 @@ def test_every_method_gives_ar_output_on_native_models(name, one_thread):
     prompt = torch.randint(0, TINY_VOCAB, (10,), generator=torch.Generator().manual_seed(5)).tolist() * 2
     ref = pipe.generate(prompt, "ar", 24)
     assert len(set(ref.token_ids)) > 3  # not a degenerate model
-    runs = {
-        "sps": {}, "pld": {}, "pld-tree": {}, "specinfer": {"expansion": "1,2,1"}, "maxgram": {"maxgram_fill": "none"},
-        "csd": {"maxgram_fill": "none"}, "specexec": {"budget": 8, "max_depth": 4}, "sequoia": {"budget": 8},
-    }
     accepted = 0
-    for method, opts in runs.items():
+    for method, opts in every_method_example(include_profile_methods=False):
         res = pipe.generate(prompt, method, 24, **opts)
-        assert res.token_ids == ref.token_ids, f"{method} on {name} blocks"
+        assert res.token_ids == ref.token_ids, f"{method} {opts} on {name} blocks"
         accepted += res.stats.accepted_tokens
     assert accepted > 0  # the drafters' tokens were checked, not all refused
 

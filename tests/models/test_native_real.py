@@ -21,6 +21,7 @@ from specdec.models.native.formats import dequantize
 from specdec.models.native.linear import GGUFEmbedding, GGUFLinear
 from specdec.models.native.lm import NativeLM
 from tests.conftest import needs_kernels
+from tests.helpers import every_method_example
 from tests.models.test_native import _check_scheme
 
 pytestmark = pytest.mark.real
@@ -150,13 +151,10 @@ def test_greedy_native_smollm2_equals_ar_with_every_method(smol_lean):
     prompt = "Write a Python function that returns the n-th Fibonacci number."
     ref = pipe.generate(prompt, "ar", 20).token_ids
     assert len(ref) == 20
-    runs = {"sps": {}, "pld": {}, "pld-tree": {}, "specinfer": {"expansion": "1,2,1"}, "csd": {"maxgram_fill": "none"},
-            "maxgram": {"maxgram_fill": "none"}, "specexec": {"budget": 8, "max_depth": 4},
-            "sequoia": {"budget": 6, "max_depth": 3}}
     accepted = 0
-    for method, opts in runs.items():
+    for method, opts in every_method_example(include_profile_methods=False):
         res = pipe.generate(prompt, method, 20, **opts)
-        assert res.token_ids == ref, method
+        assert res.token_ids == ref, (method, opts)
         accepted += res.stats.accepted_tokens
     assert accepted > 0
 

@@ -39,7 +39,7 @@ def test_32_streaming_clients_with_random_disconnects(pipe, one_thread):
         kw = _kwargs(c)
         ids = pipe.encode(kw["prompt"], chat=False)
         out = pipe.generate(ids, kw["extra_body"]["speculative"]["method"], kw["max_tokens"]).token_ids
-        expected[c] = pipe.decode(out)
+        expected[c] = pipe.decode(out).rstrip("\ufffd")  # a last character cut in half is held back
     leaving = set(random.Random(0).sample(range(CLIENTS), 10))  # these close their stream after one chunk
     app = create_app(pipe, "sps", {}, MODEL, max_batch_size=12, max_queue=64, prefill_chunk=64)
     with running_server(app) as url:
@@ -115,7 +115,7 @@ def test_kv_budget_refuses_what_can_never_fit_and_queues_the_rest(pipe, one_thre
         assert all(a.choices[0].finish_reason in ("stop", "length") for a in answers)
         for c, a in enumerate(answers):
             ids = pipe.encode(_prompt(c), chat=False)
-            assert a.choices[0].text == pipe.decode(pipe.generate(ids, "ar", 20).token_ids)
+            assert a.choices[0].text == pipe.decode(pipe.generate(ids, "ar", 20).token_ids).rstrip("\ufffd")
 
 
 def test_serve_batching_flags(checkpoints, monkeypatch, capsys):
@@ -127,11 +127,11 @@ def test_serve_batching_flags(checkpoints, monkeypatch, capsys):
     base = ["serve", "--target", str(target), "--draft", str(draft), "--fast-linear", "off", "--method", "sps"]
     assert main([*base, "--max-batch-size", "3", "--max-kv-tokens", "5000", "--prefill-chunk", "64",
                  "--spec-disable-batch-size", "never"]) == 0
-    cfg = launched["app"].state.config
+    cfg = launched["app"].state.config.batch
     assert (cfg.max_batch_size, cfg.max_kv_tokens, cfg.prefill_chunk, cfg.spec_disable_batch_size) == (3, 5000, 64, None)
     assert launched["app"].state.engine.batch.max_batch_size == 3
     assert main(base) == 0  # defaults: a memory-sized budget, the default threshold (no tune profile here)
-    cfg = launched["app"].state.config
+    cfg = launched["app"].state.config.batch
     assert cfg.max_kv_tokens is not None and cfg.max_kv_tokens > 1000 and cfg.spec_disable_batch_size == 8
     for flag, value in (("--max-kv-tokens", "lots"), ("--spec-disable-batch-size", "-1"), ("--max-batch-size", "0")):
         assert main([*base, flag, value]) == 2

@@ -16,8 +16,9 @@ openai = pytest.importorskip("openai", reason="needs the test extra (the officia
 httpx = pytest.importorskip("httpx", reason="needs the test extra")
 
 import specdec.core.store as store  # noqa: E402
+from specdec.core.hardware import fingerprint  # noqa: E402
 from specdec.core.sampling import SamplingConfig  # noqa: E402
-from specdec.engine.pipeline import Pipeline  # noqa: E402
+from specdec.engine.pipeline import Pipeline, register_tuner, registered_tuner  # noqa: E402
 from specdec.serving.app import create_app  # noqa: E402
 from specdec.serving.guards import DEFAULT_MAX_DRAFT_TOKENS  # noqa: E402
 from tests.serving.server_helpers import metric_values, running_server  # noqa: E402
@@ -205,7 +206,7 @@ def test_max_tokens_and_stop_strings_are_capped(pipe):
 
 
 def test_the_servers_own_defaults_must_fit_its_caps(pipe):
-    with pytest.raises(ValueError, match="max draft tokens"):
+    with pytest.raises(ValueError, match="--max-draft-tokens"):
         create_app(pipe, "specexec", {"budget": 128}, MODEL)
     create_app(pipe, "specexec", {"budget": 128}, MODEL, max_draft_tokens=128)  # raised: fine
 
@@ -226,6 +227,109 @@ def test_an_api_key_guards_the_api_but_not_health_and_metrics(pipe):
         assert [m.id for m in good.models.list().data] == [MODEL]
         assert httpx.get(f"{url}/health", timeout=30).status_code == 200
         assert httpx.get(f"{url}/metrics", timeout=30).status_code == 200
+
+
+def test_the_key_scheme_is_case_insensitive_and_only_health_and_metrics_stay_open(pipe):
+    with running_server(create_app(pipe, "ar", {}, MODEL, api_key="s3cret", default_max_tokens=2)) as url:
+        def post(authorization: str) -> int:
+            return httpx.post(f"{url}/v1/completions", json={"prompt": "hi"}, timeout=30,
+                              headers={"authorization": authorization}).status_code
+
+        for scheme in ("Bearer", "bearer", "BEARER", "bEaReR"):  # RFC 7235: the scheme is case-insensitive
+            assert post(f"{scheme} s3cret") == 200, scheme
+        for wrong in ("Basic s3cret", "Bearer S3CRET", "s3cret", "Bearers3cret"):  # the key itself is not
+            assert post(wrong) == 401, wrong
+        for path in ("/docs", "/openapi.json", "/redoc", "/v1/models", "/no-such-route"):
+            res = httpx.get(url + path, timeout=30)
+            assert res.status_code == 401 and res.json()["error"]["code"] == "invalid_api_key", path
+        good = {"authorization": "bearer s3cret"}
+        assert httpx.get(f"{url}/openapi.json", headers=good, timeout=30).json()["info"]["title"] == "specdec"
+        assert httpx.get(f"{url}/docs", headers=good, timeout=30).status_code == 200
+        for path in ("/health", "/metrics"):
+            assert httpx.get(url + path, timeout=30).status_code == 200
+
+
+# ---- 5: a request never makes the server tune ----------------------------------------------------
+def test_auto_without_a_profile_is_refused_and_never_tunes(pipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECDEC_MEASUREMENTS", str(tmp_path))
+    monkeypatch.setenv("SPECDEC_AUTOTUNE", "1")  # the pipeline would tune on first use outside the server
+    tunes = []
+    old = registered_tuner()
+    register_tuner(lambda pipe, sampling, reason: tunes.append(reason))
+    try:
+        with running_server(create_app(pipe, "ar", {}, MODEL, default_max_tokens=2)) as url:
+            def auto(temperature: float) -> httpx.Response:
+                return _post(url, {"prompt": "hi", "temperature": temperature, "speculative": {"method": "auto"}})
+
+            res = auto(0)
+            assert res.status_code == 400, res.text
+            err = res.json()["error"]
+            assert err["param"] == "speculative.method" and "never starts a tune" in err["message"]
+            assert "greedy decoding" in err["message"]
+            # A profile for greedy decoding only: greedy requests follow it, sampled ones are refused.
+            store.save_profile({"version": store.PROFILE_VERSION, "key": pipe.profile_key(SamplingConfig()),
+                                "fingerprint": fingerprint("cpu"), "winner": {"method": "ar", "label": "ar"}})
+            assert auto(0).status_code == 200
+            res = auto(0.7)
+            assert res.status_code == 400 and "sampling decoding" in res.json()["error"]["message"]
+    finally:
+        register_tuner(old)
+    assert tunes == []
+
+
+def test_a_temperature_that_is_not_a_finite_number_is_a_400(base_url):
+    for value in ("NaN", "Infinity", "-Infinity"):
+        res = httpx.post(f"{base_url}/v1/completions", content='{"prompt": "hi", "temperature": %s}' % value,
+                         headers={"content-type": "application/json"}, timeout=30)
+        assert res.status_code == 400, (value, res.text)
+        err = res.json()["error"]
+        assert err["param"] == "temperature" and "finite number" in err["message"], err
+
+
+def test_a_short_answer_never_ends_in_half_a_character(pipe, base_url, client):
+    """A length cut inside a multi-byte character holds the half character back, streamed or not."""
+    found = None
+    for i in range(12):
+        prompt = f"tell me a story number {i}"
+        out = pipe.generate(pipe.encode(prompt, chat=False), "ar", 24).token_ids
+        cuts = [k for k in range(2, len(out)) if pipe.decode(out[:k]).endswith("\ufffd")
+                and pipe.decode(out[:k]).rstrip("\ufffd")]
+        if cuts:
+            found = prompt, cuts[0], pipe.decode(out[: cuts[0]])
+            break
+    assert found is not None, "no greedy output here ends in half a character at any length"
+    prompt, k, cut = found
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=k, temperature=0, extra_body={"speculative": {"method": "ar"}})
+    full = client.completions.create(**kw)
+    streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(**kw, stream=True)
+                       if chunk.choices)
+    assert full.choices[0].text == streamed == cut.rstrip("\ufffd")
+    assert full.usage.completion_tokens == k and full.choices[0].finish_reason == "length"
+
+
+def test_one_parse_and_one_decoder_build_per_request_and_one_dp_solve(pipe, monkeypatch):
+    """Options are parsed once a request, the decoder built once (plus once for the setting, to
+    learn its drafter's block), and Sequoia's DP solved once for every request of one setting."""
+    import dataclasses
+
+    import specdec.methods.sequoia as sequoia
+    from specdec.methods import registry
+
+    app = create_app(pipe, "sequoia", {"budget": 5, "max_depth": 3}, MODEL, default_max_tokens=3)
+    builds, parses, solves = [], [], []
+    method = registry.get_method("sequoia")
+    monkeypatch.setitem(registry._METHODS, "sequoia", dataclasses.replace(
+        method, build=lambda ctx, opts: builds.append(opts) or method.build(ctx, opts)))
+    real_parse, real_dp = sequoia.Options.from_mapping.__func__, sequoia.sequoia_dp
+    monkeypatch.setattr(sequoia.Options, "from_mapping",
+                        classmethod(lambda cls, *a, **k: parses.append(a) or real_parse(cls, *a, **k)))
+    monkeypatch.setattr(sequoia, "sequoia_dp", lambda *a, **k: solves.append(a[1:]) or real_dp(*a, **k))
+    sequoia.dp_tree.cache_clear()
+    with running_server(app) as url:
+        for i in range(3):
+            res = _post(url, {"prompt": f"hello {i}", "temperature": 0})
+            assert res.status_code == 200, res.text
+    assert len(parses) == 3 and len(builds) == 3 + 1 and len(solves) == 1
 
 
 # ---- 11: OpenAI's and vLLM's conventions -----------------------------------------------------

@@ -33,7 +33,7 @@ SPEC_COUNTERS = (
 
 @pytest.fixture(scope="module")
 def base_url(pipe):
-    app = create_app(pipe, "sps", {"max_ngram": 3}, MODEL, gamma=4, default_max_tokens=16)
+    app = create_app(pipe, "sps", {"max_ngram": 3, "gamma": 4}, MODEL, default_max_tokens=16)
     with running_server(app) as url:
         yield url
 
@@ -187,6 +187,8 @@ BAD_BODIES = [
      "speculative.method"),
     ("unknown method option", "/v1/completions", {"prompt": "hi", "speculative": {"method": "pld", "ngram": 2}},
      "speculative.ngram"),
+    ("gamma of a tree method", "/v1/completions", {"prompt": "hi", "speculative": {"method": "specinfer", "gamma": 2}},
+     "speculative.gamma"),
     ("bad method option value", "/v1/completions",
      {"prompt": "hi", "speculative": {"method": "specinfer", "expansion": "1,x"}}, "speculative"),
     ("n > 1", "/v1/completions", {"prompt": "hi", "n": 2}, "n"),

@@ -3,10 +3,15 @@ exact values and real runs, the whole tune on tiny models, auto's tune on first 
 then), and every kind of unusable profile giving a clear message and a re-tune."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import specdec
 import specdec.tuning.autotune as autotune
 import specdec.tuning.quick as quick
 from specdec.cli import main
@@ -19,18 +24,17 @@ from specdec.drafting.ngram import lookup_continuation, maxgram_continuation
 from specdec.engine.decoder import SpeculativeDecoder
 from specdec.engine.pipeline import Pipeline, register_tuner, registered_tuner
 from specdec.methods.maxgram import MaxGramDrafter
+from specdec.methods.registry import all_methods
 from specdec.methods.pld import PromptLookupDrafter
 from specdec.models.toy import MarkovLM
-from specdec.tuning.costmodel import ChainSteps, Costs, chain_estimate, chain_rows, interpolate_ms
+from specdec.tuning.costmodel import ChainSteps, Costs, chain_estimate, chain_row, interpolate_ms
 from specdec.tuning.quick import QuickSettings, format_quick, quick_tune, run_acceptance
 from specdec.tuning.replay import replay
 from tests.conftest import tiny_lm
 
 GREEDY = SamplingConfig()
 SMALL = QuickSettings(target_ks=(1, 2, 4, 8), draft_ks=(1, 2, 4), context=16, num_prompts=2, gen_tokens=8,
-                      ar_tokens=3, width=3, chain_depth=3, sequoia_sizes=(2, 4), sequoia_max_depth=3,
-                      expansions=((2, 1),), specexec_budgets=(4,), specexec_depths=(2, 3),
-                      k_matrices=(((2, 1), (0, 2)),), lookup_gammas=(2, 3))
+                      ar_tokens=3, width=3, chain_depth=3)
 PROMPTS = [list(range(5, 20)), list(range(30, 41))]
 
 
@@ -69,7 +73,7 @@ def test_chain_estimate_by_hand():
     with pytest.raises(ValueError, match="chains of 3 tokens"):
         chain_estimate(chain, 4)
     costs = Costs({1: 10.0, 4: 16.0}, {1: 1.0, 2: 1.5}, 10.0, 0.5)
-    (row,) = chain_rows(chain, costs, [3], [])
+    row = chain_row("sps", "sps gamma=3", chain, costs, {"gamma": 3})
     assert row["expected_speedup"] == pytest.approx(est.tokens * 10.0 / (16.0 + row["draft_ms"] + 0.5))
     assert interpolate_ms({1: 10.0, 3: 14.0}, 2) == 12.0
 
@@ -125,7 +129,9 @@ def test_quick_tune_prices_every_method_and_auto_follows_the_winner(monkeypatch)
     key = pipe.profile_key(GREEDY)
     profile = quick_tune(target, draft, PROMPTS, GREEDY, key, settings=SMALL, progress=False)
     methods = {r["method"] for r in profile["candidates"]}
-    assert methods == {"ar", "sps", "sequoia", "specinfer", "specexec", "csd", "pld", "maxgram"}
+    # every method that declares tuning candidates is priced (a new one needs no edit here)
+    assert methods == {name for name, m in all_methods().items() if m.tuning is not None}
+    assert {"ar", "sps", "sequoia", "specinfer", "specexec", "csd", "pld", "pld-tree", "maxgram"} <= methods
     assert profile["winner"]["expected_speedup"] == max(r["expected_speedup"] for r in profile["candidates"])
     assert profile["fingerprint"] == fingerprint("cpu") and profile["key"] == key
     sps3 = next(r for r in profile["candidates"] if r["label"] == "sps gamma=3")
@@ -172,6 +178,29 @@ def test_auto_tunes_on_first_use_then_reuses_the_profile(tuner_calls, capsys):
     sampled = pipe.generate(prompt, max_new_tokens=12, sampling=SamplingConfig(temperature=0.8), seed=3)
     assert len(tuner_calls) == 2 and len(sampled.token_ids) == 12  # sampling has its own profile
     assert find_profile(pipe.profile_key(SamplingConfig(temperature=0.5)))["key"]["mode"] == "sampling"
+
+
+@pytest.mark.parametrize("imported", ["from specdec.engine.pipeline import Pipeline", "from specdec import Pipeline"])
+def test_auto_can_tune_however_the_pipeline_is_imported(imported):
+    """The tuning layer registers its tuner; the pipeline imports it by name when it first needs one."""
+    code = (f"{imported}\n"
+            "from specdec.engine.pipeline import registered_tuner\n"
+            "tuner = registered_tuner()\n"
+            "print(f'{tuner.__module__}.{tuner.__name__}')\n")
+    src = str(Path(specdec.__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": src})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "specdec.tuning.autotune.tune_pipeline"
+
+
+def test_generate_batch_follows_auto_and_tunes_on_first_use_as_generate_does(tuner_calls):
+    pipe = Pipeline.from_models(tiny_lm("llama", 0), None, tiny_lm("llama", 1))
+    pipe.autotune = True
+    prompts = [list(range(10, 22)), list(range(30, 37))]
+    outs = [r.token_ids for r in pipe.generate_batch(prompts, max_new_tokens=8)]  # auto, the default
+    assert len(tuner_calls) == 1 and "no tune profile" in tuner_calls[0]
+    assert outs == [pipe.generate(p, "ar", 8).token_ids for p in prompts]
 
 
 def test_without_a_tuner_auto_reports_what_to_run(monkeypatch):

@@ -29,33 +29,39 @@ def load_prompts(path: str | os.PathLike[str]) -> list[BenchPrompt]:
         raise ValueError(f"prompt file {str(p)!r} does not exist" if not p.exists() else f"{str(p)!r} is not a file")
     prompts: list[BenchPrompt] = []
     first_line: dict[str, int] = {}
-    with p.open(encoding="utf-8") as f:
-        for n, raw in enumerate(f, start=1):
-            where = f"{p.name} line {n}"
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object with id, task and turns")
-            pid = obj.get("id")
-            if isinstance(pid, bool) or not isinstance(pid, (str, int)) or str(pid).strip() == "":
-                raise ValueError(f"{where}: missing or empty 'id'")
-            pid = str(pid)
-            task = obj.get("task")
-            if not isinstance(task, str) or not task.strip():
-                raise ValueError(f"{where}: missing or empty 'task' (prompt {pid!r})")
-            turns = obj.get("turns")
-            if not isinstance(turns, list) or not turns:
-                raise ValueError(f"{where}: 'turns' must be a non-empty list of strings (prompt {pid!r})")
-            if not isinstance(turns[0], str) or not turns[0].strip():
-                raise ValueError(f"{where}: the first turn must be a non-empty string (prompt {pid!r})")
-            if pid in first_line:
-                raise ValueError(f"{where}: duplicate id {pid!r} (first on line {first_line[pid]})")
-            first_line[pid] = n
-            prompts.append(BenchPrompt(pid, task.strip(), turns[0], n, len(turns)))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        data = p.read_bytes()
+        line = data[: exc.start].count(b"\n") + 1
+        raise ValueError(f"prompt file {str(p)!r} is not UTF-8 text: byte 0x{data[exc.start]:02x} on line {line} "
+                         "(save it as UTF-8)") from None
+    for n, raw in enumerate(text.split("\n"), start=1):
+        where = f"{p.name} line {n}"
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected a JSON object with id, task and turns")
+        pid = obj.get("id")
+        if isinstance(pid, bool) or not isinstance(pid, (str, int)) or str(pid).strip() == "":
+            raise ValueError(f"{where}: missing or empty 'id'")
+        pid = str(pid)
+        task = obj.get("task")
+        if not isinstance(task, str) or not task.strip():
+            raise ValueError(f"{where}: missing or empty 'task' (prompt {pid!r})")
+        turns = obj.get("turns")
+        if not isinstance(turns, list) or not turns:
+            raise ValueError(f"{where}: 'turns' must be a non-empty list of strings (prompt {pid!r})")
+        if not isinstance(turns[0], str) or not turns[0].strip():
+            raise ValueError(f"{where}: the first turn must be a non-empty string (prompt {pid!r})")
+        if pid in first_line:
+            raise ValueError(f"{where}: duplicate id {pid!r} (first on line {first_line[pid]})")
+        first_line[pid] = n
+        prompts.append(BenchPrompt(pid, task.strip(), turns[0], n, len(turns)))
     if not prompts:
         raise ValueError(f"prompt file {str(p)!r} has no prompts")
     return prompts

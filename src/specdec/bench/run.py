@@ -144,9 +144,122 @@ def run_bench(
     return report
 
 
+Plan = list[tuple[BenchPrompt, float, int, str]]
+"""The rows still to run: (prompt, temperature, repeat, method), in run order."""
+Generated = tuple[list[int], dict[str, Any], "dict[str, Any] | None"]
+"""(token ids, statistics, the hf-* peer's settings or None)."""
+
+
+class _PlanRunner:
+    """Runs a plan's rows: checks and encodes first (a prompt too long for the context fails now,
+    not an hour in), warms up, then generates each row (or each batch of rows)."""
+
+    def __init__(self, pipe: "Pipeline", plan: Plan, settings: BenchSettings,
+                 encode: Callable[[str], list[int]] | None) -> None:
+        self.pipe, self.plan, self.settings = pipe, plan, settings
+        self.encode = encode or default_encoder(pipe)
+        self.batch_size = int(settings.run_info.get("batch_size", 1))
+        self.batched: dict[tuple[str, float, int, str], Generated] = {}
+        methods = list(dict.fromkeys(m for _, _, _, m in plan))
+        self.peers = HFPeers(pipe, settings.gamma, settings.opts.get("max_ngram", 3)) \
+            if any(is_hf(m) for m in methods) else None
+        for m in methods:
+            if not is_hf(m) and get_method(base_method(m, settings.variants)).needs_draft_model and pipe.draft_lm is None:
+                raise ValueError(f"method {m!r} needs a draft model (--draft)")
+            if m in HF_NEEDS_DRAFT and pipe.draft_lm is None:
+                raise ValueError(f"peer {m!r} needs a draft model (--draft)")
+        self.ids_of = self._encode_all()
+
+    def _encode_all(self) -> dict[str, list[int]]:
+        pipe, settings = self.pipe, self.settings
+        limit = min(
+            int(getattr(pipe.target_lm, "context_length", 1 << 30)),
+            int(getattr(pipe.draft_lm, "context_length", 1 << 30)) if pipe.draft_lm is not None else 1 << 30,
+        )
+        ids_of: dict[str, list[int]] = {}
+        for p in {p.id: p for p, _, _, _ in self.plan}.values():
+            ids = list(self.encode(p.text))
+            if not ids:
+                raise ValueError(f"prompt {p.id!r} (line {p.line}) encodes to no tokens")
+            need = len(ids) + settings.max_new_tokens + settings.gamma + 1
+            if need > limit:
+                raise ValueError(
+                    f"prompt {p.id!r} (line {p.line}) has {len(ids)} tokens; with {settings.max_new_tokens} new tokens "
+                    f"and drafts it needs {need} > the context of {limit} tokens (lower --max-new-tokens or drop it)"
+                )
+            ids_of[p.id] = ids
+        return ids_of
+
+    def run_one(self, method: str, ids: list[int], max_new: int, sampling: SamplingConfig,
+                seed: int | None) -> Generated:
+        if is_hf(method):
+            assert self.peers is not None
+            return self.peers.generate(method, ids, max_new, sampling, seed)
+        base = base_method(method, self.settings.variants)
+        res = self.pipe.generate(ids, base, max_new, sampling=sampling, seed=seed,
+                                 **self.settings.method_options(method))
+        return res.token_ids, res.stats.to_dict(), None
+
+    def run_batch(self, method: str, t: float, r: int) -> None:
+        """Every planned prompt of (t, r, method) in one continuous batch, kept until written."""
+        group = [p for p, tt, rr, m in self.plan if (tt, rr, m) == (t, r, method)]
+        settings = self.settings
+        results = self.pipe.generate_batch(
+            [self.ids_of[p.id] for p in group], base_method(method, settings.variants), settings.max_new_tokens,
+            sampling=settings.sampling(t), seed=[prompt_seed(p.id, r) if t > 0 else None for p in group],
+            max_batch_size=self.batch_size, **settings.method_options(method),
+        )
+        for p, res in zip(group, results):
+            self.batched[(p.id, t, r, method)] = (res.token_ids, res.stats.to_dict(), None)
+
+    def generate(self, p: BenchPrompt, t: float, r: int, m: str) -> Generated:
+        """One row's generation (from its batch when batching)."""
+        if self.batch_size > 1 and not is_hf(m):
+            if (p.id, t, r, m) not in self.batched:
+                self.run_batch(m, t, r)
+            return self.batched.pop((p.id, t, r, m))
+        seed = prompt_seed(p.id, r) if t > 0 else None
+        return self.run_one(m, self.ids_of[p.id], self.settings.max_new_tokens, self.settings.sampling(t), seed)
+
+    def warm_up(self) -> None:
+        """One short untimed generation per method and temperature still to run."""
+        warm_ids = self.ids_of[self.plan[0][0].id][:16]
+        for m, t in dict.fromkeys((m, t) for _, t, _, m in self.plan):
+            self.run_one(m, warm_ids, self.settings.warmup_tokens, self.settings.sampling(t), 0 if t > 0 else None)
+
+    def auto_choice(self, sampling: SamplingConfig) -> str | None:
+        """What `auto` follows for this sampling (its profile's winner), for the summary."""
+        from specdec.core.store import ProfileProblem, find_profile
+
+        try:
+            return str(find_profile(self.pipe.profile_key(sampling))["winner"]["label"])
+        except (ProfileProblem, KeyError, TypeError):
+            return None
+
+    def row(self, p: BenchPrompt, t: float, r: int, m: str, done: dict[RowKey, dict[str, Any]],
+            session: str) -> dict[str, Any]:
+        """The row of (p, t, r, m), generated now, compared with its AR row when greedy."""
+        tokens, stats, hf_settings = self.generate(p, t, r, m)
+        ar = done.get((p.id, "ar", t, r))
+        equal = None
+        if t == 0:
+            equal = True if m == "ar" else (None if ar is None else tokens == ar["token_ids"])
+        row: dict[str, Any] = {
+            "id": p.id, "task": p.task, "method": m, "temperature": t, "repeat": r,
+            "seed": prompt_seed(p.id, r) if t > 0 else None, "output_equals_ar": equal,
+            "text": self.pipe.decode(tokens), "token_ids": tokens, "stats": stats,
+        }
+        if hf_settings is not None:
+            row["hf_settings"] = hf_settings
+        if base_method(m, self.settings.variants) == "auto":
+            row["auto_choice"] = self.auto_choice(self.settings.sampling(t))
+        row["session"] = session
+        return row
+
+
 def _run_plan(
     pipe: "Pipeline",
-    plan: list[tuple[BenchPrompt, float, int, str]],
+    plan: Plan,
     prompts: Sequence[BenchPrompt],
     settings: BenchSettings,
     results_path: Path,
@@ -160,73 +273,8 @@ def _run_plan(
     """Run the plan's rows in order, appending each to `results_path` and `done`: (rows run, interrupted)."""
     from tqdm.auto import tqdm
 
-    encode = encode or default_encoder(pipe)
-    methods_needed = list(dict.fromkeys(m for _, _, _, m in plan))
-    peers = None
-    if any(is_hf(m) for m in methods_needed):
-        peers = HFPeers(pipe, settings.gamma, settings.opts.get("max_ngram", 3))
-    for m in methods_needed:
-        if not is_hf(m) and get_method(base_method(m, settings.variants)).needs_draft_model and pipe.draft_lm is None:
-            raise ValueError(f"method {m!r} needs a draft model (--draft)")
-        if m in HF_NEEDS_DRAFT and pipe.draft_lm is None:
-            raise ValueError(f"peer {m!r} needs a draft model (--draft)")
-
-    # Encode every prompt up front: a prompt too long for the context fails now, not an hour in.
-    ids_of: dict[str, list[int]] = {}
-    limit = min(
-        int(getattr(pipe.target_lm, "context_length", 1 << 30)),
-        int(getattr(pipe.draft_lm, "context_length", 1 << 30)) if pipe.draft_lm is not None else 1 << 30,
-    )
-    for p in {p.id: p for p, _, _, _ in plan}.values():
-        ids = list(encode(p.text))
-        if not ids:
-            raise ValueError(f"prompt {p.id!r} (line {p.line}) encodes to no tokens")
-        need = len(ids) + settings.max_new_tokens + settings.gamma + 1
-        if need > limit:
-            raise ValueError(
-                f"prompt {p.id!r} (line {p.line}) has {len(ids)} tokens; with {settings.max_new_tokens} new tokens "
-                f"and drafts it needs {need} > the context of {limit} tokens (lower --max-new-tokens or drop it)"
-            )
-        ids_of[p.id] = ids
-
-    batch_size = int(settings.run_info.get("batch_size", 1))
-    batched: dict[tuple[str, float, int, str], tuple[list[int], dict[str, Any], None]] = {}
-
-    def run_batch(method: str, t: float, r: int) -> None:
-        """Every planned prompt of (t, r, method) in one continuous batch, kept until written."""
-        group = [p for p, tt, rr, m in plan if (tt, rr, m) == (t, r, method)]
-        base = base_method(method, settings.variants)
-        results = pipe.generate_batch(
-            [ids_of[p.id] for p in group], base, settings.max_new_tokens, sampling=settings.sampling(t),
-            gamma=settings.method_gamma(method), seed=[prompt_seed(p.id, r) if t > 0 else None for p in group],
-            max_batch_size=batch_size, **settings.method_options(method),
-        )
-        for p, res in zip(group, results):
-            batched[(p.id, t, r, method)] = (res.token_ids, res.stats.to_dict(), None)
-
-    def run_one(method: str, ids: list[int], max_new: int, sampling: SamplingConfig, seed: int | None):
-        if is_hf(method):
-            assert peers is not None
-            return peers.generate(method, ids, max_new, sampling, seed)
-        base = base_method(method, settings.variants)
-        res = pipe.generate(ids, base, max_new, sampling=sampling, gamma=settings.method_gamma(method), seed=seed,
-                            **settings.method_options(method))
-        return res.token_ids, res.stats.to_dict(), None
-
-    def auto_choice(sampling: SamplingConfig) -> str | None:
-        """What `auto` follows for this sampling (its profile's winner), for the summary."""
-        from specdec.core.store import ProfileProblem, find_profile
-
-        try:
-            return str(find_profile(pipe.profile_key(sampling))["winner"]["label"])
-        except (ProfileProblem, KeyError, TypeError):
-            return None
-
-    # Warm-up: one short untimed generation per method and temperature still to run.
-    warm_ids = ids_of[plan[0][0].id][:16]
-    for m, t in dict.fromkeys((m, t) for _, t, _, m in plan):
-        run_one(m, warm_ids, settings.warmup_tokens, settings.sampling(t), 0 if t > 0 else None)
-
+    runner = _PlanRunner(pipe, plan, settings, encode)
+    runner.warm_up()
     n_prompts = len({p.id for p, _, _, _ in plan})
     log(
         f"start: {len(plan)} rows to run ({skipped} already in {results_path.name}), {n_prompts} prompts, "
@@ -240,35 +288,7 @@ def _run_plan(
         with results_path.open("a", encoding="utf-8") as f:
             for p, t, r, m in plan:
                 bar.set_postfix_str(f"{p.id} {m} T={fmt_temp(t)}", refresh=False)
-                seed = prompt_seed(p.id, r) if t > 0 else None
-                if batch_size > 1 and not is_hf(m):
-                    if (p.id, t, r, m) not in batched:
-                        run_batch(m, t, r)
-                    tokens, stats, hf_settings = batched.pop((p.id, t, r, m))
-                else:
-                    tokens, stats, hf_settings = run_one(m, ids_of[p.id], settings.max_new_tokens,
-                                                         settings.sampling(t), seed)
-                ar = done.get((p.id, "ar", t, r))
-                equal = None
-                if t == 0:
-                    equal = True if m == "ar" else (None if ar is None else tokens == ar["token_ids"])
-                row: dict[str, Any] = {
-                    "id": p.id,
-                    "task": p.task,
-                    "method": m,
-                    "temperature": t,
-                    "repeat": r,
-                    "seed": seed,
-                    "output_equals_ar": equal,
-                    "text": pipe.decode(tokens),
-                    "token_ids": tokens,
-                    "stats": stats,
-                }
-                if hf_settings is not None:
-                    row["hf_settings"] = hf_settings
-                if base_method(m, settings.variants) == "auto":
-                    row["auto_choice"] = auto_choice(settings.sampling(t))
-                row["session"] = session
+                row = runner.row(p, t, r, m, done, session)
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
@@ -277,10 +297,11 @@ def _run_plan(
                 bar.update(1)
                 elapsed = time.perf_counter() - t_start
                 eta = elapsed / ran * (len(plan) - ran)
+                equal = row["output_equals_ar"]
                 verdict = "" if equal is None or m == "ar" else (", equal to AR" if equal else ", DIFFERS FROM AR")
                 log(
                     f"[{skipped + ran}/{skipped + len(plan)}] {p.id} {m} T={fmt_temp(t)} r={r}: "
-                    f"{stats['new_tokens']} tokens, {stats['tokens_per_s']:.2f} tokens/s{verdict} | "
+                    f"{row['stats']['new_tokens']} tokens, {row['stats']['tokens_per_s']:.2f} tokens/s{verdict} | "
                     f"elapsed {_fmt_duration(elapsed)}, ETA {_fmt_duration(eta)}"
                 )
     except KeyboardInterrupt:

@@ -183,38 +183,36 @@ def make_serve_plots(levels: Sequence[LevelSummary], out_dir: Path) -> list[Path
     import matplotlib.pyplot as plt
 
     methods = list(dict.fromkeys(s.method for s in levels))
-    paths = []
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for m in methods:
-        pts = sorted((s.concurrency, s.tokens_per_s) for s in levels if s.method == m)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("concurrent clients")
-    ax.set_ylabel("completion tokens / s (all clients)")
-    ax.set_title("specdec serve: aggregate throughput")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    paths.append(out_dir / "throughput.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for i, m in enumerate(methods):
-        pts = sorted((s.concurrency, s.p50_latency_s, s.p95_latency_s) for s in levels if s.method == m)
-        color = f"C{i}"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, label=f"{m} p50")
-        ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="^", linestyle="--", color=color, label=f"{m} p95")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("concurrent clients")
-    ax.set_ylabel("request latency (s)")
-    ax.set_title("specdec serve: latency")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    paths.append(out_dir / "latency.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    return paths
+
+    def by_clients(path: Path, ylabel: str, title: str, draw: Callable[[Any], None]) -> Path:
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        draw(ax)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+    def throughput(ax: Any) -> None:
+        for m in methods:
+            pts = sorted((s.concurrency, s.tokens_per_s) for s in levels if s.method == m)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+
+    def latency(ax: Any) -> None:
+        for i, m in enumerate(methods):
+            pts = sorted((s.concurrency, s.p50_latency_s, s.p95_latency_s) for s in levels if s.method == m)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{i}", label=f"{m} p50")
+            ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="^", linestyle="--", color=f"C{i}",
+                    label=f"{m} p95")
+
+    return [by_clients(out_dir / "throughput.png", "completion tokens / s (all clients)",
+                       "specdec serve: aggregate throughput", throughput),
+            by_clients(out_dir / "latency.png", "request latency (s)", "specdec serve: latency", latency)]
 
 
 def run_serve_bench(

@@ -15,7 +15,10 @@ from specdec.core.sampling import SamplingConfig
 from specdec.methods.registry import all_methods, get_method
 
 # Keyword arguments of Pipeline.generate that per-method options must not shadow.
-RESERVED_OPTS = frozenset({"prompt", "method", "max_new_tokens", "sampling", "gamma", "seed", "chat"})
+RESERVED_OPTS = frozenset({"prompt", "method", "max_new_tokens", "sampling", "seed", "chat"})
+# Options the bench sets with its own flags (for the hf-* peers too): not through --opt. A variant
+# may still set its own (`g6=sps gamma=6`).
+OWN_FLAGS = frozenset({"gamma"})
 # Options the bench reads itself besides passing them to the methods that have them: max_ngram is
 # also hf-pld's max_matching_ngram_size, and `--max-ngram` always records it, so it is no error
 # when none of the selected methods has it.
@@ -82,8 +85,7 @@ def parse_variants(items: Iterable[str]) -> Variants:
         known = methods[method].options.names()
         unknown = sorted(set(opts) - known)
         if unknown:
-            # gamma is a bench setting (--gamma), never a variant's option, so it is not offered here.
-            offered = ", ".join(sorted(known - {"gamma"})) or "none"
+            offered = ", ".join(sorted(known)) or "none"
             raise ValueError(f"--variant {item!r}: method {method!r} has no option{_plural(unknown)} "
                              f"{', '.join(map(repr, unknown))} (its options: {offered})")
         variants[label] = (method, opts)
@@ -157,8 +159,8 @@ class BenchSettings:
     max_new_tokens: int = 128
     repeats: int = 1
     gamma: int = 4
-    """The draft length of the methods with a `gamma` option (sps, pld, maxgram) and of the
-    hf-assisted-tuned and hf-pld peers; the other methods draft as their own options say."""
+    """The `gamma` option (chain draft length) of the methods that have it (sps, pld, maxgram), and
+    the hf-assisted-tuned and hf-pld peers' draft length."""
     top_k: int = 0
     top_p: float = 1.0
     opts: dict[str, Any] = field(default_factory=dict)
@@ -180,9 +182,10 @@ class BenchSettings:
                 raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
         for t in self.temperatures:  # the same checks and messages as generation itself
             SamplingConfig(temperature=t, top_k=self.top_k, top_p=self.top_p)
-        clash = sorted(RESERVED_OPTS & set(self.opts))
+        clash = sorted((RESERVED_OPTS | OWN_FLAGS) & set(self.opts))
         if clash:
-            raise ValueError(f"option{_plural(clash)} {', '.join(clash)} cannot be passed as --opt")
+            raise ValueError(f"option{_plural(clash)} {', '.join(clash)} cannot be passed as --opt"
+                             + (" (use --gamma)" if "gamma" in clash else ""))
         for label, (_, own) in self.variants.items():
             clash = sorted(RESERVED_OPTS & set(own))
             if clash:
@@ -200,28 +203,17 @@ class BenchSettings:
             hint = " (offloading is the model flag --offload)" if key == "offload" else ""
             raise ValueError(f"option {key!r} is not an option of any of the methods {', '.join(ours)}{hint}")
         for m in ours:
-            opts = self.method_options(m)
-            gamma = self.method_gamma(m)
-            if gamma is not None:
-                opts["gamma"] = gamma
             try:
-                get_method(base_method(m, self.variants)).make_options(opts)
+                get_method(base_method(m, self.variants)).make_options(self.method_options(m))
             except ValueError as exc:
                 raise ValueError(f"options of {m!r}: {exc}") from None
 
     def method_options(self, method: str) -> dict[str, Any]:
-        """The options a method or variant label runs with: the global ones its method has, then
-        the variant's own (which win). Values as given; `Pipeline.generate` parses them."""
+        """The options a method or variant label runs with: the global ones (`--gamma` among them)
+        its method has, then the variant's own (which win). Values as given; `Pipeline.generate`
+        parses them."""
         base, own = self.variants.get(method, (method, {}))
-        known = get_method(base).options.names()
-        return {**{k: v for k, v in self.opts.items() if k in known}, **own}
-
-    def method_gamma(self, method: str) -> int | None:
-        """`gamma` for the methods whose options have it (their draft length), else None: the
-        others draft as their own options say, as they always did here."""
-        if "gamma" in get_method(base_method(method, self.variants)).options.names():
-            return self.gamma
-        return None
+        return {**get_method(base).own_options({"gamma": self.gamma, **self.opts}), **own}
 
     def sampling(self, temperature: float) -> SamplingConfig:
         return SamplingConfig(temperature=temperature, top_k=self.top_k, top_p=self.top_p)

@@ -28,8 +28,15 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser(only: str | None = None, allow_abbrev: bool = True) -> argparse.ArgumentParser:
     """The parser; subcommands other than `only` get their name and help but no flags (None = all)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     parser = argparse.ArgumentParser(prog="specdec", description="Lossless speculative decoding.",
                                      allow_abbrev=allow_abbrev)
+    try:
+        installed = version("specdec")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        installed = "unknown"
+    parser.add_argument("--version", action="version", version=f"specdec {installed}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_line) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_line, description=help_line, allow_abbrev=allow_abbrev)

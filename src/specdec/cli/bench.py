@@ -15,56 +15,51 @@ from specdec.bench.settings import (
 )
 from specdec.bench.store import RESULTS, SUMMARY, check_out_dir, command_line, load_results, row_key
 from specdec.bench.summary import render_tables
-from specdec.cli.common import add_model_args, device_of, drafts_of, err, load_pipeline, tensor_parallel_size_of
+from specdec.cli.common import (
+    add_model_args, add_option_flags, device_of, drafts_of, err, given_options, load_pipeline, tensor_parallel_size_of,
+)
 from specdec.core.options import check_positive_int
 from specdec.engine.pipeline import DTYPES
 from specdec.methods.registry import all_methods
 
-# Bench flags that are method options of the same name (passed to the methods that have them).
-OPTION_FLAGS = ("budget", "expansion")
+SKIPPED_OPTION_FLAGS = ("gamma", "max_ngram")
+"""Method options the bench declares itself, with defaults of its own: they also set the hf-* peers'
+draft length (--gamma) and n-gram size (--max-ngram)."""
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    prompts = load_prompts(args.prompts)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    prompts = select_prompts(prompts, tasks=tasks, per_task=args.per_task)
+def bench_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The global method options: --max-ngram, every other method option flag given (each method's
+    own, `--budget`, `--expansion`, …), then --opt KEY=VALUE (values parsed as JSON when they can be)."""
     opts: dict[str, Any] = {"max_ngram": args.max_ngram}
-    for name in OPTION_FLAGS:
-        if getattr(args, name) is not None:
-            opts[name] = parse_value(getattr(args, name))
+    for name, value in given_options(args).items():
+        if name not in SKIPPED_OPTION_FLAGS:
+            opts[name] = value if isinstance(value, bool) else parse_value(value)
     opts.update(parse_opts(args.opt))
-    variants = parse_variants(args.variant)
-    device = device_of(args)
-    # Timings are only comparable on the same device and model paths. Offloading is recorded only
-    # when on, so directories written before it was a model flag still resume.
+    return opts
+
+
+def run_info_of(args: argparse.Namespace, device: str, tp_size: int) -> dict[str, Any]:
+    """What changes timings but not outputs. Settings added over time are recorded only when not at
+    their default, so directories written before they existed still resume."""
     run_info: dict[str, Any] = {"device": device, "fast_linear": args.fast_linear, "draft_dtype": args.draft_dtype,
                                 "threads": args.threads}
     if args.offload:
         run_info["offload"] = True
-    tp_size = tensor_parallel_size_of(args)
     if tp_size > 1:
         run_info["tensor_parallel_size"] = tp_size
-    if args.weights != "dense" or args.draft_weights not in (None, "dense"):  # recorded only when not dense
+    if args.weights != "dense" or args.draft_weights not in (None, "dense"):
         run_info["weights"] = [args.weights, args.draft_weights or args.weights]
     if args.row_invariant != "auto":
         run_info["row_invariant"] = args.row_invariant
     if args.draft_vocab is not None:
         run_info["draft_vocab"] = args.draft_vocab
-    if args.batch_size != 1:  # recorded only when batching, so directories written before it still resume
+    if args.batch_size != 1:
         run_info["batch_size"] = check_positive_int("--batch-size", args.batch_size)
-    settings = BenchSettings(
-        methods=parse_methods(args.methods, variants),
-        variants=variants,
-        temperatures=parse_temperatures(args.temperatures),
-        max_new_tokens=args.max_new_tokens,
-        repeats=args.repeats,
-        gamma=args.gamma,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        opts=opts,
-        run_info=run_info,
-    )
-    # The command as it resolves, defaults included: re-running it resumes the same run.
+    return run_info
+
+
+def resolved_command(args: argparse.Namespace, settings: BenchSettings, device: str, tp_size: int) -> str:
+    """The command as it resolves, defaults included: re-running it resumes the same run."""
     argv = ["specdec", "bench", "--prompts", args.prompts, "--out", args.out, "--methods", ",".join(settings.methods),
             "--temperatures", ",".join(f"{t:g}" for t in settings.temperatures),
             "--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats), "--gamma", str(args.gamma),
@@ -83,16 +78,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
     argv += ["--batch-size", str(args.batch_size)] if args.batch_size != 1 else []
     argv += ["--per-task", str(args.per_task)] if args.per_task is not None else []
     argv += ["--tasks", args.tasks] if args.tasks else []
-    for name in OPTION_FLAGS:
-        argv += [f"--{name}", getattr(args, name)] if getattr(args, name) is not None else []
+    for name, value in given_options(args).items():
+        if name not in SKIPPED_OPTION_FLAGS:
+            flag = "--" + name.replace("_", "-")
+            argv += [flag] if value is True else [flag, str(value)]
     for item in args.opt:
         argv += ["--opt", item]
     for item in args.variant:
         argv += ["--variant", item]
     argv += ["--log", args.log] if args.log else []
     argv += ["--no-plots"] if args.no_plots else []
-    command = command_line(argv)
+    return command_line(argv)
 
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    prompts = load_prompts(args.prompts)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    prompts = select_prompts(prompts, tasks=tasks, per_task=args.per_task)
+    variants = parse_variants(args.variant)
+    device = device_of(args)
+    tp_size = tensor_parallel_size_of(args)
+    settings = BenchSettings(
+        methods=parse_methods(args.methods, variants), variants=variants,
+        temperatures=parse_temperatures(args.temperatures), max_new_tokens=args.max_new_tokens,
+        repeats=args.repeats, gamma=args.gamma, top_k=args.top_k, top_p=args.top_p, opts=bench_options(args),
+        run_info=run_info_of(args, device, tp_size),
+    )
+    command = resolved_command(args, settings, device, tp_size)
     peers = [m for m in settings.methods if is_hf(m)]
     if tp_size > 1 and peers:
         raise ValueError(f"the Hugging Face peers ({', '.join(peers)}) run transformers' generate in one process "
@@ -143,16 +155,16 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="the first N prompts of each task category, in file order (deterministic)")
     p.add_argument("--tasks", default=None, help="comma-separated task categories to keep (default all)")
     p.add_argument("--gamma", type=int, default=4,
-                   help="draft length per target call of sps, pld and maxgram; also hf-assisted-tuned's "
-                   "num_assistant_tokens and hf-pld's prompt_lookup_num_tokens (default 4)")
+                   help="the gamma option (draft length per target call) of the methods that have it (sps, pld, "
+                   "maxgram); also hf-assisted-tuned's num_assistant_tokens and hf-pld's prompt_lookup_num_tokens "
+                   "(default 4)")
     p.add_argument("--max-ngram", type=int, default=3, help="pld (and hf-pld): longest n-gram to look up")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--budget", default=None, help="passed to the methods that have the option budget")
-    p.add_argument("--expansion", default=None, help="passed to the methods that have the option expansion")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other method option, passed to the selected methods that have it (an error if none "
-                   "has it; repeatable; VALUE parsed as JSON when it can be)")
+                   help="a method option by name, passed to the selected methods that have it (an error if none "
+                   "has it; repeatable; VALUE parsed as JSON when it can be); every option also has its own flag "
+                   "below (--budget, --expansion, …)")
     p.add_argument("--variant", action="append", default=[], metavar="'LABEL=METHOD KEY=VALUE ...'",
                    help="a labelled run of one of our methods with its own options, usable in --methods "
                    "like a method name, e.g. --variant 'si-221=specinfer expansion=2,2,1' (repeatable)")
@@ -162,4 +174,5 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log", default=None, help="progress log, one line per row (default OUT/bench.log)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     add_model_args(p)
+    add_option_flags(p, skip=SKIPPED_OPTION_FLAGS)  # each passed to the selected methods that have it
     p.set_defaults(func=cmd_bench)

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from specdec.core.options import OptionSpec
+from specdec.methods import DEFAULT_METHOD
 from specdec.models.hub.registry import DEFAULT_TARGET, default_draft
 
 if TYPE_CHECKING:
@@ -29,8 +30,6 @@ DTYPE_NAMES = ("bfloat16", "float16", "float32")
 """The names of `engine.pipeline.DTYPES` (a test keeps them equal), without importing torch."""
 WEIGHT_NAMES = ("auto", "dense", "native")
 """The names of `models.hub.load.WEIGHTS` (a test keeps them equal), without importing torch."""
-DEFAULT_METHOD = "auto"
-"""`engine.pipeline.DEFAULT_METHOD` (a test keeps them equal), without importing torch."""
 DRAFT_FREE_METHOD = "pld"
 """The method of a run that names no --method and has no draft model (prompt lookup needs none)."""
 
@@ -123,8 +122,8 @@ def forget_measurements(device: str) -> None:
 
 
 def device_of(args: argparse.Namespace) -> str:
-    """--device, checked against this torch build (a one-line error, not a traceback, when it lacks
-    the device), or cuda when available, else cpu."""
+    """--device, checked against this torch build (a one-line error, not a traceback, when this torch
+    cannot compute on it), or cuda when available, else cpu."""
     import torch
 
     if args.device is None:
@@ -133,6 +132,13 @@ def device_of(args: argparse.Namespace) -> str:
         device = torch.device(args.device)
     except (RuntimeError, ValueError) as exc:
         raise ValueError(f"--device {args.device}: not a device torch knows ({exc})") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        # meta holds no data; other backends (xpu, …) count only when this torch has them working.
+        backend = getattr(torch, device.type, None)
+        available = getattr(backend, "is_available", None)
+        if device.type == "meta" or available is None or not available():
+            raise ValueError(f"--device {args.device}: this torch ({torch.__version__}) cannot run models there; "
+                             "use --device cpu, or cuda / mps where available")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             build = "a CPU-only build" if torch.version.cuda is None else "a CUDA build, but no GPU is visible"
@@ -162,7 +168,8 @@ def drafts_of(args: argparse.Namespace, need: bool = False) -> list[str]:
 
 def resolve_method(args: argparse.Namespace, default: str = DEFAULT_METHOD) -> str:
     """--method, or `default` when a draft model is given or known for the target, else the
-    draft-free method (saying so in one line on stderr)."""
+    draft-free method (saying so in one line on stderr; commands check first that the target
+    exists, `check_target`, so that a missing one gets its error alone)."""
     if getattr(args, "method", None) is not None:
         return args.method
     if drafts_of(args):
@@ -210,6 +217,44 @@ def tensor_parallel_size_of(args: argparse.Namespace) -> int:
     return size or 1
 
 
+def check_target(args: argparse.Namespace) -> None:
+    """ModelError, before anything else is said or loaded, when --target names nothing: not a
+    known model, not a file or directory, not a hub id (nothing is downloaded here)."""
+    from specdec.models.hub.resolve import resolve
+
+    resolve(args.target)
+
+
+def context_length_of(spec: str) -> int | None:
+    """The model's context in tokens, from its config alone (no weights): for a checkpoint
+    directory, or a known model or GGUF file already converted once. None where only loading it
+    would tell (a hub id, a first use, a config without it)."""
+    from specdec.models.hub.load import load_config
+    from specdec.models.hub.resolve import resolve
+
+    try:
+        if resolve(spec).kind == "hub":
+            return None  # its config may be behind the network: the load tells
+        config = load_config(spec)
+    except (ValueError, OSError):
+        return None
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    length = getattr(config, "max_position_embeddings", None)
+    return length if isinstance(length, int) and length > 0 else None
+
+
+def check_max_new_tokens(args: argparse.Namespace) -> None:
+    """--max-new-tokens, before any model loads: positive, and (where the target's config tells
+    without loading it) within its context, beside at least one prompt token."""
+    from specdec.core.options import check_positive_int
+
+    check_positive_int("--max-new-tokens", args.max_new_tokens)
+    context = context_length_of(args.target)
+    if context is not None and args.max_new_tokens + 1 > context:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} does not fit {args.target}'s context of {context} "
+                         "tokens (with the prompt); ask for fewer")
+
+
 def load_pipeline(args: argparse.Namespace, need_draft: bool) -> Pipeline:
     import torch
 
@@ -229,9 +274,6 @@ def load_pipeline(args: argparse.Namespace, need_draft: bool) -> Pipeline:
         print(f"loading {args.target}" + "".join(f" + {d}" for d in drafts)
               + (f", target sharded over {tp_size} ranks" if tp_size > 1 else "") + " …",
               end="", file=sys.stderr, flush=True)
-    # `auto` tunes on first use: importing the tuner registers it with the pipeline.
-    from specdec.tuning import autotune  # noqa: F401
-
     try:
         with quiet_loading(bool(getattr(args, "verbose", False))):
             # Offloading is a property of the loaded target: every method of this run, the AR baseline
@@ -299,29 +341,41 @@ def _fmt_default(value: Any) -> str:
     return str(value)
 
 
-GAMMA_HELP = ("draft length per target call for sps, pld and maxgram (default 4); for the other methods a cap on "
-              "the levels drafted per step")
-
-
 def add_method_args(p: argparse.ArgumentParser, default_method: str | None = None) -> None:
-    """--method, --gamma and one flag per method option (default None = the method's own default).
+    """--method and one flag per method option (`--gamma`, `--budget`, …; default None = the
+    method's own default), each declared once, by the methods' `Options`.
 
-    default_method None: the command resolves it (`resolve_method`: sps with a draft model, else pld).
+    default_method None: the command resolves it (`resolve_method`: auto with a draft model, else pld).
     """
     default_help = (f"default {default_method}" if default_method else
                     f"default {DEFAULT_METHOD} (the tuned fastest method; tuned on first use) when a draft model is given or "
                     f"known for the target, else {DRAFT_FREE_METHOD}")
     if not _with_method_flags:  # a first look at the command line: no methods imported
         p.add_argument("--method", default=default_method, help=f"decoding method ({default_help})")
-        p.add_argument("--gamma", type=int, default=None, help=GAMMA_HELP)
         return
     from specdec.methods.registry import all_methods
 
     names = list(all_methods())
     p.add_argument("--method", default=default_method, choices=names, help=f"decoding method ({default_help})")
-    p.add_argument("--gamma", type=int, default=None, help=GAMMA_HELP)
+    add_option_flags(p)
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """What a command that generates on the command line takes: --max-new-tokens, the model flags,
+    the sampling flags and the method flags (`generate`, `demo`)."""
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    add_model_args(p)
+    add_sampling_args(p)
+    add_method_args(p)
+
+
+def add_option_flags(p: argparse.ArgumentParser, skip: Iterable[str] = ()) -> None:
+    """One flag per method option of every method (`--gamma`, `--budget`, …), default None (each
+    method's own), help from each method's declaration; `skip`: options the command declares itself."""
+    if not _with_method_flags:  # a first look at the command line: no methods imported
+        return
     for name, pairs in option_specs().items():
-        if name == "gamma":
+        if name in skip:
             continue
         spec = pairs[0][1]
         if spec.flag:
@@ -333,8 +387,7 @@ def add_method_args(p: argparse.ArgumentParser, default_method: str | None = Non
 
 def given_options(args: argparse.Namespace) -> dict[str, Any]:
     """The method option flags the user gave (as strings; each method parses its own)."""
-    return {name: getattr(args, name) for name in option_specs() if name != "gamma"
-            and getattr(args, name, None) is not None}
+    return {name: getattr(args, name) for name in option_specs() if getattr(args, name, None) is not None}
 
 
 def options_for(method: str, given: dict[str, Any], strict: bool = True) -> dict[str, Any]:
@@ -347,7 +400,7 @@ def options_for(method: str, given: dict[str, Any], strict: bool = True) -> dict
         if extra:
             flag = "--" + extra[0].replace("_", "-")
             raise ValueError(f"{flag} is not an option of method {method!r} (its options: "
-                             f"{', '.join(sorted(known - {'gamma'})) or 'none'})")
+                             f"{', '.join(sorted(known)) or 'none'})")
     return {k: v for k, v in given.items() if k in known}
 
 

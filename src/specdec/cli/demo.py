@@ -6,8 +6,7 @@ import argparse
 import sys
 
 from specdec.cli.common import (
-    add_method_args, add_model_args, add_sampling_args, check_all_known, format_stats, given_options, load_pipeline,
-    options_for, sampling_of,
+    add_generation_args, check_all_known, format_stats, given_options, load_pipeline, options_for, sampling_of,
 )
 
 DEMO_PROMPT = "Write a Python function that checks whether a string is a palindrome, with a short docstring."
@@ -26,7 +25,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"temperature {sampling.temperature}", file=sys.stderr)
     results = {}
     for method in methods:
-        res = pipe.generate(ids, method, args.max_new_tokens, sampling=sampling, gamma=args.gamma, seed=args.seed,
+        res = pipe.generate(ids, method, args.max_new_tokens, sampling=sampling, seed=args.seed,
                             **options_for(method, given, strict=False))
         results[method] = res
         print(f"[{method}] " + format_stats(res.stats.to_dict()), file=sys.stderr)
@@ -51,8 +50,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", help=f"the user message (default: {DEMO_PROMPT!r})")
     p.add_argument("--methods", default="sps,pld", help="methods to compare with AR (default sps,pld)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    add_model_args(p)
-    add_sampling_args(p)
-    add_method_args(p)
+    add_generation_args(p)
     p.set_defaults(func=cmd_demo)

@@ -7,12 +7,14 @@ import json
 import sys
 
 from specdec.cli.common import (
-    add_method_args, add_model_args, add_sampling_args, format_stats, given_options, load_pipeline, options_for,
-    resolve_method, sampling_of,
+    add_generation_args, check_max_new_tokens, check_target, device_of, format_stats, given_options, load_pipeline,
+    options_for, resolve_method, sampling_of,
 )
 
 
 def prompt_of(args: argparse.Namespace) -> tuple[str, bool | None]:
+    """The one prompt given (TEXT, --prompt or --chat) and whether it is a chat message, checked
+    before any model loads."""
     from specdec.engine.pipeline import check_text
 
     given = [(t, c, f) for t, c, f in zip((args.prompt, args.chat, args.text), (False, True, None),
@@ -20,7 +22,9 @@ def prompt_of(args: argparse.Namespace) -> tuple[str, bool | None]:
     if len(given) != 1:
         raise ValueError("give exactly one prompt: TEXT, --prompt TEXT (raw) or --chat TEXT (chat message)")
     text, chat, flag = given[0]
-    check_text(text, flag)  # before any model loads
+    if not text:
+        raise ValueError(f"{flag} is empty: give the text to continue")
+    check_text(text, flag)
     return text, chat
 
 
@@ -40,25 +44,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from specdec.engine.text import TextAssembler
     from specdec.methods.registry import get_method
 
+    # Everything that needs no model is checked before one loads, the flags before the target.
     text, chat = prompt_of(args)
     sampling = sampling_of(args)
-    if args.max_new_tokens <= 0:
-        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    device_of(args)
+    if args.method is None:
+        check_target(args)  # before resolve_method speaks of it (a missing target gets its error alone)
     args.method = resolve_method(args)
     method = get_method(args.method)
     opts = options_for(args.method, given_options(args))
     method.make_options(opts)  # a bad value is reported now, not after the models have loaded
+    check_target(args)
+    check_max_new_tokens(args)
     pipe = load_pipeline(args, method.loads_draft_model)
-    dec, chunks = pipe.stream(text, args.method, args.max_new_tokens, sampling, gamma=args.gamma, seed=args.seed,
-                              chat=chat, **opts)
+    dec, chunks = pipe.stream(text, args.method, args.max_new_tokens, sampling, seed=args.seed, chat=chat, **opts)
+    text_out = TextAssembler(pipe.decode, [])
     if args.json:
         ids: list[int] = []
         for chunk in chunks:
             ids.extend(chunk)
+            text_out.push(chunk)
         assert dec.last_stats is not None
-        print(json.dumps({"text": pipe.decode(ids), "token_ids": ids, "stats": dec.last_stats.to_dict()}))
+        text_out.flush()  # the text as a stream would show it: no half character at the end
+        print(json.dumps({"text": text_out.released, "token_ids": ids, "stats": dec.last_stats.to_dict()}))
         return 0
-    text_out = TextAssembler(pipe.decode, [])
     for chunk in chunks:
         sys.stdout.write(text_out.push(chunk)[0])
         sys.stdout.flush()
@@ -73,8 +82,5 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", help="raw prompt text (no chat template)")
     p.add_argument("--chat", help="user message rendered with the target's chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    add_model_args(p)
-    add_sampling_args(p)
-    add_method_args(p)
+    add_generation_args(p)
     p.set_defaults(func=cmd_generate)

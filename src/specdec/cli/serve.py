@@ -12,18 +12,22 @@ import sys
 from typing import TYPE_CHECKING
 
 from specdec.cli.common import (
-    add_method_args, add_model_args, add_sampling_args, given_options, load_pipeline, resolve_method, sampling_of,
+    add_method_args, add_model_args, add_sampling_args, check_target, given_options, load_pipeline, resolve_method,
+    sampling_of,
 )
 
 from specdec.engine.limits import (
     DEFAULT_MAX_BATCH_SIZE, DEFAULT_PREFILL_CHUNK, DEFAULT_SPEC_DISABLE_BATCH_SIZE, PROFILE_FIELD,
 )
 from specdec.serving import SERVER_EXTRA_HINT
-from specdec.serving.guards import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_DRAFT_TOKENS, DEFAULT_MAX_TOKENS_LIMIT
+from specdec.serving.guards import (
+    DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_DRAFT_TOKENS, DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS_LIMIT, OPEN_PATHS,
+)
 
 if TYPE_CHECKING:
     from specdec.core.sampling import SamplingConfig
     from specdec.engine.pipeline import Pipeline
+    from specdec.serving.config import ServerConfig
 
 API_KEY_ENV = "SPECDEC_API_KEY"
 # The app (and with it torch) is imported when the command runs: listing the command or reporting
@@ -32,10 +36,11 @@ API_KEY_ENV = "SPECDEC_API_KEY"
 DESCRIPTION = (
     "Serve the target with speculative decoding over an OpenAI-compatible API: POST /v1/completions, "
     "POST /v1/chat/completions (stream: true for server-sent events), GET /v1/models, GET /health, "
-    "GET /metrics. The decoding flags (--method, --gamma, --max-new-tokens, --temperature, --top-p, --top-k, "
-    "--seed and the method options) are the defaults for requests that leave them out; a request may pick "
-    "another method with {\"speculative\": {\"method\": ...}}, and gets the method options its method has "
-    "(files such as --tree PROFILE.json are named by the operator only). Up to --max-batch-size requests decode "
+    "GET /metrics. The decoding flags (--method, --max-new-tokens, --temperature, --top-p, --top-k, --seed and "
+    "the method options: --gamma, --budget, …) are the defaults for requests that leave them out; a request may "
+    "pick another method and its options with {\"speculative\": {\"method\": ..., \"gamma\": ...}}, and gets "
+    "the default options its method has (files such as --tree PROFILE.json are named by the operator only). "
+    "A request never starts a tune: with --method auto the server tunes the modes it offers at start. Up to --max-batch-size requests decode "
     "together (continuous batching: drafts and verification batched across requests; new ones join between "
     "steps, long prompts are filled in chunks); more wait in arrival order, and beyond --max-queue waiting ones "
     "the server answers 503. Beyond this machine (--host other than loopback) the server needs --api-key or "
@@ -44,8 +49,8 @@ DESCRIPTION = (
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from specdec.core.options import check_positive_int
-    from specdec.core.sampling import SamplingConfig
+    from dataclasses import replace
+
     from specdec.methods.registry import get_method
     from specdec.serving import app as serving_app
     from specdec.serving.network import check_port_free, is_loopback
@@ -57,12 +62,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"specdec serve needs {', '.join(missing)}, which is not installed: {SERVER_EXTRA_HINT}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0 … 65535, got {args.port}")
-    if args.max_new_tokens <= 0:
-        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    for flag, value in (("--gamma", args.gamma), ("--max-tokens-limit", args.max_tokens_limit),
-                        ("--max-draft-tokens", args.max_draft_tokens), ("--max-body-bytes", args.max_body_bytes)):
-        if value is not None:
-            check_positive_int(flag, value)
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     if args.api_key == "":
         raise ValueError("--api-key must not be empty")
@@ -73,37 +72,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     # A taken port is found now, not after the models have loaded.
     check_port_free(args.host, args.port)
+    check_target(args)
     args.method = resolve_method(args)
     sampling = sampling_of(args)
-    # Every option flag is a default for the methods that have it (not only --method's), checked
-    # here, before the models load, as create_app checks it again.
-    given = given_options(args)
-    serving_app.check_default_options(args.method, given, args.gamma)
-    check_positive_int("--max-batch-size", args.max_batch_size)
-    check_positive_int("--prefill-chunk", args.prefill_chunk)
+    # The defaults and limits, checked now, before the models load (every option flag is a default
+    # for the methods that have it, not only --method's).
+    cfg = serving_app.server_config(
+        args.method, given_options(args), args.model_name or args.target, default_sampling=sampling,
+        default_max_tokens=args.max_new_tokens, default_seed=args.seed, api_key=api_key,
+        max_tokens_limit=args.max_tokens_limit, max_draft_tokens=args.max_draft_tokens,
+        max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, max_batch_size=args.max_batch_size,
+        prefill_chunk=args.prefill_chunk,
+    )
     # A --draft given with a draft-free default method is still loaded: requests may switch to sps.
     pipe = load_pipeline(args, get_method(args.method).loads_draft_model or args.draft is not None)
-    if args.method == "auto" and not given.get("tree"):
-        # Tune now (once per machine and setting), not inside the first request: greedy, and sampling at
-        # the default temperature. Requests then follow the profiles.
-        for temperature in (0.0, sampling.temperature or 0.7):
-            pipe.decoder("auto", SamplingConfig(temperature=temperature, top_k=sampling.top_k, top_p=sampling.top_p))
-    max_kv_tokens = kv_budget(args.max_kv_tokens, pipe)
-    spec_disable = spec_disable_batch_size(args.spec_disable_batch_size, pipe, sampling)
-    print(f"batching: up to {args.max_batch_size} requests, KV budget "
-          f"{'unbounded' if max_kv_tokens is None else f'{max_kv_tokens} tokens'}, drafts off above "
-          f"{'never' if spec_disable is None else f'{spec_disable} running requests'}", file=sys.stderr)
-    app = serving_app.create_app(
-        pipe, args.method, given, args.model_name or args.target, gamma=args.gamma,
-        default_sampling=sampling, default_max_tokens=args.max_new_tokens, default_seed=args.seed,
-        max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue, max_draft_tokens=args.max_draft_tokens,
-        max_body_bytes=args.max_body_bytes, api_key=api_key, max_batch_size=args.max_batch_size,
-        max_kv_tokens=max_kv_tokens, prefill_chunk=args.prefill_chunk, spec_disable_batch_size=spec_disable,
-    )
+    tune_offered_modes(pipe, cfg)
+    cfg.batch = replace(cfg.batch, max_kv_tokens=kv_budget(args.max_kv_tokens, pipe),
+                        spec_disable_batch_size=spec_disable_batch_size(args.spec_disable_batch_size, pipe, sampling))
+    kv, off = cfg.batch.max_kv_tokens, cfg.batch.spec_disable_batch_size
+    print(f"batching: up to {cfg.batch.max_batch_size} requests, KV budget "
+          f"{'unbounded' if kv is None else f'{kv} tokens'}, drafts off above "
+          f"{'never' if off is None else f'{off} running requests'}", file=sys.stderr)
+    app = serving_app.create_app(pipe, config=cfg)
     import uvicorn
 
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def tune_offered_modes(pipe: "Pipeline", cfg: "ServerConfig") -> None:
+    """With `auto` as the default (following this machine's profiles), tune the modes the server
+    offers now, once per machine and setting — greedy, and sampling at the default temperature —
+    so that no request ever waits for a tune (a request never starts one)."""
+    from specdec.core.sampling import SamplingConfig
+
+    if cfg.default_method != "auto" or cfg.options_for("auto").get("tree") not in (None, "auto", "dp"):
+        return  # another method, or auto following the operator's profile file
+    s = cfg.sampling
+    for temperature in (0.0, s.temperature or 0.7):
+        pipe.decoder("auto", SamplingConfig(temperature=temperature, top_k=s.top_k, top_p=s.top_p))
 
 
 KV_MEMORY_FRACTION = 0.5
@@ -162,8 +169,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--model-name", default=None, help="the model id clients send and /v1/models lists (default: --target)")
     p.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on /v1/ requests (default: ${API_KEY_ENV}, else none; "
-                   "/health and /metrics stay open)")
+                   help=f"require 'Authorization: Bearer KEY' on every route (default: ${API_KEY_ENV}, else none; "
+                   f"{' and '.join(OPEN_PATHS)} stay open)")
     p.add_argument("--allow-unauthenticated", action="store_true",
                    help="serve a non-loopback --host without an API key")
     p.add_argument("--max-tokens-limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT,
@@ -174,8 +181,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    f"expansion's tree, the k-matrix's chain; default {DEFAULT_MAX_DRAFT_TOKENS})")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help=f"answer larger request bodies 413 before reading them (default {DEFAULT_MAX_BODY_BYTES})")
-    p.add_argument("--max-queue", type=int, default=64,
-                   help="requests that may wait for the engine; more are answered 503 (default 64)")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help=f"requests that may wait for the engine; more are answered 503 (default {DEFAULT_MAX_QUEUE})")
     p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
                    help=f"requests decoded together (continuous batching; default {DEFAULT_MAX_BATCH_SIZE})")
     p.add_argument("--max-kv-tokens", default="auto", metavar="N|auto|none",

@@ -131,6 +131,13 @@ class MethodOptions:
         return None
 
 
+def format_option_value(value: Any) -> str:
+    """An option value as messages and labels show it: "4", "1,1,3", a k-matrix "4,2;0,6"."""
+    if isinstance(value, (tuple, list)):
+        return (";" if value and isinstance(value[0], (tuple, list)) else ",").join(format_option_value(v) for v in value)
+    return str(value)
+
+
 # ---- parsers -----------------------------------------------------------------------------------
 def positive_int(value: Any) -> int:
     """An int >= 1 (from an int or a string of digits)."""

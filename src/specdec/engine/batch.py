@@ -16,7 +16,7 @@ single-sequence decoding (`SpeculativeDecoder.start/propose/verify/commit`). One
    more than another pass, `models.batch.pad_groups`);
 5. verifies and commits each sequence on its own; finished and aborted ones leave at once.
 
-Requests of one batch may differ in everything: method, method options, gamma, sampling, seed,
+Requests of one batch may differ in everything: method, method options, sampling, seed,
 max_new_tokens. Any mix shares a step — the only cost of mixing is padding.
 
 Speculation that knows the batch: with more than `spec_disable_batch_size` sequences running, a
@@ -34,26 +34,28 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from specdec.core.options import MethodOptions
 from specdec.core.sampling import SamplingConfig
 from specdec.core.tree import TokenTree
 from specdec.drafting.base import Proposal, check_proposal
-from specdec.engine.build import build_decoder
+from specdec.engine.build import build_decoder, parse_options
 from specdec.engine.cost import cost_ratios
 from specdec.engine.decoder import DecodeRun, SpeculativeDecoder
 from specdec.engine.stats import DecodeStats
+from specdec.methods import DEFAULT_METHOD
 from specdec.methods.base import MethodContext
 from specdec.methods.registry import get_method
 from specdec.models.base import LanguageModel
 from specdec.models.batch import BatchedModel, ModelCall, batched_model, run_calls
 
 from specdec.engine.limits import (  # noqa: E402  (re-exported: the engine's defaults)
-    DEFAULT_MAX_BATCH_SIZE, DEFAULT_PREFILL_CHUNK, DEFAULT_SPEC_DISABLE_BATCH_SIZE, PROFILE_FIELD,
+    DEFAULT_MAX_BATCH_SIZE, DEFAULT_PREFILL_CHUNK, DEFAULT_SPEC_DISABLE_BATCH_SIZE, PROFILE_FIELD, BatchLimits,
 )
 
 
@@ -68,12 +70,10 @@ class BatchRequest:
 
     prompt_ids: Sequence[int]
     max_new_tokens: int
-    method: str = "ar"
-    options: Mapping[str, Any] = field(default_factory=dict)
-    """The method's options, as `Method.make_options` takes them."""
+    method: str = DEFAULT_METHOD
+    options: MethodOptions | Mapping[str, Any] = field(default_factory=dict)
+    """The method's options: parsed (the server parses a request's once), or as `Method.make_options` takes them."""
     sampling: SamplingConfig = SamplingConfig()
-    gamma: int | None = None
-    """As `Pipeline.decoder`'s: the draft length of methods that have one, else a depth cap."""
     seed: int | None = None
     """Seed of the request's own generator (T > 0); None draws one."""
 
@@ -165,18 +165,10 @@ class BatchEngine:
         """target, drafts: the loaded single-sequence models (the engine makes their batched forms;
         they are used as they are only to check requests).
 
-        max_kv_tokens: the most K/V slots (rows × longest reservation) the target's batched cache
-            may hold; requests beyond it wait. None: bounded by max_batch_size and the context only.
-        prefill_chunk: fill tokens (prompts, long catch-ups) per step, across sequences.
-        spec_disable_batch_size: above this many running sequences, steps draft nothing (None: never).
+        max_batch_size, max_kv_tokens, prefill_chunk, spec_disable_batch_size: the engine's limits
+            (`engine.limits.BatchLimits`, which checks them).
         """
-        for name, value in (("max batch size", max_batch_size), ("prefill chunk", prefill_chunk)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if max_kv_tokens is not None and (not isinstance(max_kv_tokens, int) or max_kv_tokens < 1):
-            raise ValueError(f"max KV tokens must be a positive integer, got {max_kv_tokens!r}")
-        if spec_disable_batch_size is not None and (not isinstance(spec_disable_batch_size, int) or spec_disable_batch_size < 0):
-            raise ValueError(f"spec disable batch size must be an integer >= 0, got {spec_disable_batch_size!r}")
+        self.limits = BatchLimits(max_batch_size, max_kv_tokens, prefill_chunk, spec_disable_batch_size)
         self.target_lm, self.draft_lms = target, list(drafts)
         self.target: BatchedModel = batched_model(target, max_batch_size)
         self.drafts: list[BatchedModel] = [batched_model(d, max_batch_size) for d in drafts]
@@ -199,26 +191,35 @@ class BatchEngine:
         key = self.profile_key(sampling) if self.profile_key is not None else None
         return MethodContext(target, tuple(drafts), sampling, self.tokenizer, key)
 
+    def block_size(self, request: BatchRequest) -> int:
+        """The largest block the target scores for the request's method, options and sampling;
+        ValueError for a bad method or option, a missing draft model or a missing tune profile.
+        Only the drafter knows it, so one is built per such setting, the first time it is asked for;
+        the request's own decoder is built when it is admitted."""
+        options = parse_options(request.method, request.options)
+        key = repr((request.method, options, request.sampling))
+        if key not in self._block_sizes:
+            probe = build_decoder(self.context(request.sampling, self.target_lm, self.draft_lms), request.method,
+                                  request.sampling, options, self.eos_token_ids)
+            self._block_sizes[key] = probe.block_size()
+        return self._block_sizes[key]
+
     def check(self, request: BatchRequest) -> int:
         """The request's KV need (prompt + new tokens + its largest block); ValueError when it can
         never run: a bad method or option, a missing draft model, too long for the context or the
         KV budget."""
-        key = repr((request.method, sorted(request.options.items()), request.sampling, request.gamma))
-        if key not in self._block_sizes:  # a drafter is built once per setting to learn its block
-            probe = build_decoder(self.context(request.sampling, self.target_lm, self.draft_lms), request.method,
-                                  request.sampling, request.gamma, request.options, self.eos_token_ids)
-            self._block_sizes[key] = probe.block_size()
+        block = self.block_size(request)
         if not 0 < len(request.prompt_ids):
             raise ValueError("the prompt is empty; give at least one token")
         if isinstance(request.max_new_tokens, bool) or not isinstance(request.max_new_tokens, int) \
                 or request.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive integer, got {request.max_new_tokens!r}")
-        need = len(request.prompt_ids) + request.max_new_tokens + self._block_sizes[key]
+        need = len(request.prompt_ids) + request.max_new_tokens + block
         context = self.target_lm.context_length
         if need > context:
             raise ValueError(
                 f"prompt of {len(request.prompt_ids)} tokens + {request.max_new_tokens} new tokens "
-                f"(+{self._block_sizes[key]} for drafts) exceeds the target's context of {context} tokens"
+                f"(+{block} for drafts) exceeds the target's context of {context} tokens"
             )
         if self.max_kv_tokens is not None and need > self.max_kv_tokens:
             raise ValueError(
@@ -229,6 +230,7 @@ class BatchEngine:
 
     def submit(self, request: BatchRequest) -> int:
         """Queue a request (checked now, see `check`); its id names it in `step`'s events."""
+        request = replace(request, options=parse_options(request.method, request.options))  # parsed once
         need = self.check(request)
         rid = self._next_id
         self._next_id += 1
@@ -308,8 +310,7 @@ class BatchEngine:
             if get_method(request.method).loads_draft_model:
                 draft_rows = [m.new_row() for m in self.drafts]
             ctx = self.context(request.sampling, target_row, draft_rows)
-            decoder = build_decoder(ctx, request.method, request.sampling, request.gamma, request.options,
-                                    self.eos_token_ids)
+            decoder = build_decoder(ctx, request.method, request.sampling, request.options, self.eos_token_ids)
             if decoder.drafter is not None:
                 decoder.set_cost_ratios(self._ratios_of(decoder.drafter.draft_models, draft_rows))
             generator = None

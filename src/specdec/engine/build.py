@@ -1,12 +1,12 @@
-"""Building a decoder for a method: the one place where a method name, its options and `gamma`
-become a drafter and a `SpeculativeDecoder` (used by `Pipeline.decoder` and the batch engine)."""
+"""Building a decoder for a method: the one place where a method name and its options become a
+drafter and a `SpeculativeDecoder` (used by `Pipeline.decoder` and the batch engine)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from specdec.core.options import MethodOptions
+from specdec.core.options import MethodOptions, format_option_value
 from specdec.core.sampling import SamplingConfig
 from specdec.engine.decoder import SpeculativeDecoder
 from specdec.methods.base import MethodContext
@@ -15,13 +15,8 @@ from specdec.methods.registry import get_method
 
 def describe_options(options: MethodOptions, names: Iterable[str]) -> str:
     """"gamma=100000" or "budget=512, max_depth=6": the options behind a size, for error messages."""
-    def fmt(value: Any) -> str:
-        if isinstance(value, tuple):  # expansion 1,2,2; a k-matrix 4,2;0,6
-            return (";" if value and isinstance(value[0], tuple) else ",").join(fmt(v) for v in value)
-        return str(value)
-
     values = options.to_dict()
-    return ", ".join(f"{n}={fmt(values[n])}" for n in names if n in values)
+    return ", ".join(f"{n}={format_option_value(values[n])}" for n in names if n in values)
 
 
 SIZE_OPTIONS = ("gamma", "budget", "expansion", "k_matrix")
@@ -40,30 +35,30 @@ def check_draft_fits(method: str, options: MethodOptions, num_drafts: int, conte
         )
 
 
+def parse_options(method: str, options: MethodOptions | Mapping[str, Any]) -> MethodOptions:
+    """`method`'s options: as given when already parsed, else parsed from user-given values
+    (unknown or invalid ones raise ValueError)."""
+    m = get_method(method)
+    if isinstance(options, MethodOptions):
+        if not isinstance(options, m.options):
+            raise ValueError(f"{type(options).__name__} are not the options of method {method!r}")
+        return options
+    return m.make_options(dict(options))
+
+
 def build_decoder(
     ctx: MethodContext,
     method: str,
     sampling: SamplingConfig,
-    gamma: int | None,
-    opts: Mapping[str, Any],
+    options: MethodOptions | Mapping[str, Any],
     eos_token_ids: Sequence[int] = (),
 ) -> SpeculativeDecoder:
-    """A decoder for `method` over the context's models (unknown or invalid options raise ValueError).
-
-    gamma: the method's draft length where it has one (sps, pld, maxgram); for the others, a cap on
-    the levels drafted per step.
-    """
+    """A decoder for `method` over the context's models, with its options parsed (`MethodOptions`)
+    or as a user gives them (unknown or invalid options raise ValueError)."""
     m = get_method(method)
     if m.needs_draft_model and not ctx.drafts:
         raise ValueError(f"method {method!r} needs a draft model (--draft)")
-    options = dict(opts)
-    cap = None
-    if gamma is not None:
-        if "gamma" in m.options.names():
-            options["gamma"] = gamma
-        else:
-            cap = gamma
-    made = m.make_options(options)
+    made = parse_options(method, options)
     check_draft_fits(method, made, len(ctx.drafts), ctx.target.context_length)
     drafter = m.build(ctx, made)
-    return SpeculativeDecoder(ctx.target, drafter, sampling, gamma=cap, eos_token_ids=eos_token_ids)
+    return SpeculativeDecoder(ctx.target, drafter, sampling, eos_token_ids=eos_token_ids)

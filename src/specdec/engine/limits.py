@@ -1,5 +1,9 @@
-"""The continuous-batching engine's defaults, apart from `engine.batch` so that the command line
-can show them without importing torch."""
+"""The continuous-batching engine's limits and their defaults, apart from `engine.batch` so that the
+command line can show and check them without importing torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
 
 DEFAULT_MAX_BATCH_SIZE = 8
 """Sequences decoded together."""
@@ -12,3 +16,33 @@ a measurement: where speculation stops paying depends on the hardware, the model
 default batch size, so that by default speculation is never turned off."""
 PROFILE_FIELD = "speculative_disable_by_batch_size"
 """The optional tune-profile field (an int) that `specdec serve` reads as its threshold."""
+
+
+def _check_int(flag: str, value: object, low: int, none_ok: bool = False) -> None:
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        what = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise ValueError(f"{flag} must be {what}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """What bounds the continuous-batching engine, checked once, here (named by their command-line
+    flags, which `specdec serve` builds this from before any model loads)."""
+
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    """Sequences decoded together; more wait in the queue."""
+    max_kv_tokens: int | None = None
+    """The target's K/V slots (rows × longest reservation) the running sequences may reserve; None:
+    bounded by max_batch_size and the context only."""
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    """Fill tokens (prompts, long catch-ups) per step, across sequences."""
+    spec_disable_batch_size: int | None = DEFAULT_SPEC_DISABLE_BATCH_SIZE
+    """Above this many running sequences, steps draft nothing (None: never)."""
+
+    def __post_init__(self) -> None:
+        _check_int("--max-batch-size", self.max_batch_size, 1)
+        _check_int("--max-kv-tokens", self.max_kv_tokens, 1, none_ok=True)
+        _check_int("--prefill-chunk", self.prefill_chunk, 1)
+        _check_int("--spec-disable-batch-size", self.spec_disable_batch_size, 0, none_ok=True)

@@ -14,6 +14,7 @@ sampling, tokenizer) and its parsed `Options`, never the pipeline.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import secrets
 import sys
@@ -32,6 +33,7 @@ from specdec.engine.build import build_decoder
 from specdec.engine.decoder import SpeculativeDecoder
 from specdec.engine.stats import DecodeStats
 from specdec.engine.text import TextAssembler
+from specdec.methods import DEFAULT_METHOD
 from specdec.methods.base import MethodContext
 from specdec.models.backends import DTYPES, LoadedModel, choose_weights, eos_ids
 from specdec.models.base import LanguageModel
@@ -41,12 +43,15 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 DEFAULT_DRAFT = default_draft(DEFAULT_TARGET)
-DEFAULT_METHOD = "auto"
 
 Tuner = Callable[["Pipeline", SamplingConfig, str], dict[str, Any]]
 """(pipeline, sampling, why no usable profile exists) -> the new profile, saved. Registered by the
 tuning layer (`tuning.autotune`), which sits above this one."""
 _TUNERS: list[Tuner] = []
+TUNER_ENTRY = "specdec.tuning.autotune"
+"""The module that registers the first-use tuner when imported: named here, not imported (its
+layer sits above this one), and imported the first time a tuner is asked for, so this module
+tunes on first use however it was imported."""
 
 
 def register_tuner(tuner: Tuner) -> None:
@@ -55,6 +60,8 @@ def register_tuner(tuner: Tuner) -> None:
 
 
 def registered_tuner() -> Tuner | None:
+    if not _TUNERS:
+        importlib.import_module(TUNER_ENTRY)  # registers its tuner
     return _TUNERS[0] if _TUNERS else None
 
 
@@ -383,15 +390,10 @@ class Pipeline:
             key["tensor_parallel_size"] = self.tensor_parallel_size
         return key
 
-    def decoder(
-        self, method: str = DEFAULT_METHOD, sampling: SamplingConfig = SamplingConfig(), gamma: int | None = None, **opts: Any
-    ) -> SpeculativeDecoder:
-        """A decoder for `method` with its options (unknown or invalid options raise ValueError).
-
-        gamma: the method's draft length where it has one (sps, pld, maxgram); for the others, a
-        cap on the levels drafted per step.
-        """
-        return build_decoder(self.context(sampling), method, sampling, gamma, opts, self.eos_token_ids)
+    def decoder(self, method: str = DEFAULT_METHOD, sampling: SamplingConfig = SamplingConfig(),
+                **opts: Any) -> SpeculativeDecoder:
+        """A decoder for `method` with its options (unknown or invalid options raise ValueError)."""
+        return build_decoder(self.context(sampling), method, sampling, opts, self.eos_token_ids)
 
     def stream(
         self,
@@ -399,14 +401,13 @@ class Pipeline:
         method: str = DEFAULT_METHOD,
         max_new_tokens: int = 128,
         sampling: SamplingConfig = SamplingConfig(),
-        gamma: int | None = None,
         seed: int | None = None,
         chat: bool | None = None,
         **opts: Any,
     ) -> tuple[SpeculativeDecoder, Iterator[list[int]]]:
         """The decoder (whose `last_stats` fill in as it runs) and an iterator of token chunks."""
         ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
-        dec = self.decoder(method, sampling, gamma, **opts)
+        dec = self.decoder(method, sampling, **opts)
         generator = None
         if not sampling.greedy:
             generator = torch.Generator(device=self.device)
@@ -444,11 +445,10 @@ class Pipeline:
     def generate_batch(
         self,
         prompts: Sequence[str | list[int]],
-        method: str = "sps",
+        method: str = DEFAULT_METHOD,
         max_new_tokens: int | Sequence[int] = 128,
         *,
         sampling: SamplingConfig = SamplingConfig(),
-        gamma: int | None = None,
         seed: int | Sequence[int | None] | None = None,
         stop: Sequence[str] = (),
         chat: bool | None = None,
@@ -472,9 +472,10 @@ class Pipeline:
             raise ValueError(f"give one max_new_tokens and one seed per prompt ({n}), or one for all")
         if stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this pipeline has none")
+        self.decoder(method, sampling, **opts)  # the options checked now, and `auto` tuned on first use as in generate
         requests = [
             BatchRequest(self.encode(p, chat) if isinstance(p, str) else list(p), k, method, dict(opts), sampling,
-                         gamma, s)
+                         seed=s)
             for p, k, s in zip(prompts, news, seeds)
         ]
         engine = self.batch_engine(max_batch_size=max_batch_size, max_kv_tokens=max_kv_tokens,

@@ -16,6 +16,8 @@ class DecodeStats:
     new_tokens: int = 0
     target_calls: int = 0
     """Target forward passes after the prompt prefill (= decoding iterations)."""
+    drafted_calls: int = 0
+    """Target calls that scored at least one drafted token."""
     draft_tokens: int = 0
     """Tokens proposed by the drafter (and scored by the target)."""
     accepted_tokens: int = 0
@@ -26,6 +28,9 @@ class DecodeStats:
     """new_tokens / target_calls: accepted drafts plus the target's own token, per call."""
     accepted_per_position: list[float] = field(default_factory=list)
     """Acceptance rate at draft position (tree depth) i: accepted / proposed at that position."""
+    accepted_by_position: list[int] = field(default_factory=list)
+    """Accepted drafted tokens at draft position (tree depth) i, 0-based: the counts behind
+    `accepted_per_position`, and what the server's per-position metric adds up."""
     tree_tokens: float = 0.0
     """Drafted tokens scored per target call (tree size; the draft length for chains)."""
     tokens_per_s: float = 0.0
@@ -75,13 +80,16 @@ class StepAccounting:
         """One target call: `tree` was scored, `result` verified, `emitted` tokens committed."""
         st = self.stats
         st.target_calls += 1
+        st.drafted_calls += tree.num_drafted > 0
         st.draft_tokens += tree.num_drafted
-        # Drafts cut by EOS or the length cap do not count as accepted.
-        st.accepted_tokens += min(result.num_accepted, emitted)
+        # Drafts cut by EOS or the length cap do not count as accepted. The accepted drafts are a
+        # root-to-node path, so a step that accepted k of them accepted positions 0 … k-1.
+        accepted = min(result.num_accepted, emitted)
+        st.accepted_tokens += accepted
         st.new_tokens += emitted
         for i in range(tree.max_depth()):
             self.proposed[i] += 1
-            self.accepted[i] += i < result.num_accepted
+            self.accepted[i] += i < accepted
 
     def finish(self) -> None:
         st = self.stats
@@ -98,3 +106,4 @@ class StepAccounting:
         # Positions never proposed (short proposals, or none at all) have no rate: trim them.
         used = sum(1 for p in self.proposed if p)
         st.accepted_per_position = [a / p for a, p in zip(self.accepted[:used], self.proposed[:used])]
+        st.accepted_by_position = self.accepted[: sum(1 for a in self.accepted if a)]

@@ -15,7 +15,7 @@ class TextAssembler:
     """Turns committed token chunks into released text, cutting at the first stop string.
 
     Text is released only once it cannot change any more: a trailing U+FFFD (a multi-byte
-    character whose bytes have not all arrived), a tail that could be the start of a stop string,
+    character whose bytes have not all arrived, never released), a tail that could be the start of a stop string,
     and, for tokenizers that clean up spaces, a tail that the clean-up could still rewrite are
     held back. A streamed answer is the concatenation of the releases and a non-streamed one their
     sum, so the two are the same text by construction.
@@ -48,8 +48,10 @@ class TextAssembler:
         return self._release(text[:stable]), False
 
     def flush(self) -> str:
-        """Everything not yet released (the generation ended without a stop string)."""
-        return self._release(self.decode(self.ids))
+        """Everything not yet released (the generation ended without a stop string), but the bytes of
+        a last character that never completed: a generation cut by its length can end inside a
+        multi-byte character, and half a character is no text (it would show as U+FFFD)."""
+        return self._release(self.decode(self.ids).rstrip("\ufffd"))
 
     def _release(self, text: str) -> str:
         # With the tail held back as above, decoding more tokens only appends text, so what was

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from specdec.core.options import MethodOptions
-from specdec.methods.base import Method, MethodContext
+from specdec.methods.base import Method, MethodContext, TuningSpace
 from specdec.methods.registry import register
 
 
@@ -23,4 +23,5 @@ def build(ctx: MethodContext, opts: Options) -> None:
     return None
 
 
-METHOD = register(Method("ar", "plain autoregressive decoding (the baseline)", Options, build))
+METHOD = register(Method("ar", "plain autoregressive decoding (the baseline)", Options, build, list_rank=0,
+                         tuning=TuningSpace("plain")))

@@ -94,5 +94,5 @@ METHOD = register(Method(
     "auto",
     "the default: whatever the tune found fastest here for this model pair, dtypes and greedy or sampling "
     "decoding (any method and shape, or none); tuned on first use",
-    Options, build, needs_draft_model=False, wants_draft_model=True,
+    Options, build, needs_draft_model=False, wants_draft_model=True, list_rank=100, examples=None,
 ))

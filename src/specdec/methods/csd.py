@@ -46,7 +46,7 @@ from specdec.core.tree import TokenTree
 from specdec.drafting.base import Proposal, finished
 from specdec.drafting.bigram import BigramTable
 from specdec.drafting.ngram import maxgram_continuation
-from specdec.methods.base import Method, MethodContext
+from specdec.methods.base import Method, MethodContext, TuningSpace
 from specdec.methods.maxgram import FILL_HELP, FILLS, context_bigram
 from specdec.methods.registry import register
 from specdec.models.base import LanguageModel
@@ -403,9 +403,16 @@ def build(ctx: MethodContext, opts: Options) -> CascadeDrafter:
     return CascadeDrafter(ctx.drafts, opts.k_matrix, opts.lenience, maxgram=not opts.no_maxgram, bigram=bigram)
 
 
+TUNING = TuningSpace("cascade", lambda setting: [
+    {"k_matrix": k, "maxgram_fill": "bigram" if setting.bigram_cached else "none"}
+    for k in (((4, 2), (0, 6)), ((2, 2), (0, 4)), ((6, 2), (0, 6)), ((3, 3), (0, 6)))
+])
+"""One draft model over Max-Gram (the cascade the tune can replay), lenience 1."""
+
 METHOD = register(Method(
     "csd",
     "Cascade Speculative Drafting: --draft models (largest first) + Max-Gram review each other's drafts "
     "(--k-matrix, --lenience below the target, --no-maxgram)",
-    Options, build, needs_draft_model=True,
+    Options, build, needs_draft_model=True, list_rank=40, tuning=TUNING,
+    examples=({"maxgram_fill": "none"}, {"maxgram_fill": "none", "lenience": 2.0}),
 ))

@@ -14,7 +14,7 @@ from specdec.core.tree import TokenTree
 from specdec.drafting.base import Proposal, finished
 from specdec.drafting.bigram import BigramTable, table_for_tokenizer
 from specdec.drafting.ngram import maxgram_continuation
-from specdec.methods.base import Method, MethodContext
+from specdec.methods.base import Method, MethodContext, TuningSpace
 from specdec.methods.registry import register
 from specdec.models.base import LanguageModel
 from specdec.verify.match import verify_sample_and_match
@@ -81,7 +81,11 @@ def build(ctx: MethodContext, opts: Options) -> MaxGramDrafter:
     return MaxGramDrafter(context_bigram(ctx, opts.maxgram_fill), opts.gamma)
 
 
+TUNING = TuningSpace("replay", lambda setting: [
+    {"gamma": gamma, "maxgram_fill": "bigram" if setting.bigram_cached else "none"} for gamma in (2, 3, 4, 6, 8)
+])
+
 METHOD = register(Method(
     "maxgram", "Max-Gram: longest earlier match of the text's suffix, then a bigram table; no draft model",
-    Options, build,
+    Options, build, list_rank=50, tuning=TUNING, examples=({"maxgram_fill": "none"},),
 ))

@@ -12,7 +12,7 @@ from specdec.core.results import VerifyResult
 from specdec.core.tree import TokenTree
 from specdec.drafting.base import Proposal, finished
 from specdec.drafting.ngram import lookup_continuation
-from specdec.methods.base import Method, MethodContext
+from specdec.methods.base import Method, MethodContext, TuningSpace
 from specdec.methods.registry import register
 from specdec.models.base import LanguageModel
 from specdec.verify.match import verify_sample_and_match
@@ -71,4 +71,8 @@ def build(ctx: MethodContext, opts: Options) -> PromptLookupDrafter:
     return PromptLookupDrafter(opts.max_ngram, opts.min_ngram, opts.gamma)
 
 
-METHOD = register(Method("pld", "prompt lookup: n-gram copy from prompt + output, no draft model", Options, build))
+METHOD = register(Method(
+    "pld", "prompt lookup: n-gram copy from prompt + output, no draft model", Options, build, list_rank=20,
+    tuning=TuningSpace("replay", lambda setting: [{"gamma": gamma} for gamma in (2, 3, 4, 6, 8)]),
+    examples=({"max_ngram": 2},),
+))

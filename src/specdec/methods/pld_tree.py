@@ -21,7 +21,7 @@ from specdec.core.options import MethodOptions, check_positive_int, option, posi
 from specdec.core.results import VerifyResult
 from specdec.core.tree import TokenTree
 from specdec.drafting.base import Proposal, finished
-from specdec.methods.base import Method, MethodContext
+from specdec.methods.base import Method, MethodContext, TuningSpace
 from specdec.methods.registry import register
 from specdec.models.base import LanguageModel
 from specdec.verify.match import verify_sample_and_match
@@ -110,5 +110,8 @@ def build(ctx: MethodContext, opts: Options) -> PromptLookupTreeDrafter:
 
 METHOD = register(Method(
     "pld-tree", "prompt lookup with every earlier continuation of the last n-gram, as one token tree (no model)",
-    Options, build,
+    Options, build, list_rank=25,
+    tuning=TuningSpace("replay", lambda setting: [{"budget": budget, "max_depth": depth}
+                                                  for budget in (4, 8, 16) for depth in (3, 6)]),
+    examples=({"budget": 8, "max_depth": 4, "max_ngram": 2},),
 ))

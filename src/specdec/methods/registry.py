@@ -31,14 +31,10 @@ def _discover() -> None:
     _discovered = True
 
 
-ORDER = ("ar", "sps", "pld", "specinfer", "csd", "maxgram", "specexec", "sequoia", "auto")
-"""How methods are listed (anything else after these, by name)."""
-
-
 def all_methods() -> dict[str, Method]:
-    """Every method, in listing order."""
+    """Every method, in listing order (each method's `list_rank`, then its name)."""
     _discover()
-    names = sorted(_METHODS, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
+    names = sorted(_METHODS, key=lambda n: (_METHODS[n].list_rank, n))
     return {n: _METHODS[n] for n in names}
 
 

@@ -11,6 +11,7 @@ by sample-and-match (the greedy tree walk at T = 0).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,12 +22,12 @@ from specdec.core.options import MethodOptions, choice, option, positive_int
 from specdec.core.results import VerifyResult
 from specdec.core.sampling import SamplingConfig, logits_to_probs
 from specdec.core.hardware import fingerprint
-from specdec.core.store import find_profile, read_profile
+from specdec.core import store
 from specdec.core.tree import TokenTree, depths, keep_subtree, paths_to_parents
 from specdec.drafting.base import Proposal
 from specdec.drafting.draft_model import DraftModel
 from specdec.drafting.sequoia_dp import Paths, check_accept, sequoia_dp
-from specdec.methods.base import Method, MethodContext
+from specdec.methods.base import Method, MethodContext, TuningSpace
 from specdec.methods.registry import register
 from specdec.models.base import LanguageModel
 from specdec.verify.greedy import verify_greedy
@@ -200,14 +201,23 @@ class Options(MethodOptions):
         return self.budget if self.tree == "dp" else None
 
 
+@functools.lru_cache(maxsize=64)
+def dp_tree(accept: tuple[float, ...], budget: int, depth: int) -> tuple[tuple[int, ...], ...]:
+    """Sequoia's DP tree for an acceptance vector, size and depth, solved once per process: every
+    request and batch sequence with the same options reuses it (the DP grows with budget²·depth)."""
+    return tuple(sequoia_dp(list(accept), budget, depth).tree(budget, depth))
+
+
 def tuned_profile(ctx: MethodContext, tree: str = "auto") -> dict[str, Any]:
     """The `specdec tune` profile for this setting (`tree` = "auto"), or the one in a given file."""
     device = getattr(ctx.target, "device", "cpu")
+    # Through the module, not names bound at import: a test that replaces `store.read_profile`
+    # must see every read this makes.
     if tree not in ("auto", "dp"):
-        return read_profile(tree, fingerprint(device))
+        return store.read_profile(tree, fingerprint(device))
     if ctx.profile_key is None:
         raise ValueError("the tuned tree needs a tune profile key (target, draft, device, dtype); load models by name")
-    return find_profile(ctx.profile_key, fingerprint(device))
+    return store.find_profile(ctx.profile_key, fingerprint(device))
 
 
 def tuned_drafter(ctx: MethodContext, profile: dict[str, Any], mode: str | None = None) -> "SequoiaDrafter | None":
@@ -229,9 +239,8 @@ def build(ctx: MethodContext, opts: Options) -> SequoiaDrafter:
                 raise ValueError(f"the tune profile has no {kind} acceptance vector for this setting")
         accept = check_accept(PRIOR_ACCEPT if accept is None else accept)
         # A tree of n nodes is at most n levels deep: solving for deeper ones only costs time.
-        depth = min(opts.max_depth, opts.budget)
-        paths = sequoia_dp(accept, opts.budget, depth).tree(opts.budget, depth)
-        return SequoiaDrafter(ctx.drafts[0], ctx.sampling, paths, mode)
+        paths = dp_tree(tuple(accept.tolist()), opts.budget, min(opts.max_depth, opts.budget))
+        return SequoiaDrafter(ctx.drafts[0], ctx.sampling, list(paths), mode)
     profile = tuned_profile(ctx, opts.tree)
     drafter = tuned_drafter(ctx, profile, opts.sequoia_mode)
     if drafter is None:
@@ -242,9 +251,12 @@ def build(ctx: MethodContext, opts: Options) -> SequoiaDrafter:
     return drafter
 
 
+TUNING = TuningSpace("tree-dp", lambda setting: [{"budget": size, "max_depth": 8} for size in (2, 4, 8, 16, 32, 64)])
+"""Every size, and every depth up to 8, in both modes (the profile's winner keeps its paths)."""
+
 METHOD = register(Method(
     "sequoia",
     "Sequoia: a DP-optimal tree (--budget, --max-depth, --accept; --tree auto = the `specdec tune` winner), "
     "children drawn without replacement and SWOR-verified (--sequoia-mode greedy: top-k, sample-and-match)",
-    Options, build, needs_draft_model=True,
+    Options, build, needs_draft_model=True, list_rank=70, tuning=TUNING, examples=({"budget": 6, "max_depth": 3},),
 ))

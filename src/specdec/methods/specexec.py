@@ -31,7 +31,7 @@ from specdec.core.sampling import SamplingConfig
 from specdec.core.tree import TokenTree, keep_subtree
 from specdec.drafting.base import Proposal
 from specdec.drafting.draft_model import DraftModel
-from specdec.methods.base import Method, MethodContext
+from specdec.methods.base import Method, MethodContext, TuningSpace
 from specdec.methods.registry import register
 from specdec.models.base import LanguageModel
 from specdec.verify.greedy import verify_greedy
@@ -184,9 +184,15 @@ def build(ctx: MethodContext, opts: Options) -> SpecExecDrafter:
                            opts.min_prob)
 
 
+TUNING = TuningSpace("best-first", lambda setting: [
+    {"budget": budget, "max_depth": depth, "max_beams": DEFAULT_MAX_BEAMS} for budget in (8, 16, 32, 64)
+    for depth in (4, 6, 8)
+])
+
 METHOD = register(Method(
     "specexec",
     "SpecExec: a best-first draft tree of up to --budget tokens (--max-depth, --max-beams, --branch-width), "
     "sample-and-match verification",
-    Options, build, needs_draft_model=True,
+    Options, build, needs_draft_model=True, list_rank=60, tuning=TUNING,
+    examples=({"budget": 8, "max_depth": 4, "max_beams": 3, "branch_width": 3},),
 ))

@@ -15,7 +15,7 @@ from specdec.core.tree import TokenTree, depths, expansion_paths, paths_to_paren
 from specdec.drafting.base import Proposal
 from specdec.drafting.draft_model import DraftModel
 from specdec.models.batch import ModelCall
-from specdec.methods.base import Method, MethodContext
+from specdec.methods.base import Method, MethodContext, TuningSpace
 from specdec.methods.registry import register
 from specdec.models.base import LanguageModel
 from specdec.verify.greedy import verify_greedy
@@ -191,8 +191,13 @@ def build(ctx: MethodContext, opts: Options) -> TreeDrafter:
     return TreeDrafter(ctx.drafts, ctx.sampling, expansion=opts.expansion)
 
 
+TUNING = TuningSpace("static-tree", lambda setting: [
+    {"expansion": e} for e in ((2, 1, 1, 1), (2, 2, 1), (3, 1, 1), (1, 1, 3, 1, 1), (2, 1, 1, 1, 1, 1))
+])
+"""Small shapes: on a CPU a target pass over k tokens grows with k, so SpecInfer's default (20 nodes) rarely pays."""
+
 METHOD = register(Method(
     "specinfer",
     "SpecInfer token trees (--expansion; repeat --draft to merge several drafters' trees), one-pass tree verification",
-    Options, build, needs_draft_model=True,
+    Options, build, needs_draft_model=True, list_rank=30, tuning=TUNING, examples=({"expansion": (2, 1, 2)},),
 ))

@@ -14,7 +14,7 @@ from specdec.core.sampling import SamplingConfig, logits_to_probs, sample
 from specdec.core.tree import TokenTree
 from specdec.drafting.base import Proposal, finished
 from specdec.drafting.draft_model import DraftModel
-from specdec.methods.base import Method, MethodContext
+from specdec.methods.base import Method, MethodContext, TuningSpace
 from specdec.methods.registry import register
 from specdec.models.base import LanguageModel
 from specdec.verify.greedy import verify_greedy
@@ -98,7 +98,12 @@ def build(ctx: MethodContext, opts: Options) -> ModelDrafter:
     return ModelDrafter(ctx.drafts[0], ctx.sampling, opts.gamma, opts.stop_below)
 
 
+TUNING = TuningSpace("chain", lambda setting: [
+    {"gamma": gamma, **({"stop_below": tau} if tau else {})} for gamma in range(1, 7) for tau in (0.0, 0.2, 0.4, 0.6)
+])
+"""Every draft length up to 6, fixed and with adaptive stopping at three confidences."""
+
 METHOD = register(Method(
     "sps", "classic speculative sampling with a draft model (Leviathan; Chen)", Options, build,
-    needs_draft_model=True,
+    needs_draft_model=True, list_rank=10, tuning=TUNING, examples=({"gamma": 3}, {"gamma": 4, "stop_below": 0.3}),
 ))

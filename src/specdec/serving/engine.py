@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from specdec.engine.batch import BatchEngine, BatchRequest, StepEvent, StepInfo
@@ -24,7 +24,7 @@ from specdec.engine.stats import DecodeStats
 from specdec.engine.text import TextAssembler
 from specdec.serving.batch_metrics import BatchMetrics
 from specdec.serving.errors import APIError
-from specdec.serving.metrics import ServerMetrics, SpeculativeUsage
+from specdec.serving.metrics import ServerMetrics, speculative_usage
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,6 @@ class Job:
     request: BatchRequest
     text: TextAssembler
     prompt_tokens: int
-    usage: SpeculativeUsage
     arrival: float
     """time.perf_counter() when the request came in (latency and queue-time metrics start here)."""
     released: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
@@ -51,8 +50,8 @@ class Job:
     """Set by the answering side when it stops reading; the engine aborts the job before its next step."""
     request_id: int | None = None
     """The batch engine's id, once submitted."""
-    counted: tuple[int, int, int] = (0, 0, 0)
-    """(target_calls, draft_tokens, accepted_tokens) already in the metrics."""
+    counted: DecodeStats = field(default_factory=DecodeStats)
+    """The request's statistics as the metrics last counted them."""
     started: bool = False
     """Admitted by the batch engine (its queue time is counted)."""
     stats: DecodeStats | None = None
@@ -70,7 +69,7 @@ class Job:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.text.completion_tokens,
             "total_tokens": self.prompt_tokens + self.text.completion_tokens,
-            "speculative": self.usage.to_dict(),
+            "speculative": speculative_usage(self.request.method, self.stats, self.text.completion_tokens),
         }
 
 
@@ -94,19 +93,10 @@ class Engine:
         """Requests submitted and not yet running."""
         return len(self._new) + sum(not job.started for job in self._jobs.values())
 
-    async def prepare(self, build: Callable[[], Job]) -> Job:
-        """Run `build` (validation, drafter construction) on the engine thread, between two steps,
-        then check that the request can ever run (context, KV budget): a 400 now, not an error later."""
-
-        def build_and_check() -> Job:
-            job = build()
-            try:
-                self.batch.check(job.request)
-            except ValueError as exc:
-                raise APIError(str(exc), param="max_tokens", code="context_length_exceeded") from exc
-            return job
-
-        return await asyncio.get_running_loop().run_in_executor(self._thread, build_and_check)
+    async def prepare(self, build: Callable[[BatchEngine], Job]) -> Job:
+        """Run `build` (a request's validation against the batch engine: its drafter's size, the
+        context, the KV budget) on the engine thread, between two steps."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, build, self.batch)
 
     def submit(self, job: Job, client_disconnected: Callable[[], Awaitable[bool]] | None = None) -> None:
         """Queue the job (its text arrives on `job.released`); 503 when the queue is full.
@@ -229,14 +219,9 @@ class Engine:
         stats = event.stats
         if stats is not None:
             job.stats = stats
-        if stats is not None and stats.target_calls > job.counted[0]:
-            drafted, accepted = job.usage.count_step(job.counted, stats)
-            job.counted = (stats.target_calls, stats.draft_tokens, stats.accepted_tokens)
-            m.num_drafts.inc(drafted > 0)
-            m.num_draft_tokens.inc(drafted)
-            m.num_accepted_tokens.inc(accepted)
-            for pos in range(accepted):
-                m.accepted_at(pos).inc()
+        if stats is not None and stats.target_calls > job.counted.target_calls:
+            m.count_steps(job.counted, stats)
+            job.counted = replace(stats)
         if event.tokens:
             if not job.text.ids:
                 m.time_to_first_token.observe(time.perf_counter() - job.arrival)
@@ -261,14 +246,10 @@ class Engine:
             log.error("request failed in the engine: %s: %s", type(error).__name__, error)
         if job.request_id is not None:
             self._jobs.pop(job.request_id, None)
-        stats = job.stats
-        if stats is not None:
-            job.usage.tokens_per_call = stats.tokens_per_call
-            job.usage.tokens_per_s = job.text.completion_tokens / stats.wall_s if stats.wall_s > 0 else 0.0
         m.generation_tokens.inc(job.text.completion_tokens)
         if reason in ("stop", "length"):
             m.e2e_latency.observe(time.perf_counter() - job.arrival)
-            m.tokens_per_s.observe(job.usage.tokens_per_s)
+            m.tokens_per_s.observe(job.usage_dict()["speculative"]["tokens_per_s"])
         m.finished(reason).inc()
         m.waiting.set(self.waiting)
         job.released.put_nowait(None)

@@ -1,5 +1,5 @@
-"""What bounds a request: the defaults of the server's caps, and what a request passes before any
-route sees it (the API key, then the body-size limit).
+"""What bounds a request: the server's caps (`ServerLimits`, checked here, once), and what a request
+passes before any route sees it (the API key, then the body-size limit).
 
 The two gates are plain ASGI middlewares (nothing to import beyond the standard library) that
 answer in OpenAI's error shape. The body limit reads the body itself, up to the limit, before the
@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 Scope = MutableMapping[str, Any]
@@ -27,6 +28,32 @@ DEFAULT_MAX_TOKENS_LIMIT = 4096
 """Most new tokens a request may ask for (`--max-tokens-limit`); the context may bound it further."""
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
 """Largest request body (`--max-body-bytes`): a 128k-token context of JSON text fits several times."""
+
+DEFAULT_MAX_QUEUE = 64
+"""Requests that may wait for the engine (`--max-queue`); more are answered 503."""
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """The caps on what one request may cost and on how many may wait, checked once, here (named
+    by their command-line flags: `specdec serve` builds this before any model loads)."""
+
+    max_tokens_limit: int | None = DEFAULT_MAX_TOKENS_LIMIT
+    """The most max_tokens a request may ask for (None: only the context bounds it)."""
+    max_draft_tokens: int = DEFAULT_MAX_DRAFT_TOKENS
+    """The most tokens a request's method and options may draft per step (checked before building)."""
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_queue: int = DEFAULT_MAX_QUEUE
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--max-tokens-limit", self.max_tokens_limit),
+                            ("--max-draft-tokens", self.max_draft_tokens),
+                            ("--max-body-bytes", self.max_body_bytes), ("--max-queue", self.max_queue)):
+            if value is None and flag == "--max-tokens-limit":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+
 
 DRAIN_BYTES = 1 << 30
 """A body over the limit is still read, and thrown away, up to this many bytes, so that the
@@ -90,21 +117,28 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-class BearerAuth:
-    """Require `Authorization: Bearer <api_key>` on the API's routes (`/v1/…`), as vLLM does;
-    /health and /metrics stay open (load balancers and Prometheus call them)."""
+OPEN_PATHS = ("/health", "/metrics")
+"""What answers without the API key: load balancers and Prometheus call these."""
 
-    def __init__(self, app: ASGIApp, api_key: str, prefix: str = "/v1") -> None:
+
+class BearerAuth:
+    """Require `Authorization: Bearer <api_key>` on every route but `OPEN_PATHS` (the API, and its
+    /docs and /openapi.json too). The scheme is case-insensitive (RFC 7235: `bearer KEY` is the
+    same credential); the key is not."""
+
+    def __init__(self, app: ASGIApp, api_key: str, open_paths: tuple[str, ...] = OPEN_PATHS) -> None:
         if not api_key:
             raise ValueError("the API key must not be empty")
-        self.app, self.prefix = app, prefix
-        self._expected = f"Bearer {api_key}".encode()
+        self.app, self.open_paths = app, open_paths
+        self._expected = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(self.prefix):
+        if scope["type"] == "http" and scope["path"] not in self.open_paths:
             given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            scheme, _, token = given.strip().partition(b" ")
             # Constant-time comparison: the time taken says nothing about how much of the key matched.
-            if not hmac.compare_digest(given, self._expected):
+            ok = hmac.compare_digest(token.strip(), self._expected) and scheme.lower() == b"bearer"
+            if not ok:
                 message = ("missing API key: send the header 'Authorization: Bearer <key>'" if not given
                            else "incorrect API key")
                 await send_error(send, 401, message, "invalid_api_key", [(b"www-authenticate", b"Bearer")])

@@ -1,12 +1,12 @@
 """What the server counts: Prometheus metrics for the whole server (`ServerMetrics`) and the
-speculative usage of one request (`SpeculativeUsage`, the `usage.speculative` of its answer).
+speculative usage of one request (`speculative_usage`, the `usage.speculative` of its answer), both
+read from the requests' `DecodeStats`.
 
 prometheus_client is imported when a `ServerMetrics` is created (it comes with the `server` extra).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from specdec.engine.stats import DecodeStats
@@ -74,49 +74,32 @@ class ServerMetrics:
     def accepted_at(self, position: int) -> Any:
         return self._accepted_per_pos.labels(self.model_name, str(position))
 
+    def count_steps(self, before: DecodeStats, now: DecodeStats) -> None:
+        """Add what a request's steps did between two snapshots of its statistics."""
+        self.num_drafts.inc(now.drafted_calls - before.drafted_calls)
+        self.num_draft_tokens.inc(now.draft_tokens - before.draft_tokens)
+        self.num_accepted_tokens.inc(now.accepted_tokens - before.accepted_tokens)
+        for pos, count in enumerate(now.accepted_by_position):
+            done = before.accepted_by_position[pos] if pos < len(before.accepted_by_position) else 0
+            if count > done:
+                self.accepted_at(pos).inc(count - done)
+
     def finished(self, reason: str) -> Any:
         return self._finished.labels(self.model_name, reason)
 
 
-@dataclass
-class SpeculativeUsage:
-    """What the engine did for one request, in the `usage.speculative` of its response."""
-
-    method: str
-    target_calls: int = 0
-    num_drafts: int = 0
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
-    num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
-    tokens_per_call: float = 0.0
-    tokens_per_s: float = 0.0
-
-    def count_step(self, before: tuple[int, int, int], stats: DecodeStats) -> tuple[int, int]:
-        """Add one decoding step (stats now vs `before`); (drafted, accepted) tokens of the step."""
-        calls, drafted, accepted = (
-            stats.target_calls - before[0], stats.draft_tokens - before[1], stats.accepted_tokens - before[2]
-        )
-        self.target_calls += calls
-        self.num_drafts += drafted > 0
-        self.num_draft_tokens += drafted
-        self.num_accepted_tokens += accepted
-        # Accepted drafts are a prefix of the chain (a root-to-node path of the tree), so a step
-        # that accepted k tokens accepted positions 0 … k-1.
-        while len(self.num_accepted_tokens_per_pos) < accepted:
-            self.num_accepted_tokens_per_pos.append(0)
-        for pos in range(accepted):
-            self.num_accepted_tokens_per_pos[pos] += 1
-        return drafted, accepted
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "target_calls": self.target_calls,
-            "num_drafts": self.num_drafts,
-            "num_draft_tokens": self.num_draft_tokens,
-            "num_accepted_tokens": self.num_accepted_tokens,
-            "num_accepted_tokens_per_pos": list(self.num_accepted_tokens_per_pos),
-            "acceptance_rate": self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0,
-            "tokens_per_call": self.tokens_per_call,
-            "tokens_per_s": self.tokens_per_s,
-        }
+def speculative_usage(method: str, stats: DecodeStats | None, completion_tokens: int) -> dict[str, Any]:
+    """The `usage.speculative` of an answer: the request's own decoding statistics (`DecodeStats`,
+    the one count of its steps), and its completion tokens per second of engine time."""
+    stats = stats or DecodeStats()
+    return {
+        "method": method,
+        "target_calls": stats.target_calls,
+        "num_drafts": stats.drafted_calls,
+        "num_draft_tokens": stats.draft_tokens,
+        "num_accepted_tokens": stats.accepted_tokens,
+        "num_accepted_tokens_per_pos": list(stats.accepted_by_position),
+        "acceptance_rate": stats.accepted_tokens / stats.draft_tokens if stats.draft_tokens else 0.0,
+        "tokens_per_call": stats.tokens_per_call,
+        "tokens_per_s": completion_tokens / stats.wall_s if stats.wall_s > 0 else 0.0,
+    }

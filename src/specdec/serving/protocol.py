@@ -54,17 +54,16 @@ class StreamOptions(BaseModel):
 
 
 class SpeculativeOptions(BaseModel):
-    """The request's `speculative` field: override the server's method, draft length and options.
+    """The request's `speculative` field: override the server's method and its options.
 
-    Extra keys are per-method options (`max_ngram`, `expansion`, …); the server checks them against
-    the chosen method's `Options` (names and values) when it prepares the request.
+    Extra keys are the method's options (`gamma`, `max_ngram`, `expansion`, …); the server parses
+    them with the chosen method's `Options` (names and values) when it prepares the request, and
+    bounds what they draft per step by its --max-draft-tokens.
     """
 
     model_config = ConfigDict(extra="allow", strict=True)
 
     method: str | None = None
-    gamma: int | None = Field(None, ge=1)
-    """Bounded by the server's --max-draft-tokens (for the methods whose draft length it is)."""
 
     @field_validator("method")
     @classmethod
@@ -86,8 +85,8 @@ class GenerationRequest(BaseModel):
     model: str | None = None
     """The served model's id (GET /v1/models); None means the served model."""
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=-1)
     """Not in OpenAI's API (vLLM's extension): keep the k most likely tokens; 0 or -1 = off."""
     seed: int | None = Field(None, ge=0, lt=2**63)

@@ -1,6 +1,6 @@
 """`auto`'s first use on a new machine or model pair: the quick tune of a loaded pipeline, saved
-under its key. Importing this module registers it as the pipeline's tuner (`engine.pipeline`);
-the command line, the server and `specdec.Pipeline` import it.
+under its key. Importing this module registers it as the pipeline's tuner; `engine.pipeline`
+imports it (by name, `TUNER_ENTRY`) the first time a tuner is asked for.
 
 A tune writes a marker next to its profile while it runs and removes it when it finishes, so a
 tune that was interrupted is reported (and run again) at the next use.
@@ -68,7 +68,8 @@ def tune_pipeline(
     begin_tune(key)  # left behind by an interruption (Ctrl-C, a kill): noticed at the next use
     try:
         profile = quick_tune(pipe.target_lm, pipe.draft_lm, prompts or tune_prompts(pipe), sampling, key,
-                             settings=settings, eos_token_ids=pipe.eos_token_ids, bigram=cached_bigram(pipe),
+                             settings=settings, eos_token_ids=pipe.eos_token_ids, tokenizer=pipe.tokenizer,
+                             bigram=cached_bigram(pipe),
                              progress=progress)
         path = save_profile(profile)
     except Exception:

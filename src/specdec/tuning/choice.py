@@ -31,7 +31,7 @@ from specdec.methods.sequoia import SequoiaDrafter
 from specdec.models.hf import HFLanguageModel
 from specdec.models.timing import measure_forward
 from specdec.tuning.acceptance import DEFAULT_WIDTH, measure_acceptance
-from specdec.tuning.costmodel import draft_ms_of_tree, interpolate_ms
+from specdec.tuning.costmodel import dp_grid, draft_ms_of_tree, interpolate_ms
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 DEFAULT_MAX_DEPTH = 8
@@ -44,6 +44,20 @@ TUNE_PROMPTS = (
     "List five practical tips for writing readable code, one sentence each.",
     "Write a SQL query that returns the ten customers with the highest total order value.",
 )
+
+
+def profile_header(kind: str, key: dict[str, Any], target: Any, sampling: SamplingConfig) -> dict[str, Any]:
+    """What every tune profile starts with: its version and kind ("full", "quick"), its key, the
+    hardware it was measured on, when, at which sampling, and with how many threads."""
+    return {
+        "version": PROFILE_VERSION,
+        "kind": kind,
+        "key": key,
+        "fingerprint": fingerprint(getattr(target, "device", "cpu")),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p},
+        "threads": torch.get_num_threads(),
+    }
 
 
 # ---- costs -------------------------------------------------------------------------------------
@@ -69,16 +83,11 @@ def candidate_table(
     rows: list[dict[str, Any]] = [{"method": "ar", "mode": None, "size": 0, "depth": 0, "tokens_per_call": 1.0,
                                    "target_ms": ar_ms, "draft_ms": 0.0, "expected_speedup": 1.0}]
     for mode, dp in dps.items():
-        for size in sizes:
-            for depth in range(1, min(max_depth, size) + 1):
-                if not dp.feasible(size, depth):  # too many nodes for this depth and width
-                    continue
-                tokens = dp.tokens_per_call(size, depth)
-                t_ms = interpolate_ms(target_ms, size + 1)
-                d_ms = draft_ms_of_tree(dp.tree(size, depth), draft_ms, tokens)
-                rows.append({"method": "sequoia", "mode": mode, "size": size, "depth": depth, "tokens_per_call": tokens,
-                             "target_ms": t_ms, "draft_ms": d_ms,
-                             "expected_speedup": tokens * ar_ms / (t_ms + d_ms)})
+        for size, depth, tokens in dp_grid(dp, sizes, max_depth):
+            t_ms = interpolate_ms(target_ms, size + 1)
+            d_ms = draft_ms_of_tree(dp.tree(size, depth), draft_ms, tokens)
+            rows.append({"method": "sequoia", "mode": mode, "size": size, "depth": depth, "tokens_per_call": tokens,
+                         "target_ms": t_ms, "draft_ms": d_ms, "expected_speedup": tokens * ar_ms / (t_ms + d_ms)})
     return rows
 
 
@@ -151,13 +160,7 @@ def tune(
         winner["measured_speedup"] = (sp_new / sp_s) / (ar_new / ar_s)
         winner["measured_tokens_per_call"] = sp_new / sp_calls
     return {
-        "version": PROFILE_VERSION,
-        "kind": "full",
-        "key": key,
-        "fingerprint": fingerprint(getattr(target, "device", "cpu")),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p},
-        "threads": torch.get_num_threads(),
+        **profile_header("full", key, target, sampling),
         "settings": {"sizes": sizes, "max_depth": max_depth, "width": width, "prompts": len(prompts),
                      "gen_tokens": gen_tokens, "measure_prompts": measure_prompts, "measure_tokens": measure_tokens,
                      "repeats": repeats, "context": context, "seed": seed},

@@ -20,13 +20,13 @@ call, against plain decoding's milliseconds per token (docs/algorithms.md §7.7)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from specdec.core.tree import depths, expansion_paths, paths_to_parents
+from specdec.core.tree import depths, paths_to_parents
 from specdec.drafting.sequoia_dp import SequoiaDP, tree_value
 from specdec.tuning.replay import ReplayStep, mean
 
@@ -142,70 +142,56 @@ def ar_row(costs: Costs) -> dict[str, Any]:
             "basis": "measured", "options": {}}
 
 
-def chain_rows(chain: ChainSteps, costs: Costs, gammas: Sequence[int], thresholds: Sequence[float]) -> list[dict]:
-    """sps with each γ, fixed and with adaptive stopping at each threshold."""
-    out = []
-    for gamma in gammas:
-        if gamma > chain.depth:
-            continue
-        for tau in (0.0, *thresholds):
-            est = chain_estimate(chain, gamma, tau)
-            d_ms = costs.draft(est.catch_up) + est.extends * costs.draft(1)
-            options: dict[str, Any] = {"gamma": gamma}
-            label = f"sps gamma={gamma}"
-            if tau:
-                options["stop_below"] = tau
-                label += f" stop_below={tau:g}"
-            t_ms = mean([costs.target(1 + n) for n in est.lengths])
-            out.append(row("sps", label, est.tokens, t_ms, d_ms, costs, "measured chain",
-                           options=options))
-    return out
+def chain_row(method: str, label: str, chain: ChainSteps, costs: Costs, options: dict[str, Any]) -> dict[str, Any]:
+    """A model-drafted chain of up to `options["gamma"]` tokens, with adaptive stopping at
+    `options["stop_below"]` (0: off), priced on the measured chains."""
+    est = chain_estimate(chain, int(options["gamma"]), float(options.get("stop_below", 0.0)))
+    d_ms = costs.draft(est.catch_up) + est.extends * costs.draft(1)
+    t_ms = mean([costs.target(1 + n) for n in est.lengths])
+    return row(method, label, est.tokens, t_ms, d_ms, costs, "measured chain", options=options)
 
 
-def sequoia_rows(dps: dict[str, SequoiaDP], costs: Costs, sizes: Sequence[int], max_depth: int) -> list[dict]:
+def dp_grid(dp: SequoiaDP, sizes: Sequence[int], max_depth: int) -> Iterator[tuple[int, int, float]]:
+    """(size, depth, expected tokens per call) of every tree the DP can build for these sizes and
+    every depth up to `max_depth` (no deeper than the size)."""
+    for size in sizes:
+        for depth in range(1, min(max_depth, size) + 1):
+            if dp.feasible(size, depth):  # else too many nodes for this depth and width
+                yield size, depth, dp.tokens_per_call(size, depth)
+
+
+def sequoia_rows(method: str, dps: dict[str, SequoiaDP], costs: Costs, sizes: Sequence[int],
+                 max_depth: int) -> list[dict]:
     """Sequoia's DP trees for every mode, size and depth (positional acceptance)."""
     out = []
     for mode, dp in dps.items():
-        for size in sizes:
-            for depth in range(1, min(max_depth, size) + 1):
-                if not dp.feasible(size, depth):  # too many nodes for this depth and width
-                    continue
-                tokens = dp.tokens_per_call(size, depth)
-                paths = dp.tree(size, depth)
-                out.append(row("sequoia", f"sequoia {mode} size={size} depth={depth}", tokens, costs.target(size + 1),
-                               draft_ms_of_tree(paths, costs.draft_ms, tokens), costs, "positional",
-                               mode=mode, size=size, depth=depth, paths=[list(p) for p in paths], options={}))
+        for size, depth, tokens in dp_grid(dp, sizes, max_depth):
+            paths = dp.tree(size, depth)
+            out.append(row(method, f"{method} {mode} size={size} depth={depth}", tokens, costs.target(size + 1),
+                           draft_ms_of_tree(paths, costs.draft_ms, tokens), costs, "positional",
+                           mode=mode, size=size, depth=depth, paths=[list(p) for p in paths], options={}))
     return out
 
 
-def specinfer_rows(vector: Sequence[float], costs: Costs, expansions: Sequence[Sequence[int]]) -> list[dict]:
-    out = []
-    for expansion in expansions:
-        paths = expansion_paths(list(expansion))
-        tokens = tree_value(paths, list(vector))
-        out.append(row("specinfer", "specinfer expansion=" + ",".join(map(str, expansion)), tokens,
-                       costs.target(len(paths) + 1), draft_ms_of_tree(paths, costs.draft_ms, tokens), costs,
-                       "positional", options={"expansion": list(expansion)}))
-    return out
+def specinfer_row(method: str, label: str, paths: Sequence[tuple[int, ...]], vector: Sequence[float], costs: Costs,
+                  options: dict[str, Any]) -> dict[str, Any]:
+    """A static tree shape (its path tuples) on the positional acceptance vector."""
+    tokens = tree_value(list(paths), list(vector))
+    return row(method, label, tokens, costs.target(len(paths) + 1), draft_ms_of_tree(paths, costs.draft_ms, tokens),
+               costs, "positional", options=options)
 
 
-def specexec_rows(dp: SequoiaDP, costs: Costs, budgets: Sequence[int], depths_: Sequence[int], beams: int) -> list[dict]:
-    """SpecExec's best-first trees, priced as the best static top-k tree of their size and depth."""
-    out = []
-    for budget in budgets:
-        for depth in depths_:
-            if not dp.feasible(budget, depth):
-                continue
-            tokens = dp.tokens_per_call(budget, depth)
-            forwards, left, d_ms = 0, budget, costs.draft(tokens)
-            while forwards < depth - 1 and left > 0:  # each draft forward expands up to `beams` nodes
-                d_ms += costs.draft(min(beams, left))
-                left -= beams
-                forwards += 1
-            out.append(row("specexec", f"specexec budget={budget} depth={depth}", tokens, costs.target(budget + 1),
-                           d_ms, costs, "positional (best static top-k tree)",
-                           options={"budget": budget, "max_depth": depth, "max_beams": beams}))
-    return out
+def specexec_row(method: str, label: str, dp: SequoiaDP, costs: Costs, budget: int, depth: int, beams: int,
+                 options: dict[str, Any]) -> dict[str, Any]:
+    """SpecExec's best-first tree, priced as the best static top-k tree of its size and depth."""
+    tokens = dp.tokens_per_call(budget, depth)
+    forwards, left, d_ms = 0, budget, costs.draft(tokens)
+    while forwards < depth - 1 and left > 0:  # each draft forward expands up to `beams` nodes
+        d_ms += costs.draft(min(beams, left))
+        left -= beams
+        forwards += 1
+    return row(method, label, tokens, costs.target(budget + 1), d_ms, costs, "positional (best static top-k tree)",
+               options=options)
 
 
 def replay_row(method: str, label: str, steps: Sequence[ReplayStep], costs: Costs, options: dict[str, Any],

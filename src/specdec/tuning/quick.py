@@ -11,10 +11,9 @@ What is measured, once per (machine, model pair, dtypes, greedy or sampling):
    acceptance probability of each chain token and the draft's confidence where it was drawn); the
    run's loop overhead per call and its text (a sample of the target) are kept;
 4. the draft's argmax along that text (for the cascade's replay).
-Then every candidate is priced: plain decoding; sps with γ = 1…chain_depth, fixed and with
-adaptive stopping; Sequoia trees by mode, size and depth; SpecInfer expansions; SpecExec budgets and
-depths; the cascade's k-matrices; prompt lookup and Max-Gram draft lengths. The fastest expected one
-wins, possibly plain decoding.
+Then every method's candidates are priced (`tuning.pricing`: each method declares its own in its
+file — sps's draft lengths and stopping thresholds, Sequoia's sizes, SpecInfer's expansions, …). The
+fastest expected one wins, possibly plain decoding.
 """
 
 from __future__ import annotations
@@ -34,17 +33,13 @@ from specdec.core.results import VerifyResult
 from specdec.core.sampling import SamplingConfig
 from specdec.core.store import PROFILE_VERSION, measurement_dir, read_json, write_json
 from specdec.core.tree import TokenTree
-from specdec.drafting.ngram import lookup_continuation, maxgram_continuation
-from specdec.drafting.sequoia_dp import sequoia_dp
 from specdec.engine.decoder import SpeculativeDecoder
 from specdec.methods.sequoia import SequoiaDrafter
 from specdec.models.base import LanguageModel
 from specdec.models.timing import measure_forward
-from specdec.tuning.costmodel import (
-    ChainSteps, Costs, ar_row, best, chain_rows, interpolate_ms, replay_row, sequoia_rows, specexec_rows,
-    specinfer_rows,
-)
-from specdec.tuning.replay import cascade_replay, replay
+from specdec.tuning.choice import profile_header
+from specdec.tuning.costmodel import ChainSteps, Costs, best, interpolate_ms
+from specdec.tuning.pricing import PricingInputs, price
 from specdec.verify.mss import mss_node
 from specdec.verify.swor import swor_node
 
@@ -65,16 +60,6 @@ class QuickSettings:
     width: int = 4
     chain_depth: int = 6
     seed: int = 0
-    thresholds: tuple[float, ...] = (0.2, 0.4, 0.6)
-    sequoia_sizes: tuple[int, ...] = (2, 4, 8, 16, 32, 64)
-    sequoia_max_depth: int = 8
-    expansions: tuple[tuple[int, ...], ...] = ((2, 1, 1, 1), (2, 2, 1), (3, 1, 1), (1, 1, 3, 1, 1), (2, 1, 1, 1, 1, 1))
-    specexec_budgets: tuple[int, ...] = (8, 16, 32, 64)
-    specexec_depths: tuple[int, ...] = (4, 6, 8)
-    specexec_beams: int = 8
-    k_matrices: tuple[tuple[tuple[int, int], tuple[int, int]], ...] = (((4, 2), (0, 6)), ((2, 2), (0, 4)),
-                                                                       ((6, 2), (0, 6)), ((3, 3), (0, 6)))
-    lookup_gammas: tuple[int, ...] = (2, 3, 4, 6, 8)
 
 
 @dataclass
@@ -246,42 +231,6 @@ def draft_argmax_along(draft: LanguageModel, texts: Sequence[tuple[int, Tensor]]
     return out
 
 
-# ---- pricing -----------------------------------------------------------------------------------
-def price(m: Measurements, settings: QuickSettings, has_draft: bool, bigram: list[int] | None,
-          max_ngram: int = 3) -> list[dict[str, Any]]:
-    """Every candidate on the one cost model (plain decoding first)."""
-    costs = m.costs
-    rows = [ar_row(costs)]
-    fill = "bigram" if bigram is not None else "none"
-    if has_draft:
-        rows += chain_rows(m.chain, costs, range(1, settings.chain_depth + 1), settings.thresholds)
-        vectors = {"greedy": m.topk} if m.swor is None else {"swor": m.swor, "greedy": m.topk}
-        sizes = list(settings.sequoia_sizes)
-        dps = {mode: sequoia_dp(vec, max(sizes), settings.sequoia_max_depth) for mode, vec in vectors.items()}
-        rows += sequoia_rows(dps, costs, sizes, settings.sequoia_max_depth)
-        rows += specinfer_rows(m.iid if m.iid is not None else m.topk, costs, settings.expansions)
-        rows += specexec_rows(dps["greedy"], costs, settings.specexec_budgets, settings.specexec_depths,
-                              settings.specexec_beams)
-        for k in settings.k_matrices:
-            steps = cascade_replay(m.texts, m.draft_pred, k, lambda ids, n: maxgram_continuation(ids, n, bigram))
-            r = replay_row("csd", f"csd k_matrix={k[0][0]},{k[0][1]};0,{k[1][1]}", [s for s, _ in steps], costs,
-                           {"k_matrix": [list(k[0]), list(k[1])], "maxgram_fill": fill},
-                           reviews=[n for _, n in steps], review_rows=1 + k[1][1])
-            if r is not None:
-                rows.append(r)
-    for gamma in settings.lookup_gammas:
-        r = replay_row("pld", f"pld gamma={gamma}", replay(m.texts, lambda ids: lookup_continuation(ids, gamma, max_ngram)),
-                       costs, {"gamma": gamma, "max_ngram": max_ngram})
-        if r is not None:
-            rows.append(r)
-        r = replay_row("maxgram", f"maxgram gamma={gamma}",
-                       replay(m.texts, lambda ids: maxgram_continuation(ids, gamma, bigram)), costs,
-                       {"gamma": gamma, "maxgram_fill": fill})
-        if r is not None:
-            rows.append(r)
-    return rows
-
-
 # ---- the whole quick tune ----------------------------------------------------------------------
 def quick_tune(
     target: LanguageModel,
@@ -292,12 +241,14 @@ def quick_tune(
     *,
     settings: QuickSettings = QuickSettings(),
     eos_token_ids: Sequence[int] = (),
+    tokenizer: Any = None,
     bigram: list[int] | None = None,
     progress: bool = True,
     log: Log = lambda msg: None,
 ) -> dict[str, Any]:
-    """Measure, price and choose; returns the profile (not saved). `bigram`: Max-Gram's fill table
-    when one is cached for the tokenizer (None: Max-Gram candidates copy only)."""
+    """Measure, price and choose; returns the profile (not saved). `tokenizer`: the target's (model-free
+    candidates are built with it); `bigram`: Max-Gram's fill table when one is cached for it (None:
+    Max-Gram candidates copy only)."""
     from tqdm.auto import tqdm
 
     if not prompts:
@@ -330,19 +281,14 @@ def quick_tune(
                 bar.update(1)
         m.costs = Costs(target_ms, draft_ms, ar_ms, overhead)
         bar.set_postfix_str("pricing", refresh=True)
-        rows = price(m, settings, draft is not None, bigram)
+        rows = price(PricingInputs(m.costs, m.chain, m.topk, m.swor, m.iid, m.texts, m.draft_pred, target, sampling,
+                                   tokenizer, bigram if tokenizer is not None else None), draft is not None)
         bar.update(1)
     finally:
         bar.close()
     winner = dict(best(rows))
     profile = {
-        "version": PROFILE_VERSION,
-        "kind": "quick",
-        "key": key,
-        "fingerprint": fingerprint(getattr(target, "device", "cpu")),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p},
-        "threads": torch.get_num_threads(),
+        **profile_header("quick", key, target, sampling),
         "pid": os.getpid(),
         "settings": asdict(settings),
         **m.to_dict(),

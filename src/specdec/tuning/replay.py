@@ -18,8 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-Propose = Callable[[Tensor], Tensor]
-"""text so far ([s] int64) -> the drafter's proposal ([<= γ] int64)."""
+from specdec.core.tree import TokenTree
+
+Propose = Callable[[Tensor], "Tensor | TokenTree"]
+"""text so far ([s] int64) -> the drafter's proposal: a chain ([<= γ] int64) or a token tree."""
 
 
 @dataclass
@@ -36,16 +38,39 @@ def common_prefix(a: Tensor, b: Tensor) -> int:  # a: [A], b: [B] int64
     return int(diff[0]) if diff.numel() else n
 
 
-def replay(texts: Sequence[tuple[int, Tensor]], propose: Propose) -> list[ReplayStep]:
+def tree_walk(tree: TokenTree, text: Tensor) -> int:  # text: [T] int64, what the target said after the root
+    """How many drafted tokens the greedy tree walk accepts when the target says `text`: from the
+    root, the child holding the next token of the text, as long as there is one."""
+    children: dict[tuple[int, int], int] = {}
+    for node, (parent, token) in enumerate(zip(tree.parents.tolist(), tree.tokens.tolist())):
+        if node:
+            children.setdefault((parent, token), node)
+    node = accepted = 0
+    for token in text.tolist():
+        node = children.get((node, token), -1)
+        if node < 0:
+            break
+        accepted += 1
+    return accepted
+
+
+def replay(texts: Sequence[tuple[int, Tensor]], propose: Propose,
+           start: Callable[[Tensor, int], None] | None = None) -> list[ReplayStep]:
     """Every step a deterministic drafter would take on each text ((prompt length, [L] ids)); the
-    last token of each text is never a step's start (there is nothing after it to compare)."""
+    last token of each text is never a step's start (there is nothing after it to compare).
+    `start(prompt, length)` runs before each text, as a decoder starts its drafter."""
     steps: list[ReplayStep] = []
     for prompt_len, ids in texts:
+        if start is not None:
+            start(ids[:prompt_len], ids.shape[0])
         s = prompt_len  # ids[s] is the first token to predict; ids[:s] is what the drafter sees
         while s < ids.shape[0]:
             draft = propose(ids[:s])
-            n = common_prefix(draft, ids[s:])
-            steps.append(ReplayStep(int(draft.shape[0]), n))
+            if isinstance(draft, TokenTree):
+                n, proposed = tree_walk(draft, ids[s:]), draft.num_drafted
+            else:
+                n, proposed = common_prefix(draft, ids[s:]), int(draft.shape[0])
+            steps.append(ReplayStep(proposed, n))
             s += n + 1
     return steps
 

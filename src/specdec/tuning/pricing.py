@@ -1,0 +1,160 @@
+"""Pricing every method's tune candidates on the one cost model (`tuning.costmodel`).
+
+The candidates come from the methods themselves: each method declares a `TuningSpace` in its own
+file (its option sets and the rule that prices them), and `price` walks the registry, so a new
+method is priced as soon as it exists. The rules below are how a candidate's tokens per call are
+known; they depend on how a method drafts, never on its name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from specdec.core.options import format_option_value
+from specdec.core.sampling import SamplingConfig
+from specdec.core.tree import expansion_paths
+from specdec.drafting.base import run_proposal
+from specdec.drafting.ngram import maxgram_continuation
+from specdec.drafting.sequoia_dp import SequoiaDP, sequoia_dp
+from specdec.methods.base import Method, MethodContext, TuneSetting
+from specdec.methods.registry import all_methods
+from specdec.models.base import LanguageModel
+from specdec.tuning.costmodel import (
+    ChainSteps, Costs, ar_row, chain_row, replay_row, sequoia_rows, specexec_row, specinfer_row,
+)
+from specdec.tuning.replay import cascade_replay, replay
+
+Row = dict[str, Any]
+Texts = list[tuple[int, Tensor]]
+"""(prompt length, [L] int64 prompt + the target's text) per acceptance-run prompt."""
+
+
+@dataclass
+class PricingInputs:
+    """Everything the rules price from: the measurements, and what builds a model-free drafter."""
+
+    costs: Costs
+    chain: ChainSteps
+    topk: list[float]
+    swor: list[float] | None
+    iid: list[float] | None
+    texts: Texts
+    draft_pred: list[Tensor]
+    """Per text: the draft's argmax after each prefix (the cascade's replay)."""
+    target: LanguageModel
+    sampling: SamplingConfig
+    tokenizer: Any = None
+    bigram: list[int] | None = None
+    """Max-Gram's fill table (next token of every token) when one is cached, else None."""
+    _dps: dict[str, SequoiaDP] = field(default_factory=dict)
+
+    def dp(self, mode: str, size: int, depth: int) -> SequoiaDP:
+        """Sequoia's DP on the mode's acceptance vector ("greedy": top-k, "swor"), solved once for
+        the largest size and depth asked for."""
+        dp = self._dps.get(mode)
+        if dp is None or dp.max_size < size or dp.max_depth < depth:
+            size, depth = max(size, dp.max_size if dp else 0), max(depth, dp.max_depth if dp else 0)
+            vector = self.topk if mode == "greedy" else self.swor
+            self._dps[mode] = dp = sequoia_dp(vector, size, depth)
+        return dp
+
+    def modes(self) -> list[str]:
+        """The tree modes measured: greedy (top-k children) always, SWOR when sampling."""
+        return ["greedy"] if self.swor is None else ["swor", "greedy"]
+
+
+Rule = Callable[[Method, Sequence[Mapping[str, Any]], PricingInputs], list[Row]]
+
+
+def label(method: str, options: Mapping[str, Any]) -> str:
+    """"sps gamma=3 stop_below=0.4": a candidate as the tune's table and summary line show it."""
+    return " ".join([method, *(f"{k}={format_option_value(v)}" for k, v in options.items())])
+
+
+def _plain(method: Method, candidates: Sequence[Mapping[str, Any]], inputs: PricingInputs) -> list[Row]:
+    return [ar_row(inputs.costs)]
+
+
+def _chain(method: Method, candidates: Sequence[Mapping[str, Any]], inputs: PricingInputs) -> list[Row]:
+    rows = []
+    for options in candidates:
+        if options["gamma"] <= inputs.chain.depth:  # longer chains than the run measured are not priced
+            rows.append(chain_row(method.name, label(method.name, options), inputs.chain, inputs.costs,
+                                  dict(options)))
+    return rows
+
+
+def _tree_dp(method: Method, candidates: Sequence[Mapping[str, Any]], inputs: PricingInputs) -> list[Row]:
+    sizes = [int(o["budget"]) for o in candidates]
+    max_depth = max(int(o["max_depth"]) for o in candidates)
+    dps = {mode: inputs.dp(mode, max(sizes), max_depth) for mode in inputs.modes()}
+    return sequoia_rows(method.name, dps, inputs.costs, sizes, max_depth)
+
+
+def _static_tree(method: Method, candidates: Sequence[Mapping[str, Any]], inputs: PricingInputs) -> list[Row]:
+    vector = inputs.iid if inputs.iid is not None else inputs.topk
+    return [specinfer_row(method.name, label(method.name, o), expansion_paths(list(o["expansion"])), vector,
+                          inputs.costs, dict(o)) for o in candidates]
+
+
+def _best_first(method: Method, candidates: Sequence[Mapping[str, Any]], inputs: PricingInputs) -> list[Row]:
+    rows = []
+    for options in candidates:
+        budget, depth = int(options["budget"]), int(options["max_depth"])
+        dp = inputs.dp("greedy", budget, depth)
+        if dp.feasible(budget, depth):
+            rows.append(specexec_row(method.name, label(method.name, options), dp, inputs.costs, budget, depth,
+                                     int(options["max_beams"]), dict(options)))
+    return rows
+
+
+def _cascade(method: Method, candidates: Sequence[Mapping[str, Any]], inputs: PricingInputs) -> list[Row]:
+    rows = []
+    for options in candidates:
+        k = options["k_matrix"]
+        bigram = inputs.bigram if options.get("maxgram_fill", "bigram") == "bigram" else None
+        steps = cascade_replay(inputs.texts, inputs.draft_pred, k, lambda ids, n: maxgram_continuation(ids, n, bigram))
+        row = replay_row(method.name, label(method.name, options), [s for s, _ in steps], inputs.costs,
+                         {**options, "k_matrix": [list(r) for r in k]}, reviews=[n for _, n in steps],
+                         review_rows=1 + k[1][1])
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+def _replay(method: Method, candidates: Sequence[Mapping[str, Any]], inputs: PricingInputs) -> list[Row]:
+    ctx = MethodContext(inputs.target, (), inputs.sampling, inputs.tokenizer)
+    rows = []
+    for options in candidates:
+        drafter = method.build(ctx, method.make_options(dict(options)))
+        steps = replay(inputs.texts, lambda ids: run_proposal(drafter.propose(ids, 1 << 20, None)),
+                       start=lambda prompt, length: drafter.begin(prompt, length))
+        row = replay_row(method.name, label(method.name, options), steps, inputs.costs, dict(options))
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+RULES: dict[str, Rule] = {"plain": _plain, "chain": _chain, "tree-dp": _tree_dp, "static-tree": _static_tree,
+                          "best-first": _best_first, "cascade": _cascade, "replay": _replay}
+"""How a candidate's tokens per call are known, by the rule its method's `TuningSpace` names."""
+
+
+def price(inputs: PricingInputs, has_draft: bool) -> list[Row]:
+    """Every registered method's candidates on the one cost model, in listing order (plain decoding
+    first, so that it wins a tie)."""
+    setting = TuneSetting(bigram_cached=inputs.bigram is not None)
+    rows: list[Row] = []
+    for method in all_methods().values():
+        space = method.tuning
+        if space is None or (method.needs_draft_model and not has_draft):
+            continue
+        if space.rule not in RULES:
+            raise ValueError(f"method {method.name!r} names the tuning rule {space.rule!r}; known rules: "
+                             f"{', '.join(RULES)}")
+        rows += RULES[space.rule](method, list(space.candidates(setting)), inputs)
+    return rows
