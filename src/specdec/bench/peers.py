@@ -71,7 +71,7 @@ class HFPeers:
         self.draft = getattr(pipe.draft_lm, "model", None) if pipe.draft_lm is not None else None
         if self.target is None or not hasattr(self.target, "generate"):
             raise ValueError("the hf-* peers need a Hugging Face transformers target model")
-        self.device = getattr(pipe.target_lm, "device", torch.device("cpu"))
+        self.device = pipe.target_lm.device
         self.eos = list(pipe.eos_token_ids)
         gen_cfg = getattr(self.target, "generation_config", None)
         pad = getattr(gen_cfg, "pad_token_id", None)

@@ -80,7 +80,7 @@ def run_bench(
     results_path = out / RESULTS
     log_file = Path(log_path) if log_path is not None else out / LOG
     target_name = getattr(pipe, "target_name", None) if pipe is not None else None
-    dtype = str(getattr(pipe.target_lm, "dtype", None)) if pipe is not None else None
+    dtype = str(pipe.target_lm.dtype) if pipe is not None else None
     if pipe is not None:
         draft_name = draft_name or getattr(pipe, "draft_name", None)
     fp = fingerprint(settings, target_name, dtype)

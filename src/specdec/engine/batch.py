@@ -175,7 +175,7 @@ class BatchEngine:
         self.tokenizer, self.eos_token_ids, self.profile_key = tokenizer, list(eos_token_ids), profile_key
         self.max_batch_size, self.max_kv_tokens = max_batch_size, max_kv_tokens
         self.prefill_chunk, self.spec_disable_batch_size = prefill_chunk, spec_disable_batch_size
-        self.device = getattr(target, "device", torch.device("cpu"))
+        self.device = target.device
         ratios = cost_ratios(target, self.draft_lms) if self.draft_lms else []
         self._draft_ratios: list[float] | None = ratios
         self._waiting: deque[tuple[int, BatchRequest, int]] = deque()
@@ -496,7 +496,7 @@ def kv_bytes_per_token(lm: LanguageModel) -> int:
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    itemsize = torch.empty(0, dtype=getattr(lm, "dtype", torch.float32)).element_size()
+    itemsize = torch.empty(0, dtype=lm.dtype).element_size()
     return 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize
 
 
@@ -504,7 +504,7 @@ def kv_budget_for_memory(target: LanguageModel, drafts: Sequence[LanguageModel],
     """A KV budget (target slots; each sequence's draft rows come along) that fills `fraction` of the
     memory available now on the target's device; None when the sizes are unknown."""
     per_token = kv_bytes_per_token(target) + sum(kv_bytes_per_token(d) for d in drafts)
-    device = torch.device(getattr(target, "device", "cpu"))
+    device = torch.device(target.device)
     if per_token == 0:
         return None
     if device.type == "cuda":

@@ -92,7 +92,7 @@ class SpeculativeDecoder:
         self.verifier = verifier
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.last_stats: DecodeStats | None = None
-        self._device = getattr(target, "device", torch.device("cpu"))
+        self._device = target.device
         self._cost_ratios: list[float] | None = None  # per draft model, found on first use
 
     def set_cost_ratios(self, ratios: Sequence[float]) -> None:

@@ -210,7 +210,7 @@ def dp_tree(accept: tuple[float, ...], budget: int, depth: int) -> tuple[tuple[i
 
 def tuned_profile(ctx: MethodContext, tree: str = "auto") -> dict[str, Any]:
     """The `specdec tune` profile for this setting (`tree` = "auto"), or the one in a given file."""
-    device = getattr(ctx.target, "device", "cpu")
+    device = ctx.target.device
     # Through the module, not names bound at import: a test that replaces `store.read_profile`
     # must see every read this makes.
     if tree not in ("auto", "dp"):

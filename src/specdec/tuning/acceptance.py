@@ -86,7 +86,7 @@ def measure_acceptance(
         return verify(tree, target_probs, generator)
 
     dec.verifier = recording_verifier
-    gen = None if sampling.greedy else torch.Generator(device=getattr(target, "device", "cpu")).manual_seed(seed)
+    gen = None if sampling.greedy else torch.Generator(device=target.device).manual_seed(seed)
     for ids in prompts:
         dec.generate(ids, gen_tokens, gen)
     if steps == 0:

@@ -53,7 +53,7 @@ def profile_header(kind: str, key: dict[str, Any], target: Any, sampling: Sampli
         "version": PROFILE_VERSION,
         "kind": kind,
         "key": key,
-        "fingerprint": fingerprint(getattr(target, "device", "cpu")),
+        "fingerprint": fingerprint(target.device),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p},
         "threads": torch.get_num_threads(),
@@ -150,7 +150,7 @@ def tune(
     if measure_prompts > 0 and measure_tokens > 0 and winner["method"] == "sequoia":
         log(f"checking the winner against plain decoding ({measure_prompts} prompts x {measure_tokens} tokens) …")
         check = prompts[:measure_prompts]
-        device = getattr(target, "device", "cpu")
+        device = target.device
         ar = SpeculativeDecoder(target, None, sampling, eos_token_ids=eos_token_ids)
         spec = SpeculativeDecoder(target, SequoiaDrafter(draft, sampling, winner["paths"], winner["mode"]), sampling,
                                   eos_token_ids=eos_token_ids)

@@ -101,7 +101,7 @@ def timing_cache_path() -> Any:
 def measure_costs(target: LanguageModel, draft: LanguageModel | None, key: dict[str, Any], settings: QuickSettings,
                   use_cache: bool = True) -> tuple[dict[int, float], dict[int, float]]:
     """t_target(k) and t_draft(k), measured once per pair and machine (both tuning modes share them)."""
-    fp = fingerprint(getattr(target, "device", "cpu"))
+    fp = fingerprint(target.device)
     path = timing_cache_path()
     cache = read_json(path, PROFILE_VERSION, fp) if use_cache else {}
     name = timing_cache_key(key) + f"|{settings.target_ks}|{settings.draft_ks}|{settings.context}"
@@ -125,7 +125,7 @@ def measure_ar(target: LanguageModel, prompt: list[int], sampling: SamplingConfi
                eos: Sequence[int]) -> float:
     """Plain decoding's ms per token after the prefill, its loop included."""
     dec = SpeculativeDecoder(target, None, sampling, eos_token_ids=())  # no EOS: always `tokens` steps
-    gen = None if sampling.greedy else torch.Generator(device=getattr(target, "device", "cpu")).manual_seed(seed)
+    gen = None if sampling.greedy else torch.Generator(device=target.device).manual_seed(seed)
     dec.generate(prompt, 2, gen)  # warm-up
     _, st = dec.generate(prompt, tokens, gen)
     return (st.wall_s - st.prefill_s) / max(st.new_tokens, 1) * 1e3
@@ -202,7 +202,7 @@ def run_acceptance(target: LanguageModel, draft: LanguageModel, prompts: list[li
         m.chain.confidence.append(conf)
 
     dec.verifier = recording
-    device = getattr(target, "device", "cpu")
+    device = target.device
     gen = None if sampling.greedy else torch.Generator(device=device).manual_seed(settings.seed)
     wall = calls = 0.0
     for ids in prompts:
