@@ -1,12 +1,13 @@
 """The compiled CPU kernels of the native path, built for this CPU on first use, and their Python calls.
 
 `csrc/qgemm.cpp` (the integer block kernels of the linear layers), `csrc/ops.cpp` (RMSNorm, rotary
-embedding, the float16 KV cache, attention, SiLU), `csrc/decoder.cpp` (a model's decoder layers in one
-call), `csrc/dense.cpp` (a row-invariant linear layer for bfloat16/float16 weights, the dense path's)
-and `csrc/attention.cpp` (a float32 attention for transformers models) are compiled with torch's `cpp_extension` (g++/clang and ninja) into
-`$SPECDEC_CACHE/kernels/`, once per instruction set; later processes load the cached library in
-milliseconds. They include only `ATen/Parallel.h` (torch's thread pool, so `torch.set_num_threads`
-applies) and are called through a C ABI with ctypes, which keeps a build near ten seconds.
+embedding, the float16 KV cache, attention, SiLU), `csrc/decoder.cpp` (a model's decoder layers in
+one call), `csrc/dense.cpp` (a row-invariant linear layer for bfloat16/float16 weights, the dense
+path's) and `csrc/attention.cpp` (a float32 attention for transformers models) are compiled with
+torch's `cpp_extension` (g++/clang and ninja) into `$SPECDEC_CACHE/kernels/`, once per instruction
+set; later processes load the cached library in milliseconds. They run on their own work-claiming
+thread pool (`csrc/pool.h`: as many threads as `torch.get_num_threads()`, and a late thread never
+stalls a call) and are called through a C ABI with ctypes, which keeps a build near ten seconds.
 
 Instruction sets, best first (`ISAS`): "avx512vnni" (AVX-512 F/BW/VL/DQ + VNNI), "avxvnni" (AVX2 +
 AVX-VNNI), "avx2" (AVX2 + FMA + F16C) and "generic" (portable C++). The best one this CPU runs is
@@ -61,7 +62,7 @@ log = logging.getLogger(__name__)
 
 CSRC_DIR = Path(__file__).with_name("csrc")
 SOURCES = ("qgemm.cpp", "ops.cpp", "decoder.cpp", "dense.cpp", "attention.cpp")
-HEADERS = ("simd.h", "vec8.h")
+HEADERS = ("simd.h", "pool.h", "vec8.h")
 ISA_ENV = "SPECDEC_NATIVE_ISA"
 _COMMON = ["-O3", "-ffp-contract=off", "-fopenmp", "-std=c++17"]
 ISA_FLAGS = {

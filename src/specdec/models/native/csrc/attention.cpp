@@ -10,7 +10,7 @@
 // chain or tree pass, where the extra keys are masked: the property the compiled linear kernel has, for
 // the attention between them (torch's sdpa picks different blockings for different row counts).
 
-#include <ATen/Parallel.h>
+#include "pool.h"
 
 #include <cmath>
 #include <cstdint>
@@ -39,7 +39,7 @@ extern "C" int specdec_exact_attention(const float* q, int64_t H, int64_t n, int
                                        int64_t m_sh, int64_t m_sn, float scale, float* out) {
   if (H <= 0 || Hkv <= 0 || H % Hkv || d % 8 || dv % 8 || n < 0 || L <= 0) return 1;
   const int64_t group = H / Hkv;
-  at::parallel_for(0, H * n, 1, [&](int64_t t0, int64_t t1) {
+  sd::parallel_for(0, H * n, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> s(L);
     std::vector<float> acc(dv);
     for (int64_t t = t0; t < t1; ++t) {

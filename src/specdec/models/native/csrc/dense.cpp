@@ -10,7 +10,7 @@
 //
 // Weights are repacked once into panels [N/16][K][16]. C ABI; 0 = done, 1 = bad arguments.
 
-#include <ATen/Parallel.h>
+#include "pool.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -94,7 +94,7 @@ extern "C" {
 int specdec_dense_repack(const uint16_t* w, int64_t N, int64_t K, uint16_t* out) {
   if (N < 0 || K <= 0) return 1;
   const int64_t panels = (N + kLanes - 1) / kLanes;
-  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+  sd::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
       for (int64_t k = 0; k < K; ++k)
         for (int l = 0; l < kLanes; ++l) {
@@ -112,7 +112,7 @@ int specdec_dense_gemm(int64_t kind, const uint16_t* x, int64_t M, int64_t K, co
   std::vector<float> xf(M * K);
   for (int64_t i = 0; i < M * K; ++i) xf[i] = widen((int)kind, x[i]);
   const int64_t panels = (N + kLanes - 1) / kLanes;
-  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+  sd::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const uint16_t* panel = wp + p * K * kLanes;
       const int64_t o0 = p * kLanes;

@@ -7,7 +7,7 @@
 //
 // C ABI (loaded with ctypes, see kernels.py); 0 = done, 1 = bad arguments.
 
-#include <ATen/Parallel.h>
+#include "pool.h"
 
 #include <algorithm>
 #include <cmath>
@@ -152,7 +152,7 @@ extern "C" {
 // y[r] = rmsnorm(x[r]) for M rows; with `res` non-null, x[r] += res[r] first (in place).
 int specdec_rmsnorm(float* x, const float* res, const float* w, float eps, int64_t M, int64_t D, float* y) {
   if (M < 0 || D <= 0) return 1;
-  at::parallel_for(0, M, 8, [&](int64_t r0, int64_t r1) {
+  sd::parallel_for(0, M, 8, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float* xr = x + r * D;
       if (res) {
@@ -262,7 +262,7 @@ int specdec_attention(const float* q, int64_t T, int64_t H, int64_t Hkv, int64_t
     for (int64_t e = vis_off[t]; e < vis_off[t + 1]; ++e)
       if (vis[e] < 0 || vis[e] >= cap) return 1;
   }
-  at::parallel_for(0, T * Hkv, 1, [&](int64_t w0, int64_t w1) {
+  sd::parallel_for(0, T * Hkv, 1, [&](int64_t w0, int64_t w1) {
     std::vector<float> score;
     std::vector<int64_t> slot;
     std::vector<uint16_t> kbuf(d * L);
@@ -303,7 +303,7 @@ int specdec_attention(const float* q, int64_t T, int64_t H, int64_t Hkv, int64_t
 // y = silu(g)·u = (g / (1 + exp(−g)))·u, element by element ([n] each; y may alias g).
 int specdec_silu_mul(const float* g, const float* u, int64_t n, float* y) {
   if (n % L) return 1;
-  at::parallel_for(0, n / L, 256, [&](int64_t i0, int64_t i1) {
+  sd::parallel_for(0, n / L, 256, [&](int64_t i0, int64_t i1) {
     const F32 one = fset(1.0f), minus = fset(-1.0f);
     for (int64_t i = i0 * L; i < i1 * L; i += L) {
       const F32 gv = fld(g + i);

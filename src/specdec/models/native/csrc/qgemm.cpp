@@ -19,7 +19,7 @@
 //
 // C ABI (loaded with ctypes, see kernels.py); 0 = done, 1 = bad arguments.
 
-#include <ATen/Parallel.h>
+#include "pool.h"
 
 #include <algorithm>
 #include <cmath>
@@ -74,7 +74,7 @@ void quantize_block(const float* x, uint8_t* out) {
 
 void quantize_rows(int fmt, const float* x, int64_t M, int64_t K, int64_t ldx, uint8_t* xq) {
   const int64_t qk = kBlockSize[fmt], nb = K / qk, xb = x_block_bytes(fmt);
-  at::parallel_for(0, M * nb, 256, [&](int64_t t0, int64_t t1) {
+  sd::parallel_for(0, M * nb, 256, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r = t / nb, b = t % nb;
       if (qk == 32)
@@ -368,7 +368,7 @@ void gemm(const uint8_t* xq, int64_t M, int64_t K, const uint8_t* w, int64_t N, 
           int64_t ldy) {
   const int64_t nb = K / kBlockSize[F], x_row = nb * x_block_bytes(F);
   const int64_t panels = (N + kLanes - 1) / kLanes, pstride = nb * kTypeSize[F] * kLanes;
-  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+  sd::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t o0 = p * kLanes;
       const int nv = (int)std::min<int64_t>(kLanes, N - o0);
@@ -557,7 +557,7 @@ int specdec_repack(int64_t fmt, const uint8_t* src, int64_t N, int64_t K, uint8_
   if (!valid(fmt, K) || N < 0) return 1;
   const int64_t nb = K / kBlockSize[fmt], row = nb * kTypeSize[fmt], pblock = kTypeSize[fmt] * kLanes;
   const int64_t panels = (N + kLanes - 1) / kLanes;
-  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+  sd::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* srcs[kLanes];
