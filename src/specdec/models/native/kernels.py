@@ -64,7 +64,7 @@ CSRC_DIR = Path(__file__).with_name("csrc")
 SOURCES = ("qgemm.cpp", "ops.cpp", "decoder.cpp", "dense.cpp", "attention.cpp")
 HEADERS = ("simd.h", "pool.h", "vec8.h")
 ISA_ENV = "SPECDEC_NATIVE_ISA"
-_COMMON = ["-O3", "-ffp-contract=off", "-fopenmp", "-std=c++17"]
+_COMMON = ["-O3", "-ffp-contract=off", "-std=c++17"]
 ISA_FLAGS = {
     "avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c",
                    "-DSPECDEC_ISA_AVX512VNNI"],
@@ -150,7 +150,7 @@ def _build(isa: str, defines: tuple[str, ...] = ()) -> Path:
         log.info("Compiling the native kernels for %s into %s (once, ~10-60 s)", isa, build_dir)
     cpp_extension.load(
         name=name, sources=[str(CSRC_DIR / f) for f in SOURCES], extra_cflags=flags,
-        extra_ldflags=["-fopenmp"], extra_include_paths=[str(CSRC_DIR)],
+        extra_include_paths=[str(CSRC_DIR)],
         build_directory=str(build_dir), is_python_module=False, verbose=False,
     )
     return lib
