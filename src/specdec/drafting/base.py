@@ -52,6 +52,13 @@ class Drafter(Protocol):
     def observe(self, committed_ids: Tensor, result: VerifyResult) -> None:
         """`committed_ids` now ends with the accepted drafts and the recovered/bonus token."""
 
+    def observe_target(self, tree: TokenTree, target_logits: Tensor) -> None:
+        """The target's raw logits at every node of the tree it just scored ([N + 1, V]; row i follows
+        node i's path), after verification: what the target itself would say there, for drafters
+        that learn from it (Token Recycling). Called on every step, plain ones included (the tree
+        is then the root alone). It may only change later proposals, so the step stays exact.
+        """
+
     def forward_calls(self) -> list[int]:
         """Forward passes of each of `draft_models` since `begin` (for the SWI cost model)."""
 

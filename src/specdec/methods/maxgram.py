@@ -48,6 +48,9 @@ class MaxGramDrafter:
     def observe(self, committed_ids: Tensor, result: VerifyResult) -> None:
         pass
 
+    def observe_target(self, tree: TokenTree, target_logits: Tensor) -> None:
+        pass  # learns nothing from the target's logits
+
     def forward_calls(self) -> list[int]:
         return []
 

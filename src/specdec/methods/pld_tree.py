@@ -88,6 +88,9 @@ class PromptLookupTreeDrafter:
     def observe(self, committed_ids: Tensor, result: VerifyResult) -> None:
         pass
 
+    def observe_target(self, tree: TokenTree, target_logits: Tensor) -> None:
+        pass  # learns nothing from the target's logits
+
 
 @dataclass(frozen=True)
 class Options(MethodOptions):

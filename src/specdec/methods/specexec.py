@@ -156,6 +156,9 @@ class SpecExecDrafter:
             self.draft.keep(self._node_slots, result)
             self._node_slots = None
 
+    def observe_target(self, tree: TokenTree, target_logits: Tensor) -> None:
+        pass  # learns nothing from the target's logits
+
 
 def _best_first_rank(scores: Tensor) -> Tensor:  # scores: [M] float64 -> [M] int64 rank, 0 = best
     """Rank by descending score, ties broken by creation order (a parent before its children)."""
