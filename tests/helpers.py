@@ -6,8 +6,11 @@ from typing import Any
 
 import torch
 
+from specdec.core.results import VerifyResult
+from specdec.core.tree import TokenTree
 from specdec.engine.decoder import SpeculativeDecoder
 from specdec.methods.registry import all_methods
+from specdec.verify.walk import follow_matching_children
 
 PROFILE = "profile"
 """In `every_method_example()`: the method decodes by a tune profile, which the test supplies."""
@@ -74,3 +77,11 @@ def chi_square_of_decoder(
         assert max_tree_tokens is None or stats.tree_tokens <= max_tree_tokens
     assert accepted > 0.2 * n, "drafts were rarely accepted: the test would not exercise verification"
     return chi_square_pvalue(counts, exact_continuations(target, sampling, eos), n)
+
+
+def shared_uniform_match(tree: TokenTree, target_probs: torch.Tensor, generator=None) -> VerifyResult:
+    """A planted bug: every row's draw by inverse CDF from one shared uniform (one random number per
+    step instead of one per row), so a child's draw is correlated with its parent's."""
+    u = torch.rand((), generator=generator, dtype=target_probs.dtype)
+    picks = (target_probs.cumsum(-1) < u).sum(-1).clamp_max(target_probs.shape[-1] - 1)
+    return follow_matching_children(tree, picks)
