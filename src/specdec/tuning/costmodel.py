@@ -28,6 +28,7 @@ import torch
 
 from specdec.core.tree import depths, paths_to_parents
 from specdec.drafting.sequoia_dp import SequoiaDP, tree_value
+from specdec.tuning.decoded import DecodeSteps
 from specdec.tuning.replay import ReplayStep, mean
 
 
@@ -204,6 +205,21 @@ def replay_row(method: str, label: str, steps: Sequence[ReplayStep], costs: Cost
     t_ms = mean([costs.target(1 + s.proposed) for s in steps])
     d_ms = mean([r * costs.draft(review_rows) for r in reviews]) if reviews else 0.0
     return row(method, label, tokens, t_ms, d_ms, costs, "replay", options=options)
+
+
+def decode_row(method: str, label: str, steps: DecodeSteps, costs: Costs, options: dict[str, Any]) -> dict[str, Any]:
+    """A drafter decoded for real (`tuning.decoded`): its measured tokens per call; the target's pass
+    from t_target at each step's block, the drafter's time and the work each call adds beyond the
+    target's forward (verification, learning from the logits) as measured."""
+    t_ms = mean([costs.target(1 + n) for n in steps.drafted])
+    if steps.target_ms:
+        modelled = mean([costs.target(1 + n) for n in steps.timed_drafted])
+        extra = max(mean(steps.target_ms) - modelled, 0.0)
+        d_ms = mean(steps.draft_ms)
+    else:  # every prompt ended after one step: nothing timed beyond the first
+        extra, d_ms = costs.overhead_ms, 0.0
+    per_call = Costs(costs.target_ms, costs.draft_ms, costs.ar_ms, extra)
+    return row(method, label, steps.tokens_per_call, t_ms, d_ms, per_call, "decoded", options=options)
 
 
 def best(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
