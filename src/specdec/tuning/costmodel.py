@@ -11,9 +11,11 @@ call, against plain decoding's milliseconds per token (docs/algorithms.md §7.7)
   * chains drafted by the model (`sps`, with or without adaptive stopping): from the chain under
     the acceptance run's top child, Rao-Blackwellised per step (the product of the exact
     acceptance probabilities along it), so no positional assumption;
-  * Sequoia, SpecInfer and SpecExec trees: the positional acceptance vectors and Sequoia's
-    dynamic program / tree value (SpecExec's best-first trees are priced as the best static top-k
-    tree of the same size and depth, which they match or beat);
+  * Sequoia and SpecInfer trees: the positional acceptance vectors and Sequoia's dynamic program /
+    tree value;
+  * SpecExec's best-first trees, Token Recycling and hybrid trees: decoded for real on the tune's
+    prompts (`tuning.decoded`; a best-first tree grown by the draft's probabilities is not the best
+    static tree of its size, and pricing it as one promised 9 tokens per call where it gave 2.4);
   * prompt lookup, Max-Gram and the cascade: replayed on the text the run produced
     (`tuning.replay`), exact for their acceptance.
 """
@@ -180,19 +182,6 @@ def specinfer_row(method: str, label: str, paths: Sequence[tuple[int, ...]], vec
     tokens = tree_value(list(paths), list(vector))
     return row(method, label, tokens, costs.target(len(paths) + 1), draft_ms_of_tree(paths, costs.draft_ms, tokens),
                costs, "positional", options=options)
-
-
-def specexec_row(method: str, label: str, dp: SequoiaDP, costs: Costs, budget: int, depth: int, beams: int,
-                 options: dict[str, Any]) -> dict[str, Any]:
-    """SpecExec's best-first tree, priced as the best static top-k tree of its size and depth."""
-    tokens = dp.tokens_per_call(budget, depth)
-    forwards, left, d_ms = 0, budget, costs.draft(tokens)
-    while forwards < depth - 1 and left > 0:  # each draft forward expands up to `beams` nodes
-        d_ms += costs.draft(min(beams, left))
-        left -= beams
-        forwards += 1
-    return row(method, label, tokens, costs.target(budget + 1), d_ms, costs, "positional (best static top-k tree)",
-               options=options)
 
 
 def replay_row(method: str, label: str, steps: Sequence[ReplayStep], costs: Costs, options: dict[str, Any],
