@@ -149,6 +149,6 @@ METHOD = register(Method(
     "little, the draft model's chain", Options, build, needs_draft_model=True, list_rank=35,
     tuning=TuningSpace("decode", lambda setting: [
         {"budget": budget, "gamma": gamma, "model_below": below}
-        for budget, gamma, below in ((8, 3, 1.0), (12, 4, 1.5), (16, 4, 2.0))]),
+        for budget, gamma, below in ((8, 3, 1.0), (12, 4, 2.0))]),
     examples=({"budget": 8, "max_depth": 4, "gamma": 3}, {"budget": 6, "gamma": 2, "model_below": 100.0}),
 ))

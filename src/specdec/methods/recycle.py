@@ -157,6 +157,6 @@ METHOD = register(Method(
     "recycle", "Token Recycling: a tree from the target's own top-k after each token, seen at earlier steps "
     "(no model)", Options, build, list_rank=27,
     tuning=TuningSpace("decode", lambda setting: [{"budget": budget, "max_depth": depth}
-                                                  for budget, depth in ((8, 4), (16, 5), (24, 6), (32, 6))]),
+                                                  for budget, depth in ((8, 4), (16, 6))]),
     examples=({"budget": 8, "max_depth": 4},),
 ))
