@@ -85,3 +85,21 @@ def shared_uniform_match(tree: TokenTree, target_probs: torch.Tensor, generator=
     u = torch.rand((), generator=generator, dtype=target_probs.dtype)
     picks = (target_probs.cumsum(-1) < u).sum(-1).clamp_max(target_probs.shape[-1] - 1)
     return follow_matching_children(tree, picks)
+
+
+def check_greedy_on_repetitive_text(drafter, method: str, **options) -> Any:
+    """Decode 40 tokens after a prompt that repeats itself, with `drafter` and with plain decoding,
+    on a tiny Llama; asserts the outputs are equal (also through the pipeline as `method` with
+    `options`) and returns the drafter's stats."""
+    from specdec.engine.pipeline import Pipeline
+    from tests.conftest import TINY_VOCAB, tiny_lm
+
+    target = tiny_lm("llama", seed=0)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randint(0, TINY_VOCAB, (6,), generator=g).tolist()
+    prompt = base + [7] + base + [9] + base
+    ref, _ = SpeculativeDecoder(target).generate(prompt, 40)
+    out, stats = SpeculativeDecoder(target, drafter).generate(prompt, 40)
+    assert out == ref
+    assert Pipeline.from_models(target, None).generate(prompt, method, 40, **options).token_ids == ref
+    return stats

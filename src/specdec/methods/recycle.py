@@ -25,15 +25,12 @@ import torch
 from torch import Tensor
 
 from specdec.core.options import MethodOptions, check_positive_int, option, positive_int
-from specdec.core.results import VerifyResult
 from specdec.core.tree import TokenTree, depths, paths_to_parents
-from specdec.drafting.base import Proposal, finished
+from specdec.drafting.base import ModelFreeDrafter, Proposal, finished
 from specdec.drafting.scored_tree import Scored
 from specdec.drafting.sequoia_dp import sequoia_dp
 from specdec.methods.base import Method, MethodContext, TuningSpace
 from specdec.methods.registry import register
-from specdec.models.base import LanguageModel
-from specdec.verify.match import verify_sample_and_match
 
 NO_TOKEN = -1
 """A table entry the target has not filled yet: the node (and its subtree) is left out."""
@@ -68,11 +65,8 @@ def latest_successors(ids: Tensor, vocab_size: int) -> tuple[Tensor, Tensor]:  #
     return uniq, nxt[last]
 
 
-class RecyclingDrafter:
+class RecyclingDrafter(ModelFreeDrafter):
     """Token Recycling: a tree read breadth-first from the adjacency table of the target's top-k."""
-
-    verifier = staticmethod(verify_sample_and_match)
-    draft_models: tuple[LanguageModel, ...] = ()  # free in the SWI cost model
 
     def __init__(self, vocab_size: int, budget: int = 24, max_depth: int = 6, successors: int = 8) -> None:
         self.vocab_size = check_positive_int("vocab_size", vocab_size)
@@ -95,9 +89,6 @@ class RecyclingDrafter:
         self.table.fill_(NO_TOKEN)
         tokens, successor = latest_successors(prompt_ids.cpu().long(), self.vocab_size)
         self.table[tokens, 0] = successor.to(torch.int32)
-
-    def forward_calls(self) -> list[int]:
-        return []
 
     def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> Proposal:
         root = int(committed_ids[-1])
@@ -124,9 +115,6 @@ class RecyclingDrafter:
         kept_parents = self.parents[keep]
         return (tokens[keep], torch.where(kept_parents >= 0, new_index[kept_parents.clamp_min(0)], kept_parents),
                 self.prior_score[keep])
-
-    def observe(self, committed_ids: Tensor, result: VerifyResult) -> None:
-        pass
 
     def observe_target(self, tree: TokenTree, target_logits: Tensor) -> None:
         """Each scored token's row of the table becomes the target's top-k after it (where a token

@@ -25,14 +25,11 @@ import torch
 from torch import Tensor
 
 from specdec.core.options import MethodOptions, check_positive_int, option, positive_int, probability
-from specdec.core.results import VerifyResult
 from specdec.core.tree import TokenTree
-from specdec.drafting.base import Proposal, finished
+from specdec.drafting.base import ModelFreeDrafter, Proposal, finished
 from specdec.drafting.scored_tree import Scored, best_nodes, continuation_trie, empty_scored
 from specdec.methods.base import Method, MethodContext, TuningSpace
 from specdec.methods.registry import register
-from specdec.models.base import LanguageModel
-from specdec.verify.match import verify_sample_and_match
 
 BACKOFF = 0.5
 """Discount of a shorter context's estimate, per token of match below the longest one found."""
@@ -106,11 +103,8 @@ def node_scores(matched: Tensor, node_of: Tensor, num_nodes: int) -> Tensor:  # 
     return (share * BACKOFF ** (longest - ns).double()).max(1).values
 
 
-class SuffixDrafter:
+class SuffixDrafter(ModelFreeDrafter):
     """The most probable continuations of the text's suffix, merged into one tree (no model)."""
-
-    verifier = staticmethod(verify_sample_and_match)
-    draft_models: tuple[LanguageModel, ...] = ()  # free in the SWI cost model
 
     def __init__(self, budget: int = 16, max_depth: int = 6, max_ngram: int = 8, occurrences: int = 64,
                  min_prob: float = 0.0) -> None:
@@ -120,22 +114,10 @@ class SuffixDrafter:
         self.occurrences = check_positive_int("occurrences", occurrences)
         self.min_prob = float(min_prob)
 
-    def begin(self, prompt_ids: Tensor, max_len: int) -> None:
-        pass
-
-    def forward_calls(self) -> list[int]:
-        return []
-
     def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> Proposal:
         tokens, parents = suffix_tree(committed_ids, min(self.max_depth, max_depth), self.max_nodes,
                                       self.max_ngram, self.occurrences, self.min_prob)
         return finished(TokenTree.from_drafted(int(committed_ids[-1]), tokens, parents))
-
-    def observe(self, committed_ids: Tensor, result: VerifyResult) -> None:
-        pass
-
-    def observe_target(self, tree: TokenTree, target_logits: Tensor) -> None:
-        pass  # learns nothing from the target's logits
 
 
 @dataclass(frozen=True)
