@@ -40,8 +40,16 @@ def test_kept_logits_are_the_full_heads_bit_for_bit_and_the_rest_minus_inf(one_t
     rest[KEPT] = False
     assert bool(torch.isneginf(lb[:, rest]).all()) and b.vocab_size == TINY_VOCAB
     assert pruned.head.nbytes() < full.head.nbytes()
-    with pytest.raises(ValueError, match="tied"):
-        NativeModel.from_hf(_tiny_native("Q4_K", "qwen2", 0)).with_pruned_head(KEPT)
+    # A head of its own: its rows come from `head_source` (what the loader reads again from the file).
+    model = _tiny_native("Q4_K", "qwen2", 0)
+    untied = NativeModel.from_hf(model)
+    with pytest.raises(ValueError, match="head's blocks"):
+        untied.with_pruned_head(KEPT)
+    untied.head_source = lambda: (model.lm_head.blocks, model.lm_head.fmt, model.lm_head.in_features)
+    c, d = NativeLM(untied), NativeLM(untied.with_pruned_head(KEPT))
+    for lm in (c, d):
+        lm.reset(32)
+    assert torch.equal(d.forward(ids)[:, KEPT], c.forward(ids)[:, KEPT])
 
 
 def test_a_pruned_native_draft_keeps_the_greedy_output(one_thread):
