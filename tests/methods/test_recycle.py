@@ -78,3 +78,15 @@ def test_mutation_shared_uniform_fails_chi_square(one_thread):
     drafter = RecyclingDrafter(4, budget=6, max_depth=2, successors=4)
     dec = SpeculativeDecoder(target, drafter, sampling, verifier=shared_uniform_match)
     assert chi_square_of_decoder(dec, target, sampling, None, 3000, seed=3) < 1e-3
+
+
+def test_the_shape_follows_which_rank_the_target_picks():
+    d = RecyclingDrafter(6, budget=5, max_depth=4, successors=2)
+    d.begin(t(0), 100)
+    # which rank of the root's children gets children of its own
+    assert {int(d.ranks[p]) for p in d.parents[d.depth == 1]} == {0}  # the prior favours rank 0
+    for _ in range(64):  # the target always picks the old row's rank-1 token after 3
+        d.table[3] = t(1, 2).int()
+        d.observe_target(TokenTree(t(3), t(-1)), torch.tensor([[0.0, 1, 5, 0, 0, 0]]))
+    assert d.rank_accept[1] > 0.9 and d.rank_accept[0] < 0.1
+    assert {int(d.ranks[p]) for p in d.parents[d.depth == 1]} == {1}  # reshaped: rank 1 gets the subtree

@@ -35,18 +35,25 @@ from specdec.methods.registry import register
 NO_TOKEN = -1
 """A table entry the target has not filled yet: the node (and its subtree) is left out."""
 
+RANK_RATE = 0.05
+"""Weight of each step in the moving average of the acceptance by rank."""
+RESHAPE_EVERY = 16
+"""Steps between two solutions of the tree shape for the measured acceptance by rank."""
+
 RANK_PRIOR = (0.55, 0.12, 0.05, 0.03, 0.02, 0.015, 0.01, 0.008)
 """P(the child of rank r is the accepted one), the positional acceptance the tree shape is solved for
-(Sequoia's DP, §7.2). Measured on the Qwen2.5-Coder pair's dev prompts at T = 0 (rank 0 from the
-target's own argmax at an earlier occurrence of the token); it shapes the tree, never the output."""
+(Sequoia's DP, §7.2) before anything is measured; then the drafter's own measurement takes over
+(`rank_accept`). It shapes the tree, never the output."""
 
 
-def recycling_shape(budget: int, max_depth: int, successors: int) -> tuple[Tensor, Tensor]:
-    """(parents [N], ranks [N]) of the static tree, breadth-first (parents first, -1 = the root's
-    child): the best tree of `budget` nodes within `max_depth` levels for `RANK_PRIOR`."""
-    prior = list(RANK_PRIOR[:successors])
+def recycling_shape(accept: Tensor, budget: int, max_depth: int) -> tuple[Tensor, Tensor]:
+    """(parents [N], ranks [N]) of a static tree, breadth-first (parents first, -1 = the root's
+    child): the best tree of `budget` nodes within `max_depth` levels for the positional acceptance
+    `accept` ([k], P(the child of rank r is the accepted one); Sequoia's DP, §7.2)."""
+    vec = accept.double().clamp_min(1e-4)
+    vec = vec / vec.sum().clamp_min(1.0)
     depth = min(max_depth, budget)
-    dp = sequoia_dp(prior, budget, depth)
+    dp = sequoia_dp(vec.tolist(), budget, depth)
     while not dp.feasible(budget, depth):  # more nodes than `successors` children per node allow
         budget -= 1
     return paths_to_parents(dp.tree(budget, depth))
@@ -71,24 +78,36 @@ class RecyclingDrafter(ModelFreeDrafter):
     def __init__(self, vocab_size: int, budget: int = 24, max_depth: int = 6, successors: int = 8) -> None:
         self.vocab_size = check_positive_int("vocab_size", vocab_size)
         self.successors = min(check_positive_int("successors", successors), len(RANK_PRIOR), self.vocab_size)
-        self.parents, self.ranks = recycling_shape(check_positive_int("budget", budget),
-                                                   check_positive_int("max_depth", max_depth), self.successors)
+        self.budget = check_positive_int("budget", budget)
+        self.depth_cap = check_positive_int("max_depth", max_depth)
+        self.table = torch.full((self.vocab_size, self.successors), NO_TOKEN, dtype=torch.int32)
+        """table[t] = the target's top-`successors` tokens after the last node holding t it scored."""
+        self.rank_accept = torch.tensor(RANK_PRIOR[: self.successors], dtype=torch.float64)
+        """How often the table's rank-r successor of the root was the target's pick (its argmax), a
+        moving average from `RANK_PRIOR`: the tree's shape and its nodes' estimates follow it."""
+        self._observed = 0
+        self.reshape()
         self.max_nodes = int(self.parents.shape[0])
+        self.max_depth = min(self.depth_cap, self.max_nodes)
+
+    def reshape(self) -> None:
+        """The tree shape and each node's estimate (the product of `rank_accept` along its path)."""
+        self.parents, self.ranks = recycling_shape(self.rank_accept, self.budget, self.depth_cap)
         self.depth = depths(self.parents)  # [N], 0 = the root's children
-        prior = torch.tensor(RANK_PRIOR, dtype=torch.float64)[self.ranks]
+        prior = self.rank_accept[self.ranks]
         self.prior_score = prior.clone()
-        """P(node accepted) under `RANK_PRIOR`: the product over its path (what a hybrid tree ranks it by)."""
+        """P(node accepted): the product of `rank_accept` over its path (what a hybrid tree ranks it by)."""
         for level in range(1, int(self.depth.max()) + 1):  # parents first: one level at a time
             at = self.depth == level
             self.prior_score[at] = prior[at] * self.prior_score[self.parents[at]]
-        self.max_depth = int(self.depth.max()) + 1
-        self.table = torch.full((self.vocab_size, self.successors), NO_TOKEN, dtype=torch.int32)
-        """table[t] = the target's top-`successors` tokens after the last node holding t it scored."""
 
     def begin(self, prompt_ids: Tensor, max_len: int) -> None:
         self.table.fill_(NO_TOKEN)
         tokens, successor = latest_successors(prompt_ids.cpu().long(), self.vocab_size)
         self.table[tokens, 0] = successor.to(torch.int32)
+        self.rank_accept = torch.tensor(RANK_PRIOR[: self.successors], dtype=torch.float64)
+        self._observed = 0
+        self.reshape()
 
     def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> Proposal:
         root = int(committed_ids[-1])
@@ -98,7 +117,7 @@ class RecyclingDrafter(ModelFreeDrafter):
     def expand(self, root: int, max_depth: int) -> Scored:  # ([N] tokens, [N] parents (-1 = root), [N] prior)
         """The static shape filled from the table, level by level (one gather per level); nodes whose
         entry is empty, or whose parent was left out, are dropped."""
-        n = self.max_nodes
+        n = self.parents.shape[0]
         tokens = torch.full((n,), NO_TOKEN, dtype=torch.long)
         parent_tok = torch.full((n,), root, dtype=torch.long)
         for level in range(min(self.max_depth, max_depth)):
@@ -121,6 +140,12 @@ class RecyclingDrafter(ModelFreeDrafter):
         was scored at several nodes, its shallowest node: the root is the committed context)."""
         top = torch.topk(target_logits, self.successors, dim=-1).indices.cpu()  # [N + 1, k]
         scored = tree.tokens.cpu()
+        # Which rank of the root's old row held the target's pick there: the acceptance by rank.
+        hits = (self.table[int(scored[0])].long() == top[0, 0]).double()
+        self.rank_accept += RANK_RATE * (hits - self.rank_accept)
+        self._observed += 1
+        if self._observed % RESHAPE_EVERY == 0:
+            self.reshape()
         uniq, inverse = torch.unique(scored, return_inverse=True)
         first = torch.full((uniq.shape[0],), scored.shape[0], dtype=torch.long).scatter_reduce(
             0, inverse, torch.arange(scored.shape[0]), "amin")
