@@ -53,8 +53,9 @@ class HybridDrafter:
         self.draft_models = [model]
         self.sampling = sampling
         self.max_nodes = check_positive_int("budget", budget)
-        self.gamma = check_positive_int("gamma", gamma)
-        self.max_depth = max(check_positive_int("max_depth", max_depth), self.gamma)
+        self.gamma = min(check_positive_int("gamma", gamma), self.max_nodes)  # the chain lives in the tree
+        # No tree of `budget` nodes is deeper than that (the free speculators allocate per level).
+        self.max_depth = min(max(check_positive_int("max_depth", max_depth), self.gamma), self.max_nodes)
         self.stop_below, self.model_below, self.max_ngram = float(stop_below), float(model_below), max_ngram
         self.recycle = RecyclingDrafter(model.vocab_size, budget, max_depth)
         self.model_steps = 0

@@ -109,7 +109,8 @@ class SuffixDrafter(ModelFreeDrafter):
     def __init__(self, budget: int = 16, max_depth: int = 6, max_ngram: int = 8, occurrences: int = 64,
                  min_prob: float = 0.0) -> None:
         self.max_nodes = check_positive_int("budget", budget)
-        self.max_depth = check_positive_int("max_depth", max_depth)
+        # A tree of `budget` nodes is never deeper than that (and the continuations are [K, depth]).
+        self.max_depth = min(check_positive_int("max_depth", max_depth), self.max_nodes)
         self.max_ngram = check_positive_int("max_ngram", max_ngram)
         self.occurrences = check_positive_int("occurrences", occurrences)
         self.min_prob = float(min_prob)
