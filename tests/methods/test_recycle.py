@@ -38,6 +38,10 @@ def test_tree_follows_the_table_breadth_first_and_drops_empty_entries():
         above = 1 if p < 0 else index[p]
         assert tok in d.table[above].tolist()
     assert (-1, 2) in pairs and (-1, 3) in pairs
+    d.min_prob = float(prior.max()) + 1e-9  # every estimate is below it but the best one's
+    assert d.expand(1, 3)[0].numel() == 0
+    d.min_prob = float(prior.max())
+    assert d.expand(1, 3)[0].tolist() == [2]  # rank 0 under the root: the most probable node
     assert tokens.shape[0] <= 6 and bool((parents < torch.arange(tokens.shape[0])).all())
 
 

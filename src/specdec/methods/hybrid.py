@@ -47,7 +47,8 @@ class HybridDrafter:
     verifier = staticmethod(verify_sample_and_match)
 
     def __init__(self, model: LanguageModel, sampling: SamplingConfig, budget: int = 16, max_depth: int = 6,
-                 gamma: int = 4, stop_below: float = 0.3, model_below: float = 1.5, max_ngram: int = 8) -> None:
+                 gamma: int = 4, stop_below: float = 0.3, model_below: float = 1.5, max_ngram: int = 8,
+                 min_prob: float = 0.0) -> None:
         self.model = model
         self.draft = DraftModel(model)
         self.draft_models = [model]
@@ -57,6 +58,7 @@ class HybridDrafter:
         # No tree of `budget` nodes is deeper than that (the free speculators allocate per level).
         self.max_depth = min(max(check_positive_int("max_depth", max_depth), self.gamma), self.max_nodes)
         self.stop_below, self.model_below, self.max_ngram = float(stop_below), float(model_below), max_ngram
+        self.min_prob = float(min_prob)
         self.recycle = RecyclingDrafter(model.vocab_size, budget, max_depth)
         self.model_steps = 0
         """Steps whose tree included a draft-model chain (since `begin`)."""
@@ -75,7 +77,7 @@ class HybridDrafter:
         """The free speculators' nodes merged, the `budget` most probable."""
         suffix = suffix_scored(committed_ids, depth, self.max_nodes, self.max_ngram)
         recycled = self.recycle.expand(int(committed_ids[-1]), depth)
-        return best_nodes(merge_scored([suffix, recycled]), self.max_nodes)
+        return best_nodes(merge_scored([suffix, recycled]), self.max_nodes, self.min_prob)
 
     def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> Proposal:
         depth = min(self.max_depth, max_depth)
@@ -86,7 +88,7 @@ class HybridDrafter:
             chain = yield from self.model_chain(committed_ids, min(self.gamma, depth))
             if chain[0].numel():
                 self.model_steps += 1
-                free = best_nodes(merge_scored([free, chain]), self.max_nodes)
+                free = best_nodes(merge_scored([free, chain]), self.max_nodes, self.min_prob)
         return TokenTree.from_drafted(root, free[0], free[1])
 
     def model_chain(self, committed_ids: Tensor, gamma: int):  # -> Proposal-style sub-coroutine returning Scored
@@ -135,6 +137,8 @@ class Options(MethodOptions):
                                "below this", probability, metavar="P")
     model_below: float = option(1.5, "call the draft model only when the free nodes promise fewer accepted tokens "
                                 "than this (0 = never)", number_at_least(0.0), metavar="TOKENS")
+    min_prob: float = option(0.0, "leave out nodes whose estimated path probability is below P (0 = fill the budget)",
+                             probability, metavar="P")
 
     def draft_tokens_per_step(self, num_drafts: int = 1) -> int:
         return self.budget
@@ -142,14 +146,14 @@ class Options(MethodOptions):
 
 def build(ctx: MethodContext, opts: Options) -> HybridDrafter:
     return HybridDrafter(ctx.drafts[0], ctx.sampling, opts.budget, opts.max_depth, opts.gamma, opts.stop_below,
-                         opts.model_below)
+                         opts.model_below, min_prob=opts.min_prob)
 
 
 METHOD = register(Method(
     "hybrid", "one tree from free speculators (suffix drafting, Token Recycling) and, only where they promise "
     "little, the draft model's chain", Options, build, needs_draft_model=True, list_rank=35,
     tuning=TuningSpace("decode", lambda setting: [
-        {"budget": budget, "gamma": gamma, "model_below": below}
+        {"budget": budget, "gamma": gamma, "model_below": below, "min_prob": 0.1}
         for budget, gamma, below in ((8, 3, 1.0), (12, 4, 2.0))]),
     examples=({"budget": 8, "max_depth": 4, "gamma": 3}, {"budget": 6, "gamma": 2, "model_below": 100.0}),
 ))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from specdec.core.options import MethodOptions, check_positive_int, option, positive_int
+from specdec.core.options import MethodOptions, check_positive_int, option, positive_int, probability
 from specdec.core.tree import TokenTree, depths, paths_to_parents
 from specdec.drafting.base import ModelFreeDrafter, Proposal, finished
 from specdec.drafting.scored_tree import Scored
@@ -75,11 +75,14 @@ def latest_successors(ids: Tensor, vocab_size: int) -> tuple[Tensor, Tensor]:  #
 class RecyclingDrafter(ModelFreeDrafter):
     """Token Recycling: a tree read breadth-first from the adjacency table of the target's top-k."""
 
-    def __init__(self, vocab_size: int, budget: int = 24, max_depth: int = 6, successors: int = 8) -> None:
+    def __init__(self, vocab_size: int, budget: int = 24, max_depth: int = 6, successors: int = 8,
+                 min_prob: float = 0.0) -> None:
         self.vocab_size = check_positive_int("vocab_size", vocab_size)
         self.successors = min(check_positive_int("successors", successors), len(RANK_PRIOR), self.vocab_size)
         self.budget = check_positive_int("budget", budget)
         self.depth_cap = check_positive_int("max_depth", max_depth)
+        self.min_prob = float(min_prob)
+        """Nodes whose estimate is below this are left out (each node widens the target's pass)."""
         self.table = torch.full((self.vocab_size, self.successors), NO_TOKEN, dtype=torch.int32)
         """table[t] = the target's top-`successors` tokens after the last node holding t it scored."""
         self.rank_accept = torch.tensor(RANK_PRIOR[: self.successors], dtype=torch.float64)
@@ -127,9 +130,9 @@ class RecyclingDrafter(ModelFreeDrafter):
             ok = (src >= 0) & (src < self.vocab_size)
             tokens[at] = torch.where(ok, self.table[src.clamp(0, self.vocab_size - 1), self.ranks[at]].long(),
                                      torch.full_like(src, NO_TOKEN))
-        keep = tokens >= 0
+        keep = (tokens >= 0) & (self.prior_score >= self.min_prob)
         # Renumber the kept nodes; a kept node's parent is kept too (a dropped node's children read
-        # NO_TOKEN as their source and are dropped with it).
+        # NO_TOKEN as their source and are dropped with it; estimates never grow along a path).
         new_index = torch.cumsum(keep.long(), 0) - 1
         kept_parents = self.parents[keep]
         return (tokens[keep], torch.where(kept_parents >= 0, new_index[kept_parents.clamp_min(0)], kept_parents),
@@ -157,19 +160,21 @@ class Options(MethodOptions):
     budget: int = option(24, "tree tokens the target verifies per call", positive_int)
     max_depth: int = option(6, "deepest tree level", positive_int)
     successors: int = option(8, "next tokens the table keeps per token (the target's top-k; at most 8)", positive_int)
+    min_prob: float = option(0.0, "leave out nodes whose estimated path probability is below P (0 = the whole shape)",
+                             probability, metavar="P")
 
     def draft_tokens_per_step(self, num_drafts: int = 1) -> int:
         return self.budget
 
 
 def build(ctx: MethodContext, opts: Options) -> RecyclingDrafter:
-    return RecyclingDrafter(ctx.target.vocab_size, opts.budget, opts.max_depth, opts.successors)
+    return RecyclingDrafter(ctx.target.vocab_size, opts.budget, opts.max_depth, opts.successors, opts.min_prob)
 
 
 METHOD = register(Method(
     "recycle", "Token Recycling: a tree from the target's own top-k after each token, seen at earlier steps "
     "(no model)", Options, build, list_rank=27,
     tuning=TuningSpace("decode", lambda setting: [{"budget": budget, "max_depth": depth}
-                                                  for budget, depth in ((8, 4), (16, 6))]),
+                                                  for budget, depth in ((8, 4), (24, 6))] + [{"budget": 24, "max_depth": 6, "min_prob": 0.1}]),
     examples=({"budget": 8, "max_depth": 4},),
 ))
