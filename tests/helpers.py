@@ -6,8 +6,11 @@ from typing import Any
 
 import torch
 
+from specdec.core.results import VerifyResult
+from specdec.core.tree import TokenTree
 from specdec.engine.decoder import SpeculativeDecoder
 from specdec.methods.registry import all_methods
+from specdec.verify.walk import follow_matching_children
 
 PROFILE = "profile"
 """In `every_method_example()`: the method decodes by a tune profile, which the test supplies."""
@@ -74,3 +77,29 @@ def chi_square_of_decoder(
         assert max_tree_tokens is None or stats.tree_tokens <= max_tree_tokens
     assert accepted > 0.2 * n, "drafts were rarely accepted: the test would not exercise verification"
     return chi_square_pvalue(counts, exact_continuations(target, sampling, eos), n)
+
+
+def shared_uniform_match(tree: TokenTree, target_probs: torch.Tensor, generator=None) -> VerifyResult:
+    """A planted bug: every row's draw by inverse CDF from one shared uniform (one random number per
+    step instead of one per row), so a child's draw is correlated with its parent's."""
+    u = torch.rand((), generator=generator, dtype=target_probs.dtype)
+    picks = (target_probs.cumsum(-1) < u).sum(-1).clamp_max(target_probs.shape[-1] - 1)
+    return follow_matching_children(tree, picks)
+
+
+def check_greedy_on_repetitive_text(drafter, method: str, **options) -> Any:
+    """Decode 40 tokens after a prompt that repeats itself, with `drafter` and with plain decoding,
+    on a tiny Llama; asserts the outputs are equal (also through the pipeline as `method` with
+    `options`) and returns the drafter's stats."""
+    from specdec.engine.pipeline import Pipeline
+    from tests.conftest import TINY_VOCAB, tiny_lm
+
+    target = tiny_lm("llama", seed=0)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randint(0, TINY_VOCAB, (6,), generator=g).tolist()
+    prompt = base + [7] + base + [9] + base
+    ref, _ = SpeculativeDecoder(target).generate(prompt, 40)
+    out, stats = SpeculativeDecoder(target, drafter).generate(prompt, 40)
+    assert out == ref
+    assert Pipeline.from_models(target, None).generate(prompt, method, 40, **options).token_ids == ref
+    return stats

@@ -291,3 +291,27 @@ def test_cli_tune_quick(monkeypatch, capsys):
     assert find_profile(pipe.profile_key(GREEDY))["kind"] == "quick"
     assert main(["tune", "--quick", "--project-offload"]) == 2
     assert "--quick tunes this machine" in capsys.readouterr().err
+
+
+def test_the_tunes_prices_match_what_each_methods_best_candidate_delivers(one_thread):
+    """The tune's tokens per call for each method's best candidate against a real decode of the same
+    prompts with that candidate (SmolLM2-like self-drafting: the draft is the target, so the positional
+    vectors are one-hot at T = 0 and a positional price is easy to get wrong)."""
+    from specdec.methods.auto import drafter_for
+    from specdec.tuning.decoded import decode_run
+
+    target, draft = tiny_lm("llama", 0), tiny_lm("llama", 0)
+    pipe = Pipeline.from_models(target, None, draft)
+    settings = QuickSettings(target_ks=(1, 2, 4, 8, 16), draft_ks=(1, 2, 4), context=16, num_prompts=2,
+                             gen_tokens=24, ar_tokens=3, width=3, chain_depth=4)
+    profile = quick_tune(target, draft, PROMPTS, GREEDY, pipe.profile_key(GREEDY), settings=settings,
+                         progress=False)
+    texts = [(len(p), torch.tensor(p + out)) for p, out in
+             ((p, SpeculativeDecoder(target).generate(p, settings.gen_tokens)[0]) for p in PROMPTS)]
+    off = {}
+    for method in sorted({r["method"] for r in profile["candidates"]} - {"ar"}):
+        row = max((r for r in profile["candidates"] if r["method"] == method), key=lambda r: r["expected_speedup"])
+        steps = decode_run(target, drafter_for(pipe.context(GREEDY), row), texts, GREEDY)
+        if abs(steps.tokens_per_call - row["tokens_per_call"]) > 0.2 * steps.tokens_per_call:
+            off[row["label"]] = (round(row["tokens_per_call"], 2), round(steps.tokens_per_call, 2))
+    assert not off, f"priced vs delivered tokens per call: {off}"

@@ -24,6 +24,7 @@ from specdec.core.tree import TokenTree
 from specdec.models.base import LanguageModel
 from specdec.models.batch import ModelCall
 from specdec.verify.base import Verifier
+from specdec.verify.match import verify_sample_and_match
 
 Proposal = Generator[ModelCall, Tensor, TokenTree]
 """A proposal in progress: yields draft-model calls, is sent their logits, returns the tree."""
@@ -51,6 +52,13 @@ class Drafter(Protocol):
 
     def observe(self, committed_ids: Tensor, result: VerifyResult) -> None:
         """`committed_ids` now ends with the accepted drafts and the recovered/bonus token."""
+
+    def observe_target(self, tree: TokenTree, target_logits: Tensor) -> None:
+        """The target's raw logits at every node of the tree it just scored ([N + 1, V]; row i follows
+        node i's path), after verification: what the target itself would say there, for drafters
+        that learn from it (Token Recycling). Called on every step, plain ones included (the tree
+        is then the root alone). It may only change later proposals, so the step stays exact.
+        """
 
     def forward_calls(self) -> list[int]:
         """Forward passes of each of `draft_models` since `begin` (for the SWI cost model)."""
@@ -81,3 +89,26 @@ def finished(tree: TokenTree) -> Proposal:
     """A proposal that needs no draft-model call (model-free drafters, or nothing to draft)."""
     return tree
     yield  # unreachable; makes this function a generator
+
+
+class ModelFreeDrafter:
+    """The parts every drafter without a draft model shares: deterministic proposals (verified by
+    sample-and-match, greedy at T = 0), free in the SWI cost model, and nothing to keep between steps
+    unless a subclass says otherwise. Subclasses set `max_depth` and `max_nodes` and write `propose`."""
+
+    verifier = staticmethod(verify_sample_and_match)
+    draft_models: tuple[LanguageModel, ...] = ()
+    max_depth: int
+    max_nodes: int
+
+    def begin(self, prompt_ids: Tensor, max_len: int) -> None:
+        pass
+
+    def forward_calls(self) -> list[int]:
+        return []
+
+    def observe(self, committed_ids: Tensor, result: VerifyResult) -> None:
+        pass
+
+    def observe_target(self, tree: TokenTree, target_logits: Tensor) -> None:
+        pass  # learns nothing from the target's logits

@@ -70,3 +70,6 @@ class FallbackDrafter:
         self._seen += 1
         if self._seen >= self.window and self._mean < self.break_even:
             self._left, self._mean, self._seen = self.pause, None, 0
+
+    def observe_target(self, tree: TokenTree, target_logits: Tensor) -> None:
+        self.inner.observe_target(tree, target_logits)  # plain steps teach a learning drafter too

@@ -214,7 +214,11 @@ class SpeculativeDecoder:
     def verify(self, run: "DecodeRun", tree: TokenTree, logits: Tensor) -> VerifyResult:  # logits: [N + 1, V]
         """The exact rule's decision on the target's logits at the tree's nodes."""
         target_probs = logits_to_probs(logits, self.sampling)  # [N + 1, V]
-        return self.verifier(tree, target_probs, run.generator)
+        result = self.verifier(tree, target_probs, run.generator)
+        if self.drafter is not None:
+            # After the decision: what the drafter learns here can only shape later proposals.
+            self.drafter.observe_target(tree, logits)
+        return result
 
     def commit(self, run: "DecodeRun", tree: TokenTree, result: VerifyResult) -> list[int]:
         """Commit a verified step; returns the tokens it emits (also appended to `run.committed`)."""

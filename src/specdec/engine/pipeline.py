@@ -132,9 +132,6 @@ def _check_load_options(*, weights: str, draft_weights: str, draft_dtype: str | 
             f"--draft-dtype {draft_dtype} changes a dense draft; with native draft weights the draft already "
             "computes on its GGUF blocks (drop --draft-dtype, or pass --draft-weights dense)"
         )
-    if draft_weights == "native" and draft_vocab is not None:
-        raise ValueError("--draft-vocab prunes a dense draft's output head; with native draft weights the head is "
-                         "the GGUF file's (drop --draft-vocab, or pass --draft-weights dense)")
     if tensor_parallel_size != 1 and weights == "native":
         raise ValueError("--weights native and --tensor-parallel-size do not combine (the native blocks are not "
                          "sharded); use --weights dense to shard the target")
@@ -250,20 +247,20 @@ class Pipeline:
                     progress: bool, say: Callable[[str], None]) -> LoadedModel:
         from specdec.models import backends
 
-        dense_only = draft_vocab is not None or draft_dtype not in (None, "auto", "float32")
+        dense_only = draft_dtype not in (None, "auto", "float32")
         chosen, measured = choose_weights(name, "dense" if dense_only and weights == "auto" else weights, device,
                                           torch.float32, say)
+        keep = None
+        if draft_vocab is not None:
+            from specdec.drafting.vocab import tokens_to_keep
+
+            if tokenizer is None:
+                raise ValueError("a pruned draft head needs the tokenizer to count token frequencies")
+            keep = functools.partial(lambda n, size: tokens_to_keep(tokenizer, size, n), int(draft_vocab))
         if chosen == "native":
-            loaded = backends.load_native(name, progress=progress, say=say)
+            loaded = backends.load_native(name, progress=progress, say=say, keep_tokens=keep)
         else:
             precision = str(dtype).replace("torch.", "") if draft_dtype is None else draft_dtype
-            keep = None
-            if draft_vocab is not None:
-                from specdec.drafting.vocab import tokens_to_keep
-
-                if tokenizer is None:
-                    raise ValueError("a pruned draft head needs the tokenizer to count token frequencies")
-                keep = functools.partial(lambda n, size: tokens_to_keep(tokenizer, size, n), int(draft_vocab))
             loaded = backends.load_dense_draft(name, precision=precision, device=device, fast_linear=fast_linear,
                                                keep_tokens=keep, tokenizer=tokenizer, progress=progress, say=say)
         loaded.weights_choice = measured

@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from specdec.core.options import MethodOptions, choice, flag, option
+from specdec.core.options import MethodOptions, choice, flag, option, positive_int
 from specdec.core.store import ProfileProblem
+from specdec.drafting.bandit import Arm, BanditDrafter
 from specdec.drafting.base import Drafter
 from specdec.drafting.fallback import FallbackDrafter
 from specdec.methods.base import Method, MethodContext
@@ -28,8 +29,11 @@ class Options(MethodOptions):
                        ".json", parse_tree, metavar="auto|PROFILE.json", file_path=True, symbols=("auto", "dp"))
     sequoia_mode: str | None = option(None, "override the tuned tree's mode (swor or greedy)", choice(*MODES),
                                       choices=MODES)
-    no_fallback: bool = option(False, "always follow the winner (by default auto decodes plainly for a while where "
-                               "the winner earns fewer tokens per call than its measured break-even)", flag, flag=True)
+    no_fallback: bool = option(False, "always follow the winner (by default auto switches, step by step, between the "
+                               "tune's best candidates and plain decoding by what each earns on this prompt)", flag,
+                               flag=True)
+    arms: int = option(3, "how many of the tune's best candidates (of different methods) auto switches between, "
+                       "plain decoding besides", positive_int)
 
     def draft_tokens_per_step(self, num_drafts: int = 1) -> None:
         return None  # the tuned tree's size is in its profile, which the operator chose
@@ -80,14 +84,40 @@ def break_even(profile: dict[str, Any]) -> float | None:
     return float(per_call) / float(ar_ms)
 
 
+def bandit_arms(ctx: MethodContext, profile: dict[str, Any], winner: Drafter, count: int,
+                sequoia_mode: str | None = None) -> list[Arm] | None:
+    """The winner and the next best candidates of other methods that beat plain decoding in the tune
+    (at most `count` in all), with the tune's figures; None when the profile lacks them (older tunes)."""
+    rows = [r for r in profile.get("candidates", []) if r.get("method") != "ar"]
+    if not all("ms_per_call" in r and "tokens_per_call" in r for r in rows + [profile["winner"]]):
+        return None
+    w = profile["winner"]
+    arms = [Arm(winner, float(w["ms_per_call"]), float(w["tokens_per_call"]), str(w.get("label", "")))]
+    methods = {w.get("method")}
+    for r in sorted(rows, key=lambda r: -float(r["expected_speedup"])):
+        if len(arms) >= count or float(r["expected_speedup"]) <= 1.0:
+            break
+        if r["method"] in methods or (get_method(r["method"]).needs_draft_model and not ctx.drafts):
+            continue
+        methods.add(r["method"])
+        arms.append(Arm(drafter_for(ctx, r, sequoia_mode), float(r["ms_per_call"]), float(r["tokens_per_call"]),
+                        str(r.get("label", ""))))
+    return arms
+
+
 def build(ctx: MethodContext, opts: Options) -> Drafter | None:
     profile = auto_profile(ctx, opts.tree)
     drafter = drafter_for(ctx, profile["winner"], opts.sequoia_mode)
-    need = break_even(profile)
-    if drafter is None or need is None or opts.no_fallback:
+    if drafter is None or opts.no_fallback:
         return drafter
+    ar_ms = (profile.get("timing") or {}).get("ar_ms_per_token")
+    arms = bandit_arms(ctx, profile, drafter, opts.arms, opts.sequoia_mode) if ar_ms else None
+    if arms is not None:
+        # The best few candidates and plain decoding, switched by what each earns on this prompt.
+        return BanditDrafter(arms, float(ar_ms))
+    need = break_even(profile)
     # Where the winner does not pay on this text, plain steps instead (exact either way).
-    return FallbackDrafter(drafter, need)
+    return drafter if need is None else FallbackDrafter(drafter, need)
 
 
 METHOD = register(Method(

@@ -56,11 +56,12 @@ class TuningSpace:
     - "chain": a draft model's chain (`gamma`, `stop_below`), from the measured chain acceptance;
     - "tree-dp": Sequoia's DP trees (`budget`, `max_depth`: every depth up to it), per mode;
     - "static-tree": a static shape (`expansion`), from the positional acceptance vector;
-    - "best-first": best-first trees (`budget`, `max_depth`, `max_beams`), priced as the best static
-      top-k tree of their size and depth;
     - "cascade": a draft model over Max-Gram (`k_matrix`), replayed;
     - "replay": a model-free deterministic drafter (chain or tree), built from the options and
-      replayed on the text the target produced (exact for its acceptance).
+      replayed on the text the target produced (exact for its acceptance);
+    - "decode": a drafter whose proposals depend on more than the text (one that learns from the
+      target's logits, or calls a draft model only sometimes), run for real on the tune's prompts
+      (`tuning.decoded`): tokens per call and its own time measured.
     """
 
     rule: str

@@ -371,6 +371,9 @@ class CascadeDrafter:
             if isinstance(level, _ModelLevel):
                 level.sync(committed)
 
+    def observe_target(self, tree: TokenTree, target_logits: Tensor) -> None:
+        pass  # learns nothing from the target's logits
+
     def forward_calls(self) -> list[int]:
         """Forward passes of each draft model since `begin` (for SWI)."""
         return [level.calls for level in self.levels if isinstance(level, _ModelLevel)]

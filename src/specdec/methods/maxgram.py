@@ -9,28 +9,22 @@ import torch
 from torch import Tensor
 
 from specdec.core.options import MethodOptions, check_positive_int, choice, option, positive_int
-from specdec.core.results import VerifyResult
 from specdec.core.tree import TokenTree
-from specdec.drafting.base import Proposal, finished
+from specdec.drafting.base import ModelFreeDrafter, Proposal, finished
 from specdec.drafting.bigram import BigramTable, table_for_tokenizer
 from specdec.drafting.ngram import maxgram_continuation
 from specdec.methods.base import Method, MethodContext, TuningSpace
 from specdec.methods.registry import register
-from specdec.models.base import LanguageModel
-from specdec.verify.match import verify_sample_and_match
 
 DEFAULT_GAMMA = 4
 FILLS = ("bigram", "none")
 
 
-class MaxGramDrafter:
+class MaxGramDrafter(ModelFreeDrafter):
     """Max-Gram's chain of up to `gamma` tokens, verified by the target (greedy / sample-and-match).
 
     No model and no distribution; its SWI cost is zero, so its SWI is its tokens per target call.
     """
-
-    verifier = staticmethod(verify_sample_and_match)
-    draft_models: tuple[LanguageModel, ...] = ()  # none: Max-Gram is free in the SWI cost model
 
     def __init__(self, bigram: BigramTable | None = None, gamma: int = DEFAULT_GAMMA) -> None:
         self.bigram = bigram
@@ -44,12 +38,6 @@ class MaxGramDrafter:
     def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> Proposal:
         drafts = maxgram_continuation(committed_ids, min(self.max_depth, max_depth), self._next_token)
         return finished(TokenTree.chain(int(committed_ids[-1]), drafts))
-
-    def observe(self, committed_ids: Tensor, result: VerifyResult) -> None:
-        pass
-
-    def forward_calls(self) -> list[int]:
-        return []
 
 
 def context_bigram(ctx: MethodContext, fill: str) -> BigramTable | None:

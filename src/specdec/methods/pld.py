@@ -8,28 +8,22 @@ import torch
 from torch import Tensor
 
 from specdec.core.options import MethodOptions, check_positive_int, option, positive_int
-from specdec.core.results import VerifyResult
 from specdec.core.tree import TokenTree
-from specdec.drafting.base import Proposal, finished
+from specdec.drafting.base import ModelFreeDrafter, Proposal, finished
 from specdec.drafting.ngram import lookup_continuation
 from specdec.methods.base import Method, MethodContext, TuningSpace
 from specdec.methods.registry import register
-from specdec.models.base import LanguageModel
-from specdec.verify.match import verify_sample_and_match
 
 DEFAULT_GAMMA = 4
 
 
-class PromptLookupDrafter:
+class PromptLookupDrafter(ModelFreeDrafter):
     """Copy what followed the latest earlier occurrence of the last n-gram of prompt + output.
 
     Tries n = max_ngram down to min_ngram and proposes up to `gamma` tokens that followed the most
     recent earlier match. No model and no distribution: proposals are deterministic, so sampled
     decoding verifies them by sample-and-match (greedy at T = 0).
     """
-
-    verifier = staticmethod(verify_sample_and_match)
-    draft_models: tuple[LanguageModel, ...] = ()  # none: prompt lookup is free in the SWI cost model
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, gamma: int = DEFAULT_GAMMA) -> None:
         if not 1 <= min_ngram <= max_ngram:
@@ -38,19 +32,10 @@ class PromptLookupDrafter:
         self.min_ngram = min_ngram
         self.max_depth = self.max_nodes = check_positive_int("gamma", gamma)
 
-    def begin(self, prompt_ids: Tensor, max_len: int) -> None:
-        pass
-
-    def forward_calls(self) -> list[int]:
-        return []
-
     def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> Proposal:
         gamma = min(self.max_depth, max_depth)
         drafts = lookup_continuation(committed_ids, gamma, self.max_ngram, self.min_ngram)
         return finished(TokenTree.chain(int(committed_ids[-1]), drafts))
-
-    def observe(self, committed_ids: Tensor, result: VerifyResult) -> None:
-        pass
 
 
 @dataclass(frozen=True)

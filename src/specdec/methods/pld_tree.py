@@ -18,13 +18,10 @@ import torch
 from torch import Tensor
 
 from specdec.core.options import MethodOptions, check_positive_int, option, positive_int
-from specdec.core.results import VerifyResult
 from specdec.core.tree import TokenTree
-from specdec.drafting.base import Proposal, finished
+from specdec.drafting.base import ModelFreeDrafter, Proposal, finished
 from specdec.methods.base import Method, MethodContext, TuningSpace
 from specdec.methods.registry import register
-from specdec.models.base import LanguageModel
-from specdec.verify.match import verify_sample_and_match
 
 
 def lookup_tree(
@@ -61,11 +58,8 @@ def lookup_tree(
     return torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long)
 
 
-class PromptLookupTreeDrafter:
+class PromptLookupTreeDrafter(ModelFreeDrafter):
     """Every earlier continuation of the text's last n-gram, merged into one tree (no model)."""
-
-    verifier = staticmethod(verify_sample_and_match)
-    draft_models: tuple[LanguageModel, ...] = ()  # free in the SWI cost model
 
     def __init__(self, budget: int = 16, max_depth: int = 6, max_ngram: int = 3, min_ngram: int = 1) -> None:
         if not 1 <= min_ngram <= max_ngram:
@@ -74,19 +68,10 @@ class PromptLookupTreeDrafter:
         self.max_depth = check_positive_int("max_depth", max_depth)
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
-    def begin(self, prompt_ids: Tensor, max_len: int) -> None:
-        pass
-
-    def forward_calls(self) -> list[int]:
-        return []
-
     def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> Proposal:
         tokens, parents = lookup_tree(committed_ids, min(self.max_depth, max_depth), self.max_nodes,
                                       self.max_ngram, self.min_ngram)
         return finished(TokenTree.from_drafted(int(committed_ids[-1]), tokens, parents))
-
-    def observe(self, committed_ids: Tensor, result: VerifyResult) -> None:
-        pass
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,9 @@ class SequoiaDrafter:
             self.draft.keep(self._node_slots, result)
             self._node_slots = None
 
+    def observe_target(self, tree: TokenTree, target_logits: Tensor) -> None:
+        pass  # learns nothing from the target's logits
+
 
 TREE_HELP = ("dp (default: the DP tree for --budget/--max-depth/--accept) or auto (the `specdec tune` winner for "
              "this model pair, device, dtype and temperature)")

@@ -156,6 +156,9 @@ class SpecExecDrafter:
             self.draft.keep(self._node_slots, result)
             self._node_slots = None
 
+    def observe_target(self, tree: TokenTree, target_logits: Tensor) -> None:
+        pass  # learns nothing from the target's logits
+
 
 def _best_first_rank(scores: Tensor) -> Tensor:  # scores: [M] float64 -> [M] int64 rank, 0 = best
     """Rank by descending score, ties broken by creation order (a parent before its children)."""
@@ -184,10 +187,12 @@ def build(ctx: MethodContext, opts: Options) -> SpecExecDrafter:
                            opts.min_prob)
 
 
-TUNING = TuningSpace("best-first", lambda setting: [
-    {"budget": budget, "max_depth": depth, "max_beams": DEFAULT_MAX_BEAMS} for budget in (8, 16, 32, 64)
-    for depth in (4, 6, 8)
+TUNING = TuningSpace("decode", lambda setting: [
+    {"budget": budget, "max_depth": depth, "max_beams": beams, "branch_width": width}
+    for budget, depth, beams, width in ((8, 6, 2, 2), (16, 6, 4, 4), (32, 8, 8, 4))
 ])
+"""Decoded for real (`tuning.decoded`): a best-first tree grown by the draft's own probabilities is not the
+best static tree of its size, so no positional price fits it."""
 
 METHOD = register(Method(
     "specexec",

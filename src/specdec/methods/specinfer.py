@@ -170,6 +170,9 @@ class TreeDrafter:
                 node_slots[to_global[n] + 1] = slot
             draft.keep(node_slots, result)
 
+    def observe_target(self, tree: TokenTree, target_logits: Tensor) -> None:
+        pass  # learns nothing from the target's logits
+
 
 @dataclass(frozen=True)
 class Options(MethodOptions):

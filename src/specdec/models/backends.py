@@ -100,11 +100,19 @@ def choose_weights(spec: str, weights: str, device: str | torch.device, dtype: t
     return choice.weights, choice
 
 
-def load_native(spec: str, *, progress: bool = True, say: Say | None = None) -> LoadedModel:
-    """The GGUF model `spec` computing on its own blocks (activations quantized per row and block)."""
+def load_native(spec: str, *, progress: bool = True, say: Say | None = None,
+                keep_tokens: Callable[[int], torch.Tensor] | None = None) -> LoadedModel:
+    """The GGUF model `spec` computing on its own blocks (activations quantized per row and block);
+    `keep_tokens(head size)`: the token ids a pruned output head keeps (None: the whole head)."""
     from specdec.models.hub.load import load_native_lm
+    from specdec.models.native.lm import NativeLM
 
     lm, config, tokenizer = load_native_lm(spec, progress=progress, say=say)
+    if keep_tokens is not None:
+        if not isinstance(lm, NativeLM):
+            raise ValueError(f"a pruned output head needs the lean native runner, which {spec} does not run on; "
+                             "pass --draft-weights dense to prune a dense draft's head")
+        lm.model = lm.model.with_pruned_head(keep_tokens(lm.vocab_size))
     from transformers import GenerationConfig
 
     source = _ConfigOnly(config, GenerationConfig.from_model_config(config))

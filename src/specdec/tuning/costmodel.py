@@ -11,9 +11,11 @@ call, against plain decoding's milliseconds per token (docs/algorithms.md §7.7)
   * chains drafted by the model (`sps`, with or without adaptive stopping): from the chain under
     the acceptance run's top child, Rao-Blackwellised per step (the product of the exact
     acceptance probabilities along it), so no positional assumption;
-  * Sequoia, SpecInfer and SpecExec trees: the positional acceptance vectors and Sequoia's
-    dynamic program / tree value (SpecExec's best-first trees are priced as the best static top-k
-    tree of the same size and depth, which they match or beat);
+  * Sequoia and SpecInfer trees: the positional acceptance vectors and Sequoia's dynamic program /
+    tree value;
+  * SpecExec's best-first trees, Token Recycling and hybrid trees: decoded for real on the tune's
+    prompts (`tuning.decoded`; a best-first tree grown by the draft's probabilities is not the best
+    static tree of its size, and pricing it as one promised 9 tokens per call where it gave 2.4);
   * prompt lookup, Max-Gram and the cascade: replayed on the text the run produced
     (`tuning.replay`), exact for their acceptance.
 """
@@ -28,6 +30,7 @@ import torch
 
 from specdec.core.tree import depths, paths_to_parents
 from specdec.drafting.sequoia_dp import SequoiaDP, tree_value
+from specdec.tuning.decoded import DecodeSteps
 from specdec.tuning.replay import ReplayStep, mean
 
 
@@ -181,19 +184,6 @@ def specinfer_row(method: str, label: str, paths: Sequence[tuple[int, ...]], vec
                costs, "positional", options=options)
 
 
-def specexec_row(method: str, label: str, dp: SequoiaDP, costs: Costs, budget: int, depth: int, beams: int,
-                 options: dict[str, Any]) -> dict[str, Any]:
-    """SpecExec's best-first tree, priced as the best static top-k tree of its size and depth."""
-    tokens = dp.tokens_per_call(budget, depth)
-    forwards, left, d_ms = 0, budget, costs.draft(tokens)
-    while forwards < depth - 1 and left > 0:  # each draft forward expands up to `beams` nodes
-        d_ms += costs.draft(min(beams, left))
-        left -= beams
-        forwards += 1
-    return row(method, label, tokens, costs.target(budget + 1), d_ms, costs, "positional (best static top-k tree)",
-               options=options)
-
-
 def replay_row(method: str, label: str, steps: Sequence[ReplayStep], costs: Costs, options: dict[str, Any],
                reviews: Sequence[int] = (), review_rows: float = 1.0) -> dict[str, Any] | None:
     """A deterministic drafter from its replay: tokens per call, the target's block per step, and for
@@ -204,6 +194,21 @@ def replay_row(method: str, label: str, steps: Sequence[ReplayStep], costs: Cost
     t_ms = mean([costs.target(1 + s.proposed) for s in steps])
     d_ms = mean([r * costs.draft(review_rows) for r in reviews]) if reviews else 0.0
     return row(method, label, tokens, t_ms, d_ms, costs, "replay", options=options)
+
+
+def decode_row(method: str, label: str, steps: DecodeSteps, costs: Costs, options: dict[str, Any]) -> dict[str, Any]:
+    """A drafter decoded for real (`tuning.decoded`): its measured tokens per call; the target's pass
+    from t_target at each step's block, the drafter's time and the work each call adds beyond the
+    target's forward (verification, learning from the logits) as measured."""
+    t_ms = mean([costs.target(1 + n) for n in steps.drafted])
+    if steps.target_ms:
+        modelled = mean([costs.target(1 + n) for n in steps.timed_drafted])
+        extra = max(mean(steps.target_ms) - modelled, 0.0)
+        d_ms = mean(steps.draft_ms)
+    else:  # every prompt ended after one step: nothing timed beyond the first
+        extra, d_ms = costs.overhead_ms, 0.0
+    per_call = Costs(costs.target_ms, costs.draft_ms, costs.ar_ms, extra)
+    return row(method, label, steps.tokens_per_call, t_ms, d_ms, per_call, "decoded", options=options)
 
 
 def best(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:

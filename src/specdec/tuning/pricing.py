@@ -24,8 +24,9 @@ from specdec.methods.base import Method, MethodContext, TuneSetting
 from specdec.methods.registry import all_methods
 from specdec.models.base import LanguageModel
 from specdec.tuning.costmodel import (
-    ChainSteps, Costs, ar_row, chain_row, replay_row, sequoia_rows, specexec_row, specinfer_row,
+    ChainSteps, Costs, ar_row, chain_row, decode_row, replay_row, sequoia_rows, specinfer_row,
 )
+from specdec.tuning.decoded import decode_run
 from specdec.tuning.replay import cascade_replay, replay
 
 Row = dict[str, Any]
@@ -50,6 +51,9 @@ class PricingInputs:
     tokenizer: Any = None
     bigram: list[int] | None = None
     """Max-Gram's fill table (next token of every token) when one is cached, else None."""
+    drafts: Sequence[LanguageModel] = ()
+    """The draft model, for candidates priced by decoding with it ("decode")."""
+    eos_token_ids: Sequence[int] = ()
     _dps: dict[str, SequoiaDP] = field(default_factory=dict)
 
     def dp(self, mode: str, size: int, depth: int) -> SequoiaDP:
@@ -101,17 +105,6 @@ def _static_tree(method: Method, candidates: Sequence[Mapping[str, Any]], inputs
                           inputs.costs, dict(o)) for o in candidates]
 
 
-def _best_first(method: Method, candidates: Sequence[Mapping[str, Any]], inputs: PricingInputs) -> list[Row]:
-    rows = []
-    for options in candidates:
-        budget, depth = int(options["budget"]), int(options["max_depth"])
-        dp = inputs.dp("greedy", budget, depth)
-        if dp.feasible(budget, depth):
-            rows.append(specexec_row(method.name, label(method.name, options), dp, inputs.costs, budget, depth,
-                                     int(options["max_beams"]), dict(options)))
-    return rows
-
-
 def _cascade(method: Method, candidates: Sequence[Mapping[str, Any]], inputs: PricingInputs) -> list[Row]:
     rows = []
     for options in candidates:
@@ -139,8 +132,19 @@ def _replay(method: Method, candidates: Sequence[Mapping[str, Any]], inputs: Pri
     return rows
 
 
+def _decode(method: Method, candidates: Sequence[Mapping[str, Any]], inputs: PricingInputs) -> list[Row]:
+    ctx = MethodContext(inputs.target, inputs.drafts, inputs.sampling, inputs.tokenizer)
+    rows = []
+    for options in candidates:
+        drafter = method.build(ctx, method.make_options(dict(options)))
+        run = decode_run(inputs.target, drafter, inputs.texts, inputs.sampling, inputs.eos_token_ids)
+        if run is not None:
+            rows.append(decode_row(method.name, label(method.name, options), run, inputs.costs, dict(options)))
+    return rows
+
+
 RULES: dict[str, Rule] = {"plain": _plain, "chain": _chain, "tree-dp": _tree_dp, "static-tree": _static_tree,
-                          "best-first": _best_first, "cascade": _cascade, "replay": _replay}
+                          "cascade": _cascade, "replay": _replay, "decode": _decode}
 """How a candidate's tokens per call are known, by the rule its method's `TuningSpace` names."""
 
 

@@ -282,7 +282,8 @@ def quick_tune(
         m.costs = Costs(target_ms, draft_ms, ar_ms, overhead)
         bar.set_postfix_str("pricing", refresh=True)
         rows = price(PricingInputs(m.costs, m.chain, m.topk, m.swor, m.iid, m.texts, m.draft_pred, target, sampling,
-                                   tokenizer, bigram if tokenizer is not None else None), draft is not None)
+                                   tokenizer, bigram if tokenizer is not None else None,
+                                   (draft,) if draft is not None else (), eos_token_ids), draft is not None)
         bar.update(1)
     finally:
         bar.close()

@@ -244,8 +244,20 @@ def build_native_runner(path: str | Path, config: PretrainedConfig, arch: str, e
         layers.append(NativeLayer(found[f"model.layers.{i}.input_layernorm.weight"].contiguous(),
                                   found[f"model.layers.{i}.post_attention_layernorm.weight"].contiguous(),
                                   *(linears[n] for n in names)))
-    return NativeModel(config, GGUFEmbedding(*embed), layers, found["model.norm.weight"].contiguous(), head,
-                       inner.rotary_emb, inner.norm.variance_epsilon)
+    runner = NativeModel(config, GGUFEmbedding(*embed), layers, found["model.norm.weight"].contiguous(), head,
+                         inner.rotary_emb, inner.norm.variance_epsilon)
+    if "lm_head" in linears:  # a head of its own: `with_pruned_head` reads its rows again when asked
+        runner.head_source = lambda: _head_blocks(path, config, arch, entries)
+    return runner
+
+
+def _head_blocks(path: Path, config: PretrainedConfig, arch: str, entries: list[TensorEntry]) -> tuple[Any, ...]:
+    """The output head's (blocks, format, in_features) as the file stores them."""
+    for module_path, param, value in _file_params(path, _meta_model(config), config, arch,
+                                                  [e for e in entries if e.name == "output.weight"]):
+        if module_path == "lm_head" and param == "weight" and isinstance(value, tuple):
+            return value
+    raise UnsupportedFormat("the file's output head is not stored in a supported block format")
 
 
 def _name_map(model: nn.Module, arch: str, config: PretrainedConfig) -> dict[str, str]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -163,6 +164,11 @@ class NativeModel:
         self.vocab_size = head.out_features
         self.context_length = int(getattr(text, "max_position_embeddings", 1 << 20))
         self.embed, self.layers, self.norm, self.head = embed, layers, norm, head
+        self.kept: Tensor | None = None
+        """The token ids the head computes (`with_pruned_head`); None: all of them."""
+        self.head_source: Callable[[], tuple[Tensor, BlockFormat, int]] | None = None
+        """Reads the head's (blocks [V, row bytes], format, in_features) from the file again (set by the
+        loader: the packed head alone cannot give its rows back)."""
         self.rotary, self.eps = rotary, float(eps)
         self.scale = self.head_dim**-0.5
         self.num_layers = len(layers)
@@ -214,6 +220,25 @@ class NativeModel:
         twin.lib = lib
         twin._c_layers = (_CLayer * len(self.layers))(*self._c_layers)  # its own cache pointers
         twin._c_cache = None
+        return twin
+
+    def with_pruned_head(self, kept: Tensor) -> "NativeModel":  # kept: [K] int64 token ids
+        """The same model whose output head computes only the `kept` tokens' rows; the other logits
+        are -inf, so a distribution taken from them is exactly the softmax over the kept tokens (a
+        cheaper draft: the 0.5B Qwen's 150k-row Q8_0 head is 145 of its 485 MB; docs/algorithms.md
+        §14.4). The rows come from `head_source` (the file's blocks, read again), or from the token
+        embedding when the head is tied to it."""
+        if self.head_source is not None:
+            blocks, fmt, cols = self.head_source()
+        elif getattr(self.config, "tie_word_embeddings", False) and self.head.out_features == self.embed.num_embeddings:
+            blocks, fmt, cols = self.embed.blocks, self.embed.fmt, self.hidden
+        else:
+            raise ValueError("a pruned native head needs the head's blocks: a model loaded from its file, or a head "
+                             "tied to the token embedding")
+        kept = torch.unique(kept.long())
+        twin = self.with_library(self.lib)
+        twin.head = QLinear(blocks.index_select(0, kept), fmt, cols)
+        twin.kept = kept
         return twin
 
     def nbytes(self) -> int:
@@ -290,9 +315,13 @@ class NativeModel:
         hid = torch.empty_like(x)
         self.lib.specdec_rmsnorm(x.data_ptr(), None, self.norm.data_ptr(), self.eps, x.shape[0], self.hidden,
                                  hid.data_ptr())
-        logits = torch.empty(hid.shape[0], self.vocab_size)
+        logits = torch.empty(hid.shape[0], self.head.out_features)
         self._linear(self.head, self._quantized(hid, [self.head.fmt])[self.head.fmt.block_size], hid.shape[0], logits)
-        return logits
+        if self.kept is None:
+            return logits
+        full = torch.full((hid.shape[0], self.vocab_size), float("-inf"))
+        full[:, self.kept] = logits
+        return full
 
     def _layers_on(self, cache: KVCache) -> ctypes.Array:
         """The C layer array pointing at `cache`'s buffers (updated when the cache changes)."""
