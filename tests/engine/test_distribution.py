@@ -28,6 +28,7 @@ from specdec.engine.decoder import SpeculativeDecoder
 from specdec.methods.pld import PromptLookupDrafter
 from specdec.methods.sps import ModelDrafter
 from specdec.models.toy import MarkovLM
+from tests.exact_law import VERIFY_MODULES, exact_law, law_tv
 
 V = 4
 L = 3
@@ -101,12 +102,17 @@ def detectable_effect(n: int, expected_probs: dict[tuple, float], alpha: float =
     return Power(df + 1, lam, lam / n, 0.5 * (lam / n) ** 0.5)
 
 
-def run(method: str, sampling: SamplingConfig, n: int, seed: int, eos: int | None = None, gamma: int = 2):
+def toy_decoder(method: str, sampling: SamplingConfig, eos: int | None = None,
+                gamma: int = 2) -> tuple[MarkovLM, SpeculativeDecoder]:
     target = MarkovLM.random(V, seed=11, sharpness=1.5)
     draft = MarkovLM.random(V, seed=12, sharpness=1.5)
     drafter = ModelDrafter(draft, sampling) if method == "sps" else PromptLookupDrafter(max_ngram=2)
     eos_ids = [eos] if eos is not None else []
-    dec = SpeculativeDecoder(target, drafter, sampling, gamma=gamma, eos_token_ids=eos_ids)
+    return target, SpeculativeDecoder(target, drafter, sampling, gamma=gamma, eos_token_ids=eos_ids)
+
+
+def run(method: str, sampling: SamplingConfig, n: int, seed: int, eos: int | None = None, gamma: int = 2):
+    target, dec = toy_decoder(method, sampling, eos, gamma)
     gen = torch.Generator().manual_seed(seed)
     counts: Counter = Counter()
     calls = tokens = accepted = 0
@@ -157,3 +163,25 @@ def test_mutation_residual_equals_target_fails_chi_square(monkeypatch, config):
     counts, expected = run(method, sampling, n, seed=1, eos=eos)
     assert detectable_effect(n, expected).divergence < RESIDUAL_MUTATION_DIVERGENCE[config]
     assert chi_square_pvalue(counts, expected, n) < ALPHA
+
+
+# ---- the whole loop's exact law ------------------------------------------------------------------
+def whole_loop_tv(method: str, sampling: SamplingConfig, eos: int | None) -> float:
+    """TV between the decoder's exact output law and the target's: every random outcome of the
+    drafter (`ModelDrafter` draws with `sample`) and of the verifier enumerated by `tests.exact_law`,
+    through the real loop (drafting, target passes, verification, commits, bonus, EOS, truncation)."""
+    target, dec = toy_decoder(method, sampling, eos)
+    law = exact_law(lambda: tuple(dec.generate(PROMPT, L, None)[0]), VERIFY_MODULES + ("specdec.methods.sps",))
+    return law_tv(law, exact_continuations(target, sampling, eos))
+
+
+@pytest.mark.parametrize("config", [1, 2, 4])
+def test_whole_loop_law_is_exact(config):
+    """Beyond sampling: the exact law of the whole loop equals the target's (TV < 1e-12). The
+    configurations at T = 1 take seconds to enumerate and are left to the chi-square tests."""
+    assert whole_loop_tv(*CONFIGS[config]) < 1e-12
+
+
+def test_whole_loop_law_with_the_residual_mutation_is_biased(monkeypatch):
+    monkeypatch.setattr(verify, "recovery_distribution", lambda t, d: t)
+    assert whole_loop_tv(*CONFIGS[1]) > 0.05  # 0.063

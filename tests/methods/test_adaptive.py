@@ -17,6 +17,7 @@ from specdec.methods.sps import ModelDrafter
 from specdec.models.toy import MarkovLM
 from tests.conftest import tiny_lm
 from tests.engine.test_distribution import ALPHA, L, PROMPT, V, chi_square_pvalue, detectable_effect, exact_continuations
+from tests.exact_law import VERIFY_MODULES, exact_law, law_tv
 
 GREEDY = SamplingConfig()
 
@@ -107,6 +108,26 @@ def test_mutation_residual_equals_target_fails_chi_square(config, n, divergence,
     counts, expected, _, _ = run(ModelDrafter, sampling, n, seed=1, eos=eos)
     assert detectable_effect(n, expected).divergence < divergence
     assert chi_square_pvalue(counts, expected, n) < ALPHA
+
+
+def _whole_loop_tv(drafter_cls, sampling, eos) -> float:
+    """TV between the exact law of the whole loop (every draft draw and verifier outcome enumerated by
+    `tests.exact_law`) and the target's."""
+    target, draft = toys()
+    dec = SpeculativeDecoder(target, drafter_cls(draft, sampling, 3, 0.45), sampling,
+                             eos_token_ids=[eos] if eos is not None else [])
+    modules = VERIFY_MODULES + ("specdec.methods.sps", __name__)  # ModelDrafter's and DrawnTokenStop's `sample`
+    law = exact_law(lambda: tuple(dec.generate(PROMPT, L, None)[0]), modules)
+    return law_tv(law, exact_continuations(target, sampling, eos))
+
+
+@pytest.mark.parametrize("config", [0, 1])
+def test_adaptive_chain_whole_loop_law_is_exact(config):
+    assert _whole_loop_tv(ModelDrafter, *ADAPTIVE_CONFIGS[config]) < 1e-12
+
+
+def test_mutation_stop_on_the_drawn_token_is_biased_exactly():
+    assert _whole_loop_tv(DrawnTokenStop, *ADAPTIVE_CONFIGS[0]) > 0.05  # 0.069
 
 
 def test_adaptive_chain_is_shorter_where_the_draft_is_unsure_and_greedy_equals_ar(arch):

@@ -128,7 +128,7 @@ def swor_tv(target: Conditionals, proposals, length: int = 2, verifier=verify_sw
 CASES = {
     "random": dict(),
     "draft_misses_target_support": dict(q_zero=(0,)),
-    "target_misses_draft_support": dict(p_zero=(3, 4)),
+    "target_misses_draft_support": dict(p_zero=(2, 3)),
     "near_one_hot": dict(sharp=30.0),
 }
 
@@ -140,9 +140,9 @@ def _pair(case: str, seed: int, vocab: int = V) -> tuple[Conditionals, Condition
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("k", range(1, V + 1))
+@pytest.mark.parametrize("k", range(1, 5))
 def test_swor_children_with_swor_verification_are_exact(case, k):
-    target, draft = _pair(case, k)
+    target, draft = _pair(case, k, vocab=4)  # k = 1…V (each run enumerates 2^k acceptance outcomes)
     assert swor_tv(target, swor_proposals(draft, k)) < 1e-12
 
 
