@@ -58,13 +58,22 @@ def stream_checking_caches(
 
 
 def chi_square_of_decoder(
-    dec: SpeculativeDecoder, target, sampling, eos: int | None, n: int, seed: int, max_tree_tokens: int | None = None
+    dec: SpeculativeDecoder, target, sampling, eos: int | None, n: int, seed: int, max_tree_tokens: int | None = None,
+    detects_tv: float | None = None,
 ) -> float:
     """Decode 3 tokens after `PROMPT` n times and return the chi-square p-value of the outputs
-    against the target's exact distribution over 3-token continuations (toy `MarkovLM` target)."""
+    against the target's exact distribution over 3-token continuations (toy `MarkovLM` target).
+
+    `detects_tv`: the total variation the caller says the test detects with power ≥ 0.99 (checked
+    against `detectable_effect` before decoding)."""
     from collections import Counter
 
-    from tests.engine.test_distribution import PROMPT, chi_square_pvalue, exact_continuations
+    from tests.engine.test_distribution import PROMPT, chi_square_pvalue, detectable_effect, exact_continuations
+
+    expected = exact_continuations(target, sampling, eos)
+    if detects_tv is not None:
+        power = detectable_effect(n, expected)
+        assert power.tv <= detects_tv, f"n = {n} detects only TV >= {power.tv:.3f}, not {detects_tv}"
 
     gen = torch.Generator().manual_seed(seed)
     counts: Counter = Counter()
@@ -76,7 +85,7 @@ def chi_square_of_decoder(
         assert 1 <= stats.target_calls <= stats.new_tokens
         assert max_tree_tokens is None or stats.tree_tokens <= max_tree_tokens
     assert accepted > 0.2 * n, "drafts were rarely accepted: the test would not exercise verification"
-    return chi_square_pvalue(counts, exact_continuations(target, sampling, eos), n)
+    return chi_square_pvalue(counts, expected, n)
 
 
 def shared_uniform_match(tree: TokenTree, target_probs: torch.Tensor, generator=None) -> VerifyResult:
@@ -101,5 +110,9 @@ def check_greedy_on_repetitive_text(drafter, method: str, **options) -> Any:
     ref, _ = SpeculativeDecoder(target).generate(prompt, 40)
     out, stats = SpeculativeDecoder(target, drafter).generate(prompt, 40)
     assert out == ref
-    assert Pipeline.from_models(target, None).generate(prompt, method, 40, **options).token_ids == ref
+    # Equal output alone would pass with every draft rejected: some drafts must have been kept, so
+    # some target call emitted more than one token.
+    assert stats.accepted_tokens > 0 and stats.target_calls < stats.new_tokens
+    res = Pipeline.from_models(target, None).generate(prompt, method, 40, **options)
+    assert res.token_ids == ref and res.stats.accepted_tokens == stats.accepted_tokens
     return stats

@@ -38,6 +38,22 @@ def test_top_p_keeps_smallest_set_reaching_mass():
     assert torch.equal(probs, torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64))
 
 
+def test_top_p_breaks_ties_at_the_cut_by_token_id():
+    """Exactly tied logits across the cut: the lowest token ids are kept (a stable sort). With
+    torch's unstable sort (32 or more values on the CPU) other ids of the tie would survive."""
+    vocab = 32
+    # All tied: probabilities 1/32 (exact), so top_p = 1/4 keeps exactly 8 tokens, ids 0…7.
+    probs = logits_to_probs(torch.zeros(vocab), SamplingConfig(temperature=1.0, top_p=0.25))
+    assert (probs > 0).nonzero().flatten().tolist() == list(range(8))
+    torch.testing.assert_close(probs[:8], torch.full((8,), 1 / 8))
+    # One clear winner (id 5, mass 1/2), the other 31 tied at 1/62: the cut falls inside the tie
+    # after 4 of them, so the winner and the 4 lowest other ids survive.
+    logits = torch.zeros(vocab, dtype=torch.float64)
+    logits[5] = torch.log(torch.tensor(31.0, dtype=torch.float64))
+    probs = logits_to_probs(logits, SamplingConfig(temperature=1.0, top_p=0.5 + 3.5 / 62))
+    assert (probs > 0).nonzero().flatten().tolist() == [0, 1, 2, 3, 5]
+
+
 def test_top_k_then_top_p_matches_hand_computation():
     logits = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0], dtype=torch.float64)
     probs = logits_to_probs(logits, SamplingConfig(temperature=1.0, top_k=3, top_p=0.7))

@@ -69,6 +69,8 @@ def test_prompt_lookup_gives_ar_output(arch):
     ref, _ = _ar(target, prompt, 48)
     dec = SpeculativeDecoder(target, PromptLookupDrafter(), GREEDY, gamma=4)
     assert _check_invariants(dec, prompt, 48) == ref
+    # Equal output alone would pass with every lookup rejected: some drafts must have been kept.
+    assert 0 < dec.last_stats.accepted_tokens < dec.last_stats.draft_tokens
 
 
 def test_eos_and_length_are_respected():

@@ -19,7 +19,7 @@ from specdec.methods.sps import ModelDrafter
 from specdec.models.hf import HFLanguageModel
 from specdec.models.toy import MarkovLM
 from tests.conftest import TINY_VOCAB, tiny_hf_model
-from tests.engine.test_distribution import ALPHA, L, PROMPT, V, chi_square_pvalue, exact_continuations
+from tests.engine.test_distribution import ALPHA, L, PROMPT, V, chi_square_pvalue, detectable_effect, exact_continuations
 
 GREEDY = SamplingConfig()
 
@@ -268,13 +268,18 @@ def _sample_cascade(n: int, planted_bug: bool = False):
 
 
 def test_cascade_sampling_matches_target_distribution(one_thread):
+    """n = 2000 over 42 cells: power ≥ 0.99 at alpha = 1e-3 against any law at total variation ≥ 0.097
+    from the target's (chi-square divergence ≥ 0.038). Sample-and-match has no residual to get wrong."""
     n = 2000
     counts, expected, accepted = _sample_cascade(n)
+    assert detectable_effect(n, expected).tv < 0.1
     assert accepted > 0.1 * n, "the cascade's drafts were rarely accepted: verification would not be exercised"
     assert chi_square_pvalue(counts, expected, n) > ALPHA
 
 
 def test_planted_bug_lenient_target_fails_chi_square(one_thread):
+    """Lenience at the target: chi-square divergence 6.1 (TV 0.86, exact: tests.exact_law over the whole
+    mutated loop), caught with power ≥ 0.99 from n ≈ 12 on; n = 1000 here."""
     n = 1000
     counts, expected, _ = _sample_cascade(n, planted_bug=True)
     assert chi_square_pvalue(counts, expected, n) < ALPHA

@@ -6,13 +6,14 @@ from collections import Counter
 import pytest
 import torch
 
+import specdec.verify.chain as chain
 from specdec.core.sampling import SamplingConfig
 from specdec.drafting.fallback import FallbackDrafter
 from specdec.engine.decoder import SpeculativeDecoder
 from specdec.methods.auto import break_even
 from specdec.methods.sps import ModelDrafter
 from tests.conftest import tiny_lm
-from tests.engine.test_distribution import ALPHA, L, PROMPT, chi_square_pvalue, exact_continuations
+from tests.engine.test_distribution import ALPHA, L, PROMPT, chi_square_pvalue, detectable_effect, exact_continuations
 from tests.methods.test_adaptive import toys
 
 GREEDY = SamplingConfig()
@@ -29,19 +30,39 @@ def test_fallback_pauses_where_drafting_does_not_pay_and_keeps_the_greedy_output
     assert SpeculativeDecoder(target, never, GREEDY).generate(prompt, 60)[0] == ref and never.paused_steps == 0
 
 
-def test_fallback_keeps_the_target_distribution(one_thread):
+def _fallback_counts(n: int) -> tuple[Counter, dict, int]:
     sampling = SamplingConfig(temperature=1.0)
     target, draft = toys()
     fb = FallbackDrafter(ModelDrafter(draft, sampling, 2), break_even=2.2, window=1, pause=1)
     dec = SpeculativeDecoder(target, fb, sampling)
     gen = torch.Generator().manual_seed(5)
-    n, counts, paused = 4000, Counter(), 0
+    counts, paused = Counter(), 0
     for _ in range(n):
         out, _ = dec.generate(PROMPT, L, gen)
         counts[tuple(out)] += 1
         paused += fb.paused_steps
+    return counts, exact_continuations(target, sampling, None), paused
+
+
+def test_fallback_keeps_the_target_distribution(one_thread):
+    """n = 4000 over 47 cells: power ≥ 0.99 at alpha = 1e-3 against any law at total variation ≥ 0.070
+    from the target's (chi-square divergence ≥ 0.020)."""
+    n = 4000
+    counts, expected, paused = _fallback_counts(n)
     assert paused > 0.1 * n  # the switching is exercised
-    assert chi_square_pvalue(counts, exact_continuations(target, sampling, None), n) > ALPHA
+    assert detectable_effect(n, expected).tv < 0.075
+    assert chi_square_pvalue(counts, expected, n) > ALPHA
+
+
+def test_fallback_mutation_residual_equals_target_fails(monkeypatch, one_thread):
+    """The subtle bug (recovered token drawn from the target, not norm(max(0, target − draft))) on the
+    drafting steps: chi-square divergence 0.080 (exact, tests.exact_law over the whole mutated loop),
+    caught with power ≥ 0.99 from n ≈ 900 on; n = 1500 here."""
+    monkeypatch.setattr(chain, "recovery_distribution", lambda t, d: t)
+    n = 1500
+    counts, expected, _ = _fallback_counts(n)
+    assert detectable_effect(n, expected).divergence < 0.080
+    assert chi_square_pvalue(counts, expected, n) < ALPHA
 
 
 def test_break_even_from_profiles():

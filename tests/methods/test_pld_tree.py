@@ -32,7 +32,9 @@ def test_greedy_equals_ar_and_accepts_on_repetitive_text():
 
 
 def test_sampling_matches_the_target_distribution(one_thread):
+    """n = 3000 over 45 cells: power ≥ 0.99 at alpha = 1e-3 against any law at total variation ≥ 0.080
+    from the target's (chi-square divergence ≥ 0.026). Sample-and-match has no residual to get wrong."""
     sampling = SamplingConfig(temperature=1.0)
     target = MarkovLM.random(4, seed=11, sharpness=1.5)
     dec = SpeculativeDecoder(target, PromptLookupTreeDrafter(budget=6, max_depth=2, max_ngram=2), sampling)
-    assert chi_square_of_decoder(dec, target, sampling, None, 3000, seed=3) > 1e-3
+    assert chi_square_of_decoder(dec, target, sampling, None, 3000, seed=3, detects_tv=0.081) > 1e-3

@@ -9,7 +9,6 @@ import torch
 from scipy.stats import chisquare
 
 import specdec.verify.chain as chain
-import specdec.verify.match as match
 import specdec.verify.swor as swor
 from specdec.core.sampling import SamplingConfig
 from specdec.core.tree import TokenTree, paths_to_parents
@@ -19,10 +18,11 @@ from specdec.engine.decoder import SpeculativeDecoder
 from specdec.methods.sequoia import SequoiaDrafter
 from specdec.models.toy import MarkovLM
 from specdec.verify.match import verify_sample_and_match
-from specdec.verify.mss import mss_node
+from specdec.verify.mss import verify_mss
 from specdec.verify.swor import swor_node, verify_swor
 from tests.conftest import tiny_lm
 from tests.engine.test_distribution import PROMPT
+from tests.exact_law import Conditionals, law_tv, sequence_law, speculative_law, tree_target_probs, verifier_law
 from tests.helpers import chi_square_of_decoder, stream_checking_caches
 
 GREEDY = SamplingConfig()
@@ -83,18 +83,8 @@ def test_dp_on_large_budgets_and_bad_input():
         dp.tree(300, 2)
 
 
-# ---- exact enumeration of one node -------------------------------------------------------------
+# ---- exact enumeration of the real SWOR verifier -----------------------------------------------
 V = 5
-
-
-def _dist(gen, zero=(), sharp=1.0):
-    logits = torch.randn(V, generator=gen, dtype=torch.float64) * sharp
-    logits[list(zero)] = float("-inf")
-    return torch.softmax(logits, -1)
-
-
-def _tv(a, b):
-    return 0.5 * float((a - b).abs().sum())
 
 
 def swor_draws(draft, k):
@@ -109,66 +99,87 @@ def swor_draws(draft, k):
             yield draws, prob
 
 
-def node_output(target, draws, accept, leftover):
-    out = torch.zeros_like(target)
-    reach = 1.0
-    for x, a in zip(draws, accept.tolist()):
-        out[x] += reach * a
-        reach *= 1 - a
-    return out + reach * leftover
+def swor_proposals(draft: Conditionals, k: int, grandchildren: int = 0, resort: bool = False):
+    """Every tree `SequoiaDrafter` can propose in mode swor, with its probability: k root children
+    drawn without replacement from q, in sampling order; with `grandchildren` = c, the first-drawn
+    child gets c children drawn without replacement from q(that token). Siblings share a q row.
+
+    The planted bug: `resort` lists the root children by draft probability, not sampling order.
+    """
+    q = draft(())
+    k = min(k, int((q > 0).sum()))  # no more distinct children than the draft's support
+    for roots, prob in swor_draws(q, k):
+        if resort:
+            roots = tuple(sorted(roots, key=lambda x: -float(q[x])))
+        below_q = draft((roots[0],))
+        c = min(grandchildren, int((below_q > 0).sum()))
+        for below, p_below in swor_draws(below_q, c) if c else [((), 1.0)]:
+            tree = TokenTree.from_drafted(
+                0, torch.tensor(roots + below), torch.tensor([-1] * k + [0] * c), None,
+                torch.tensor([0] * k + [1] * c), torch.stack([q, below_q]))  # draft_probs: [2, V]
+            yield prob * p_below, tree
 
 
-def swor_output(target, draft, k, resort=False):
-    """Exact output distribution at a node: k SWOR children verified by `swor_node`."""
-    out = torch.zeros_like(target)
-    for draws, prob in swor_draws(draft, k):
-        if resort:  # the tempting bug: visit siblings by draft probability instead of sampling order
-            draws = tuple(sorted(draws, key=lambda x: -float(draft[x])))
-        accept, leftover = swor_node(target, torch.tensor(draws), draft)
-        out += prob * node_output(target, draws, accept, leftover)
-    return out
+def swor_tv(target: Conditionals, proposals, length: int = 2, verifier=verify_swor) -> float:
+    """TV between the law of the next `length` tokens through the real verifier and the target's own."""
+    return law_tv(speculative_law(proposals, verifier, target, length), sequence_law(target, length))
 
 
 CASES = {
     "random": dict(),
-    "draft_misses_target_support": dict(q_zero=[0]),
-    "target_misses_draft_support": dict(p_zero=[3, 4]),
+    "draft_misses_target_support": dict(q_zero=(0,)),
+    "target_misses_draft_support": dict(p_zero=(2, 3)),
     "near_one_hot": dict(sharp=30.0),
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("k", range(1, V + 1))
-def test_swor_children_with_swor_verification_are_exact(case, k):
+def _pair(case: str, seed: int, vocab: int = V) -> tuple[Conditionals, Conditionals]:
     c = CASES[case]
-    gen = torch.Generator().manual_seed(k)
-    target = _dist(gen, c.get("p_zero", ()), c.get("sharp", 1.0))
-    draft = _dist(gen, c.get("q_zero", ()), c.get("sharp", 1.0))
-    k = min(k, int((draft > 0).sum()))  # no more distinct children than the draft's support
-    assert _tv(swor_output(target, draft, k), target) < 1e-12
+    return (Conditionals(vocab, seed, c.get("p_zero", ()), c.get("sharp", 1.0)),
+            Conditionals(vocab, 100 + seed, c.get("q_zero", ()), c.get("sharp", 1.0)))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("k", range(1, 5))
+def test_swor_children_with_swor_verification_are_exact(case, k):
+    target, draft = _pair(case, k, vocab=4)  # k = 1…V (each run enumerates 2^k acceptance outcomes)
+    assert swor_tv(target, swor_proposals(draft, k)) < 1e-12
+
+
+def test_swor_children_and_grandchildren_are_exact():
+    """Two levels: the walk descends into an accepted child and verifies its SWOR children there."""
+    target, draft = _pair("random", 9, vocab=4)
+    assert swor_tv(target, swor_proposals(draft, 2, grandchildren=2), length=3) < 1e-12
 
 
 def test_one_swor_child_is_leviathan():
-    gen = torch.Generator().manual_seed(3)
-    target, draft = _dist(gen), _dist(gen)
+    target, draft = _pair("random", 3)
     for x in range(V):
-        accept, leftover = swor_node(target, torch.tensor([x]), draft)
-        assert float(accept[0]) == float(chain.acceptance_probability(torch.tensor([x]), draft[None], target[None])[0])
-        assert torch.equal(leftover, chain.recovery_distribution(target, draft))
+        tree = TokenTree.from_drafted(0, torch.tensor([x]), torch.tensor([-1]), None, torch.tensor([0]),
+                                      draft(())[None])
+        rows = tree_target_probs(tree, target)
+        assert verifier_law(verify_swor, tree, rows) == verifier_law(chain.verify_speculative_sampling, tree, rows)
+        accept, leftover = swor_node(rows[0], torch.tensor([x]), draft(()))
+        assert float(accept[0]) == float(chain.acceptance_probability(torch.tensor([x]), draft(())[None], rows[:1])[0])
+        assert torch.equal(leftover, chain.recovery_distribution(rows[0], draft(())))
 
 
 def test_mutation_swor_without_zeroing_is_detected(monkeypatch):
-    gen = torch.Generator().manual_seed(11)
-    target, draft = _dist(gen), _dist(gen)
-    assert _tv(swor_output(target, draft, 3), target) < 1e-12
+    target, draft = _pair("random", 11)
+    assert swor_tv(target, swor_proposals(draft, 3)) < 1e-12
     monkeypatch.setattr(swor, "without_token", lambda q, x: q)  # = MSS on SWOR children
-    assert _tv(swor_output(target, draft, 3), target) > 0.01
+    assert swor_tv(target, swor_proposals(draft, 3)) > 0.01
 
 
 def test_mutation_resorted_siblings_is_detected():
-    gen = torch.Generator().manual_seed(12)
-    target, draft = _dist(gen), _dist(gen)
-    assert _tv(swor_output(target, draft, 3, resort=True), target) > 0.01
+    target, draft = _pair("random", 12)
+    assert swor_tv(target, swor_proposals(draft, 3, resort=True)) > 0.01
+
+
+def test_mutation_residual_equals_target_is_detected(monkeypatch):
+    target, draft = _pair("random", 13)
+    monkeypatch.setattr(swor, "recovery_distribution", lambda t, d: t)
+    assert swor_tv(target, swor_proposals(draft, 3)) > 0.01
 
 
 def test_swor_verifier_refuses_siblings_from_different_rows():
@@ -181,36 +192,23 @@ def test_swor_verifier_refuses_siblings_from_different_rows():
 
 
 # ---- top-k children + sample-and-match, enumerated through the real tree verifier ---------------
-def test_topk_tree_with_sample_and_match_is_exact(monkeypatch):
-    gen = torch.Generator().manual_seed(5)
-    vocab = 4
-    p1 = torch.softmax(torch.randn(vocab, generator=gen, dtype=torch.float64), -1)
-    p2 = torch.softmax(torch.randn(vocab, vocab, generator=gen, dtype=torch.float64), -1)  # [first, second]
-    p3 = torch.softmax(torch.randn(vocab, vocab, vocab, generator=gen, dtype=torch.float64), -1)
-    # Root children 2 and 0 (a top-2), under 2 the child 1: rows root, node 1, node 2, node 3.
-    tree = TokenTree.from_drafted(0, torch.tensor([2, 0, 1]), torch.tensor([-1, -1, 0]))
-    rows = torch.stack([p1, p2[2], p2[0], p3[2, 1]])
-    choice = {}
-    monkeypatch.setattr(match, "sample", lambda probs, generator=None: choice["now"])
-    joint = torch.zeros(vocab, vocab, dtype=torch.float64)  # first two emitted tokens
-    for combo in itertools.product(range(vocab), repeat=4):  # the target's draw at every row
-        weight = float(torch.prod(rows[torch.arange(4), torch.tensor(combo)]))
-        choice["now"] = torch.tensor(combo)
-        res = verify_sample_and_match(tree, rows)
-        emitted = [int(tree.tokens[n]) for n in res.accepted_nodes] + [res.next_token]
-        if len(emitted) >= 2:
-            joint[emitted[0], emitted[1]] += weight
-        else:  # the second token comes from the next call: a plain target draw
-            joint[emitted[0]] += weight * p2[emitted[0]]
-    assert _tv(joint.flatten(), (p1[:, None] * p2).flatten()) < 1e-12
+def _topk_tree(draft: Conditionals, with_probs: bool = False) -> TokenTree:
+    """The draft's top-2 root children, and the top child under the first: a deterministic tree."""
+    top = torch.topk(draft(()), 2).indices
+    below = int(draft((int(top[0]),)).argmax())
+    probs = (torch.tensor([0, 0, 1]), torch.stack([draft(()), draft((int(top[0]),))])) if with_probs else (None, None)
+    return TokenTree.from_drafted(0, torch.cat([top, torch.tensor([below])]), torch.tensor([-1, -1, 0]), None, *probs)
+
+
+def test_topk_tree_with_sample_and_match_is_exact():
+    target, draft = _pair("random", 5, vocab=4)
+    law = speculative_law([(1.0, _topk_tree(draft))], verify_sample_and_match, target, 3)
+    assert law_tv(law, sequence_law(target, 3)) < 1e-12
 
 
 def test_topk_children_verified_by_mss_are_biased():
-    gen = torch.Generator().manual_seed(6)
-    target, draft = _dist(gen), _dist(gen, sharp=2.0)
-    top = torch.topk(draft, 2).indices
-    accept, leftover = mss_node(target, top, draft.expand(2, V))
-    assert _tv(node_output(target, top.tolist(), accept, leftover), target) > 0.01
+    target, draft = Conditionals(V, 6), Conditionals(V, 106, sharp=2.0)
+    assert swor_tv(target, [(1.0, _topk_tree(draft, with_probs=True))], verifier=verify_mss) > 0.01
 
 
 # ---- the drafter -------------------------------------------------------------------------------
@@ -285,23 +283,38 @@ CHI_CONFIGS = [
 ]
 
 
-def _chi_run(mode, sampling, eos, n):
+def _chi_run(mode, sampling, eos, n, detects_tv=None):
     # Draft seed 16 against target seed 11: a pair where SWOR without the q update is visibly biased.
     target = MarkovLM.random(4, seed=11, sharpness=1.5)
     draft = MarkovLM.random(4, seed=16, sharpness=1.5)
     dec = SpeculativeDecoder(target, SequoiaDrafter(draft, sampling, CHI_PATHS, mode), sampling,
                              eos_token_ids=[eos] if eos is not None else [])
-    return chi_square_of_decoder(dec, target, sampling, eos, n, seed=5)
+    return chi_square_of_decoder(dec, target, sampling, eos, n, seed=5, detects_tv=detects_tv)
 
 
 @pytest.mark.parametrize("mode,sampling,eos", CHI_CONFIGS)
 def test_sequoia_sampling_matches_target_distribution(mode, sampling, eos, one_thread):
-    assert _chi_run(mode, sampling, eos, 2000) > 1e-3
+    """n = 2000 over 42, 10 and 5 cells: power ≥ 0.99 at alpha = 1e-3 against any law at total
+    variation ≥ 0.097, 0.078 and 0.071 from the target's (chi-square divergence ≥ 0.038, 0.024, 0.020);
+    both planted bugs below diverge by 0.10–0.23."""
+    assert _chi_run(mode, sampling, eos, 2000, detects_tv=0.1) > 1e-3
 
 
 def test_sequoia_mutation_without_zeroing_fails_chi_square(monkeypatch, one_thread):
+    """SWOR children verified without removing the rejected token from q (= MSS on SWOR children):
+    chi-square divergence 0.097 (30 000 mutated runs), caught with power ≥ 0.99 from n ≈ 770 on."""
     monkeypatch.setattr(swor, "without_token", lambda q, x: q)
-    assert _chi_run("swor", SamplingConfig(temperature=1.0), None, 2000) < 1e-3
+    assert _chi_run("swor", SamplingConfig(temperature=1.0), None, 2000, detects_tv=0.5 * 0.097**0.5) < 1e-3
+
+
+@pytest.mark.parametrize("config", [0, 1])
+def test_sequoia_mutation_residual_equals_target_fails_chi_square(config, monkeypatch, one_thread):
+    """The subtle bug: after a rejection the target is replaced by itself, not by norm(max(0, target − q)).
+    Chi-square divergence 0.18 and 0.23 on the two SWOR configurations (30 000 mutated runs), caught
+    with power ≥ 0.99 from n ≈ 430 and 210 on; n = 1000 here, half the pass test's."""
+    mode, sampling, eos = CHI_CONFIGS[config]
+    monkeypatch.setattr(swor, "recovery_distribution", lambda t, d: t)
+    assert _chi_run(mode, sampling, eos, 1000, detects_tv=0.5 * 0.18**0.5) < 1e-3
 
 
 @pytest.mark.parametrize("mode", ["swor", "greedy"])

@@ -1,8 +1,9 @@
-"""Verifiers: hand-written cases and exact enumeration of output distributions.
+"""Verifiers: hand-written cases and the exact output law of the chain verifier.
 
-The enumeration is built from the very kernels the sampling verifier calls
-(`acceptance_probability`, `recovery_distribution`), so a wrong kernel shows up here as a
-biased output distribution; `test_mutation_*` proves the test can fail.
+The law is enumerated through the real `verify_speculative_sampling` (every draft sequence with
+its draft probability, every random outcome of the verifier with the probability the verifier
+gave it: `tests.exact_law`), so a wrong threshold, residual, row or prefix rule anywhere in the
+verifier shows up as a biased law; `test_mutation_*` proves the test can fail.
 """
 
 import itertools
@@ -11,10 +12,12 @@ import pytest
 import torch
 
 import specdec.verify.chain as verify
+import specdec.verify.walk as walk
 from specdec.core.tree import TokenTree
 from specdec.verify.chain import verify_speculative_sampling
 from specdec.verify.greedy import verify_greedy
 from specdec.verify.match import verify_sample_and_match
+from tests.exact_law import Conditionals, law_tv, sequence_law, speculative_law, tree_target_probs, verifier_law
 
 V = 5
 
@@ -60,103 +63,85 @@ def test_sample_and_match_with_certain_target():
     assert (res.num_accepted, res.next_token) == (2, 0)
 
 
-# ---- exact enumeration --------------------------------------------------------------------
-def _dist(gen: torch.Generator, vocab: int = V, zero: list[int] = (), sharp: float = 1.0) -> torch.Tensor:
-    logits = torch.randn(vocab, generator=gen, dtype=torch.float64) * sharp
-    logits[list(zero)] = float("-inf")
-    return torch.softmax(logits, -1)
+# ---- exact enumeration of the real verifier -----------------------------------------------------
+def chain_proposals(draft: Conditionals, gamma: int):
+    """Every chain of γ drafts x_i ~ draft(x_<i), with its probability (what `ModelDrafter` draws)."""
+    for drafts in itertools.product(range(draft.vocab), repeat=gamma):
+        prob, rows = 1.0, []
+        for i, x in enumerate(drafts):
+            rows.append(draft(drafts[:i]))
+            prob *= float(rows[-1][x])
+        if prob > 0:
+            yield prob, chain(list(drafts), torch.stack(rows))  # draft_probs: [γ, V]
 
 
-def _tv(a: torch.Tensor, b: torch.Tensor) -> float:
-    return 0.5 * float((a - b).abs().sum())
-
-
-def single_step_output(target: torch.Tensor, draft: torch.Tensor) -> torch.Tensor:  # [V]
-    """Exact distribution of the emitted token for one draft x ~ draft."""
-    out = torch.zeros_like(target)
-    for x in range(target.numel()):
-        if draft[x] == 0:
-            continue
-        tok = torch.tensor([x])
-        a = float(verify.acceptance_probability(tok, draft[None], target[None])[0])
-        out[x] += draft[x] * a
-        out += draft[x] * (1 - a) * verify.recovery_distribution(target, draft)
-    return out
-
-
-def chain2_output(p1, p2, p3, q1, q2) -> torch.Tensor:  # [V, V] joint of the first two emitted tokens
-    """Exact joint distribution of the first two emitted tokens for a chain of two drafts.
-
-    p1 [V], p2 [V, V] (row = first token), p3 [V, V, V]; q1 [V], q2 [V, V]. After a first
-    rejection the second token comes from the next iteration, i.e. from p2 given the recovered
-    token (exact plain sampling).
-    """
-    out = torch.zeros(V, V, dtype=torch.float64)
-    for x1, x2 in itertools.product(range(V), range(V)):
-        w = q1[x1] * q2[x1, x2]
-        if w == 0:
-            continue
-        toks = torch.tensor([x1, x2])
-        dprobs = torch.stack([q1, q2[x1]])
-        tprobs = torch.stack([p1, p2[x1], p3[x1, x2]])
-        a1, a2 = verify.acceptance_probability(toks, dprobs, tprobs).tolist()
-        # rejected at 1: y1 ~ residual, y2 ~ p2(.|y1)
-        r1 = verify.recovery_distribution(p1, q1)
-        out += w * (1 - a1) * r1[:, None] * p2
-        # accepted x1, rejected x2: y2 ~ residual(p2(.|x1), q2(.|x1))
-        out[x1] += w * a1 * (1 - a2) * verify.recovery_distribution(p2[x1], q2[x1])
-        # both accepted: y2 = x2
-        out[x1, x2] += w * a1 * a2
-    return out
+def chain_tv(target: Conditionals, draft: Conditionals, gamma: int) -> float:
+    """TV between the law of the next γ + 1 tokens through the verifier and the target's own law."""
+    law = speculative_law(chain_proposals(draft, gamma), verify_speculative_sampling, target, gamma + 1)
+    return law_tv(law, sequence_law(target, gamma + 1))
 
 
 CASES = {
     "random": dict(),
-    "draft_misses_target_support": dict(q_zero=[0, 1]),
-    "target_misses_draft_support": dict(p_zero=[3, 4]),
+    "draft_misses_target_support": dict(q_zero=(0, 1)),
+    "target_misses_draft_support": dict(p_zero=(3, 4)),
     "near_one_hot": dict(sharp=30.0),
 }
 
 
+def _pair(case: str, seed: int) -> tuple[Conditionals, Conditionals]:
+    c = CASES[case]
+    target = Conditionals(V, seed, zero=c.get("p_zero", ()), sharp=c.get("sharp", 1.0))
+    draft = Conditionals(V, 1000 + seed, zero=c.get("q_zero", ()), sharp=c.get("sharp", 1.0))
+    return target, draft
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("seed", range(4))
-def test_single_step_is_exact(case, seed):
-    c = CASES[case]
-    gen = torch.Generator().manual_seed(seed)
-    target = _dist(gen, zero=c.get("p_zero", ()), sharp=c.get("sharp", 1.0))
-    draft = _dist(gen, zero=c.get("q_zero", ()), sharp=c.get("sharp", 1.0))
-    assert _tv(single_step_output(target, draft), target) < 1e-12
+def test_single_draft_is_exact(case, seed):
+    target, draft = _pair(case, seed)
+    assert chain_tv(target, draft, 1) < 1e-12
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_chain_of_two_is_exact(case):
+    target, draft = _pair(case, 100)
+    assert chain_tv(target, draft, 2) < 1e-12
 
 
 def test_identical_distributions_accept_everything():
-    gen = torch.Generator().manual_seed(9)
-    p = _dist(gen)
-    assert _tv(single_step_output(p, p), p) < 1e-12
-    a = verify.acceptance_probability(torch.arange(V), p.expand(V, V), p.expand(V, V))
+    target = Conditionals(V, 9)
+    law = speculative_law(chain_proposals(target, 2), verify_speculative_sampling, target, 4)
+    assert law_tv(law, sequence_law(target, 4)) < 1e-12
+    # Every call emits both drafts and the bonus: the fourth token always comes from the next call.
+    lengths = {}
+    for prob, tree in chain_proposals(target, 2):
+        for out, p in verifier_law(verify_speculative_sampling, tree, tree_target_probs(tree, target)).items():
+            lengths[len(out)] = lengths.get(len(out), 0.0) + prob * p
+    assert lengths == pytest.approx({3: 1.0}, abs=1e-12)
+    a = verify.acceptance_probability(torch.arange(V), target(()).expand(V, V), target(()).expand(V, V))
     assert torch.allclose(a, torch.ones(V, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_chain_of_two_is_exact(seed):
-    gen = torch.Generator().manual_seed(100 + seed)
-    p1, q1 = _dist(gen), _dist(gen, zero=[4])
-    p2 = torch.stack([_dist(gen) for _ in range(V)])
-    q2 = torch.stack([_dist(gen, zero=[0]) for _ in range(V)])
-    p3 = torch.stack([torch.stack([_dist(gen) for _ in range(V)]) for _ in range(V)])
-    expected = p1[:, None] * p2
-    assert _tv(chain2_output(p1, p2, p3, q1, q2), expected) < 1e-12
-
-
+# ---- planted bugs: each must make the real verifier's law biased -------------------------------
 def test_mutation_residual_equals_target_is_detected(monkeypatch):
-    gen = torch.Generator().manual_seed(1)
-    target, draft = _dist(gen), _dist(gen)
+    target, draft = _pair("random", 1)
+    assert chain_tv(target, draft, 2) < 1e-12
     monkeypatch.setattr(verify, "recovery_distribution", lambda t, d: t)
-    assert _tv(single_step_output(target, draft), target) > 0.01
+    assert chain_tv(target, draft, 2) > 0.01
 
 
 def test_mutation_residual_equals_draft_is_detected(monkeypatch):
-    gen = torch.Generator().manual_seed(2)
-    target, draft = _dist(gen), _dist(gen)
+    target, draft = _pair("random", 2)
     # Accepting with target/draft alone (no residual correction) is the textbook bug.
     monkeypatch.setattr(verify, "recovery_distribution", lambda t, d: d)
-    assert _tv(single_step_output(target, draft), target) > 0.01
+    assert chain_tv(target, draft, 2) > 0.01
+
+
+def test_mutation_accepting_past_a_rejection_is_detected(monkeypatch):
+    """Counting every passed test instead of the leading run (a draft kept after an earlier one was
+    rejected): the kernels are right, only the verifier's use of them is wrong."""
+    target, draft = _pair("random", 3)
+    monkeypatch.setattr(verify, "accepted_prefix", lambda accept: int(accept.sum()))
+    assert chain_tv(target, draft, 2) > 0.01
+    assert walk.accepted_prefix(torch.tensor([True, False, True])) == 1  # the real one stops at the rejection

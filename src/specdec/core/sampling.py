@@ -57,7 +57,9 @@ def logits_to_probs(
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if cfg.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        # Stable: tokens of equal probability keep token-id order, so a tie at the cut keeps the
+        # lowest ids (an unstable sort picks among them by the sort's internals).
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
         # Mass strictly before each token in descending order; a token is kept while that mass
         # is still short of top_p, so the most likely token is always kept.
         mass_before = sorted_probs.cumsum(-1) - sorted_probs
