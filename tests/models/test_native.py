@@ -172,6 +172,21 @@ def test_a_planted_order_change_is_caught():
 
 
 @needs_kernels
+def test_a_build_killed_midway_does_not_block_the_next():
+    """torch's build lock is a file a killed builder leaves behind; loading must not wait on it."""
+    import subprocess
+    import sys
+
+    isa = kernels.cpu_isa()
+    assert kernels.native_library(isa) is not None
+    build_dir = kernels.build_folder(isa)
+    (build_dir / "lock").touch()
+    code = f"from specdec.models.native import kernels; assert kernels._build({isa!r}).is_file()"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=240)
+    assert not (build_dir / "lock").exists()
+
+
+@needs_kernels
 def test_kernel_refuses_bad_arguments():
     fmt = FORMATS["Q8_0"]
     packed = kernels.repack(_blocks("Q8_0", 4, 64), fmt, 64)

@@ -19,6 +19,7 @@ matter of speed only. Without a compiler the callers fall back to dequantizing p
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -129,6 +130,18 @@ def _ensure_ninja() -> None:
         pass
 
 
+def _flags(isa: str, defines: tuple[str, ...]) -> list[str]:
+    return _COMMON + ISA_FLAGS[isa] + [f"-D{d}" for d in defines]
+
+
+def build_folder(isa: str, defines: tuple[str, ...] = ()) -> Path:
+    """Where the library for `isa` is built: one folder per source text, flags, torch and Python."""
+    text = b"".join((CSRC_DIR / f).read_bytes() for f in (*SOURCES, *HEADERS))
+    digest = hashlib.sha256(text + " ".join(_flags(isa, defines)).encode()).hexdigest()[:10]
+    tag = f"{isa}-torch{torch.__version__.split('+')[0]}-py{sys.version_info[0]}{sys.version_info[1]}-{digest}"
+    return cache_dir() / "kernels" / f"native-{platform.machine()}-{tag}"
+
+
 def _build(isa: str, defines: tuple[str, ...] = ()) -> Path:
     from torch.utils import cpp_extension
 
@@ -138,22 +151,36 @@ def _build(isa: str, defines: tuple[str, ...] = ()) -> Path:
     _ensure_ninja()
     if shutil.which("ninja") is None:
         raise RuntimeError("ninja is not installed (pip install ninja)")
-    flags = _COMMON + ISA_FLAGS[isa] + [f"-D{d}" for d in defines]
-    text = b"".join((CSRC_DIR / f).read_bytes() for f in (*SOURCES, *HEADERS))
-    digest = hashlib.sha256(text + " ".join(flags).encode()).hexdigest()[:10]
-    tag = f"{isa}-torch{torch.__version__.split('+')[0]}-py{sys.version_info[0]}{sys.version_info[1]}-{digest}"
-    build_dir = cache_dir() / "kernels" / f"native-{platform.machine()}-{tag}"
+    flags = _flags(isa, defines)
+    build_dir = build_folder(isa, defines)
     build_dir.mkdir(parents=True, exist_ok=True)
     name = f"specdec_native_{isa}" + "".join(f"_{d.lower()}" for d in defines)
     lib = build_dir / f"{name}.so"
     if not lib.is_file():
         log.info("Compiling the native kernels for %s into %s (once, ~10-60 s)", isa, build_dir)
-    cpp_extension.load(
-        name=name, sources=[str(CSRC_DIR / f) for f in SOURCES], extra_cflags=flags,
-        extra_include_paths=[str(CSRC_DIR)],
-        build_directory=str(build_dir), is_python_module=False, verbose=False,
-    )
+    with _build_lock(build_dir):
+        cpp_extension.load(
+            name=name, sources=[str(CSRC_DIR / f) for f in SOURCES], extra_cflags=flags,
+            extra_include_paths=[str(CSRC_DIR)],
+            build_directory=str(build_dir), is_python_module=False, verbose=False,
+        )
     return lib
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """One builder per build folder, by a lock the kernel drops when its holder dies. torch's own
+    lock is a file that a killed build leaves behind, and every later process would wait on it
+    forever; under ours any such file is stale, so it goes."""
+    import fcntl
+
+    with open(build_dir / "specdec.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
