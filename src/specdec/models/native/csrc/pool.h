@@ -51,6 +51,7 @@ class Pool {
     job_ = &body;
     n_ = n;
     grain_ = grain;
+    threads_ = threads;
     active_.store(threads - 1, std::memory_order_relaxed);
     next_.store(0, std::memory_order_release);  // last: a claim that sees it sees the job too
     const uint64_t gen = generation_.fetch_add(1, std::memory_order_acq_rel) + 1;
@@ -86,13 +87,30 @@ class Pool {
         in_flight_.fetch_sub(1, std::memory_order_release);
         return;
       }
-      const int64_t b = next_.fetch_add(grain_, std::memory_order_acq_rel);
-      if (b >= n_) {
+      int64_t b, e;
+      if (!claim(b, e)) {
         in_flight_.fetch_sub(1, std::memory_order_release);
         return;
       }
-      (*job_)(b, b + grain_ < n_ ? b + grain_ : n_);
+      (*job_)(b, e);
       in_flight_.fetch_sub(1, std::memory_order_release);
+    }
+  }
+
+  // Guided chunks: a claim takes a share of what is left (never less than the grain), so a call
+  // costs a few claims per thread instead of one per grain, and each thread streams long runs of
+  // contiguous weight panels; the shrinking tail still balances a late or slow thread.
+  bool claim(int64_t& b, int64_t& e) {
+    int64_t cur = next_.load(std::memory_order_acquire);
+    for (;;) {
+      if (cur >= n_) return false;
+      int64_t size = (n_ - cur) / (2 * threads_) / grain_ * grain_;
+      size = size < grain_ ? grain_ : size;
+      if (next_.compare_exchange_weak(cur, cur + size, std::memory_order_acq_rel)) {
+        b = cur;
+        e = cur + size < n_ ? cur + size : n_;
+        return true;
+      }
     }
   }
 
@@ -114,11 +132,14 @@ class Pool {
   std::mutex submit_, sleep_;
   std::condition_variable wake_;
   std::vector<std::thread> workers_;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int64_t> next_{0}, in_flight_{0};
-  std::atomic<int> active_{0};
-  const std::function<void(int64_t, int64_t)>* job_ = nullptr;
+  // Each counter on its own cache line: a claim must not invalidate the line a spinning worker reads.
+  alignas(64) std::atomic<uint64_t> generation_{0};
+  alignas(64) std::atomic<int64_t> next_{0};
+  alignas(64) std::atomic<int64_t> in_flight_{0};
+  alignas(64) std::atomic<int> active_{0};
+  alignas(64) const std::function<void(int64_t, int64_t)>* job_ = nullptr;
   int64_t n_ = 0, grain_ = 1;
+  int threads_ = 1;
 };
 
 template <class F>
