@@ -47,6 +47,51 @@ def test_a_good_arm_keeps_playing():
     assert bandit.plays[0] == stats.target_calls and stats.tokens_per_call > 3
 
 
+def test_an_arm_the_tune_underrated_is_probed_and_kept():
+    """Priced below plain decoding (1.2 tokens at 2 ms against 1 token at 1 ms), the arm is probed after
+    `probe_every` plain steps, earns its gamma + 1 tokens and plays on."""
+    target = tiny_lm("llama", 0)
+    prompt = list(range(5, 20))
+    good = ModelDrafter(tiny_lm("llama", 0), GREEDY, 3)
+    bandit = BanditDrafter([Arm(good, 2.0, 1.2, "sps")], ar_ms=1.0, probe_every=4)
+    out, stats = SpeculativeDecoder(target, bandit, GREEDY).generate(prompt, 40)
+    assert out == SpeculativeDecoder(target).generate(prompt, 40)[0]
+    model, plain = bandit.plays
+    assert plain == 4 and model == stats.target_calls - 4 and stats.tokens_per_call > 3
+
+
+def test_probes_of_a_poor_arm_back_off():
+    """An arm that earns about one token per call is probed after 4, then 8, then 16 plain steps."""
+    target = tiny_lm("llama", 0)
+    prompt = list(range(5, 20))
+    poor = ModelDrafter(tiny_lm("llama", 4), GREEDY, 3)
+    bandit = BanditDrafter([Arm(poor, 2.0, 1.2, "sps")], ar_ms=1.0, probe_every=4)
+    out, _ = SpeculativeDecoder(target, bandit, GREEDY).generate(prompt, 40)
+    assert out == SpeculativeDecoder(target).generate(prompt, 40)[0]
+    assert bandit.plays[0] == 3
+    never = BanditDrafter([Arm(ModelDrafter(tiny_lm("llama", 4), GREEDY, 3), 2.0, 1.2)], ar_ms=1.0, probe_every=0)
+    SpeculativeDecoder(target, never, GREEDY).generate(prompt, 40)
+    assert never.plays[0] == 0
+
+
+def test_auto_probes_candidates_near_plain_decoding_when_plain_decoding_won_the_tune():
+    from specdec.methods.auto import PROBE_FLOOR, bandit_arms
+    from specdec.methods.base import MethodContext
+
+    ctx = MethodContext(tiny_lm("llama", 0), [tiny_lm("llama", 4)], GREEDY)
+    ar = {"method": "ar", "label": "ar", "tokens_per_call": 1.0, "ms_per_call": 1.0, "expected_speedup": 1.0}
+
+    def row(method, speedup, **options):
+        return {"method": method, "label": method, "tokens_per_call": 2.0, "ms_per_call": 2.0 / speedup,
+                "expected_speedup": speedup, "options": options}
+
+    profile = {"winner": ar, "candidates": [ar, row("sps", 0.9, gamma=3), row("pld", PROBE_FLOOR - 0.01)]}
+    arms = bandit_arms(ctx, profile, None, 3)
+    assert [a.label for a in arms] == ["sps"] and isinstance(arms[0].drafter, ModelDrafter)
+    profile["candidates"] = [ar, row("pld", PROBE_FLOOR - 0.01)]
+    assert bandit_arms(ctx, profile, None, 3) == []
+
+
 def _sampled_counts(n: int, seed: int):
     sampling = SamplingConfig(temperature=1.0)
     target = MarkovLM.random(4, seed=11, sharpness=1.5)

@@ -84,18 +84,27 @@ def break_even(profile: dict[str, Any]) -> float | None:
     return float(per_call) / float(ar_ms)
 
 
-def bandit_arms(ctx: MethodContext, profile: dict[str, Any], winner: Drafter, count: int,
+PROBE_FLOOR = 0.75
+"""Where the tune found that nothing beats plain decoding, candidates it priced at this share of plain
+decoding's speed or more are still probed while generating: the tune's prompts are not the user's."""
+
+
+def bandit_arms(ctx: MethodContext, profile: dict[str, Any], winner: Drafter | None, count: int,
                 sequoia_mode: str | None = None) -> list[Arm] | None:
-    """The winner and the next best candidates of other methods that beat plain decoding in the tune
+    """The winner (unless it is plain decoding) and the next best candidates of other methods that beat
+    plain decoding in the tune, or come within `PROBE_FLOOR` of it where the winner is plain decoding
     (at most `count` in all), with the tune's figures; None when the profile lacks them (older tunes)."""
     rows = [r for r in profile.get("candidates", []) if r.get("method") != "ar"]
     if not all("ms_per_call" in r and "tokens_per_call" in r for r in rows + [profile["winner"]]):
         return None
     w = profile["winner"]
-    arms = [Arm(winner, float(w["ms_per_call"]), float(w["tokens_per_call"]), str(w.get("label", "")))]
+    arms = [] if winner is None else \
+        [Arm(winner, float(w["ms_per_call"]), float(w["tokens_per_call"]), str(w.get("label", "")))]
     methods = {w.get("method")}
+    floor = 1.0 if winner is not None else PROBE_FLOOR
     for r in sorted(rows, key=lambda r: -float(r["expected_speedup"])):
-        if len(arms) >= count or float(r["expected_speedup"]) <= 1.0:
+        if len(arms) >= count or float(r["expected_speedup"]) < floor or \
+                (winner is not None and float(r["expected_speedup"]) <= 1.0):
             break
         if r["method"] in methods or (get_method(r["method"]).needs_draft_model and not ctx.drafts):
             continue
@@ -108,13 +117,15 @@ def bandit_arms(ctx: MethodContext, profile: dict[str, Any], winner: Drafter, co
 def build(ctx: MethodContext, opts: Options) -> Drafter | None:
     profile = auto_profile(ctx, opts.tree)
     drafter = drafter_for(ctx, profile["winner"], opts.sequoia_mode)
-    if drafter is None or opts.no_fallback:
+    if opts.no_fallback:
         return drafter
     ar_ms = (profile.get("timing") or {}).get("ar_ms_per_token")
     arms = bandit_arms(ctx, profile, drafter, opts.arms, opts.sequoia_mode) if ar_ms else None
-    if arms is not None:
+    if arms:
         # The best few candidates and plain decoding, switched by what each earns on this prompt.
         return BanditDrafter(arms, float(ar_ms))
+    if drafter is None:
+        return None
     need = break_even(profile)
     # Where the winner does not pay on this text, plain steps instead (exact either way).
     return drafter if need is None else FallbackDrafter(drafter, need)

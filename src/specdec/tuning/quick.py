@@ -52,7 +52,9 @@ class QuickSettings:
 
     target_ks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     draft_ks: tuple[int, ...] = (1, 2, 4, 8, 16)
-    repeats: int = 1
+    repeats: int = 3
+    """Timed passes per k (the median is kept): one pass can catch a hiccup, and every candidate's
+    price is built on these times."""
     context: int = 128
     num_prompts: int = 3
     gen_tokens: int = 16
@@ -104,7 +106,7 @@ def measure_costs(target: LanguageModel, draft: LanguageModel | None, key: dict[
     fp = fingerprint(target.device)
     path = timing_cache_path()
     cache = read_json(path, PROFILE_VERSION, fp) if use_cache else {}
-    name = timing_cache_key(key) + f"|{settings.target_ks}|{settings.draft_ks}|{settings.context}"
+    name = timing_cache_key(key) + f"|{settings.target_ks}|{settings.draft_ks}|{settings.context}|{settings.repeats}"
     entry = cache.get(name)
     if isinstance(entry, dict) and "target_ms" in entry:
         return ({int(k): float(v) for k, v in entry["target_ms"].items()},
