@@ -90,3 +90,19 @@ class DraftModel:
         """`keep` for a pending chain: its first drafts are accepted in place (no gather)."""
         self.lm.commit(min(num_accepted, self.pending))
         self.pending = 0
+
+
+class OneModelDrafter:
+    """What drafters that run one draft model share: its cache sized for the committed text plus one
+    proposal's nodes (`max_nodes` pending slots at most), and its forward calls for the SWI cost model.
+    Subclasses set `draft` (a `DraftModel`) and `max_nodes`."""
+
+    draft: DraftModel
+    max_nodes: int
+
+    def begin(self, prompt_ids: Tensor, max_len: int) -> None:
+        self.draft.begin(max_len + self.max_nodes)
+
+    def forward_calls(self) -> list[int]:
+        """Draft forward passes since `begin`."""
+        return [self.draft.calls]

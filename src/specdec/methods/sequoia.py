@@ -25,7 +25,7 @@ from specdec.core.hardware import fingerprint
 from specdec.core import store
 from specdec.core.tree import TokenTree, depths, keep_subtree, paths_to_parents
 from specdec.drafting.base import Proposal
-from specdec.drafting.draft_model import DraftModel
+from specdec.drafting.draft_model import DraftModel, OneModelDrafter
 from specdec.drafting.sequoia_dp import Paths, check_accept, sequoia_dp
 from specdec.methods.base import Method, MethodContext, TuningSpace
 from specdec.methods.registry import register
@@ -44,7 +44,7 @@ PRIOR_ACCEPT = (0.7, 0.1, 0.04, 0.02, 0.01, 0.01, 0.005, 0.005)
 MODES = ("swor", "greedy")
 
 
-class SequoiaDrafter:
+class SequoiaDrafter(OneModelDrafter):
     """Drafts a static tree shape (path tuples) level by level, with distinct children per node.
 
     mode "swor": at T > 0, each node's children are drawn without replacement from the draft's
@@ -86,13 +86,6 @@ class SequoiaDrafter:
         self.last_confidence: Tensor | None = None
         """With `record_confidence`: [N] per drafted node of the last tree, the draft's largest
         probability where the node was drawn (its processed q at T > 0, its softmax at T = 0)."""
-
-    def begin(self, prompt_ids: Tensor, max_len: int) -> None:
-        self.draft.begin(max_len + self.max_nodes)
-
-    def forward_calls(self) -> list[int]:
-        """Draft forward passes since `begin` (for the SWI cost model)."""
-        return [self.draft.calls]
 
     def _rank_children(
         self,

@@ -30,7 +30,7 @@ from specdec.core.results import VerifyResult
 from specdec.core.sampling import SamplingConfig
 from specdec.core.tree import TokenTree, keep_subtree
 from specdec.drafting.base import Proposal
-from specdec.drafting.draft_model import DraftModel
+from specdec.drafting.draft_model import DraftModel, OneModelDrafter
 from specdec.methods.base import Method, MethodContext, TuningSpace
 from specdec.methods.registry import register
 from specdec.models.base import LanguageModel
@@ -45,7 +45,7 @@ DEFAULT_MAX_BEAMS = 8
 DEFAULT_BRANCH_WIDTH = 8
 
 
-class SpecExecDrafter:
+class SpecExecDrafter(OneModelDrafter):
     """Best-first draft trees of up to `budget` nodes (one draft model, batch 1)."""
 
     def __init__(
@@ -82,14 +82,6 @@ class SpecExecDrafter:
         self.last_scores: Tensor | None = None
         """[N] float64: each node of the last proposed tree's score (sum of draft log-probs on its path)."""
         self._node_slots: Tensor | None = None  # [N + 1] per tree node: its slot in the draft's pending block
-
-    def begin(self, prompt_ids: Tensor, max_len: int) -> None:
-        # Every node run through the draft holds a pending slot, at most `budget` of them.
-        self.draft.begin(max_len + self.budget)
-
-    def forward_calls(self) -> list[int]:
-        """Draft forward passes since `begin` (for the SWI cost model)."""
-        return [self.draft.calls]
 
     def _children(
         self,

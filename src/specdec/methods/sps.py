@@ -13,7 +13,7 @@ from specdec.core.results import VerifyResult
 from specdec.core.sampling import SamplingConfig, logits_to_probs, sample
 from specdec.core.tree import TokenTree
 from specdec.drafting.base import Proposal, finished
-from specdec.drafting.draft_model import DraftModel
+from specdec.drafting.draft_model import DraftModel, OneModelDrafter
 from specdec.methods.base import Method, MethodContext, TuningSpace
 from specdec.methods.registry import register
 from specdec.models.base import LanguageModel
@@ -23,7 +23,7 @@ from specdec.verify.mss import verify_mss
 DEFAULT_GAMMA = 4
 
 
-class ModelDrafter:
+class ModelDrafter(OneModelDrafter):
     """A small causal LM drafting a chain of `gamma` tokens autoregressively with its own KV cache.
 
     Drafts are drawn with the same sampling operator as the target (argmax at T = 0) and the
@@ -47,12 +47,6 @@ class ModelDrafter:
         self.sampling = sampling
         self.max_depth = self.max_nodes = check_positive_int("gamma", gamma)
         self.verifier = verify_greedy if sampling.greedy else verify_mss
-
-    def begin(self, prompt_ids: Tensor, max_len: int) -> None:
-        self.draft.begin(max_len + self.max_nodes)
-
-    def forward_calls(self) -> list[int]:
-        return [self.draft.calls]
 
     def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> Proposal:
         gamma = min(self.max_depth, max_depth)
