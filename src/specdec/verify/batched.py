@@ -93,7 +93,7 @@ def verify_batch(items: Sequence[Verification], logits: Sequence[Tensor]) -> lis
         groups.setdefault(kind, []).append(i)
     if "greedy" in groups:
         idx = groups["greedy"]
-        flat = torch.cat([logits[i] for i in idx]) if len(idx) > 1 else logits[idx[0]]
+        flat = joined([logits[i] for i in idx])
         choice = flat.to(torch.float64 if flat.dtype == torch.float64 else torch.float32).argmax(-1)
         _put(results, idx, follow_matching_batch([items[i].tree for i in idx], choice))
     sampled = [i for k in ("match", "chain", "mss", "swor") for i in groups.get(k, [])]
@@ -101,7 +101,7 @@ def verify_batch(items: Sequence[Verification], logits: Sequence[Tensor]) -> lis
         probs = _processed(items, logits, sampled)
         if "match" in groups:
             idx = groups["match"]
-            rows = torch.cat([probs[i] for i in idx])
+            rows = joined([probs[i] for i in idx])
             choice = _race(rows, [(items[i].generator, probs[i].shape[0]) for i in idx])
             _put(results, idx, follow_matching_batch([items[i].tree for i in idx], choice))
         if "chain" in groups:
@@ -113,6 +113,22 @@ def verify_batch(items: Sequence[Verification], logits: Sequence[Tensor]) -> lis
                 _put(results, idx, walk_batch([items[i] for i in idx], [probs[i] for i in idx], kind == "swor"))
     assert all(r is not None for r in results)
     return results  # type: ignore[return-value]
+
+
+def joined(parts: Sequence[Tensor]) -> Tensor:  # parts: [n_i, V] each -> [Σ n_i, V]
+    """The parts one after the other: a view when they already lie so in one buffer (a batched pass's
+    logits, split by sequence), else a copy."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    offset, ptr = first.storage_offset(), first.untyped_storage().data_ptr()
+    for part in parts:
+        if not part.is_contiguous() or part.untyped_storage().data_ptr() != ptr or part.storage_offset() != offset \
+                or part.dtype != first.dtype or part.shape[1:] != first.shape[1:]:
+            return torch.cat(list(parts))
+        offset += part.numel()
+    return torch.as_strided(first, (sum(p.shape[0] for p in parts), *first.shape[1:]), first.stride(),
+                            first.storage_offset())
 
 
 def _put(results: list, idx: Sequence[int], values: Sequence[VerifyResult]) -> None:
@@ -128,7 +144,7 @@ def _processed(items: Sequence[Verification], logits: Sequence[Tensor], idx: Seq
         by_cfg.setdefault(items[i].sampling, []).append(i)
     out: dict[int, Tensor] = {}
     for cfg, members in by_cfg.items():
-        probs = logits_to_probs(torch.cat([logits[i] for i in members]), cfg)
+        probs = logits_to_probs(joined([logits[i] for i in members]), cfg)
         for i, part in zip(members, probs.split([logits[i].shape[0] for i in members])):
             out[i] = part
     return out
@@ -196,7 +212,7 @@ def chains_batch(items: Sequence[Verification], probs: Sequence[Tensor]) -> list
     u = [torch.rand(g, generator=it.generator, device=device, dtype=dtype) for it, g in zip(items, gammas)]
     noise = [torch.empty(1, probs[0].shape[-1], dtype=dtype, device=device).exponential_(1, generator=it.generator)
              for it in items]
-    target = torch.cat(list(probs))  # [T, V]
+    target = joined(probs)  # [T, V]
     offsets, _, _ = _segments([g + 1 for g in gammas], device)
     drafted = torch.cat([it.tree.tokens[1:] for it in items]).to(device)  # [G]
     draft_rows = torch.cat([it.tree.draft_probs.to(device)[it.tree.cand_draft_row.to(device)]  # type: ignore[union-attr]
@@ -228,7 +244,7 @@ def _without(q: Tensor, token: Tensor) -> Tensor:  # q [S, V], token [S] -> `swo
 def walk_batch(items: Sequence[Verification], probs: Sequence[Tensor], swor: bool) -> list[VerifyResult]:
     """MSS (`mss.verify_mss`) or SWOR (`swor.verify_swor`) on many trees: one level of every walk at a time."""
     device, dtype = probs[0].device, probs[0].dtype
-    target = torch.cat(list(probs))  # [T, V]
+    target = joined(probs)  # [T, V]
     offsets, _, _ = _segments([it.tree.num_nodes for it in items], device)
     q_sizes = [it.tree.draft_probs.shape[0] for it in items]  # type: ignore[union-attr]
     q_all = torch.cat([it.tree.draft_probs.to(device, dtype) for it in items])  # type: ignore[union-attr]
