@@ -376,9 +376,13 @@ class BatchEngine:
         return [self._draft_ratios[index[id(m)]] for m in models]
 
     # ---- measured costs -------------------------------------------------------------------------
-    def calibrate(self, sizes: Sequence[int] = CALIBRATION_SIZES, repeats: int = 2) -> None:
-        """Time passes of `sizes` tokens on the target and the first draft model (the best of `repeats`),
-        what adaptive speculation and the fill bound start from; the steps refine them. Needs a free row."""
+    def calibrate(self, sizes: Sequence[int] = CALIBRATION_SIZES, repeats: int = 3) -> None:
+        """Time passes of `sizes` tokens on the target and the first draft model (the best of `repeats`,
+        after one untimed pass), what adaptive speculation and the fill bound start from; the steps
+        refine them. Needs a free row.
+
+        The untimed pass matters: a model's first pass pays one-off costs (seconds on a 1.5B model),
+        and a cost the planner believes too high is never measured again where it stops choosing it."""
         self._calibrated = True
         pairs = [("target", self.target)] + ([("draft", self.drafts[0])] if self.drafts else [])
         for key, model in pairs:
@@ -389,6 +393,8 @@ class BatchEngine:
             try:
                 row.reset(max(sizes))
                 tokens = torch.arange(max(sizes)) % self.target_lm.vocab_size
+                for k in sorted(set(sizes)):  # untimed: one pass of each shape first
+                    run_calls([ModelCall(row, tokens[:k])])
                 for k in sizes:
                     best = min(self._timed(lambda: run_calls([ModelCall(row, tokens[:k])])) for _ in range(repeats))
                     self.times[key].observe(k, best)

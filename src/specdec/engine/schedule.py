@@ -26,11 +26,19 @@ import torch
 
 CALIBRATION_SIZES = (1, 2, 4, 8, 16, 32, 64)
 """Tokens per pass the start-up probe times (bigger passes are learned from the steps themselves)."""
-EMA = 0.7
-"""Weight a new timing keeps against the old one in its bucket."""
-PRIOR_ACCEPTANCE = 0.6
+EMA_DOWN = 0.7
+"""Weight a new timing below the bucket's estimate gets against it."""
+EMA_UP = 0.1
+"""Weight a new timing above the bucket's estimate gets. Timing noise is one-sided: a pass slowed
+by another process (or a first call's one-off costs) reads seconds too long, never too short, and a
+cost estimated too high is never measured again where the planner stops choosing it. A lasting
+slowdown still shows within a few tens of passes."""
+PRIOR_ACCEPTANCE = 0.9
 PRIOR_WEIGHT = 2.0
-"""A sequence's acceptance starts at PRIOR_ACCEPTANCE with the weight of this many observed levels."""
+"""A sequence's acceptance starts at PRIOR_ACCEPTANCE with the weight of this many observed levels.
+Optimistic on purpose: acceptance is learnt only from steps that draft, so a sequence whose prior
+said "does not pay" would never draft and never learn otherwise (seen on the default pair at one
+client with a prior of 0.6); with this one it drafts, and its measured rate takes over in a few steps."""
 DECAY = 0.9
 """Each step's weight on a sequence's older acceptance counts: what is recent counts most."""
 
@@ -56,7 +64,8 @@ class PassTimes:
         b = _bucket(tokens)
         seconds *= b / tokens  # a pass of `tokens` stands for its bucket's size
         old = self.points.get(b)
-        self.points[b] = seconds if old is None else EMA * seconds + (1 - EMA) * old
+        weight = EMA_DOWN if old is None or seconds <= old else EMA_UP
+        self.points[b] = seconds if old is None else weight * seconds + (1 - weight) * old
 
     @property
     def known(self) -> bool:
