@@ -64,8 +64,8 @@ def test_the_long_prompt_and_shared_prefix_scenarios(tmp_path, one_thread):
     with running_server(create_app(pipe, "ar", {}, "tiny", max_batch_size=2)) as url:
         stall = stall_scenario(url, "tiny", "sps", 48, 0.0, chat=False, stream_tokens=64)
         prefix = prefix_scenario(url, "tiny", "ar", 48, 0.0, chat=False)
-    assert stall.long_prompt_tokens > 100 and stall.long_ttft_s > 0 and all(g >= 0 for g in stall.gaps_s)
-    assert prefix.prompt_tokens > 100 and prefix.first_ttft_s > 0 and prefix.second_ttft_s > 0
+    assert stall.long_prompt_tokens > 50 and stall.long_ttft_s > 0 and all(g >= 0 for g in stall.gaps_s)
+    assert prefix.prompt_tokens > 50 and prefix.first_ttft_s > 0 and prefix.second_ttft_s > 0
     assert prefix.second_cached_tokens == 0  # dense rows keep no prefix cache
     text = render_scenarios([stall], [prefix])
     assert "## A long prompt arrives beside a running stream" in text and "| sps |" in text

@@ -219,9 +219,11 @@ STREAM_PROMPT = "Write a long, detailed tutorial on Python's itertools module, w
 
 
 def long_text(approx_tokens: int, tag: str) -> str:
-    """Filler text of about `approx_tokens` tokens (~16 per line for BPE tokenizers), unique per `tag`."""
-    lines = [f"{tag} line {i}: the quick brown fox jumps over the lazy dog." for i in range(max(approx_tokens // 16, 1))]
-    return "\n".join(lines)
+    """Filler text of about `approx_tokens` tokens (~16 per line for BPE tokenizers), unique per `tag`.
+    The tag opens the text once: a tag on every line (a 19-digit time, one token per digit for Qwen)
+    doubled the length."""
+    lines = [f"line {i}: the quick brown fox jumps over the lazy dog." for i in range(max(approx_tokens // 16, 1))]
+    return "\n".join([tag, *lines])
 
 
 @dataclass
