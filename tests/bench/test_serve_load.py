@@ -34,7 +34,8 @@ def test_bench_serve_runs_every_level_and_writes_its_report(tmp_path, capsys, on
     assert all(1 <= r["completion_tokens"] <= 4 and r["latency_s"] >= r["ttft_s"] > 0 for r in rows)
     summary = (out / "serve-summary.md").read_text()
     assert "| sps | 2 |" in summary and "| ar | 1 |" in summary and "Crossover" in summary
-    assert (out / "throughput.png").stat().st_size > 0 and (out / "latency.png").stat().st_size > 0
+    assert all((out / f"{name}.png").stat().st_size > 0 for name in ("throughput", "latency", "ttft"))
+    assert "p95 TTFT s" in summary and "prefix hits" in summary
     assert "tokens/s" in capsys.readouterr().out
 
 
@@ -52,3 +53,20 @@ def test_bench_serve_flag_errors(tmp_path, capsys):
     for flag, value in (("--concurrency", "0,2"), ("--max-tokens", "0")):
         assert main(["bench-serve", "--prompts", str(tmp_path / "none.jsonl"), "--out", str(tmp_path), flag, value]) == 2
         assert flag in capsys.readouterr().err
+
+
+def test_the_long_prompt_and_shared_prefix_scenarios(tmp_path, one_thread):
+    from specdec.bench.serve_load import long_text, prefix_scenario, render_scenarios, stall_scenario
+
+    target, draft = save_tiny_checkpoints(tmp_path / "ckpt", tiny_tokenizer())
+    pipe = Pipeline(str(target), str(draft), fast_linear="off", progress=False)
+    assert long_text(64, "a") != long_text(64, "b")  # a tag makes each scenario's text its own
+    with running_server(create_app(pipe, "ar", {}, "tiny", max_batch_size=2)) as url:
+        stall = stall_scenario(url, "tiny", "sps", 48, 0.0, chat=False, stream_tokens=64)
+        prefix = prefix_scenario(url, "tiny", "ar", 48, 0.0, chat=False)
+    assert stall.long_prompt_tokens > 50 and stall.long_ttft_s > 0 and all(g >= 0 for g in stall.gaps_s)
+    assert prefix.prompt_tokens > 50 and prefix.first_ttft_s > 0 and prefix.second_ttft_s > 0
+    assert prefix.second_cached_tokens == 0  # dense rows keep no prefix cache
+    text = render_scenarios([stall], [prefix])
+    assert "## A long prompt arrives beside a running stream" in text and "| sps |" in text
+    assert "## Two requests sharing a prefix" in text and "| ar |" in text

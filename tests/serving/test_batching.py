@@ -133,6 +133,19 @@ def test_serve_batching_flags(checkpoints, monkeypatch, capsys):
     assert main(base) == 0  # defaults: a memory-sized budget, the default threshold (no tune profile here)
     cfg = launched["app"].state.config.batch
     assert cfg.max_kv_tokens is not None and cfg.max_kv_tokens > 1000 and cfg.spec_disable_batch_size == 8
-    for flag, value in (("--max-kv-tokens", "lots"), ("--spec-disable-batch-size", "-1"), ("--max-batch-size", "0")):
+    # The server's policies by default: adaptive speculation, a fill time bound, a prefix cache.
+    assert (cfg.adaptive, cfg.max_fill_ms, cfg.prefix_cache_mb) == (True, 400.0, 1024)
+    assert launched["app"].state.engine.batch.times["target"].known  # calibrated at start, not in a request
+    assert main([*base, "--speculation", "fixed", "--max-fill-ms", "none", "--prefix-cache-mb", "0"]) == 0
+    cfg = launched["app"].state.config.batch
+    assert (cfg.adaptive, cfg.max_fill_ms, cfg.prefix_cache_mb) == (False, None, 0)
+    assert launched["app"].state.engine.batch.prefix is None
+    assert main([*base, "--max-fill-ms", "50", "--prefix-cache-mb", "8"]) == 0
+    cfg = launched["app"].state.config.batch
+    assert (cfg.max_fill_ms, cfg.prefix_cache_mb) == (50.0, 8.0)
+    assert launched["app"].state.engine.batch.prefix.budget == 8 * 2**20
+    for flag, value in (("--max-kv-tokens", "lots"), ("--spec-disable-batch-size", "-1"), ("--max-batch-size", "0"),
+                        ("--max-fill-ms", "lots"), ("--max-fill-ms", "-5"), ("--prefix-cache-mb", "-1"),
+                        ("--prefix-cache-mb", "nan")):
         assert main([*base, flag, value]) == 2
         assert flag in capsys.readouterr().err

@@ -33,7 +33,9 @@ SPEC_COUNTERS = (
 
 @pytest.fixture(scope="module")
 def base_url(pipe):
-    app = create_app(pipe, "sps", {"max_ngram": 3, "gamma": 4}, MODEL, default_max_tokens=16)
+    # Fixed drafting: the answers' step statistics are compared with `specdec generate`'s, which
+    # adaptive speculation changes (its tokens it does not: tests/engine/test_batch_policies.py).
+    app = create_app(pipe, "sps", {"max_ngram": 3, "gamma": 4}, MODEL, default_max_tokens=16, adaptive=False)
     with running_server(app) as url:
         yield url
 
@@ -111,6 +113,7 @@ def test_stream_equals_nonstream_equals_cli(client, checkpoints, capsys, endpoin
         assert u.prompt_tokens == stats["prompt_tokens"]
         assert u.completion_tokens == stats["new_tokens"] == len(ref["token_ids"])
         assert u.total_tokens == u.prompt_tokens + u.completion_tokens
+        assert u.prompt_tokens_details.cached_tokens == 0  # dense rows keep no prefix cache
         spec = _speculative(u)
         assert spec["method"] == method
         assert spec["target_calls"] == stats["target_calls"]

@@ -26,7 +26,9 @@ MODEL_ARGS = ["--target", NAME, "--draft", NAME, "--fast-linear", "off", "--draf
 @pytest.fixture(scope="module")
 def client():
     pipe = Pipeline(NAME, NAME, fast_linear="off", draft_dtype="float32", progress=False)
-    with running_server(create_app(pipe, "pld", {"max_ngram": 3}, NAME)) as url:
+    # Fixed drafting: a draft as costly as its target never pays, so adaptive speculation would
+    # draft nothing, and the usage checks compare the drafts with `specdec generate`'s.
+    with running_server(create_app(pipe, "pld", {"max_ngram": 3}, NAME, adaptive=False)) as url:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 

@@ -39,10 +39,15 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     argv += ["--per-task", str(args.per_task)] if args.per_task is not None else []
     argv += ["--tasks", args.tasks] if args.tasks else []
     argv += ["--completions"] if args.completions else []
+    for flag, value in (("--stall-prompt-tokens", args.stall_prompt_tokens), ("--prefix-tokens", args.prefix_tokens)):
+        if value < 0:
+            raise ValueError(f"{flag} must be >= 0, got {value}")
+        argv += [flag, str(value)] if value else []
     levels, plots = run_serve_bench(
         args.url, prompts, args.out, concurrency=levels_c, methods=methods, requests=args.requests,
         max_tokens=args.max_tokens, temperature=args.temperature, chat=not args.completions,
         plots=not args.no_plots, command=command_line(argv), log=lambda msg: print(msg, file=sys.stderr),
+        stall_tokens=args.stall_prompt_tokens, prefix_tokens=args.prefix_tokens,
     )
     print((Path(args.out) / SUMMARY).read_text(encoding="utf-8"))
     print(f"wrote {Path(args.out) / RESULTS}, {Path(args.out) / SUMMARY}" + "".join(f", {p}" for p in plots),
@@ -55,8 +60,9 @@ def configure(p: argparse.ArgumentParser) -> None:
         "Load-test a running `specdec serve` (start it with a draft model and --max-batch-size at least the "
         "largest --concurrency): for each number of concurrent clients and each method (sent as the requests' "
         "speculative.method), stream answers to the prompts with the official openai client and report the "
-        "aggregate completion tokens/s, p50/p95 latency and time to first token, with plots and the crossover "
-        "where plain decoding catches up. Needs the openai package (pip install openai) and, for plots, matplotlib."
+        "aggregate completion tokens/s, p50/p95 latency and time to first token, the prompt tokens the prefix "
+        "cache supplied, with plots and the crossover where plain decoding catches up; optionally a long prompt "
+        "beside a running stream and two requests sharing a prefix. Needs the openai package (pip install openai) and, for plots, matplotlib."
     )
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
     p.add_argument("--prompts", required=True, help="JSONL prompt file (id, task, turns; the first turn is sent)")
@@ -72,4 +78,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="send raw prompts to /v1/completions (default: chat messages to /v1/chat/completions)")
     p.add_argument("--out", required=True, help="output directory (serve-results.jsonl, serve-summary.md, plots)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--stall-prompt-tokens", type=int, default=0, metavar="N",
+                   help="per method, also send a prompt of ~N tokens while one stream decodes and report the "
+                   "stream's gaps between chunks until that prompt's first token (0 = skip)")
+    p.add_argument("--prefix-tokens", type=int, default=0, metavar="N",
+                   help="per method, also send two requests sharing a ~N-token prefix one after the other and report "
+                   "both times to first token and the cached prompt tokens (0 = skip)")
     p.set_defaults(func=cmd_bench_serve)

@@ -17,7 +17,8 @@ from specdec.cli.common import (
 )
 
 from specdec.engine.limits import (
-    DEFAULT_MAX_BATCH_SIZE, DEFAULT_PREFILL_CHUNK, DEFAULT_SPEC_DISABLE_BATCH_SIZE, PROFILE_FIELD,
+    DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_FILL_MS, DEFAULT_PREFILL_CHUNK, DEFAULT_PREFIX_CACHE_MB,
+    DEFAULT_SPEC_DISABLE_BATCH_SIZE, PROFILE_FIELD,
 )
 from specdec.serving import SERVER_EXTRA_HINT
 from specdec.serving.guards import (
@@ -82,7 +83,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         default_max_tokens=args.max_new_tokens, default_seed=args.seed, api_key=api_key,
         max_tokens_limit=args.max_tokens_limit, max_draft_tokens=args.max_draft_tokens,
         max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, max_batch_size=args.max_batch_size,
-        prefill_chunk=args.prefill_chunk,
+        prefill_chunk=args.prefill_chunk, adaptive=args.speculation == "adaptive",
+        max_fill_ms=None if args.max_fill_ms == "none" else _number("--max-fill-ms", args.max_fill_ms),
+        prefix_cache_mb=args.prefix_cache_mb,
     )
     # A --draft given with a draft-free default method is still loaded: requests may switch to sps.
     pipe = load_pipeline(args, get_method(args.method).loads_draft_model or args.draft is not None)
@@ -92,7 +95,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     kv, off = cfg.batch.max_kv_tokens, cfg.batch.spec_disable_batch_size
     print(f"batching: up to {cfg.batch.max_batch_size} requests, KV budget "
           f"{'unbounded' if kv is None else f'{kv} tokens'}, drafts off above "
-          f"{'never' if off is None else f'{off} running requests'}", file=sys.stderr)
+          f"{'never' if off is None else f'{off} running requests'}, speculation {args.speculation}, "
+          f"prefix cache {cfg.batch.prefix_cache_mb:g} MB", file=sys.stderr)
     app = serving_app.create_app(pipe, config=cfg)
     import uvicorn
 
@@ -111,6 +115,13 @@ def tune_offered_modes(pipe: "Pipeline", cfg: "ServerConfig") -> None:
     s = cfg.sampling
     for temperature in (0.0, s.temperature or 0.7):
         pipe.decoder("auto", SamplingConfig(temperature=temperature, top_k=s.top_k, top_p=s.top_p))
+
+
+def _number(flag: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{flag} must be a number or none, got {value!r}") from None
 
 
 KV_MEMORY_FRACTION = 0.5
@@ -195,5 +206,17 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="draft nothing in steps with more than N requests running (vLLM's disable-by-batch-size; "
                    f"output unchanged, speed only). auto (default): the tune profile's {PROFILE_FIELD} for this "
                    f"setting, else {DEFAULT_SPEC_DISABLE_BATCH_SIZE}")
+    p.add_argument("--speculation", choices=["adaptive", "fixed"], default="adaptive",
+                   help="adaptive (default): each step gives each request the draft tokens that the measured pass "
+                   "times and its recent acceptance say pay, down to none, so the server is never slower than plain "
+                   "decoding; fixed: every request drafts its method's full depth (output unchanged either way)")
+    p.add_argument("--max-fill-ms", default=str(int(DEFAULT_MAX_FILL_MS)), metavar="MS|none",
+                   help="while requests are decoding, fill about this many milliseconds of new prompts per step "
+                   f"(measured), so a long prompt delays their next token by about that much (default "
+                   f"{DEFAULT_MAX_FILL_MS:g}; none: --prefill-chunk tokens)")
+    p.add_argument("--prefix-cache-mb", type=float, default=DEFAULT_PREFIX_CACHE_MB,
+                   help="memory for the K/V of prompt prefixes reused across requests (system prompts, earlier "
+                   f"turns; native weights; exact: the same bits as computing them; default {DEFAULT_PREFIX_CACHE_MB}, "
+                   "0 = off)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)

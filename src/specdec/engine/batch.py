@@ -8,23 +8,30 @@ single-sequence decoding (`SpeculativeDecoder.start/propose/verify/commit`). One
 
 1. admits waiting requests while `max_batch_size`, the models' rows and the KV budget allow;
 2. spends up to `prefill_chunk` tokens on *fills* (a new prompt into the target's cache, a long
-   draft-model catch-up) in chunks, sharing passes across sequences, so a long prompt never
-   stalls the others by more than that budget per step;
+   draft-model catch-up) in chunks, sharing passes across sequences; while other sequences decode,
+   a step fills only about `max_fill_ms` of measured work, so a long prompt delays each running
+   stream's next token by about that much. A new prompt first takes the longest stored prefix of
+   its K/V from the prefix cache (`models.prefix`, native rows), and a finished sequence leaves
+   its prompt and answer there;
 3. runs every sequence's proposal in lockstep rounds: each round's draft-model calls on one model
    are one batched pass; a proposal whose call is a long fill waits for step 2 of later steps;
 4. scores every ready sequence's tree in one target pass (split only where padding would cost
    more than another pass, `models.batch.pad_groups`);
-5. verifies and commits each sequence on its own; finished and aborted ones leave at once.
+5. verifies every sequence's tree in one batched verification (`verify.batched`), then commits each;
+   finished and aborted ones leave at once.
 
 Requests of one batch may differ in everything: method, method options, sampling, seed,
 max_new_tokens. Any mix shares a step — the only cost of mixing is padding.
 
-Speculation that knows the batch: with more than `spec_disable_batch_size` sequences running, a
-step drafts nothing (vLLM's disable-by-batch-size): a big batch already fills the target's pass,
-so drafted tokens cost more than they save. The verifiers are exact whatever was drafted, so this
-changes speed only — and which random draws a sampled sequence makes: its distribution is the
-same, but a seeded request repeats its output exactly only while the batch stays at or below the
-threshold (None = never disable).
+Speculation that knows the batch, two ways. With `adaptive`, each step gives each sequence the draft
+depth that the measured pass times t(k) at the batch's total k and its recent acceptance say pays
+(`engine.schedule`), down to none: plain decoding is one of the choices priced, so a loaded server
+is not slower than plain decoding by more than the planner's estimates err. Independently, with more
+than `spec_disable_batch_size` sequences running, a step drafts nothing (vLLM's
+disable-by-batch-size). The verifiers are exact whatever was drafted, so both change speed only —
+and which random draws a sampled sequence makes: its distribution is the same, but a seeded request
+repeats its output exactly only while the batch stays at or below the threshold (None = never
+disable). The planner leaves seeded sampled requests at their method's depth for that reason.
 """
 
 from __future__ import annotations
@@ -41,27 +48,34 @@ import torch
 from torch import Tensor
 
 from specdec.core.options import MethodOptions
+from specdec.core.results import VerifyResult
 from specdec.core.sampling import SamplingConfig
 from specdec.core.tree import TokenTree
 from specdec.drafting.base import Proposal, check_proposal
 from specdec.engine.build import build_decoder, parse_options
 from specdec.engine.cost import cost_ratios
 from specdec.engine.decoder import DecodeRun, SpeculativeDecoder
+from specdec.engine.schedule import CALIBRATION_SIZES, Acceptance, Candidate, PassTimes, plan_depths
 from specdec.engine.stats import DecodeStats
 from specdec.methods import DEFAULT_METHOD
 from specdec.methods.base import MethodContext
 from specdec.methods.registry import get_method
 from specdec.models.base import LanguageModel
-from specdec.models.batch import BatchedModel, ModelCall, batched_model, run_calls
+from specdec.models.batch import BatchedModel, ModelCall, RowView, batched_model, run_calls
+from specdec.models.prefix import PrefixCache
+from specdec.verify.batched import Verification, verify_batch
 
 from specdec.engine.limits import (  # noqa: E402  (re-exported: the engine's defaults)
-    DEFAULT_MAX_BATCH_SIZE, DEFAULT_PREFILL_CHUNK, DEFAULT_SPEC_DISABLE_BATCH_SIZE, PROFILE_FIELD, BatchLimits,
+    DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_FILL_MS, DEFAULT_PREFILL_CHUNK, DEFAULT_SPEC_DISABLE_BATCH_SIZE, PROFILE_FIELD,
+    BatchLimits,
 )
 
 
 LANE_FILL = 32
 """A draft-model fill longer than this (a new prompt's catch-up) runs in the chunked fill lane, not
 in a proposal round: it would pad every other sequence's call to its length."""
+MIN_FILL = 16
+"""Fill tokens a step runs whatever the time bound, so that a long prompt always advances."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +104,8 @@ class StepEvent:
     stats: DecodeStats | None = None
     """The request's statistics so far (None when it never started)."""
     error: BaseException | None = None
+    cached_tokens: int = 0
+    """Prompt tokens whose target K/V came from the prefix cache."""
 
 
 @dataclass
@@ -108,6 +124,12 @@ class StepInfo:
     """Prompt and catch-up tokens filled in chunks."""
     drafting: bool = True
     """False when the batch was above `spec_disable_batch_size` (no drafts this step)."""
+    depths: list[int] = field(default_factory=list)
+    """The draft depth the planner gave each sequence that started a proposal (adaptive speculation)."""
+    prefix_hit_tokens: int = 0
+    """Prompt tokens whose target K/V the prefix cache supplied this step."""
+    prefix_query_tokens: int = 0
+    """Prompt tokens looked up in the prefix cache this step (target)."""
     wall_s: float = 0.0
 
 
@@ -118,6 +140,8 @@ class _Fill:
     call: ModelCall
     done: int = 0
     logits: Tensor | None = None
+    start: int | None = None
+    """The row's cached tokens when the fill began (0: the fill's tokens start the sequence; None: not yet)."""
 
     @property
     def remaining(self) -> int:
@@ -141,6 +165,10 @@ class _Sequence:
     """A long fill the proposal waits for (its `call`, moved to the fill lane)."""
     tree: TokenTree | None = None
     """This step's proposal, once complete."""
+    acceptance: Acceptance = field(default_factory=Acceptance)
+    shape: list[int] = field(default_factory=list)
+    """Drafted nodes of its last tree by depth (cumulative), what the planner expects a tree to cost."""
+    cached_tokens: int = 0
 
 
 class BatchEngine:
@@ -161,14 +189,18 @@ class BatchEngine:
         max_kv_tokens: int | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         spec_disable_batch_size: int | None = DEFAULT_SPEC_DISABLE_BATCH_SIZE,
+        adaptive: bool = False,
+        max_fill_ms: float | None = DEFAULT_MAX_FILL_MS,
+        prefix_cache_mb: float = 0,
     ) -> None:
         """target, drafts: the loaded single-sequence models (the engine makes their batched forms;
         they are used as they are only to check requests).
 
-        max_batch_size, max_kv_tokens, prefill_chunk, spec_disable_batch_size: the engine's limits
-            (`engine.limits.BatchLimits`, which checks them).
+        max_batch_size, max_kv_tokens, prefill_chunk, spec_disable_batch_size, adaptive, max_fill_ms,
+            prefix_cache_mb: the engine's limits and policies (`engine.limits.BatchLimits`, which checks them).
         """
-        self.limits = BatchLimits(max_batch_size, max_kv_tokens, prefill_chunk, spec_disable_batch_size)
+        self.limits = BatchLimits(max_batch_size, max_kv_tokens, prefill_chunk, spec_disable_batch_size, adaptive,
+                                  max_fill_ms, prefix_cache_mb)
         self.target_lm, self.draft_lms = target, list(drafts)
         self.target: BatchedModel = batched_model(target, max_batch_size)
         self.drafts: list[BatchedModel] = [batched_model(d, max_batch_size) for d in drafts]
@@ -185,6 +217,11 @@ class BatchEngine:
         self._aborts: set[int] = set()
         self._lock = threading.Lock()
         self.last_step = StepInfo()
+        self.times = {"target": PassTimes(), "draft": PassTimes()}
+        """Measured seconds per pass by tokens (`engine.schedule`): `calibrate` and every step feed them."""
+        self.prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
+        """K/V of prompt prefixes reused across requests (native rows only; `models.prefix`)."""
+        self._calibrated = False
 
     # ---- requests ------------------------------------------------------------------------------
     def context(self, sampling: SamplingConfig, target: LanguageModel, drafts: Sequence[LanguageModel]) -> MethodContext:
@@ -263,6 +300,8 @@ class BatchEngine:
         t0 = time.perf_counter()
         events: list[StepEvent] = []
         info = StepInfo()
+        if self.limits.adaptive and not self._calibrated and not self._running:
+            self.calibrate()
         self._apply_aborts(events)
         self._admit(events, info)
         info.running = len(self._running)
@@ -336,21 +375,77 @@ class BatchEngine:
             return []
         return [self._draft_ratios[index[id(m)]] for m in models]
 
+    # ---- measured costs -------------------------------------------------------------------------
+    def calibrate(self, sizes: Sequence[int] = CALIBRATION_SIZES, repeats: int = 3) -> None:
+        """Time passes of `sizes` tokens on the target and the first draft model (the best of `repeats`,
+        after one untimed pass), what adaptive speculation and the fill bound start from; the steps
+        refine them. Needs a free row.
+
+        The untimed pass matters: a model's first pass pays one-off costs (seconds on a 1.5B model),
+        and a cost the planner believes too high is never measured again where it stops choosing it."""
+        self._calibrated = True
+        pairs = [("target", self.target)] + ([("draft", self.drafts[0])] if self.drafts else [])
+        for key, model in pairs:
+            try:
+                row = model.new_row()
+            except ValueError:  # every row busy: the steps will measure
+                continue
+            try:
+                row.reset(max(sizes))
+                tokens = torch.arange(max(sizes)) % self.target_lm.vocab_size
+                for k in sorted(set(sizes)):  # untimed: one pass of each shape first
+                    run_calls([ModelCall(row, tokens[:k])])
+                for k in sizes:
+                    best = min(self._timed(lambda: run_calls([ModelCall(row, tokens[:k])])) for _ in range(repeats))
+                    self.times[key].observe(k, best)
+            finally:
+                model.release(row)
+
+    @staticmethod
+    def _timed(fn: Callable[[], Any]) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    def _run_timed(self, key: str, calls: list[ModelCall]) -> list[Tensor]:
+        """run_calls, its wall time recorded as one pass of that many tokens (`self.times[key]`)."""
+        t0 = time.perf_counter()
+        outs = run_calls(calls)
+        self.times[key].observe(sum(c.size for c in calls), time.perf_counter() - t0)
+        return outs
+
+    # ---- fills (prompts, long catch-ups) and the prefix cache --------------------------------------
     def _fill_lane(self, info: StepInfo, events: list[StepEvent]) -> None:
-        """Spend the step's fill budget on prompt prefills and parked catch-ups, oldest first."""
+        """Spend the step's fill budget on prompt prefills and parked catch-ups, oldest first: up to
+        `prefill_chunk` tokens, and while other sequences decode, about `max_fill_ms` of measured work."""
         budget = self.prefill_chunk
+        decoding = any(s.prompt_fill is None and s.parked is None for s in self._running)
+        seconds = self.limits.max_fill_ms / 1e3 if decoding and self.limits.max_fill_ms is not None else None
         jobs: list[tuple[_Sequence, _Fill, ModelCall]] = []
         for seq in self._running:
             for fill in (seq.prompt_fill, seq.parked):
                 if fill is None or budget <= 0:
                     continue
+                if fill.start is None:
+                    self._reuse_prefix(seq, fill, info)
                 k = min(fill.remaining, budget)
+                times = self.times["target" if fill.call.lm is seq.target_row else "draft"]
+                if seconds is not None:
+                    k = min(k, max(times.largest_within(seconds, k), 0 if jobs else MIN_FILL))
+                    if k <= 0:
+                        continue
+                    seconds -= float(times.predict(k))
                 jobs.append((seq, fill, ModelCall(fill.call.lm, fill.call.tokens[fill.done : fill.done + k], fill=True)))
                 budget -= k
-        if not jobs:
-            return
+        for key in ("target", "draft"):
+            part = [job for job in jobs if (job[2].lm is job[0].target_row) == (key == "target")]
+            if part:
+                self._run_fills(key, part, info, events)
+
+    def _run_fills(self, key: str, jobs: list[tuple[_Sequence, _Fill, ModelCall]], info: StepInfo,
+                   events: list[StepEvent]) -> None:
         try:
-            outs = run_calls([call for _, _, call in jobs])
+            outs = self._run_timed(key, [call for _, _, call in jobs])
         except Exception as exc:  # noqa: BLE001 - a failed shared pass fails the sequences in it
             for seq in dict.fromkeys(seq for seq, _, _ in jobs):
                 self._fail(seq, exc, events)
@@ -360,6 +455,7 @@ class BatchEngine:
             info.fill_tokens += call.size
             if fill.remaining == 0:
                 fill.logits = out
+                self._remember(fill.call.lm, fill.call.tokens if fill.start == 0 else None)
         for seq in dict.fromkeys(seq for seq, _, _ in jobs):
             if seq.prompt_fill is not None and seq.prompt_fill.remaining == 0:
                 seq.prompt_fill = None
@@ -367,17 +463,43 @@ class BatchEngine:
                 logits, seq.parked = seq.parked.logits, None
                 self._send(seq, logits, events)
 
+    def _reuse_prefix(self, seq: _Sequence, fill: _Fill, info: StepInfo) -> None:
+        """Start a fill from the longest cached prefix of its tokens (the fill then computes the rest;
+        at least its last token, whose logits the fill returns)."""
+        row = fill.call.lm
+        fill.start = row.kv_len
+        if self.prefix is None or not isinstance(row, RowView) or not row.owner.exact_prefixes or row.kv_len:
+            return
+        blocks = self.prefix.lookup(id(row.owner), fill.call.tokens, fill.call.size - 1)
+        hit = len(blocks) * (blocks[0].keys.shape[-1] if blocks else 0)
+        if row is seq.target_row:
+            info.prefix_query_tokens += fill.call.size
+            info.prefix_hit_tokens += hit
+            seq.cached_tokens = hit
+            self.prefix.count(hit, fill.call.size)
+        if blocks:
+            row.owner.load_prefix(row.index, *PrefixCache.join(blocks))
+            fill.done = hit
+
+    def _remember(self, row: LanguageModel, tokens: Tensor | None) -> None:
+        """Keep the K/V of a row's first tokens (`tokens`, all cached in the row) in the prefix cache."""
+        if self.prefix is None or tokens is None or not isinstance(row, RowView) or not row.owner.exact_prefixes:
+            return
+        owner, index = row.owner, row.index
+        self.prefix.insert(id(owner), tokens[: row.kv_len], lambda a, b: owner.read_slots(index, a, b))
+
+    # ---- proposals -------------------------------------------------------------------------------
     def _propose(self, info: StepInfo, events: list[StepEvent]) -> None:
         """Every sequence's proposal, in lockstep rounds of batched draft-model passes."""
         threshold = self.spec_disable_batch_size
         info.drafting = threshold is None or len(self._running) <= threshold
-        cap = None if info.drafting else 0
         t0 = time.perf_counter()
         proposing = [s for s in self._running if s.tree is None]
+        caps = self._plan([s for s in proposing if s.proposal is None], info)
         for seq in proposing:
             if seq.proposal is None:
                 try:
-                    seq.proposal = seq.decoder.propose(seq.run, cap)
+                    seq.proposal = seq.decoder.propose(seq.run, caps.get(seq))
                     check_proposal(seq.proposal)
                 except Exception as exc:  # noqa: BLE001 - this sequence's drafter failed; the others go on
                     seq.proposal = None
@@ -396,7 +518,7 @@ class BatchEngine:
             if not batch:
                 break
             try:
-                outs = run_calls([seq.call for seq in batch])  # type: ignore[misc]
+                outs = self._run_timed("draft", [seq.call for seq in batch])  # type: ignore[misc]
             except Exception as exc:  # noqa: BLE001 - a failed shared pass fails the sequences in it
                 for seq in batch:
                     self._fail(seq, exc, events)
@@ -406,6 +528,36 @@ class BatchEngine:
         elapsed = time.perf_counter() - t0
         for seq in proposing:
             seq.run.stats.draft_s += elapsed
+
+    def _plan(self, starting: list[_Sequence], info: StepInfo) -> dict[_Sequence, int | None]:
+        """The depth cap of each sequence starting a proposal: 0 above the batch threshold; with adaptive
+        speculation the planner's choice for those whose tree the target scores this step; else none.
+
+        A seeded sampled request keeps its method's depth: its random draws depend on what it drafts,
+        and the planner's choices depend on timings, so adapting it would make its output change from
+        run to run (greedy output never depends on the drafts, unseeded output is random anyway)."""
+        if not info.drafting:
+            return {s: 0 for s in starting}
+        if not self.limits.adaptive:
+            return {}
+        ready = [s for s in starting if s.prompt_fill is None
+                 and (s.request.sampling.greedy or s.request.seed is None)]
+        depths = plan_depths([self._candidate(s) for s in ready], self.times["target"], self.times["draft"])
+        info.depths = list(depths)
+        return dict(zip(ready, depths))
+
+    def _candidate(self, seq: _Sequence) -> Candidate:
+        dec, run = seq.decoder, seq.run
+        if dec.drafter is None:
+            return Candidate(0, [], 0.0, 0, False)
+        depth = max(0, min(dec.gamma, run.max_new_tokens - run.stats.new_tokens - 1))
+        models = list(dec.drafter.draft_models)
+        unseen = max((run.committed.numel() - m.kv_len for m in models), default=0)
+        shape = seq.shape
+        if not shape:  # no tree yet: the drafter's largest, spread evenly over its levels
+            nodes = dec.drafter.max_nodes
+            shape = [max(d, -(-nodes * d // max(dec.gamma, 1))) for d in range(1, dec.gamma + 1)]
+        return Candidate(depth, shape, seq.acceptance.rate, unseen if unseen <= LANE_FILL else 0, bool(models))
 
     def _send(self, seq: _Sequence, value: Tensor | None, events: list[StepEvent]) -> None:
         """Advance a sequence's proposal with the logits of its last call (None: start it)."""
@@ -418,43 +570,81 @@ class BatchEngine:
             self._fail(seq, exc, events)
 
     def _score(self, info: StepInfo, events: list[StepEvent]) -> None:
-        """One target pass over every ready tree, then each sequence's own verify and commit."""
+        """One target pass over every ready tree, one batched verification, then each sequence's commit."""
         ready = [s for s in self._running if s.tree is not None and s.prompt_fill is None]
         if not ready:
             return
         t0 = time.perf_counter()
-        calls = [ModelCall(s.target_row, s.tree.tokens, s.tree.block_parents()) for s in ready]  # type: ignore[union-attr]
+        trees: list[TokenTree] = [s.tree for s in ready]  # type: ignore[misc]
+        calls = [ModelCall(s.target_row, t.tokens, t.block_parents()) for s, t in zip(ready, trees)]
         try:
-            outs = run_calls(calls)
+            outs = self._run_timed("target", calls)
         except Exception as exc:  # noqa: BLE001 - a failed shared pass fails the sequences in it
             for seq in ready:
                 self._fail(seq, exc, events)
             return
         info.batch_size = len(ready)
         info.target_tokens = sum(c.size for c in calls)
-        for seq, logits in zip(ready, outs):
-            tree, seq.tree = seq.tree, None
-            assert tree is not None
+        results = self._verify(ready, trees, outs, events)
+        for seq, tree, result in zip(ready, trees, results):
+            seq.tree = None
+            if result is None:
+                continue
+            seq.run.stats.target_s += time.perf_counter() - t0
+            self._learn(seq, tree, result)
             try:
-                result = seq.decoder.verify(seq.run, tree, logits)
-                seq.run.stats.target_s += time.perf_counter() - t0
                 new = seq.decoder.commit(seq.run, tree, result)
             except Exception as exc:  # noqa: BLE001 - this sequence fails; the others go on
                 self._fail(seq, exc, events)
                 continue
-            events.append(StepEvent(seq.request_id, new, seq.run.stopped, seq.run.stats))
+            events.append(StepEvent(seq.request_id, new, seq.run.stopped, seq.run.stats, cached_tokens=seq.cached_tokens))
             if seq.run.stopped:
                 self._leave(seq)
+
+    def _verify(self, ready: list[_Sequence], trees: list[TokenTree], logits: list[Tensor],
+                events: list[StepEvent]) -> list[VerifyResult | None]:
+        """Every sequence's exact rule in one batched verification (`verify.batched`); should it fail,
+        each sequence on its own, so that only a failing one fails."""
+        items = [Verification(t, s.decoder.sampling, s.decoder.verifier, s.run.generator) for s, t in zip(ready, trees)]
+        try:
+            return list(verify_batch(items, logits))
+        except Exception:  # noqa: BLE001 - find the sequence at fault
+            pass
+        results: list[VerifyResult | None] = []
+        for seq, tree, out in zip(ready, trees, logits):
+            try:
+                results.append(seq.decoder.verify(seq.run, tree, out))
+            except Exception as exc:  # noqa: BLE001 - this sequence fails; the others go on
+                self._fail(seq, exc, events)
+                results.append(None)
+        return results
+
+    @staticmethod
+    def _learn(seq: _Sequence, tree: TokenTree, result: VerifyResult) -> None:
+        """What the planner knows of a sequence: its per-level acceptance and its trees' shape."""
+        depth = tree.max_depth()
+        if depth == 0:
+            return
+        seq.acceptance.observe(depth, result.num_accepted)
+        per_depth = torch.bincount(tree.depths()[1:], minlength=depth + 1)[1:].cumsum(0).tolist()
+        old = seq.shape[len(per_depth):]
+        shape = per_depth + old
+        for i in range(1, len(shape)):  # deeper levels hold at least one more node
+            shape[i] = max(shape[i], shape[i - 1] + 1)
+        seq.shape = shape
 
     # ---- leaving ---------------------------------------------------------------------------------
     def _fail(self, seq: _Sequence, exc: BaseException, events: list[StepEvent]) -> None:
         if seq in self._running:
-            self._leave(seq)
+            self._leave(seq, keep_prefix=False)
             events.append(StepEvent(seq.request_id, [], "error", seq.run.stats, exc))
 
-    def _leave(self, seq: _Sequence) -> None:
+    def _leave(self, seq: _Sequence, keep_prefix: bool = True) -> None:
         if seq.proposal is not None:
             seq.proposal.close()
+        if keep_prefix and seq.prompt_fill is None:  # what the target cached: the prompt and the answer so far
+            kept = min(seq.target_row.kv_len, seq.run.committed.numel())
+            self._remember(seq.target_row, seq.run.committed[:kept])
         self._running.remove(seq)
         self._release(seq.target_row, seq.draft_rows)
 

@@ -14,6 +14,11 @@ DEFAULT_SPEC_DISABLE_BATCH_SIZE = 8
 a measurement: where speculation stops paying depends on the hardware, the models and the method
 (`specdec bench-serve` measures it; a tune profile may carry it as `PROFILE_FIELD`). Equal to the
 default batch size, so that by default speculation is never turned off."""
+DEFAULT_MAX_FILL_MS = 400.0
+"""While other sequences decode, a step's prompt fill is cut to what the measured pass times say
+takes about this long, so a long prompt delays each running stream's next token by about this much."""
+DEFAULT_PREFIX_CACHE_MB = 1024
+"""Memory the prefix cache may hold (K/V of shared prompt prefixes, every model together)."""
 PROFILE_FIELD = "speculative_disable_by_batch_size"
 """The optional tune-profile field (an int) that `specdec serve` reads as its threshold."""
 
@@ -40,9 +45,22 @@ class BatchLimits:
     """Fill tokens (prompts, long catch-ups) per step, across sequences."""
     spec_disable_batch_size: int | None = DEFAULT_SPEC_DISABLE_BATCH_SIZE
     """Above this many running sequences, steps draft nothing (None: never)."""
+    adaptive: bool = False
+    """Choose each step's draft depth per sequence from the measured pass times and each sequence's
+    recent acceptance, down to none (`engine.schedule`); False: every sequence drafts its method's depth."""
+    max_fill_ms: float | None = DEFAULT_MAX_FILL_MS
+    """While other sequences decode, fill about this many milliseconds of prompt per step (None: the
+    whole `prefill_chunk`)."""
+    prefix_cache_mb: float = 0
+    """Memory for K/V of prompt prefixes reused across requests (0: off; native models only)."""
 
     def __post_init__(self) -> None:
         _check_int("--max-batch-size", self.max_batch_size, 1)
         _check_int("--max-kv-tokens", self.max_kv_tokens, 1, none_ok=True)
         _check_int("--prefill-chunk", self.prefill_chunk, 1)
         _check_int("--spec-disable-batch-size", self.spec_disable_batch_size, 0, none_ok=True)
+        for flag, value in (("--max-fill-ms", self.max_fill_ms), ("--prefix-cache-mb", self.prefix_cache_mb)):
+            if value is None and flag == "--max-fill-ms":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"{flag} must be a finite number >= 0, got {value!r}")

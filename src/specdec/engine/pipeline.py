@@ -430,13 +430,15 @@ class Pipeline:
         max_kv_tokens: int | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         spec_disable_batch_size: int | None = DEFAULT_SPEC_DISABLE_BATCH_SIZE,
+        **policies: Any,
     ) -> BatchEngine:
         """A continuous-batching engine over this pipeline's models (`engine.batch`): submit
-        `BatchRequest`s with any mix of methods, options and sampling, then `step()`."""
+        `BatchRequest`s with any mix of methods, options and sampling, then `step()`. `policies`:
+        `BatchEngine`'s adaptive, max_fill_ms and prefix_cache_mb."""
         return BatchEngine(
             self.target_lm, self.draft_lms, tokenizer=self.tokenizer, eos_token_ids=self.eos_token_ids,
             profile_key=self.profile_key, max_batch_size=max_batch_size, max_kv_tokens=max_kv_tokens,
-            prefill_chunk=prefill_chunk, spec_disable_batch_size=spec_disable_batch_size,
+            prefill_chunk=prefill_chunk, spec_disable_batch_size=spec_disable_batch_size, **policies,
         )
 
     def generate_batch(

@@ -233,6 +233,9 @@ class _RowPool:
 
     pads = True
     """Whether a shared pass pads every block to the longest (`run_calls` then groups blocks)."""
+    exact_prefixes = False
+    """Whether a token's K/V are the same bits however its prefix was computed, so that a prefix's
+    K/V may be copied between rows (`models.prefix`): native rows only."""
 
     def __init__(self, vocab_size: int, context_length: int, device: torch.device, dtype: torch.dtype,
                  max_rows: int | None) -> None:
@@ -465,6 +468,7 @@ class BatchedNativeModel(_RowPool):
     """
 
     pads = False
+    exact_prefixes = True
 
     def __init__(self, lm: NativeLM, max_rows: int | None = None) -> None:
         super().__init__(lm.vocab_size, lm.context_length, lm.device, lm.dtype, max_rows)
@@ -522,6 +526,22 @@ class BatchedNativeModel(_RowPool):
             out.append(logits[at : at + kept])
             at += kept
         return out
+
+    def read_slots(self, index: int, start: int, end: int) -> tuple[Tensor, Tensor]:
+        """Copies of row `index`'s K/V at slots [start, end) (`runner.KVCache.read`), for the prefix cache."""
+        return self._cache.read(index, start, end)
+
+    def load_prefix(self, index: int, keys: Tensor, values: Tensor) -> None:
+        """Start row `index` (reserved, nothing cached yet) with n committed tokens whose K/V are given
+        (keys [L, Hkv, d, n], values [L, Hkv, n, d]): what a fill of those tokens would have cached."""
+        row = self._row(index)
+        n = keys.shape[-1]
+        assert row.pending is not None
+        if row.kv_len or row.pending.numel() or n > row.need:
+            raise ValueError(f"a prefix of {n} tokens goes only into an empty row with room for it")
+        self._fit(n)
+        self._cache.write(index, 0, keys, values)
+        row.kv_len = n
 
     def cached_kv(self, index: int, layer: int) -> tuple[Tensor, Tensor]:
         n = self._row(index).kv_len

@@ -41,7 +41,7 @@ from specdec.engine.pipeline import Pipeline
 from specdec.methods import DEFAULT_METHOD
 from specdec.methods.registry import get_method
 from specdec.serving import SERVER_EXTRA_HINT
-from specdec.serving.config import DEFAULT_TEMPERATURE, ServerConfig
+from specdec.serving.config import DEFAULT_TEMPERATURE, SERVER_BATCH_DEFAULTS, ServerConfig
 from specdec.serving.engine import Engine
 from specdec.serving.guards import ServerLimits
 from specdec.serving.metrics import ServerMetrics
@@ -72,6 +72,7 @@ def server_config(
     `BatchLimits`' fields (ValueError naming the flag of a bad one)."""
     server = {k: limits.pop(k) for k in list(limits) if k in ServerLimits.__dataclass_fields__}
     batch = {k: limits.pop(k) for k in list(limits) if k in BatchLimits.__dataclass_fields__}
+    batch = {**SERVER_BATCH_DEFAULTS, **batch}
     if limits:
         raise TypeError(f"unknown server limit {sorted(limits)[0]!r}")
     cfg = ServerConfig(model_name, default_method, dict(default_opts or {}), default_sampling, default_max_tokens,
@@ -130,7 +131,9 @@ def build_app(pipe: Pipeline, cfg: ServerConfig) -> "FastAPI":
     metrics = ServerMetrics(cfg.model_name)
     b = cfg.batch
     batch = pipe.batch_engine(max_batch_size=b.max_batch_size, max_kv_tokens=b.max_kv_tokens,
-                              prefill_chunk=b.prefill_chunk, spec_disable_batch_size=b.spec_disable_batch_size)
+                              prefill_chunk=b.prefill_chunk, spec_disable_batch_size=b.spec_disable_batch_size,
+                              adaptive=b.adaptive, max_fill_ms=b.max_fill_ms, prefix_cache_mb=b.prefix_cache_mb)
+    batch.calibrate()  # pass times by size, now rather than in a request's first step
     engine = Engine(batch, metrics, cfg.limits.max_queue)
 
     @asynccontextmanager

@@ -40,16 +40,26 @@ class BatchMetrics:
         ).labels(name)
         self.undrafted = Counter(
             "vllm:spec_decode_disabled_iterations",
-            "Engine steps that drafted nothing because more requests ran than --spec-disable-batch-size.",
+            "Engine steps that drafted nothing: more requests ran than --spec-disable-batch-size, or the "
+            "measured costs made plain decoding the faster choice for every request (--speculation adaptive).",
             by_model, registry=reg,
+        ).labels(name)
+        self.prefix_queries = Counter(
+            "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", by_model, registry=reg,
+        ).labels(name)
+        self.prefix_hits = Counter(
+            "vllm:prefix_cache_hits", "Prompt tokens whose K/V the prefix cache supplied.", by_model, registry=reg,
         ).labels(name)
 
     def step(self, info: StepInfo, batch: BatchEngine) -> None:
         if info.batch_size:
             self.batch_size.observe(info.batch_size)
-            if not info.drafting:
+            if not info.drafting or (info.depths and not any(info.depths)):
                 self.undrafted.inc()
         if info.target_tokens + info.fill_tokens:
             self.iteration_tokens.observe(info.target_tokens + info.fill_tokens)
+        if info.prefix_query_tokens:
+            self.prefix_queries.inc(info.prefix_query_tokens)
+            self.prefix_hits.inc(info.prefix_hit_tokens)
         if batch.max_kv_tokens:
             self.kv_usage.set(batch.kv_slots_in_use() / batch.max_kv_tokens)

@@ -10,13 +10,16 @@ from typing import Any
 from specdec.core.options import OptionSpec
 from specdec.core.sampling import SamplingConfig
 from specdec.engine.build import SIZE_OPTIONS, describe_options
-from specdec.engine.limits import BatchLimits
+from specdec.engine.limits import DEFAULT_PREFIX_CACHE_MB, BatchLimits
 from specdec.methods import DEFAULT_METHOD
 from specdec.methods.registry import all_methods, get_method
 from specdec.serving.guards import ServerLimits
 
 DEFAULT_TEMPERATURE = 1.0
 """What a request that leaves `temperature` out samples at: OpenAI's default."""
+SERVER_BATCH_DEFAULTS = {"adaptive": True, "prefix_cache_mb": DEFAULT_PREFIX_CACHE_MB}
+"""Where the server's batching differs from `BatchLimits`' library defaults: speculation adapts to the
+load (never slower than plain decoding) and shared prompt prefixes are reused."""
 
 
 @dataclass
@@ -34,7 +37,7 @@ class ServerConfig:
     """max_tokens when a request leaves it out (cut to the room left in the context and to the limit)."""
     seed: int | None = None
     limits: ServerLimits = field(default_factory=ServerLimits)
-    batch: BatchLimits = field(default_factory=BatchLimits)
+    batch: BatchLimits = field(default_factory=lambda: BatchLimits(**SERVER_BATCH_DEFAULTS))
     api_key: str | None = None
     """When set, every route but /health and /metrics needs `Authorization: Bearer <api_key>`."""
 

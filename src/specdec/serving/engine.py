@@ -56,6 +56,8 @@ class Job:
     """Admitted by the batch engine (its queue time is counted)."""
     stats: DecodeStats | None = None
     """The request's decoding statistics, as of its last step."""
+    cached_tokens: int = 0
+    """Prompt tokens whose K/V the prefix cache supplied."""
 
     async def text_deltas(self) -> AsyncIterator[str]:
         """The released text until the job finishes; re-raises an engine error."""
@@ -69,6 +71,7 @@ class Job:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.text.completion_tokens,
             "total_tokens": self.prompt_tokens + self.text.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
             "speculative": speculative_usage(self.request.method, self.stats, self.text.completion_tokens),
         }
 
@@ -219,6 +222,7 @@ class Engine:
         stats = event.stats
         if stats is not None:
             job.stats = stats
+        job.cached_tokens = max(job.cached_tokens, event.cached_tokens)
         if stats is not None and stats.target_calls > job.counted.target_calls:
             m.count_steps(job.counted, stats)
             job.counted = replace(stats)

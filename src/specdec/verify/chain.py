@@ -21,8 +21,16 @@ def acceptance_probability(
 ) -> Tensor:  # [γ]: min(1, target(x_i) / draft(x_i))
     """Probability of accepting each drafted token, given that it was drawn from `draft_probs`."""
     rows = torch.arange(draft_tokens.shape[0], device=target_probs.device)
-    target_p = target_probs[rows, draft_tokens]
-    draft_p = draft_probs[rows, draft_tokens].to(target_probs.dtype)
+    return ratio_acceptance(target_probs[rows, draft_tokens], draft_probs[rows, draft_tokens])
+
+
+def ratio_acceptance(
+    target_p: Tensor,  # [...] target probability of each drawn token
+    draft_p: Tensor,  # [...] probability the draft gave it
+) -> Tensor:  # [...]: min(1, target_p / draft_p)
+    """The acceptance test's probability from the two probabilities of the drawn tokens (elementwise,
+    so one call serves one chain or every sequence of a batch)."""
+    draft_p = draft_p.to(target_p.dtype)
     # draft_p > 0 always holds for a drawn token; the guard keeps a bad caller from accepting
     # a token it could not have drawn instead of dividing by zero.
     return torch.where(draft_p > 0, (target_p / draft_p.clamp_min(1e-300)).clamp_max(1.0), 0.0)

@@ -116,6 +116,18 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * 2 for t in (*self.kt, *self.vc))
 
+    def read(self, row: int, start: int, end: int) -> tuple[Tensor, Tensor]:
+        """Copies of row `row`'s slots [start, end), every layer: keys [L, Hkv, d, n], values [L, Hkv, n, d]."""
+        return (torch.stack([kt[row, :, :, start:end] for kt in self.kt]),
+                torch.stack([vc[row, :, start:end] for vc in self.vc]))
+
+    def write(self, row: int, start: int, keys: Tensor, values: Tensor) -> None:
+        """Row `row`'s slots [start, start + n) take `keys` [L, Hkv, d, n] and `values` [L, Hkv, n, d]."""
+        n = keys.shape[-1]
+        for layer, (kt, vc) in enumerate(zip(self.kt, self.vc)):
+            kt[row, :, :, start : start + n].copy_(keys[layer])
+            vc[row, :, start : start + n].copy_(values[layer])
+
 
 def _ptr(t: Tensor | None) -> int | None:
     return t.data_ptr() if t is not None else None

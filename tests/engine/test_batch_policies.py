@@ -1,0 +1,201 @@
+"""The batch engine's policies: speculation that adapts to the measured costs, the time bound on a
+step's prompt fill, and the prefix cache (exact on native rows: reused K/V are the recomputed bits).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specdec.core.sampling import SamplingConfig
+from specdec.engine.batch import MIN_FILL, BatchEngine, BatchRequest
+from specdec.engine.pipeline import Pipeline
+from specdec.engine.schedule import PassTimes
+from specdec.models.prefix import BLOCK
+from specdec.models.toy import MarkovLM
+from tests.conftest import TINY_VOCAB, needs_kernels
+from tests.engine.test_batch import MIXED, _prompts
+from tests.engine.test_distribution import ALPHA, L, PROMPT, V, chi_square_pvalue, exact_continuations
+from tests.engine.test_schedule import FLAT, FREE, STEEP, _times
+
+
+def _plant(engine: BatchEngine, target: PassTimes, draft: PassTimes) -> None:
+    """Fix the engine's measured costs (its own timings of these tiny models are not recorded)."""
+    from specdec.models.batch import run_calls
+
+    engine._calibrated = True
+    engine.times = {"target": target, "draft": draft}
+    engine._run_timed = lambda key, calls: run_calls(calls)
+
+
+# ---- the engine with adaptive speculation ------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    from tests.engine.test_batch import _noisy_copy
+    from specdec.models.hf import HFLanguageModel
+    from tests.conftest import tiny_hf_model
+
+    target = tiny_hf_model("llama", seed=0)
+    return HFLanguageModel(target), HFLanguageModel(_noisy_copy(target))
+
+
+def _run(engine: BatchEngine, reqs: list[BatchRequest]) -> tuple[list[list[int]], list]:
+    ids = [engine.submit(r) for r in reqs]
+    out = {i: [] for i in ids}
+    infos = []
+    while engine.has_work():
+        for ev in engine.step():
+            assert ev.error is None, ev.error
+            out[ev.request_id] += ev.tokens
+        infos.append(engine.last_step)
+    return [out[i] for i in ids], infos
+
+
+@pytest.mark.parametrize("costs,drafts", [(STEEP, False), (FLAT, True)])
+def test_adaptive_engine_follows_the_measured_costs_and_stays_exact(tiny, costs, drafts, one_thread):
+    target, draft = tiny
+    pipe = Pipeline.from_models(target, None, draft)
+    prompts, news = _prompts(5, seed=5), [10, 7, 12, 9, 11]
+    engine = pipe.batch_engine(max_batch_size=5, adaptive=True)
+    _plant(engine, costs, FREE)
+    outs, infos = _run(engine, [BatchRequest(p, k, "sps", {"gamma": 3}) for p, k in zip(prompts, news)])
+    assert outs == [pipe.generate(p, "sps", k, gamma=3).token_ids for p, k in zip(prompts, news)]
+    depths = [d for info in infos for d in info.depths]
+    assert depths and (any(depths) if drafts else not any(depths))
+
+
+def test_adaptive_sampling_keeps_every_sequences_distribution(monkeypatch, one_thread):
+    """The planner's choices vary from step to step (acceptance-driven, mid-range costs) and the
+    output laws stay the target's. The requests are unseeded (seeded ones keep their depth), their
+    seeds drawn from a counter here so that the test repeats."""
+    import itertools
+    import types
+
+    import specdec.engine.batch as batch_module
+
+    seeds = itertools.count(9_000)
+    monkeypatch.setattr(batch_module, "secrets", types.SimpleNamespace(randbits=lambda bits: next(seeds)))
+    target = MarkovLM.random(V, seed=11, sharpness=1.5)
+    engine = BatchEngine(target, [MarkovLM.random(V, seed=12, sharpness=1.5)], max_batch_size=48,
+                         spec_disable_batch_size=None, adaptive=True)
+    _plant(engine, _times({1: 0.05, 64: 0.05 + 63 * 0.002}), FREE)
+    n = 400
+    reqs = [BatchRequest(PROMPT, L, m, o, s) for i in range(n) for m, s, o in MIXED]
+    depths: set[int] = set()
+    ids = [engine.submit(r) for r in reqs]
+    out = {i: [] for i in ids}
+    while engine.has_work():
+        for ev in engine.step():
+            out[ev.request_id] += ev.tokens
+        depths.update(engine.last_step.depths)
+    assert len(depths) > 1, "the planner never varied its choice: the test would not exercise it"
+    from collections import Counter
+
+    for c, (method, sampling, _) in enumerate(MIXED):
+        got = Counter(tuple(out[ids[i]]) for i in range(c, len(ids), len(MIXED)))
+        p = chi_square_pvalue(got, exact_continuations(target, sampling, None), n)
+        assert p > ALPHA, f"{method} at {sampling}, adaptive: p = {p:.2g}"
+
+
+def test_a_seeded_sampled_request_keeps_its_depth_and_repeats_its_output(tiny, one_thread):
+    """Under costs where the planner drafts nothing, a seeded sampled request still drafts its
+    method's depth, so its output is the one it gets served alone; greedy ones adapt."""
+    target, draft = tiny
+    pipe = Pipeline.from_models(target, None, draft)
+    prompts = _prompts(2, seed=8)
+    hot = SamplingConfig(temperature=1.0)
+    reqs = [BatchRequest(prompts[0], 9, "sps", {"gamma": 3}, hot, seed=123),
+            BatchRequest(prompts[1], 9, "sps", {"gamma": 3})]
+    engine = pipe.batch_engine(max_batch_size=2, adaptive=True)
+    _plant(engine, STEEP, FREE)
+    outs, infos = _run(engine, reqs)
+    alone = pipe.generate(prompts[0], "sps", 9, sampling=hot, seed=123, gamma=3).token_ids
+    assert outs[0] == alone and outs[1] == pipe.generate(prompts[1], "sps", 9, gamma=3).token_ids
+    assert all(d == 0 for info in infos for d in info.depths)  # only the greedy one was planned, to none
+
+
+# ---- chunked prefill under a time bound ------------------------------------------------------
+def test_fill_is_cut_to_the_time_bound_while_others_decode(tiny, one_thread):
+    target, draft = tiny
+    pipe = Pipeline.from_models(target, None, draft)
+    long_prompt = _prompts(7, seed=1)[6] * 6  # 246 tokens
+    engine = pipe.batch_engine(max_batch_size=2, prefill_chunk=128, max_fill_ms=100)
+    # 10 ms a token: about 10 tokens fit 100 ms; MIN_FILL is the floor.
+    _plant(engine, _times({1: 0.01, 64: 0.64}), _times({1: 0.01, 64: 0.64}))
+    short = engine.submit(BatchRequest(_prompts(2, seed=2)[1], 30, "ar"))
+    engine.step()  # the short one starts decoding
+    engine.submit(BatchRequest(long_prompt, 4, "ar"))
+    fills = []
+    while engine.has_work():
+        engine.step()
+        if engine.last_step.fill_tokens:
+            fills.append(engine.last_step.fill_tokens)
+    assert short == 0 and fills
+    decoding_fills = fills[:-1]
+    assert max(decoding_fills) <= max(MIN_FILL, 10) and min(decoding_fills) >= min(MIN_FILL, 10)
+
+
+# ---- the prefix cache --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def native():
+    from specdec.models.native.lm import NativeLM
+    from specdec.models.native.runner import NativeModel
+    from tests.models.test_native import _tiny_native
+
+    return (NativeLM(NativeModel.from_hf(_tiny_native("Q4_K", "llama", 0))),
+            NativeLM(NativeModel.from_hf(_tiny_native("Q4_K", "llama", 1))))
+
+
+def _prefix_prompts() -> tuple[list[int], list[int], list[int]]:
+    gen = torch.Generator().manual_seed(5)
+    shared = torch.randint(0, TINY_VOCAB, (3 * BLOCK + 7,), generator=gen).tolist()
+    a = shared + torch.randint(0, TINY_VOCAB, (9,), generator=gen).tolist()
+    b = shared + torch.randint(0, TINY_VOCAB, (5,), generator=gen).tolist()
+    return shared, a, b
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", ["ar", "sps"])
+def test_a_reused_prefix_is_the_recomputed_kv_bit_for_bit(native, method, one_thread):
+    target, draft = native
+    pipe = Pipeline.from_models(target, None, draft)
+    shared, a, b = _prefix_prompts()
+    engine = pipe.batch_engine(max_batch_size=2, prefix_cache_mb=64, prefill_chunk=40)
+    first, _ = _run(engine, [BatchRequest(a, 6, method)])
+    rid = engine.submit(BatchRequest(b, 6, method))
+    hits, out, checked = 0, [], False
+    while engine.has_work():
+        for ev in engine.step():
+            out += ev.tokens
+            assert ev.cached_tokens in (0, 3 * BLOCK)
+        hits += engine.last_step.prefix_hit_tokens
+        seq = next((s for s in engine._running if s.request_id == rid), None)
+        if seq is not None and seq.prompt_fill is None and not checked:
+            # The prompt is in: the row's K/V equal those of a plain prefill of the same tokens.
+            n = len(b) - 1
+            target.reset(len(b) + 8)
+            target.forward(torch.tensor(b[:-1]), last_only=True)
+            target.commit(n)
+            for layer in range(2):
+                for got, want in zip(seq.target_row.cached_kv(layer), target.cached_kv(layer)):
+                    assert torch.equal(got[:, :, :n], want)
+            checked = True
+    assert checked
+    assert hits == 3 * BLOCK  # the three whole blocks of the shared prefix
+    assert first == [pipe.generate(a, method, 6).token_ids]
+    assert out == pipe.generate(b, method, 6).token_ids
+    assert engine.prefix.hits == 3 * BLOCK and engine.prefix.queries == len(a) - 1 + len(b) - 1
+
+
+@needs_kernels
+def test_the_prefix_cache_stays_within_its_budget_and_dense_rows_keep_none(native, tiny, one_thread):
+    target, _ = native
+    shared, a, b = _prefix_prompts()
+    engine = Pipeline.from_models(target, None, None).batch_engine(prefix_cache_mb=0.07)  # two 32 KB blocks
+    outs, _ = _run(engine, [BatchRequest(a, 4, "ar"), BatchRequest(b, 4, "ar")])
+    assert 0 < engine.prefix.bytes <= engine.prefix.budget and len(engine.prefix) == 2
+    assert outs == [Pipeline.from_models(target, None, None).generate(p, "ar", 4).token_ids for p in (a, b)]
+    dense, _ = tiny
+    engine = Pipeline.from_models(dense, None, None).batch_engine(prefix_cache_mb=64)
+    _run(engine, [BatchRequest(a, 4, "ar"), BatchRequest(b, 4, "ar")])
+    assert len(engine.prefix) == 0 and engine.prefix.hits == 0
