@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from specdec.core.results import VerifyResult
+from specdec.core.tree import TokenTree
 from specdec.models.base import LanguageModel
 from specdec.models.batch import ModelCall
 
@@ -106,3 +107,19 @@ class OneModelDrafter:
     def forward_calls(self) -> list[int]:
         """Draft forward passes since `begin`."""
         return [self.draft.calls]
+
+    def observe_target(self, tree: TokenTree, target_logits: Tensor) -> None:
+        pass  # learns nothing from the target's logits
+
+
+class OneModelTreeDrafter(OneModelDrafter):
+    """A one-model drafter whose proposals are trees: `propose` leaves `_node_slots` ([N + 1], each
+    tree node's slot in the draft's pending block, -1 = not run), and `observe` commits the accepted
+    nodes that were run."""
+
+    _node_slots: Tensor | None = None
+
+    def observe(self, committed_ids: Tensor, result: VerifyResult) -> None:
+        if self._node_slots is not None:
+            self.draft.keep(self._node_slots, result)
+            self._node_slots = None

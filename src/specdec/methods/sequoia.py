@@ -25,7 +25,7 @@ from specdec.core.hardware import fingerprint
 from specdec.core import store
 from specdec.core.tree import TokenTree, depths, keep_subtree, paths_to_parents
 from specdec.drafting.base import Proposal
-from specdec.drafting.draft_model import DraftModel, OneModelDrafter
+from specdec.drafting.draft_model import DraftModel, OneModelTreeDrafter
 from specdec.drafting.sequoia_dp import Paths, check_accept, sequoia_dp
 from specdec.methods.base import Method, MethodContext, TuningSpace
 from specdec.methods.registry import register
@@ -44,7 +44,7 @@ PRIOR_ACCEPT = (0.7, 0.1, 0.04, 0.02, 0.01, 0.01, 0.005, 0.005)
 MODES = ("swor", "greedy")
 
 
-class SequoiaDrafter(OneModelDrafter):
+class SequoiaDrafter(OneModelTreeDrafter):
     """Drafts a static tree shape (path tuples) level by level, with distinct children per node.
 
     mode "swor": at T > 0, each node's children are drawn without replacement from the draft's
@@ -152,14 +152,6 @@ class SequoiaDrafter(OneModelDrafter):
         if not self.sampled:
             return TokenTree.from_drafted(root, tokens[exists], parents)
         return TokenTree.from_drafted(root, tokens[exists], parents, None, q_row[exists], torch.cat(q_tables))
-
-    def observe(self, committed_ids: Tensor, result: VerifyResult) -> None:
-        if self._node_slots is not None:
-            self.draft.keep(self._node_slots, result)
-            self._node_slots = None
-
-    def observe_target(self, tree: TokenTree, target_logits: Tensor) -> None:
-        pass  # learns nothing from the target's logits
 
 
 TREE_HELP = ("dp (default: the DP tree for --budget/--max-depth/--accept) or auto (the `specdec tune` winner for "

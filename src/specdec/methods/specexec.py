@@ -30,7 +30,7 @@ from specdec.core.results import VerifyResult
 from specdec.core.sampling import SamplingConfig
 from specdec.core.tree import TokenTree, keep_subtree
 from specdec.drafting.base import Proposal
-from specdec.drafting.draft_model import DraftModel, OneModelDrafter
+from specdec.drafting.draft_model import DraftModel, OneModelTreeDrafter
 from specdec.methods.base import Method, MethodContext, TuningSpace
 from specdec.methods.registry import register
 from specdec.models.base import LanguageModel
@@ -45,7 +45,7 @@ DEFAULT_MAX_BEAMS = 8
 DEFAULT_BRANCH_WIDTH = 8
 
 
-class SpecExecDrafter(OneModelDrafter):
+class SpecExecDrafter(OneModelTreeDrafter):
     """Best-first draft trees of up to `budget` nodes (one draft model, batch 1)."""
 
     def __init__(
@@ -142,14 +142,6 @@ class SpecExecDrafter(OneModelDrafter):
         self._node_slots = torch.cat([torch.tensor([-1]), slots[final]])
         self.last_scores = scores[final]
         return TokenTree.from_drafted(int(committed_ids[-1]), tokens[final], keep_subtree(parents, final))
-
-    def observe(self, committed_ids: Tensor, result: VerifyResult) -> None:
-        if self._node_slots is not None:
-            self.draft.keep(self._node_slots, result)
-            self._node_slots = None
-
-    def observe_target(self, tree: TokenTree, target_logits: Tensor) -> None:
-        pass  # learns nothing from the target's logits
 
 
 def _best_first_rank(scores: Tensor) -> Tensor:  # scores: [M] float64 -> [M] int64 rank, 0 = best

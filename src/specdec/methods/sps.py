@@ -77,9 +77,6 @@ class ModelDrafter(OneModelDrafter):
     def observe(self, committed_ids: Tensor, result: VerifyResult) -> None:
         self.draft.keep_chain(result.num_accepted)
 
-    def observe_target(self, tree: TokenTree, target_logits: Tensor) -> None:
-        pass  # learns nothing from the target's logits
-
 
 @dataclass(frozen=True)
 class Options(MethodOptions):
