@@ -33,20 +33,6 @@ SCENARIOS = "serve-scenarios.jsonl"
 
 
 @dataclass
-class RequestResult:
-    method: str
-    concurrency: int
-    prompt_id: str
-    completion_tokens: int
-    latency_s: float
-    ttft_s: float
-    finish_reason: str | None
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    """Prompt tokens the server's prefix cache supplied (usage.prompt_tokens_details.cached_tokens)."""
-
-
-@dataclass
 class LevelSummary:
     method: str
     concurrency: int
@@ -92,8 +78,24 @@ class Answer:
     finish_reason: str | None
     prompt_tokens: int = 0
     cached_tokens: int = 0
-    arrivals: list[float] = field(default_factory=list)
+    """Prompt tokens the server's prefix cache supplied (usage.prompt_tokens_details.cached_tokens)."""
+    arrivals: list[float] = field(default_factory=list, repr=False)
     """time.perf_counter() of every chunk that carried text."""
+
+
+@dataclass
+class RequestResult(Answer):
+    """One request of a load level: its answer, and which level, method and prompt it belonged to."""
+
+    method: str = ""
+    concurrency: int = 0
+    prompt_id: str = ""
+
+    def record(self) -> dict:
+        """The JSON row of serve-results.jsonl (the chunk arrival times stay out)."""
+        row = asdict(self)
+        del row["arrivals"]
+        return row
 
 
 def stream_answer(client: Any, model: str, text: str, method: str, max_tokens: int, temperature: float,
@@ -155,8 +157,7 @@ def run_level(
             prompt = prompts[i % len(prompts)]
             a = one_request(client, model, prompt, method, max_tokens, temperature, chat)
             with lock:
-                results.append(RequestResult(method, concurrency, prompt.id, a.completion_tokens, a.latency_s, a.ttft_s,
-                                             a.finish_reason, a.prompt_tokens, a.cached_tokens))
+                results.append(RequestResult(**vars(a), method=method, concurrency=concurrency, prompt_id=prompt.id))
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -338,19 +339,18 @@ def make_serve_plots(levels: Sequence[LevelSummary], out_dir: Path) -> list[Path
             pts = sorted((s.concurrency, s.tokens_per_s) for s in levels if s.method == m)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
 
-    def latency(ax: Any) -> None:
-        for i, m in enumerate(methods):
-            pts = sorted((s.concurrency, s.p50_latency_s, s.p95_latency_s) for s in levels if s.method == m)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{i}", label=f"{m} p50")
-            ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="^", linestyle="--", color=f"C{i}",
-                    label=f"{m} p95")
+    def percentiles(p50: str, p95: str) -> Callable[[Any], None]:
+        """Plot each method's p50 (solid) and p95 (dashed) of the `LevelSummary` fields named."""
+        def plot(ax: Any) -> None:
+            for i, m in enumerate(methods):
+                pts = sorted((s.concurrency, getattr(s, p50), getattr(s, p95)) for s in levels if s.method == m)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{i}", label=f"{m} p50")
+                ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="^", linestyle="--", color=f"C{i}",
+                        label=f"{m} p95")
+        return plot
 
-    def ttft(ax: Any) -> None:
-        for i, m in enumerate(methods):
-            pts = sorted((s.concurrency, s.p50_ttft_s, s.p95_ttft_s) for s in levels if s.method == m)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{i}", label=f"{m} p50")
-            ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="^", linestyle="--", color=f"C{i}",
-                    label=f"{m} p95")
+    latency = percentiles("p50_latency_s", "p95_latency_s")
+    ttft = percentiles("p50_ttft_s", "p95_ttft_s")
 
     return [by_clients(out_dir / "throughput.png", "completion tokens / s (all clients)",
                        "specdec serve: aggregate throughput", throughput),
@@ -416,7 +416,7 @@ def run_serve_bench(
                 n = requests if requests is not None else max(len(prompts), 2 * c)
                 rows, wall = run_level(base_url, model, prompts, m, c, n, max_tokens, temperature, chat)
                 for r in rows:
-                    f.write(json.dumps(asdict(r)) + "\n")
+                    f.write(json.dumps(r.record()) + "\n")
                 s = summarize_level(rows, wall)
                 levels.append(s)
                 log(f"{m} x{c}: {s.requests} requests, {s.completion_tokens} tokens in {s.wall_s:.1f} s = "
