@@ -24,6 +24,13 @@
 
 namespace sd {
 
+// The constants of our exp (every build's fexp and exp_lane read them from here, so the builds
+// cannot drift apart): inputs below kExpLow give 0, above kExpHigh are clamped; n = rne(x·log2 e);
+// r = x − n·ln 2 with ln 2 split in a high and a low part; then Horner over kExpPoly (x^6/720 … 1).
+constexpr float kExpLow = -87.3f, kExpHigh = 88.0f, kLog2e = 1.44269504f;
+constexpr float kLn2Hi = -0.693145752f, kLn2Lo = -1.42860677e-06f;
+constexpr float kExpPoly[7] = {1.38888889e-03f, 8.33333333e-03f, 4.16666667e-02f, 1.66666667e-01f, 0.5f, 1.0f, 1.0f};
+
 inline int32_t load_i32(const void* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -157,18 +164,13 @@ SD_INLINE F32 fmaxabs(F32 m, F32 v) { return {_mm512_max_ps(m.v, _mm512_abs_ps(v
 // exp(x) exactly as exp_scalar (below): n = rne(x·log2 e), r = x − n·ln 2 in two fused steps, a
 // degree-6 Horner polynomial of fused multiply-adds, times 2^n through the exponent bits; 0 below −87.3
 SD_INLINE F32 fexp(F32 x) {
-  const __mmask16 tiny = _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
-  const __m512 xc = _mm512_min_ps(x.v, _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693145752f), xc);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(-1.42860677e-06f), r);
-  __m512 p = _mm512_set1_ps(1.38888889e-03f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.33333333e-03f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.16666667e-02f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.66666667e-01f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(kExpLow), _CMP_LT_OQ);
+  const __m512 xc = _mm512_min_ps(x.v, _mm512_set1_ps(kExpHigh));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(kLn2Hi), xc);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
   const __m512i bits = _mm512_add_epi32(_mm512_castps_si512(p), _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23));
   return {_mm512_maskz_mov_ps(~tiny, _mm512_castsi512_ps(bits))};
 }
@@ -320,18 +322,13 @@ SD_INLINE F32 fmaxabs(F32 m, F32 x) {
   return {_mm256_max_ps(m.a, _mm256_andnot_ps(sign, x.a)), _mm256_max_ps(m.b, _mm256_andnot_ps(sign, x.b))};
 }
 SD_INLINE __m256 fexp8(__m256 x) {
-  const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
-  const __m256 xc = _mm256_min_ps(x, _mm256_set1_ps(88.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693145752f), xc);
-  r = _mm256_fmadd_ps(n, _mm256_set1_ps(-1.42860677e-06f), r);
-  __m256 p = _mm256_set1_ps(1.38888889e-03f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.33333333e-03f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.16666667e-02f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.66666667e-01f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(kExpLow), _CMP_LT_OQ);
+  const __m256 xc = _mm256_min_ps(x, _mm256_set1_ps(kExpHigh));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(kLn2Hi), xc);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
   const __m256i bits = _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23));
   return _mm256_andnot_ps(tiny, _mm256_castsi256_ps(bits));
 }
@@ -508,18 +505,13 @@ inline F32 fmaxabs(F32 m, F32 v) {
   return m;
 }
 inline float exp_lane(float x) {
-  if (x < -87.3f) return 0.0f;
-  x = std::min(x, 88.0f);
-  const float n = std::nearbyint(x * 1.44269504f);
-  float r = std::fma(n, -0.693145752f, x);
-  r = std::fma(n, -1.42860677e-06f, r);
-  float p = 1.38888889e-03f;
-  p = std::fma(p, r, 8.33333333e-03f);
-  p = std::fma(p, r, 4.16666667e-02f);
-  p = std::fma(p, r, 1.66666667e-01f);
-  p = std::fma(p, r, 0.5f);
-  p = std::fma(p, r, 1.0f);
-  p = std::fma(p, r, 1.0f);
+  if (x < kExpLow) return 0.0f;
+  x = std::min(x, kExpHigh);
+  const float n = std::nearbyint(x * kLog2e);
+  float r = std::fma(n, kLn2Hi, x);
+  r = std::fma(n, kLn2Lo, r);
+  float p = kExpPoly[0];
+  for (int i = 1; i < 7; ++i) p = std::fma(p, r, kExpPoly[i]);
   int32_t bits;
   std::memcpy(&bits, &p, 4);
   bits += (int32_t)n << 23;
