@@ -17,7 +17,9 @@ def test_changing_only_the_target_loads_only_the_target(smol, capsys, monkeypatc
     real = hub.load_model
     monkeypatch.setattr(hub, "load_model", lambda spec, **kw: loaded.append(str(spec)) or real(spec, **kw))
     capsys.readouterr()
-    assert main(["generate", "--target", NAME, "--max-new-tokens", "4", "--fast-linear", "off", "hi"]) == 0
+    # Dense weights: the spy sits on the dense loader (a native load never calls it).
+    assert main(["generate", "--target", NAME, "--max-new-tokens", "4", "--fast-linear", "off", "--weights", "dense",
+                 "hi"]) == 0
     out, err = capsys.readouterr()
     assert loaded == [NAME]  # before: smollm2 and then the 2 GB Qwen draft, refused after loading
     assert out.strip() and "[pld]" in err and "using --method pld" in err
@@ -25,7 +27,7 @@ def test_changing_only_the_target_loads_only_the_target(smol, capsys, monkeypatc
 
 def test_stderr_is_one_line_per_load_and_the_statistics(smol, capsys):
     argv = ["generate", "--target", NAME, "--method", "pld", "--max-new-tokens", "4", "--fast-linear", "off",
-            "--prompt", "def fib(n):"]
+            "--weights", "dense", "--prompt", "def fib(n):"]  # dense: transformers' loader is the one that talks
     capsys.readouterr()
     assert main(argv) == 0
     lines = capsys.readouterr().err.splitlines()

@@ -54,9 +54,10 @@ def test_greedy_equivalence_on_smollm2(smol):
 
 @pytest.mark.slow
 def test_cli_generate_json_on_smollm2(capsys):
-    argv = ["generate", "--target", NAME, "--draft", NAME, "--method", "sps", "--gamma", "3",
-            "--max-new-tokens", "12", "--json", "--prompt", "The capital of France is"]
-    assert main([*argv, "--method", "ar"]) == 0
+    common = ["generate", "--target", NAME, "--draft", NAME, "--max-new-tokens", "12", "--json", "--prompt",
+              "The capital of France is"]
+    argv = [*common, "--method", "sps", "--gamma", "3"]
+    assert main([*common, "--method", "ar"]) == 0
     ar = json.loads(capsys.readouterr().out)
     # The draft's precision is measured (auto): whatever it is, the output is the target's.
     assert main(argv) == 0

@@ -8,8 +8,9 @@ import torch
 
 from specdec.core.sampling import SamplingConfig, logits_to_probs
 from specdec.core.tree import TokenTree
-from specdec.drafting.vocab import frequent_tokens
+from specdec.drafting.vocab import AUTO_DRAFT_VOCAB, frequent_tokens, resolve_draft_vocab
 from specdec.engine.decoder import SpeculativeDecoder
+from specdec.engine.pipeline import Pipeline
 from specdec.methods.sequoia import SequoiaDrafter
 from specdec.methods.specexec import SpecExecDrafter
 from specdec.methods.sps import ModelDrafter
@@ -105,3 +106,24 @@ def test_frequent_tokens():
     assert frequent_tokens(counts, 3, torch.tensor([5])).tolist() == [0, 2, 3, 5]
     with pytest.raises(ValueError, match="at least one"):
         frequent_tokens(counts, 0)
+
+
+def test_auto_prunes_only_large_heads_and_bad_values_are_refused():
+    assert resolve_draft_vocab("auto", 151_936) == AUTO_DRAFT_VOCAB
+    assert resolve_draft_vocab("auto", 2 * AUTO_DRAFT_VOCAB) == AUTO_DRAFT_VOCAB
+    assert resolve_draft_vocab("auto", 2 * AUTO_DRAFT_VOCAB - 1) is None  # SmolLM2's 49 152: whole head
+    assert resolve_draft_vocab(1000, 151_936) == 1000
+    assert resolve_draft_vocab(0, 151_936) is None and resolve_draft_vocab(None, 151_936) is None
+    for bad in (-1, "many", 2.5, True):
+        with pytest.raises(ValueError, match="draft_vocab"):
+            resolve_draft_vocab(bad, 151_936)
+
+
+def test_the_cli_takes_auto_or_a_count(capsys):
+    from specdec.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--draft-vocab", "lots", "hi"])
+    assert info.value.code == 2 and "--draft-vocab" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="draft_vocab"):
+        Pipeline("nonexistent-target", draft_vocab=-5)  # refused before anything loads

@@ -52,6 +52,19 @@ def err(msg: str) -> None:
 
 
 # ---- model flags -------------------------------------------------------------------------------
+def _draft_vocab(text: str) -> int | str:
+    """--draft-vocab: "auto" or a number of tokens ≥ 0."""
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens (0: the whole head) or auto, got {text!r}")
+    return n
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=DEFAULT_TARGET,
                    help=f"known model name, .gguf file, local dir or HF id (default {DEFAULT_TARGET})")
@@ -81,9 +94,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "decoding; auto (default) = on for bfloat16/float16 targets",
     )
     p.add_argument(
-        "--draft-vocab", type=int, default=None, metavar="N",
+        "--draft-vocab", type=_draft_vocab, default="auto", metavar="N|auto",
         help="keep only the N most frequent tokens in the draft's output head (a cheaper draft step; the target "
-        "still verifies over its whole vocabulary, so only acceptance and speed change)",
+        "still verifies over its whole vocabulary, so only acceptance and speed change); auto (default) = 32768 "
+        "for heads of at least 65536 tokens; 0 = the whole head",
     )
     p.add_argument(
         "--weights", default="auto", choices=WEIGHT_NAMES,

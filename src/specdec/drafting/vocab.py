@@ -58,6 +58,25 @@ def frequent_tokens(counts: Tensor, size: int, always: Tensor | None = None) -> 
     return torch.unique(kept)
 
 
+AUTO_DRAFT_VOCAB = 32768
+"""What `draft_vocab="auto"` keeps of a draft head at least twice as large. The default pair's 0.5B
+draft spends 145 of its 485 MB on its Q8_0 head; pruned to 32 768 tokens, `sps` γ=4 went from
+1.07-1.11x to 1.16-1.18x our AR end to end (4 dev prompts, 64 tokens, two A/B runs) while the
+tokens per target call fell from 3.65 to 3.50."""
+
+
+def resolve_draft_vocab(draft_vocab: int | str | None, vocab_size: int) -> int | None:
+    """How many tokens a draft head of `vocab_size` keeps: an int as given, None or 0 for the whole
+    head, "auto" for `AUTO_DRAFT_VOCAB` where the head is at least twice that (else the whole head)."""
+    if draft_vocab == "auto":
+        return AUTO_DRAFT_VOCAB if vocab_size >= 2 * AUTO_DRAFT_VOCAB else None
+    if draft_vocab is None or draft_vocab == 0:
+        return None
+    if isinstance(draft_vocab, bool) or not isinstance(draft_vocab, int) or draft_vocab < 0:
+        raise ValueError(f"draft_vocab must be a number of tokens (0: the whole head) or 'auto', got {draft_vocab!r}")
+    return draft_vocab
+
+
 def tokens_to_keep(tokenizer: Any, vocab_size: int, size: int) -> Tensor:
     """The kept set of a pruned draft head for this tokenizer (see the module docstring)."""
     always = sorted({int(i) for i in getattr(tokenizer, "all_special_ids", []) if 0 <= int(i) < vocab_size})

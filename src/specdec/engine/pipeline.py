@@ -113,7 +113,7 @@ def check_text(text: str, what: str = "the prompt") -> None:
         raise ValueError(f"{what} is not valid UTF-8 text: {detail}") from None
 
 
-def _check_load_options(*, weights: str, draft_weights: str, draft_dtype: str | None, draft_vocab: int | None,
+def _check_load_options(*, weights: str, draft_weights: str, draft_dtype: str | None, draft_vocab: int | str | None,
                         tensor_parallel_size: int, offload: bool, row_invariant: str) -> None:
     """Refuse combinations that cannot load, before anything is read (one line each)."""
     from specdec.models.backends import WEIGHTS
@@ -127,6 +127,9 @@ def _check_load_options(*, weights: str, draft_weights: str, draft_dtype: str | 
         raise ValueError(f"draft dtype must be one of {', '.join(choices)}, got {draft_dtype!r}")
     if row_invariant not in ("auto", "on", "off"):
         raise ValueError(f"row_invariant must be auto, on or off, got {row_invariant!r}")
+    from specdec.drafting.vocab import resolve_draft_vocab
+
+    resolve_draft_vocab(draft_vocab, 1 << 20)  # refuses what is neither a count nor "auto"
     if draft_weights == "native" and draft_dtype not in (None, "auto", "float32"):
         raise ValueError(
             f"--draft-dtype {draft_dtype} changes a dense draft; with native draft weights the draft already "
@@ -174,7 +177,7 @@ class Pipeline:
         weights: str = "auto",
         draft_weights: str | None = None,
         row_invariant: str = "auto",
-        draft_vocab: int | None = None,
+        draft_vocab: int | str | None = "auto",
     ) -> None:
         """Load the models.
 
@@ -201,9 +204,11 @@ class Pipeline:
         row_invariant: "auto" (default: on for bfloat16 and float16 targets), "on" or "off": make
             a dense target score a block of k tokens bit for bit like k one-token passes (checked at
             load, `models.dense.invariance`). Native weights are row-invariant by construction.
-        draft_vocab: keep only this many of the most frequent tokens in a dense draft's output head
-            (`models.dense.pruned_head`): a cheaper draft step; the target still verifies and emits
-            over its full vocabulary, so only acceptance and speed change.
+        draft_vocab: keep only this many of the most frequent tokens in the drafts' output heads
+            (`models.dense.pruned_head`, `NativeModel.with_pruned_head`): a cheaper draft step; the
+            target still verifies and emits over its full vocabulary, so only acceptance and speed
+            change. "auto" (default): 32 768 for heads of at least 65 536 tokens
+            (`drafting.vocab.resolve_draft_vocab`), where it measured faster; None or 0: whole heads.
         """
         draft_names = [draft] if isinstance(draft, str) else list(draft or [])
         draft_weights = draft_weights or weights
@@ -216,9 +221,15 @@ class Pipeline:
         loaded = self._load_target(target, weights, device=device, dtype=dtype, fast_linear=fast_linear,
                                    offload=offload, progress=progress, tensor_parallel_size=tensor_parallel_size,
                                    row_invariant=invariant, say=say)
+        from specdec.drafting.vocab import resolve_draft_vocab
+
+        optional = draft_vocab == "auto"  # a draft whose head cannot be pruned keeps it, silently
+        draft_vocab = resolve_draft_vocab(draft_vocab, loaded.lm.vocab_size) if loaded.tokenizer is not None else None
         drafts = [self._load_draft(name, draft_weights, device=device, dtype=dtype, draft_dtype=draft_dtype,
-                                   fast_linear=fast_linear, draft_vocab=draft_vocab, tokenizer=loaded.tokenizer,
-                                   progress=progress, say=say) for name in draft_names]
+                                   fast_linear=fast_linear, draft_vocab=draft_vocab, optional=optional,
+                                   tokenizer=loaded.tokenizer, progress=progress, say=say) for name in draft_names]
+        if optional and draft_vocab is not None and any(d.pruned_head is False for d in drafts):
+            draft_vocab = None  # the profile key names a pruned head only where there is one
         self._assemble(target, draft, loaded, drafts, device=device, dtype=dtype, draft_vocab=draft_vocab,
                        tensor_parallel_size=tensor_parallel_size, autotune=True)
 
@@ -243,8 +254,8 @@ class Pipeline:
 
     @staticmethod
     def _load_draft(name: str, weights: str, *, device: str | torch.device, dtype: torch.dtype,
-                    draft_dtype: str | None, fast_linear: str, draft_vocab: int | None, tokenizer: Any,
-                    progress: bool, say: Callable[[str], None]) -> LoadedModel:
+                    draft_dtype: str | None, fast_linear: str, draft_vocab: int | None, optional: bool,
+                    tokenizer: Any, progress: bool, say: Callable[[str], None]) -> LoadedModel:
         from specdec.models import backends
 
         dense_only = draft_dtype not in (None, "auto", "float32")
@@ -258,7 +269,7 @@ class Pipeline:
                 raise ValueError("a pruned draft head needs the tokenizer to count token frequencies")
             keep = functools.partial(lambda n, size: tokens_to_keep(tokenizer, size, n), int(draft_vocab))
         if chosen == "native":
-            loaded = backends.load_native(name, progress=progress, say=say, keep_tokens=keep)
+            loaded = backends.load_native(name, progress=progress, say=say, keep_tokens=keep, optional=optional)
         else:
             precision = str(dtype).replace("torch.", "") if draft_dtype is None else draft_dtype
             loaded = backends.load_dense_draft(name, precision=precision, device=device, fast_linear=fast_linear,

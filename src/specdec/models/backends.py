@@ -55,6 +55,7 @@ class LoadedModel:
     precision_choice: Any = None  # dense draft at "auto": the measured precisions
     row_invariant: bool | None = None  # whether the row-invariance check passed (None: not asked for)
     weights_choice: Any = None  # `--weights auto`: the measurement behind the choice
+    pruned_head: bool | None = None  # a draft asked to prune its head: whether it did (None: not asked)
 
 
 def eos_ids(model: Any, tokenizer: "PreTrainedTokenizerBase | None") -> list[int]:
@@ -101,22 +102,25 @@ def choose_weights(spec: str, weights: str, device: str | torch.device, dtype: t
 
 
 def load_native(spec: str, *, progress: bool = True, say: Say | None = None,
-                keep_tokens: Callable[[int], torch.Tensor] | None = None) -> LoadedModel:
+                keep_tokens: Callable[[int], torch.Tensor] | None = None, optional: bool = False) -> LoadedModel:
     """The GGUF model `spec` computing on its own blocks (activations quantized per row and block);
-    `keep_tokens(head size)`: the token ids a pruned output head keeps (None: the whole head)."""
+    `keep_tokens(head size)`: the token ids a pruned output head keeps (None: the whole head).
+    `optional`: a model off the lean runner keeps its whole head instead of refusing."""
     from specdec.models.hub.load import load_native_lm
     from specdec.models.native.lm import NativeLM
 
     lm, config, tokenizer = load_native_lm(spec, progress=progress, say=say)
-    if keep_tokens is not None:
-        if not isinstance(lm, NativeLM):
-            raise ValueError(f"a pruned output head needs the lean native runner, which {spec} does not run on; "
-                             "pass --draft-weights dense to prune a dense draft's head")
+    pruned = keep_tokens is not None and isinstance(lm, NativeLM)
+    if keep_tokens is not None and not pruned and not optional:
+        raise ValueError(f"a pruned output head needs the lean native runner, which {spec} does not run on; "
+                         "pass --draft-weights dense to prune a dense draft's head")
+    if pruned:
         lm.model = lm.model.with_pruned_head(keep_tokens(lm.vocab_size))
     from transformers import GenerationConfig
 
     source = _ConfigOnly(config, GenerationConfig.from_model_config(config))
-    return LoadedModel(lm, tokenizer, eos_ids(source, tokenizer), "native", "native")
+    return LoadedModel(lm, tokenizer, eos_ids(source, tokenizer), "native", "native",
+                       pruned_head=pruned if keep_tokens is not None else None)
 
 
 @dataclass
@@ -184,7 +188,7 @@ def load_dense_draft(spec: str, *, precision: str, device: str | torch.device, f
     else:
         model = make_variant(model.float() if precision == "int8" else model, precision, fast_linear)
     return LoadedModel(HFLanguageModel(model), draft_tokenizer, eos_ids(model, draft_tokenizer), "dense", precision,
-                       precision_choice=choice)
+                       precision_choice=choice, pruned_head=True if keep_tokens is not None else None)
 
 
 def load_sharded_target(spec: str, size: int, *, dtype: torch.dtype, device: str | torch.device,
