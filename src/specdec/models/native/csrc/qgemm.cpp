@@ -100,19 +100,23 @@ SD_INLINE I32 byte_pair(I32 u, int k) { return ior(iand(isrl(u, 8 * k), 0xFF), i
 SD_INLINE I32 byte_of(I32 u, int k) { return iand(isrl(u, 8 * k), 0xFF); }
 
 // ---- prefetching ---------------------------------------------------------------------------------
-// Each step asks for the panel block kPrefetchBlocks ahead, a few lines per inner iteration, so
+// Each step asks for the panel block about kPrefetchBytes ahead, a few lines per inner iteration, so
 // that requests stay in flight while it computes. Asking for a whole block at once instead makes
 // the memory time add to the compute time once several rows share the weights (measured: a 7.7 MB
 // Q4_K matrix from DRAM at 8 rows, 436 µs in one burst per block against 320 µs spread out).
 // Prefetches never fault: reads past the end of the weights are not made, their lines are unused.
-#ifndef SPECDEC_PF_BLOCKS
-#define SPECDEC_PF_BLOCKS 4
+// The distance is in bytes, not blocks: a 32-value format's panel block (288-544 bytes) computes
+// in a few nanoseconds at one row, and four of them ahead was less than a memory latency (a Q5_0
+// matrix at one row: 23 GB/s four blocks ahead, 27 GB/s at 11 KB).
+#ifndef SPECDEC_PF_BYTES
+#define SPECDEC_PF_BYTES 12288
 #endif
-constexpr int64_t kPrefetchBlocks = SPECDEC_PF_BLOCKS;
+constexpr int64_t kPrefetchBytes = SPECDEC_PF_BYTES;
+constexpr int64_t blocks_ahead(int64_t pbytes) { return (kPrefetchBytes + pbytes - 1) / pbytes; }
 
 template <int64_t kBytes>
 struct Ahead {
-  const uint8_t* p;  // the panel block kPrefetchBlocks ahead
+  const uint8_t* p;  // the panel block `blocks_ahead` ahead
   // Its share of lines for inner iteration i of n (constants once the loops are unrolled).
   SD_INLINE void part(int i, int n) const {
     constexpr int64_t lines = (kBytes + 63) / 64;
@@ -361,7 +365,7 @@ template <int F, int R>
 void panel_rows(const uint8_t* panel, int64_t nb, const uint8_t* xq, int64_t x_row, int64_t r0, const float* bias,
                 int64_t o0, int nv, float* y, int64_t ldy) {
   using T = typename FormatOf<F>::T;
-  const int64_t pbytes = kTypeSize[F] * kLanes, xbytes = x_block_bytes(F);
+  const int64_t pbytes = kTypeSize[F] * kLanes, xbytes = x_block_bytes(F), ahead = blocks_ahead(pbytes);
   F32 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = fzero();
   for (int64_t i = 0; i < nb; ++i) {
@@ -372,7 +376,7 @@ void panel_rows(const uint8_t* panel, int64_t nb, const uint8_t* xq, int64_t x_r
 #endif
     const uint8_t* xb[R];
     for (int r = 0; r < R; ++r) xb[r] = xq + (r0 + r) * x_row + b * xbytes;
-    T::template step<R>(panel + b * pbytes, xb, acc, typename T::Pf{panel + (b + kPrefetchBlocks) * pbytes});
+    T::template step<R>(panel + b * pbytes, xb, acc, typename T::Pf{panel + (b + ahead) * pbytes});
   }
   for (int r = 0; r < R; ++r) {
     F32 out = acc[r];
