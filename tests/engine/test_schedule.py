@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from specdec.engine.schedule import Acceptance, Candidate, PassTimes, plan_depths
+from specdec.engine.schedule import Acceptance, Candidate, Load, PassTimes, path_floors, plan_depths
 
 
 def _times(points: dict[int, float]) -> PassTimes:
@@ -65,8 +65,20 @@ def test_acceptance_follows_recent_steps():
     for _ in range(40):
         a.observe(4, 0)
     assert a.rate < 0.2
-    a.observe(0, 0)  # a step without drafts teaches nothing
-    assert a.rate < 0.2
+    low = a.rate
+    for _ in range(30):  # steps without drafts teach nothing but let older counts fade: it tries again
+        a.observe(0, 0)
+    assert low < a.rate and a.rate > 0.6
+
+
+def test_a_new_sequence_starts_from_what_recent_sequences_accepted():
+    pool = Acceptance(decay=0.98)
+    first = Acceptance(prior=pool)
+    for _ in range(30):
+        first.observe(4, 0)  # every drafted level rejected
+    assert pool.rate < 0.3
+    assert Acceptance(prior=pool).rate == pytest.approx(pool.rate)
+    assert Acceptance().rate >= 0.8  # no history: optimistic
 
 
 def test_a_slow_outlier_moves_a_timing_little_and_faster_passes_move_it_fast():
@@ -80,3 +92,37 @@ def test_a_slow_outlier_moves_a_timing_little_and_faster_passes_move_it_fast():
         t.observe(2, 0.2)
     assert float(t.predict(2)) > 0.19
 
+
+
+def test_the_load_moves_the_sizes_no_longer_measured():
+    # Calibrated while another process ran (every size twice as slow), then only 1-token passes run.
+    load = Load()
+    target, draft = PassTimes(load=load), PassTimes(load=load)
+    for k, ms in {1: 70, 4: 80, 16: 160}.items():
+        target.calibrated(k, ms / 1e3)
+    draft.calibrated(1, 0.034)
+    for _ in range(20):
+        target.observe(1, 0.035)
+    assert float(target.predict(1)) == pytest.approx(0.035, rel=0.05)
+    assert float(target.predict(4)) < 0.06 and float(target.predict(16)) < 0.12  # the unmeasured sizes followed
+    assert float(draft.predict(1)) < 0.025  # and so did the other model on the same cores
+
+
+def test_a_long_catch_up_is_shared_over_the_tokens_left():
+    t = _times({1: 0.035, 8: 0.045, 64: 0.3})
+    d = _times({1: 0.015, 8: 0.02, 64: 0.12, 512: 1.0})
+    near_end = Candidate(4, CHAIN, 0.9, backlog=500, remaining=4)
+    long_run = Candidate(4, CHAIN, 0.9, backlog=500, remaining=4000)
+    assert plan_depths([near_end], t, d) == [0]
+    assert plan_depths([long_run], t, d)[0] > 0
+
+
+def test_path_floors_price_the_next_draft_pass_against_plain_decoding():
+    t = _times({1: 0.035, 8: 0.045, 64: 0.3})
+    cheap, dear = _times({1: 0.003, 64: 0.03}), _times({1: 0.01, 64: 0.1})
+    cands = [Candidate(4, CHAIN, 0.9), Candidate(4, CHAIN, 0.9)]
+    assert path_floors(cands, [0, 0], t, dear) == [0.0, 0.0]
+    low, high = path_floors(cands, [2, 2], t, cheap), path_floors(cands, [2, 2], t, dear)
+    assert 0 < low[0] < high[0] < 1
+    unsure = path_floors([Candidate(4, CHAIN, 0.9), Candidate(4, CHAIN, 0.5)], [2, 2], t, dear)
+    assert unsure[1] > unsure[0]  # a sequence whose drafts fail more needs a surer chain to go on

@@ -55,11 +55,14 @@ from specdec.drafting.base import Proposal, check_proposal
 from specdec.engine.build import build_decoder, parse_options
 from specdec.engine.cost import cost_ratios
 from specdec.engine.decoder import DecodeRun, SpeculativeDecoder
-from specdec.engine.schedule import CALIBRATION_SIZES, Acceptance, Candidate, PassTimes, plan_depths
+from specdec.engine.schedule import (
+    CALIBRATION_SIZES, POOL_DECAY, Acceptance, Candidate, Load, PassTimes, path_floors, plan_depths,
+)
 from specdec.engine.stats import DecodeStats
 from specdec.methods import DEFAULT_METHOD
 from specdec.methods.base import MethodContext
 from specdec.methods.registry import get_method
+from specdec.methods.sps import ModelDrafter
 from specdec.models.base import LanguageModel
 from specdec.models.batch import BatchedModel, ModelCall, RowView, batched_model, run_calls
 from specdec.models.prefix import PrefixCache
@@ -217,8 +220,12 @@ class BatchEngine:
         self._aborts: set[int] = set()
         self._lock = threading.Lock()
         self.last_step = StepInfo()
-        self.times = {"target": PassTimes(), "draft": PassTimes()}
-        """Measured seconds per pass by tokens (`engine.schedule`): `calibrate` and every step feed them."""
+        load = Load()
+        self.times = {"target": PassTimes(load=load), "draft": PassTimes(load=load)}
+        """Measured seconds per pass by tokens (`engine.schedule`): `calibrate` and every step feed them;
+        one load factor for both, since they share the cores."""
+        self.acceptance = Acceptance(decay=POOL_DECAY)
+        """What recent sequences accepted per drafted level: a new sequence's prior."""
         self.prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         """K/V of prompt prefixes reused across requests (native rows only; `models.prefix`)."""
         self._calibrated = False
@@ -361,7 +368,7 @@ class BatchEngine:
         except BaseException:
             self._release(target_row, draft_rows)
             raise
-        seq = _Sequence(rid, request, decoder, run, target_row, draft_rows)
+        seq = _Sequence(rid, request, decoder, run, target_row, draft_rows, acceptance=Acceptance(prior=self.acceptance))
         if run.prompt.numel() > 1:  # the last prompt token is the first pending root
             seq.prompt_fill = _Fill(ModelCall(target_row, run.prompt[:-1], fill=True))
         return seq
@@ -376,29 +383,37 @@ class BatchEngine:
         return [self._draft_ratios[index[id(m)]] for m in models]
 
     # ---- measured costs -------------------------------------------------------------------------
-    def calibrate(self, sizes: Sequence[int] = CALIBRATION_SIZES, repeats: int = 3) -> None:
-        """Time passes of `sizes` tokens on the target and the first draft model (the best of `repeats`,
-        after one untimed pass), what adaptive speculation and the fill bound start from; the steps
-        refine them. Needs a free row.
+    def calibrate(self, sizes: Sequence[int] = CALIBRATION_SIZES, repeats: int = 4) -> None:
+        """Time passes of `sizes` tokens on the target and the first draft model (the best of `repeats`
+        rounds, after one untimed pass of each), what adaptive speculation and the fill bound start
+        from; the steps refine them. Needs a free row on each.
 
         The untimed pass matters: a model's first pass pays one-off costs (seconds on a 1.5B model),
-        and a cost the planner believes too high is never measured again where it stops choosing it."""
+        and a cost the planner believes too high is never measured again where it stops choosing it.
+        Each round times every size of both models, so that a burst of another process's work slows
+        one round of all of them, which the best of the rounds drops, not every repeat of one size."""
         self._calibrated = True
         pairs = [("target", self.target)] + ([("draft", self.drafts[0])] if self.drafts else [])
-        for key, model in pairs:
-            try:
-                row = model.new_row()
-            except ValueError:  # every row busy: the steps will measure
-                continue
-            try:
-                row.reset(max(sizes))
-                tokens = torch.arange(max(sizes)) % self.target_lm.vocab_size
-                for k in sorted(set(sizes)):  # untimed: one pass of each shape first
-                    run_calls([ModelCall(row, tokens[:k])])
-                for k in sizes:
-                    best = min(self._timed(lambda: run_calls([ModelCall(row, tokens[:k])])) for _ in range(repeats))
-                    self.times[key].observe(k, best)
-            finally:
+        rows: list[tuple[str, BatchedModel, LanguageModel]] = []
+        try:
+            for key, model in pairs:
+                try:
+                    rows.append((key, model, model.new_row()))
+                except ValueError:  # every row busy: the steps will measure
+                    continue
+                rows[-1][2].reset(max(sizes))
+            tokens = torch.arange(max(sizes)) % self.target_lm.vocab_size
+            best: dict[tuple[str, int], float] = {}
+            for r in range(repeats + 1):
+                for key, _, row in rows:
+                    for k in sorted(set(sizes)):
+                        seconds = self._timed(lambda: run_calls([ModelCall(row, tokens[:k])]))
+                        if r > 0:  # round 0 is the untimed one
+                            best[key, k] = min(best.get((key, k), seconds), seconds)
+            for (key, k), seconds in best.items():
+                self.times[key].calibrated(k, seconds)
+        finally:
+            for _, model, row in rows:
                 model.release(row)
 
     @staticmethod
@@ -542,7 +557,16 @@ class BatchEngine:
             return {}
         ready = [s for s in starting if s.prompt_fill is None
                  and (s.request.sampling.greedy or s.request.seed is None)]
-        depths = plan_depths([self._candidate(s) for s in ready], self.times["target"], self.times["draft"])
+        cands = [self._candidate(s) for s in ready]
+        target, draft = self.times["target"], self.times["draft"]
+        depths = plan_depths(cands, target, draft)
+        floors = path_floors(cands, depths, target, draft)
+        for seq, cand, floor, i in zip(ready, cands, floors, range(len(ready))):
+            drafter = seq.decoder.drafter
+            if isinstance(drafter, ModelDrafter):
+                # It ends its chain by its own confidence, so it may go as deep as its method allows.
+                drafter.path_floor = floor
+                depths[i] = cand.max_depth if depths[i] > 0 else 0
         info.depths = list(depths)
         return dict(zip(ready, depths))
 
@@ -550,14 +574,25 @@ class BatchEngine:
         dec, run = seq.decoder, seq.run
         if dec.drafter is None:
             return Candidate(0, [], 0.0, 0, False)
-        depth = max(0, min(dec.gamma, run.max_new_tokens - run.stats.new_tokens - 1))
+        remaining = run.max_new_tokens - run.stats.new_tokens
+        depth = max(0, min(dec.gamma, remaining - 1))
         models = list(dec.drafter.draft_models)
         unseen = max((run.committed.numel() - m.kv_len for m in models), default=0)
         shape = seq.shape
         if not shape:  # no tree yet: the drafter's largest, spread evenly over its levels
             nodes = dec.drafter.max_nodes
             shape = [max(d, -(-nodes * d // max(dec.gamma, 1))) for d in range(1, dec.gamma + 1)]
-        return Candidate(depth, shape, seq.acceptance.rate, unseen if unseen <= LANE_FILL else 0, bool(models))
+        if unseen <= LANE_FILL:  # in its first draft pass, beside the root
+            return Candidate(depth, shape, seq.acceptance.rate, max(unseen - 1, 0), bool(models), remaining=remaining)
+        backlog = unseen - max((self._cached(m, run.committed[:-1]) for m in models), default=0)
+        return Candidate(depth, shape, seq.acceptance.rate, 0, bool(models), backlog, remaining)
+
+    def _cached(self, row: LanguageModel, tokens: Tensor) -> int:
+        """Tokens of a fill a fresh row would find in the prefix cache (`_reuse_prefix`)."""
+        if self.prefix is None or not isinstance(row, RowView) or not row.owner.exact_prefixes or row.kv_len:
+            return 0
+        blocks = self.prefix.lookup(id(row.owner), tokens, tokens.numel() - 1)
+        return len(blocks) * (blocks[0].keys.shape[-1] if blocks else 0)
 
     def _send(self, seq: _Sequence, value: Tensor | None, events: list[StepEvent]) -> None:
         """Advance a sequence's proposal with the logits of its last call (None: start it)."""
@@ -623,9 +658,9 @@ class BatchEngine:
     def _learn(seq: _Sequence, tree: TokenTree, result: VerifyResult) -> None:
         """What the planner knows of a sequence: its per-level acceptance and its trees' shape."""
         depth = tree.max_depth()
+        seq.acceptance.observe(depth, result.num_accepted)  # a step without drafts only fades older counts
         if depth == 0:
             return
-        seq.acceptance.observe(depth, result.num_accepted)
         per_depth = torch.bincount(tree.depths()[1:], minlength=depth + 1)[1:].cumsum(0).tolist()
         old = seq.shape[len(per_depth):]
         shape = per_depth + old

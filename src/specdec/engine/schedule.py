@@ -27,20 +27,25 @@ import torch
 CALIBRATION_SIZES = (1, 2, 4, 8, 16, 32, 64)
 """Tokens per pass the start-up probe times (bigger passes are learned from the steps themselves)."""
 EMA_DOWN = 0.7
-"""Weight a new timing below the bucket's estimate gets against it."""
+"""Weight a new timing below the estimate gets against it."""
 EMA_UP = 0.1
-"""Weight a new timing above the bucket's estimate gets. Timing noise is one-sided: a pass slowed
-by another process (or a first call's one-off costs) reads seconds too long, never too short, and a
-cost estimated too high is never measured again where the planner stops choosing it. A lasting
+"""Weight a new timing above the estimate gets. Timing noise is one-sided: a pass slowed by another
+process (or a first call's one-off costs) reads seconds too long, never too short. A lasting
 slowdown still shows within a few tens of passes."""
 PRIOR_ACCEPTANCE = 0.9
 PRIOR_WEIGHT = 2.0
-"""A sequence's acceptance starts at PRIOR_ACCEPTANCE with the weight of this many observed levels.
-Optimistic on purpose: acceptance is learnt only from steps that draft, so a sequence whose prior
-said "does not pay" would never draft and never learn otherwise (seen on the default pair at one
-client with a prior of 0.6); with this one it drafts, and its measured rate takes over in a few steps."""
+"""The engine's acceptance starts at PRIOR_ACCEPTANCE with the weight of this many observed levels,
+and a new sequence's starts at the engine's with the same weight. Optimistic on purpose: acceptance
+is learnt only from steps that draft, so a prior saying "does not pay" would never be corrected (seen
+on the default pair at one client with a prior of 0.6); once sequences have drafted, what they
+accepted takes over."""
 DECAY = 0.9
-"""Each step's weight on a sequence's older acceptance counts: what is recent counts most."""
+"""Each step's weight on a sequence's older acceptance counts: what is recent counts most. Steps that
+draft nothing decay them too, so a sequence that stopped drafting drifts back to the engine's rate
+and tries again."""
+POOL_DECAY = 0.98
+"""The same for the engine's acceptance, which every sequence's drafting steps feed: it follows the
+last few requests."""
 
 
 def _bucket(k: int) -> int:
@@ -51,12 +56,30 @@ def _bucket(k: int) -> int:
     return (k // step) * step
 
 
+def _ema_weight(new: float, old: float) -> float:
+    return EMA_DOWN if new <= old else EMA_UP
+
+
+@dataclass
+class Load:
+    """How much slower than their curves the models run now, one factor for every model on the
+    machine: the cores are shared, so another process slows the target's and the draft's passes of
+    every size alike. It is what keeps the sizes the planner stopped choosing (never measured again)
+    in step with the ones it measures every step."""
+
+    factor: float = 1.0
+
+
 @dataclass
 class PassTimes:
-    """Seconds per pass of one model by tokens in the pass (piecewise linear between measured sizes,
-    extended by the last segment's slope; flat below the smallest)."""
+    """Seconds per pass of one model by tokens in the pass: `load.factor` × a curve that is piecewise
+    linear between measured sizes, extended by the last segment's slope, flat below the smallest.
+
+    A timing's error against the prediction goes partly into the shared load factor (it moves every
+    size of every model sharing `load`) and partly into its own size's point (the curve's shape)."""
 
     points: dict[int, float] = field(default_factory=dict)
+    load: Load = field(default_factory=Load)
 
     def observe(self, tokens: int, seconds: float) -> None:
         if tokens < 1 or not seconds > 0:
@@ -64,8 +87,18 @@ class PassTimes:
         b = _bucket(tokens)
         seconds *= b / tokens  # a pass of `tokens` stands for its bucket's size
         old = self.points.get(b)
-        weight = EMA_DOWN if old is None or seconds <= old else EMA_UP
-        self.points[b] = seconds if old is None else weight * seconds + (1 - weight) * old
+        if old is None:  # a new size says nothing of the load: only a measured size's error does
+            self.points[b] = seconds / self.load.factor
+            return
+        predicted = old * self.load.factor
+        # Half of the weight's share of the log error goes to the load, half to this size's point.
+        half = (EMA_DOWN if seconds <= predicted else EMA_UP) / 2
+        self.load.factor *= (seconds / predicted) ** half
+        self.points[b] = old * (seconds / predicted) ** half
+
+    def calibrated(self, tokens: int, seconds: float) -> None:
+        """Set a size's point from a start-up probe (a best-of-several timing, taken as the truth)."""
+        self.points[_bucket(tokens)] = seconds * _bucket(tokens) / tokens / self.load.factor
 
     @property
     def known(self) -> bool:
@@ -76,7 +109,7 @@ class PassTimes:
         if not self.points:
             return torch.zeros_like(k)
         xs = torch.tensor(sorted(self.points), dtype=torch.float64)
-        ys = torch.tensor([self.points[int(x)] for x in xs], dtype=torch.float64)
+        ys = torch.tensor([self.points[int(x)] for x in xs], dtype=torch.float64) * self.load.factor
         # Monotone: a bigger pass never costs less than a smaller one (timings are noisy).
         ys = torch.cummax(ys, 0).values
         if xs.numel() == 1:
@@ -96,21 +129,30 @@ class PassTimes:
 
 @dataclass
 class Acceptance:
-    """A sequence's recent per-level acceptance: of the levels it drafted, how far verification got."""
+    """Recent per-level acceptance: of the levels drafted, how far verification got. A sequence's
+    starts from `prior` (the engine's, which every sequence feeds) and an engine's from PRIOR_ACCEPTANCE."""
 
     accepted: float = 0.0
     rejected: float = 0.0
+    prior: "Acceptance | None" = None
+    decay: float = DECAY
 
     def observe(self, drafted_depth: int, accepted_depth: int) -> None:
-        """One step that drafted `drafted_depth` levels and accepted `accepted_depth` of them (0 drafted: nothing learnt)."""
+        """One step that drafted `drafted_depth` levels and accepted `accepted_depth` of them (0 drafted:
+        nothing learnt, only older counts fade)."""
+        self.accepted *= self.decay
+        self.rejected *= self.decay
         if drafted_depth <= 0:
             return
-        self.accepted = DECAY * self.accepted + accepted_depth
-        self.rejected = DECAY * self.rejected + (accepted_depth < drafted_depth)
+        self.accepted += accepted_depth
+        self.rejected += accepted_depth < drafted_depth
+        if self.prior is not None:
+            self.prior.observe(drafted_depth, accepted_depth)
 
     @property
     def rate(self) -> float:
-        return (self.accepted + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (self.accepted + self.rejected + PRIOR_WEIGHT)
+        start = self.prior.rate if self.prior is not None else PRIOR_ACCEPTANCE
+        return (self.accepted + start * PRIOR_WEIGHT) / (self.accepted + self.rejected + PRIOR_WEIGHT)
 
 
 @dataclass
@@ -124,8 +166,51 @@ class Candidate:
     rate: float
     """Its per-level acceptance estimate (`Acceptance.rate`)."""
     catch_up: int = 0
-    """Tokens its draft model must run before drafting (the root and what it has not seen)."""
+    """Tokens its draft model must run before drafting in its first draft pass, beside the root (what
+    it has not seen of the committed text)."""
     uses_draft_model: bool = True
+    backlog: int = 0
+    """Tokens its draft model must fill before it can draft, in a fill of their own (a new prompt, a
+    long stretch without drafts): a one-off cost shared out over the tokens it may still emit."""
+    remaining: int = 1
+    """Tokens it may still emit."""
+
+
+def _gains(cands: Sequence[Candidate], depth: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gain [S, D]: tokens level ℓ adds (a_i^ℓ; -1 where not allowed); nodes [S, D]: drafted nodes up
+    to depth ℓ; width [S, D]: nodes of level ℓ alone."""
+    s = len(cands)
+    levels = torch.arange(1, depth + 1, dtype=torch.float64)
+    rate = torch.tensor([c.rate for c in cands], dtype=torch.float64).clamp(0.0, 0.999)
+    allowed = levels[None] <= torch.tensor([c.max_depth for c in cands], dtype=torch.float64)[:, None]
+    gain = torch.where(allowed, rate[:, None] ** levels[None], -1.0)
+    nodes = torch.tensor([[c.nodes[min(l, len(c.nodes)) - 1] if c.nodes else l for l in range(1, depth + 1)]
+                          for c in cands], dtype=torch.float64)
+    width = torch.diff(nodes, dim=1, prepend=torch.zeros(s, 1, dtype=torch.float64)).clamp_min(1.0)
+    return gain, nodes, width
+
+
+def _per_level(cands: Sequence[Candidate], width: torch.Tensor, depth: int) -> torch.Tensor:
+    """Draft-model tokens each level of each sequence runs [S, D]: level 1 its root (its catch-up is
+    priced apart, `_catch_up_share`; a chain's last draft runs only if accepted, at the next step's
+    catch-up)."""
+    model = torch.tensor([c.uses_draft_model for c in cands], dtype=torch.float64)
+    levels = torch.arange(1, depth + 1)
+    return torch.where(levels[None] == 1, 1.0, width) * model[:, None]
+
+
+def _catch_up_share(cands: Sequence[Candidate], draft: PassTimes) -> torch.Tensor:
+    """Seconds of catch-up per token a sequence emits while drafting [S]. What its draft model has not
+    seen (the tokens of steps it did not draft, a new prompt) must be run once before it drafts
+    again, whenever that is: a one-off cost, shared out over the tokens it may still emit. Priced
+    in full on the step that pays it, a sequence that stopped drafting would find restarting dearer
+    every step it waits."""
+    first = torch.tensor([1.0 + c.catch_up for c in cands], dtype=torch.float64)
+    backlog = torch.tensor([float(c.backlog) for c in cands], dtype=torch.float64)
+    model = torch.tensor([c.uses_draft_model for c in cands], dtype=torch.float64)
+    remaining = torch.tensor([max(c.remaining, 1) for c in cands], dtype=torch.float64)
+    seconds = draft.predict(first) - draft.predict(1.0) + torch.where(backlog > 0, draft.predict(backlog), 0.0)
+    return seconds * model / remaining
 
 
 def plan_depths(cands: Sequence[Candidate], target: PassTimes, draft: PassTimes) -> list[int]:
@@ -136,27 +221,46 @@ def plan_depths(cands: Sequence[Candidate], target: PassTimes, draft: PassTimes)
     if depth == 0 or not target.known:
         return [c.max_depth for c in cands]
     s = len(cands)
-    levels = torch.arange(1, depth + 1, dtype=torch.float64)
-    rate = torch.tensor([c.rate for c in cands], dtype=torch.float64).clamp(0.0, 0.999)
-    allowed = levels[None] <= torch.tensor([c.max_depth for c in cands], dtype=torch.float64)[:, None]
-    gain = torch.where(allowed, rate[:, None] ** levels[None], -1.0)  # [S, D]: tokens level ℓ adds
-    nodes = torch.tensor([[c.nodes[min(l, len(c.nodes)) - 1] if c.nodes else l for l in range(1, depth + 1)]
-                          for c in cands], dtype=torch.float64)  # [S, D]
-    width = torch.diff(nodes, dim=1, prepend=torch.zeros(s, 1, dtype=torch.float64)).clamp_min(1.0)
-    first = torch.tensor([1.0 + c.catch_up for c in cands], dtype=torch.float64)
-    model = torch.tensor([c.uses_draft_model for c in cands], dtype=torch.float64)
+    gain, nodes, width = _gains(cands, depth)  # [S, D] each
     # Thresholds: every distinct gain, plus "none" (plain decoding).
     lam = torch.cat([gain[gain > 0].unique(), torch.tensor([float("inf")], dtype=torch.float64)])
     take = gain[None] >= lam[:, None, None]  # [Λ, S, D]: prefix-closed since gain falls with ℓ
     d = take.sum(-1)  # [Λ, S]
-    tokens = s + take.to(torch.float64).mul(gain.clamp_min(0)[None]).sum((1, 2))  # E[tokens]
+    per_seq = 1.0 + take.to(torch.float64).mul(gain.clamp_min(0)[None]).sum(2)  # [Λ, S]: E[tokens]
     reach = nodes[None].expand(lam.numel(), -1, -1).gather(2, (d - 1).clamp_min(0)[..., None])[..., 0]  # [Λ, S]
     block = s + torch.where(d > 0, reach, 0.0).sum(1)  # tokens in the target's pass
-    # Draft rounds: level ℓ runs the sequences drafting at least ℓ levels (the first one with its
-    # catch-up); a chain's last draft runs only if accepted, at the next step's catch-up.
-    per_level = torch.where(levels[None, None] == 1, first[None, :, None], width[None]) * take * model[None, :, None]
-    round_tokens = per_level.sum(1)  # [Λ, D]
+    # Draft rounds: level ℓ runs the sequences drafting at least ℓ levels.
+    round_tokens = (_per_level(cands, width, depth)[None] * take).sum(1)  # [Λ, D]
     draft_s = torch.where(round_tokens > 0, draft.predict(round_tokens), 0.0).sum(1)
-    rate_of = tokens / (target.predict(block) + draft_s)
+    catch_up_s = (torch.where(d > 0, per_seq, 0.0) * _catch_up_share(cands, draft)[None]).sum(1)
+    rate_of = per_seq.sum(1) / (target.predict(block) + draft_s + catch_up_s)
     best = int(rate_of.argmax())
     return d[best].tolist()
+
+
+def path_floors(cands: Sequence[Candidate], depths: Sequence[int], target: PassTimes, draft: PassTimes) -> list[float]:
+    """For each sequence the planner lets draft, the path probability below which the next draft
+    level's pass does not pay. That level costs a draft pass beside the other sequences' and the
+    target's extra tokens; it yields a token when the chain so far holds (the product of the draft's
+    largest probabilities, if its confidence is its acceptance) and its own draft is accepted (the
+    sequence's per-level rate): worth it when that is at least what the same time yields decoding
+    these sequences plainly (the planner's own expected rate would count the levels it prices as
+    drafted, more than a chain ended by confidence drafts, and set the bar too high). A drafter that reads its own confidence ends its chain there
+    (`ModelDrafter.path_floor`). 0 where nothing drafts."""
+    if not cands or not any(depths) or not target.known:
+        return [0.0 for _ in cands]
+    depth = max(c.max_depth for c in cands)
+    _, nodes, width = _gains(cands, depth)
+    d = torch.tensor(depths)
+    take = torch.arange(1, depth + 1)[None] <= d[:, None]  # [S, D]
+    reach = nodes.gather(1, (d - 1).clamp_min(0)[:, None])[:, 0]
+    block = len(cands) + torch.where(d > 0, reach, 0.0).sum()
+    round_tokens = (_per_level(cands, width, depth) * take).sum(0)  # [D]
+    rate = len(cands) / target.predict(len(cands))  # plain decoding's tokens per second
+    nxt = torch.cat([round_tokens, torch.zeros(1, dtype=torch.float64)])[d.clamp_max(depth)]  # [S]: its next round
+    w = width.gather(1, (d - 1).clamp(0, depth - 1)[:, None])[:, 0]
+    model = torch.tensor([c.uses_draft_model for c in cands], dtype=torch.float64)
+    nxt_s = torch.where(nxt > 0, draft.predict(nxt), 0.0)  # an empty round costs nothing (predict is flat below 1)
+    extra = (target.predict(block + w) - target.predict(block)) + model * (draft.predict(nxt + w) - nxt_s)
+    rates = torch.tensor([c.rate for c in cands], dtype=torch.float64).clamp(0.05, 1.0)
+    return torch.where(d > 0, extra * rate / rates, 0.0).tolist()

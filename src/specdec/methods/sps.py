@@ -41,6 +41,12 @@ class ModelDrafter(OneModelDrafter):
         is below this (0 = always `gamma` drafts). The decision looks only at the distribution the
         next draft would be drawn from, never at the draw, so the chain stays exact under classic
         speculative sampling (docs/algorithms.md §2.8)."""
+        self.path_floor = 0.0
+        """Adaptive length set from outside each step (the batch engine's planner, `engine.schedule.path_floors`):
+        the chain ends after a position where the product of the draft's largest probabilities along
+        it so far falls below this, without the draft pass for the next one (0 = off). That position's
+        draft is kept: its pass has run, and scoring one more token costs the target little. Exact for
+        the same reason as `stop_below`: it reads only the distributions the drafts are drawn from."""
         self.model = model
         self.draft = DraftModel(model)
         self.draft_models = [model]
@@ -56,18 +62,22 @@ class ModelDrafter(OneModelDrafter):
         logits = yield from self.draft.catch_up(committed_ids)  # [V]
         tokens: list[Tensor] = []
         probs: list[Tensor] = []
+        path = 1.0  # product of the draft's largest probabilities so far
         for i in range(gamma):  # autoregressive by nature: each draft conditions the next pass
             dist = None if self.sampling.greedy else logits_to_probs(logits, self.sampling)  # [V] what x_i is drawn from
-            if self.stop_below > 0.0:
+            if self.stop_below > 0.0 or self.path_floor > 0.0:
                 # Confidence: the largest probability of the distribution the draft would draw from
                 # (its softmax at T = 0, where the draw is the argmax).
                 top = float((dist if dist is not None else torch.softmax(logits.float(), -1)).max())
+                path *= top
                 if top < self.stop_below:
                     break
             token = logits.argmax(-1, keepdim=True) if dist is None else sample(dist, generator).view(1)
             if dist is not None:
                 probs.append(dist)
             tokens.append(token)
+            if path < self.path_floor:
+                break
             if i < gamma - 1:  # the last draft is run only if it gets accepted (next catch-up)
                 logits = (yield from self.draft.extend(token))[-1]
         if not tokens:  # unsure from the first position: a plain target step
