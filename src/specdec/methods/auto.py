@@ -10,6 +10,7 @@ winner is built through the registry like any method, so it is verified by its o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,7 +94,10 @@ def bandit_arms(ctx: MethodContext, profile: dict[str, Any], winner: Drafter | N
                 sequoia_mode: str | None = None) -> list[Arm] | None:
     """The winner (unless it is plain decoding) and the next best candidates of other methods that beat
     plain decoding in the tune, or come within `PROBE_FLOOR` of it where the winner is plain decoding
-    (at most `count` in all), with the tune's figures; None when the profile lacks them (older tunes)."""
+    (at most `count` in all), with the tune's figures; plus, when none of them is model-free, the
+    tune's best model-free candidate, which the bandit peeks at every step (`BanditDrafter.peek_free`:
+    it costs no model pass, so it needs no price to be worth a look); None when the profile lacks the
+    figures (older tunes)."""
     rows = [r for r in profile.get("candidates", []) if r.get("method") != "ar"]
     if not all("ms_per_call" in r and "tokens_per_call" in r for r in rows + [profile["winner"]]):
         return None
@@ -102,16 +106,44 @@ def bandit_arms(ctx: MethodContext, profile: dict[str, Any], winner: Drafter | N
         [Arm(winner, float(w["ms_per_call"]), float(w["tokens_per_call"]), str(w.get("label", "")))]
     methods = {w.get("method")}
     floor = 1.0 if winner is not None else PROBE_FLOOR
-    for r in sorted(rows, key=lambda r: -float(r["expected_speedup"])):
+    ranked = sorted(rows, key=lambda r: -float(r["expected_speedup"]))
+    for r in ranked:
         if len(arms) >= count or float(r["expected_speedup"]) < floor or \
                 (winner is not None and float(r["expected_speedup"]) <= 1.0):
             break
         if r["method"] in methods or (get_method(r["method"]).needs_draft_model and not ctx.drafts):
             continue
         methods.add(r["method"])
-        arms.append(Arm(drafter_for(ctx, r, sequoia_mode), float(r["ms_per_call"]), float(r["tokens_per_call"]),
-                        str(r.get("label", ""))))
+        arms.append(arm_of(ctx, r, sequoia_mode))
+    if not any(a.drafter is not None and not a.drafter.draft_models for a in arms):
+        free = next((r for r in ranked if not get_method(r["method"]).loads_draft_model), None)
+        if free is not None:
+            arms.append(arm_of(ctx, free, sequoia_mode))
     return arms
+
+
+def arm_of(ctx: MethodContext, row: dict[str, Any], sequoia_mode: str | None = None) -> Arm:
+    """A tune candidate as a bandit arm: its drafter and the tune's figures."""
+    return Arm(drafter_for(ctx, row, sequoia_mode), float(row["ms_per_call"]), float(row["tokens_per_call"]),
+               str(row.get("label", "")))
+
+
+def block_cost(timing: dict[str, Any]) -> Callable[[int], float] | None:
+    """Milliseconds of a step that scores the root and n drafted nodes and runs no draft model: plain
+    decoding's step plus what the wider target pass adds (the tune's forward times)."""
+    points = sorted((int(k), float(v)) for k, v in (timing.get("target_ms") or {}).items())
+    ar_ms = timing.get("ar_ms_per_token")
+    if len(points) < 2 or not ar_ms:
+        return None
+
+    def target_ms(k: int) -> float:  # piecewise linear, the last segment extended
+        for (k0, t0), (k1, t1) in zip(points, points[1:]):
+            if k <= k1 or (k1, t1) == points[-1]:
+                return t0 + (t1 - t0) * (k - k0) / (k1 - k0)
+        raise AssertionError("unreachable")
+
+    base = target_ms(1)
+    return lambda drafted: float(ar_ms) + max(target_ms(1 + drafted) - base, 0.0)
 
 
 def build(ctx: MethodContext, opts: Options) -> Drafter | None:
@@ -119,11 +151,12 @@ def build(ctx: MethodContext, opts: Options) -> Drafter | None:
     drafter = drafter_for(ctx, profile["winner"], opts.sequoia_mode)
     if opts.no_fallback:
         return drafter
-    ar_ms = (profile.get("timing") or {}).get("ar_ms_per_token")
+    timing = profile.get("timing") or {}
+    ar_ms = timing.get("ar_ms_per_token")
     arms = bandit_arms(ctx, profile, drafter, opts.arms, opts.sequoia_mode) if ar_ms else None
     if arms:
         # The best few candidates and plain decoding, switched by what each earns on this prompt.
-        return BanditDrafter(arms, float(ar_ms))
+        return BanditDrafter(arms, float(ar_ms), block_ms=block_cost(timing))
     if drafter is None:
         return None
     need = break_even(profile)
