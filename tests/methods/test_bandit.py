@@ -135,6 +135,20 @@ def test_a_free_arm_with_nothing_to_copy_is_never_played():
     assert bandit.plays[1] == 0 and bandit.plays[0] == stats.target_calls
 
 
+@pytest.mark.parametrize("per_token_ms,model_plays", [(10.0, False), (0.01, True)])
+def test_a_cold_draft_pays_its_prefill(per_token_ms, model_plays):
+    """On a 40-token prompt with 8 tokens to go, a draft whose prefill costs 400 ms never plays (nor is
+    probed): plain decoding is cheaper; at 0.4 ms it plays every step. Greedy output equals AR."""
+    target = tiny_lm("llama", 0)
+    prompt = list(range(5, 45))
+    good = ModelDrafter(tiny_lm("llama", 0), GREEDY, 2)
+    bandit = BanditDrafter([Arm(good, 2.0, 3.0, "sps")], ar_ms=1.0, probe_every=1,
+                           prefill_ms=lambda unseen: per_token_ms * unseen)
+    out, stats = SpeculativeDecoder(target, bandit, GREEDY).generate(prompt, 8)
+    assert out == SpeculativeDecoder(target).generate(prompt, 8)[0]
+    assert (bandit.plays[0] == stats.target_calls) if model_plays else (bandit.plays[0] == 0)
+
+
 def _sampled_counts(n: int, seed: int):
     sampling = SamplingConfig(temperature=1.0)
     target = MarkovLM.random(4, seed=11, sharpness=1.5)

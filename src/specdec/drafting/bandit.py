@@ -68,13 +68,18 @@ class BanditDrafter:
     """Plays, each step, the arm with the most estimated tokens per millisecond (module docstring)."""
 
     def __init__(self, arms: Sequence[Arm], ar_ms: float, smoothing: float = 0.3, drift: float = 0.05,
-                 probe_every: int = 16, block_ms: Callable[[int], float] | None = None) -> None:
+                 probe_every: int = 16, block_ms: Callable[[int], float] | None = None,
+                 prefill_ms: Callable[[int], float] | None = None) -> None:
         if not arms or ar_ms <= 0 or not 0 < smoothing <= 1 or not 0 <= drift <= 1 or probe_every < 0:
             raise ValueError("need >= 1 arm, ar_ms > 0, smoothing in (0, 1], drift in [0, 1] and probe_every >= 0")
         self.probe_every = probe_every
         self.block_ms = block_ms or (lambda drafted: ar_ms)
         """Milliseconds of a step whose target pass scores the root and `drafted` nodes and whose
         drafter ran no model (what a peeked model-free proposal costs)."""
+        self.prefill_ms = prefill_ms
+        """Milliseconds of a draft model's pass over n tokens it has not seen (its prefill, paid when
+        an arm first plays); None: not priced."""
+        self._room = 0  # the length decoding may reach (prompt + new tokens)
         """Plain steps in a row before a drafting arm is probed (0: never probe)."""
         self.arms = [a for a in arms if a.drafter is not None] + [Arm(None, ar_ms, 1.0, "ar")]
         self.smoothing, self.drift = smoothing, drift
@@ -114,6 +119,7 @@ class BanditDrafter:
         # cache is sized for it.
         for arm in sorted((a for a in self.arms if a.drafter is not None), key=lambda a: a.drafter.max_nodes):
             arm.drafter.begin(prompt_ids, max_len)
+        self._room = max_len - 1 - self.max_nodes  # the decoder sizes caches for the widest block past it
         self.estimate = [a.tokens_per_call for a in self.arms]
         self.plays = [0] * len(self.arms)
         self.accept_share = [FREE_PRIOR] * len(self.arms)
@@ -123,7 +129,8 @@ class BanditDrafter:
     def peek_free(self, committed_ids: Tensor, max_depth: int) -> tuple[int, TokenTree] | None:
         """A model-free arm's proposal for this step when its expected tokens per millisecond beat the
         best arm's estimated rate, else None."""
-        best = max(e / a.ms_per_call for i, (e, a) in enumerate(zip(self.estimate, self.arms)) if i not in self.free)
+        rates = self.rates(committed_ids.shape[0])
+        best = max(r for i, r in enumerate(rates) if i not in self.free)
         pick = None
         for i in self.free:
             # Deterministic drafters draw nothing: no generator, so peeking consumes no randomness.
@@ -134,12 +141,28 @@ class BanditDrafter:
                 best, pick = rate, (i, tree)
         return pick
 
-    def choose(self) -> int:
+    def rates(self, length: int) -> list[float]:
+        """Estimated tokens per millisecond of every arm at a text of `length` tokens. A model arm
+        whose draft has not read the text yet also pays that prefill, spread over the calls it would
+        play until the answer's length cap: on a long prompt with a short budget the draft's prefill
+        can cost more than its drafts save."""
+        out = []
+        for e, a in zip(self.estimate, self.arms):
+            cost = a.ms_per_call
+            if self.prefill_ms is not None and a.drafter is not None:
+                unseen = max((length - lm.kv_len for lm in a.drafter.draft_models if lm.kv_len == 0), default=0)
+                if unseen:
+                    calls = max((self._room - length) / max(e, 1.0), 1.0)
+                    cost += self.prefill_ms(unseen) / calls
+            out.append(e / cost)
+        return out
+
+    def choose(self, length: int = 0) -> int:
         """The model arm or plain decoding with the most estimated tokens per millisecond (the earlier
         one on a tie), or a probe of the best model arm after `probe_every` (doubling on each failure)
         plain steps. Model-free arms play only when peeked (`peek_free`): chosen blind, they would
         often have nothing to propose and make a plain step of a model arm's turn."""
-        rates = [e / a.ms_per_call for e, a in zip(self.estimate, self.arms)]
+        rates = self.rates(length)
         plain = len(self.arms) - 1
         models = [i for i in range(plain) if i not in self.free]
         best = max(models + [plain], key=lambda i: (rates[i], -i))
@@ -149,12 +172,17 @@ class BanditDrafter:
         self._plain_run += 1
         if self._plain_run <= self._wait:
             return best
+        # A probe is a bet on one step; one whose draft would first read a long text costs that
+        # prefill too, so it is made only where the prefill's share is at most one call's cost.
+        bets = [i for i in models if 2.0 * rates[i] * self.arms[i].ms_per_call >= self.estimate[i]]
+        if not bets:
+            return best
         self._plain_run, self._probing = 0, True
-        return max(models, key=lambda i: (rates[i], -i))
+        return max(bets, key=lambda i: (rates[i], -i))
 
     def propose(self, committed_ids: Tensor, max_depth: int, generator: torch.Generator | None) -> Proposal:
         peeked = self.peek_free(committed_ids, max_depth) if self.free else None
-        self._current = self.choose() if peeked is None else peeked[0]
+        self._current = self.choose(committed_ids.shape[0]) if peeked is None else peeked[0]
         self.plays[self._current] += 1
         drafter = self.arms[self._current].drafter
         if drafter is None:

@@ -128,20 +128,27 @@ def arm_of(ctx: MethodContext, row: dict[str, Any], sequoia_mode: str | None = N
                str(row.get("label", "")))
 
 
+def piecewise_ms(table: dict[str, Any] | None) -> Callable[[float], float] | None:
+    """t(k) from a profile's timing table ({"k": ms}): piecewise linear, the last segment extended."""
+    points = sorted((int(k), float(v)) for k, v in (table or {}).items())
+    if len(points) < 2:
+        return None
+
+    def ms(k: float) -> float:
+        for (k0, t0), (k1, t1) in zip(points, points[1:]):
+            if k <= k1 or (k1, t1) == points[-1]:
+                return max(t0 + (t1 - t0) * (k - k0) / (k1 - k0), 0.0)
+        raise AssertionError("unreachable")
+
+    return ms
+
+
 def block_cost(timing: dict[str, Any]) -> Callable[[int], float] | None:
     """Milliseconds of a step that scores the root and n drafted nodes and runs no draft model: plain
     decoding's step plus what the wider target pass adds (the tune's forward times)."""
-    points = sorted((int(k), float(v)) for k, v in (timing.get("target_ms") or {}).items())
-    ar_ms = timing.get("ar_ms_per_token")
-    if len(points) < 2 or not ar_ms:
+    target_ms, ar_ms = piecewise_ms(timing.get("target_ms")), timing.get("ar_ms_per_token")
+    if target_ms is None or not ar_ms:
         return None
-
-    def target_ms(k: int) -> float:  # piecewise linear, the last segment extended
-        for (k0, t0), (k1, t1) in zip(points, points[1:]):
-            if k <= k1 or (k1, t1) == points[-1]:
-                return t0 + (t1 - t0) * (k - k0) / (k1 - k0)
-        raise AssertionError("unreachable")
-
     base = target_ms(1)
     return lambda drafted: float(ar_ms) + max(target_ms(1 + drafted) - base, 0.0)
 
@@ -156,7 +163,8 @@ def build(ctx: MethodContext, opts: Options) -> Drafter | None:
     arms = bandit_arms(ctx, profile, drafter, opts.arms, opts.sequoia_mode) if ar_ms else None
     if arms:
         # The best few candidates and plain decoding, switched by what each earns on this prompt.
-        return BanditDrafter(arms, float(ar_ms), block_ms=block_cost(timing))
+        return BanditDrafter(arms, float(ar_ms), block_ms=block_cost(timing),
+                             prefill_ms=piecewise_ms(timing.get("draft_ms")))
     if drafter is None:
         return None
     need = break_even(profile)

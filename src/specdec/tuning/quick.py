@@ -51,7 +51,9 @@ class QuickSettings:
     """How much the quick tune measures (defaults sized for ~a minute on a 1.5B/0.5B pair on 2 cores)."""
 
     target_ks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
-    draft_ks: tuple[int, ...] = (1, 2, 4, 8, 16)
+    draft_ks: tuple[int, ...] = (1, 2, 4, 8, 16, 64, 256)
+    """Up to the blocks of a draft level, and beyond: `auto` prices the draft's prefill of a long prompt
+    (an arm's first play) from the same table."""
     repeats: int = 3
     """Timed passes per k (the median is kept): one pass can catch a hiccup, and every candidate's
     price is built on these times."""
