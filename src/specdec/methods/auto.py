@@ -116,10 +116,26 @@ def bandit_arms(ctx: MethodContext, profile: dict[str, Any], winner: Drafter | N
         methods.add(r["method"])
         arms.append(arm_of(ctx, r, sequoia_mode))
     if not any(a.drafter is not None and not a.drafter.draft_models for a in arms):
-        free = next((r for r in ranked if not get_method(r["method"]).loads_draft_model), None)
+        free = free_candidate(ranked)
         if free is not None:
             arms.append(arm_of(ctx, free, sequoia_mode))
     return arms
+
+
+def free_candidate(ranked: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The model-free arm to peek at: the best-priced model-free method, with the candidate of it that
+    drafts the most tokens per step. The tune's short texts hardly repeat, so they cannot tell its
+    lengths apart, while the peek prices each proposal by its size and the arm's measured share of
+    accepted nodes: a wider proposal only gives it more to gain where the text does repeat."""
+    free = [r for r in ranked if not get_method(r["method"]).loads_draft_model]
+    if not free:
+        return None
+    method = get_method(free[0]["method"])
+
+    def width(row: dict[str, Any]) -> int:
+        return method.make_options(row.get("options") or {}).draft_tokens_per_step() or 0
+
+    return max((r for r in free if r["method"] == method.name), key=width)
 
 
 def arm_of(ctx: MethodContext, row: dict[str, Any], sequoia_mode: str | None = None) -> Arm:
