@@ -94,11 +94,13 @@ def test_auto_probes_candidates_near_plain_decoding_when_plain_decoding_won_the_
     profile["candidates"] = [ar, row("specinfer", PROBE_FLOOR - 0.01)]
     assert bandit_arms(ctx, profile, None, 3) == []
     # A model-free candidate is kept however it was priced: the bandit only peeks at it.
-    profile["candidates"] = [ar, row("sps", 0.9, gamma=3), row("pld", 0.5, gamma=2), row("pld", 0.45, gamma=5),
-                             row("suffix", 0.4)]
+    profile["candidates"] = [ar, row("sps", 0.9, gamma=3), row("recycle", 0.7, budget=24), row("pld", 0.5, gamma=2),
+                             row("pld", 0.45, gamma=5), row("suffix", 0.4)]
     arms = bandit_arms(ctx, profile, None, 3)
     assert [a.label for a in arms] == ["sps", "pld"] and isinstance(arms[1].drafter, PromptLookupDrafter)
-    assert arms[1].drafter.max_depth == 5  # the best free method's widest candidate: the peek prices its size
+    # The best text-copying method's widest candidate (the peek prices its size); Token Recycling, which
+    # fills its tree every step, is not peeked at.
+    assert arms[1].drafter.max_depth == 5
 
 
 def test_auto_prices_a_free_proposal_by_the_target_pass_it_widens():
