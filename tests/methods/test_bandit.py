@@ -9,7 +9,7 @@ import torch
 
 import specdec.verify.chain as chain_rule
 from specdec.core.sampling import SamplingConfig
-from specdec.drafting.bandit import Arm, BanditDrafter
+from specdec.drafting.bandit import FREE_PRIOR, Arm, BanditDrafter
 from specdec.engine.decoder import SpeculativeDecoder
 from specdec.methods.pld import PromptLookupDrafter
 from specdec.methods.sps import ModelDrafter
@@ -44,7 +44,10 @@ def test_a_good_arm_keeps_playing():
     bandit = BanditDrafter([Arm(good, 2.0, 3.0), Arm(PromptLookupDrafter(3), 1.1, 1.2)], ar_ms=1.0)
     out, stats = SpeculativeDecoder(target, bandit, GREEDY).generate(prompt, 40)
     assert out == SpeculativeDecoder(target).generate(prompt, 40)[0]
-    assert bandit.plays[0] == stats.target_calls and stats.tokens_per_call > 3
+    # Prompt lookup is peeked every step and played while its copies look promising; once its share
+    # of accepted drafts has fallen, the model arm plays every step.
+    assert bandit.plays[0] >= stats.target_calls - 4 and stats.tokens_per_call > 3
+    assert bandit.accept_share[1] < FREE_PRIOR and bandit.plays[2] == 0
 
 
 def test_an_arm_the_tune_underrated_is_probed_and_kept():
@@ -85,11 +88,69 @@ def test_auto_probes_candidates_near_plain_decoding_when_plain_decoding_won_the_
         return {"method": method, "label": method, "tokens_per_call": 2.0, "ms_per_call": 2.0 / speedup,
                 "expected_speedup": speedup, "options": options}
 
-    profile = {"winner": ar, "candidates": [ar, row("sps", 0.9, gamma=3), row("pld", PROBE_FLOOR - 0.01)]}
+    profile = {"winner": ar, "candidates": [ar, row("sps", 0.9, gamma=3), row("specinfer", PROBE_FLOOR - 0.01)]}
     arms = bandit_arms(ctx, profile, None, 3)
     assert [a.label for a in arms] == ["sps"] and isinstance(arms[0].drafter, ModelDrafter)
-    profile["candidates"] = [ar, row("pld", PROBE_FLOOR - 0.01)]
+    profile["candidates"] = [ar, row("specinfer", PROBE_FLOOR - 0.01)]
     assert bandit_arms(ctx, profile, None, 3) == []
+    # A model-free candidate is kept however it was priced: the bandit only peeks at it.
+    profile["candidates"] = [ar, row("sps", 0.9, gamma=3), row("recycle", 0.7, budget=24), row("pld", 0.5, gamma=2),
+                             row("pld", 0.45, gamma=5), row("suffix", 0.4)]
+    arms = bandit_arms(ctx, profile, None, 3)
+    assert [a.label for a in arms] == ["sps", "pld"] and isinstance(arms[1].drafter, PromptLookupDrafter)
+    # The best text-copying method's widest candidate (the peek prices its size); Token Recycling, which
+    # fills its tree every step, is not peeked at.
+    assert arms[1].drafter.max_depth == 5
+
+
+def test_auto_prices_a_free_proposal_by_the_target_pass_it_widens():
+    from specdec.methods.auto import block_cost
+
+    cost = block_cost({"target_ms": {"1": 30.0, "2": 32.0, "4": 34.0, "8": 42.0}, "ar_ms_per_token": 33.0})
+    assert cost(0) == 33.0 and cost(1) == 35.0 and cost(5) == 33.0 + 8.0 and cost(3) == 33.0 + 4.0
+    assert block_cost({"ar_ms_per_token": 33.0}) is None
+
+
+def test_free_arm_copies_repeated_text_and_the_model_arm_drafts_the_rest():
+    """On a prompt that repeats itself, prompt lookup's peeked copies are played where they exist and
+    the model arm everywhere else; greedy output equals AR."""
+    target = tiny_lm("llama", 0)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randint(0, 64, (8,), generator=g).tolist()
+    prompt = base + [7] + base + [9] + base
+    ref, _ = SpeculativeDecoder(target).generate(prompt, 40)
+    good = ModelDrafter(tiny_lm("llama", 0), GREEDY, 2)  # every draft accepted, 3 tokens per 2 ms
+    bandit = BanditDrafter([Arm(good, 2.0, 3.0, "sps"), Arm(PromptLookupDrafter(4), 1.0, 1.0, "pld")], ar_ms=1.0,
+                           block_ms=lambda drafted: 1.0 + 0.1 * drafted)
+    out, stats = SpeculativeDecoder(target, bandit, GREEDY).generate(prompt, 40)
+    assert out == ref
+    model, lookup, plain = bandit.plays
+    assert model > 0 and lookup > 0 and plain == 0
+
+
+def test_a_free_arm_with_nothing_to_copy_is_never_played():
+    """Peeked every step, an empty proposal is never played: the model arm keeps its turn."""
+    target = tiny_lm("llama", 0)
+    prompt = list(range(5, 20))  # no token repeats: prompt lookup finds nothing at first
+    bandit = BanditDrafter([Arm(ModelDrafter(tiny_lm("llama", 0), GREEDY, 3), 2.0, 3.0),
+                            Arm(PromptLookupDrafter(3, min_ngram=3), 1.0, 5.0)], ar_ms=1.0)
+    out, stats = SpeculativeDecoder(target, bandit, GREEDY).generate(prompt, 8)
+    assert out == SpeculativeDecoder(target).generate(prompt, 8)[0]
+    assert bandit.plays[1] == 0 and bandit.plays[0] == stats.target_calls
+
+
+@pytest.mark.parametrize("per_token_ms,model_plays", [(10.0, False), (0.01, True)])
+def test_a_cold_draft_pays_its_prefill(per_token_ms, model_plays):
+    """On a 40-token prompt with 8 tokens to go, a draft whose prefill costs 400 ms never plays (nor is
+    probed): plain decoding is cheaper; at 0.4 ms it plays every step. Greedy output equals AR."""
+    target = tiny_lm("llama", 0)
+    prompt = list(range(5, 45))
+    good = ModelDrafter(tiny_lm("llama", 0), GREEDY, 2)
+    bandit = BanditDrafter([Arm(good, 2.0, 3.0, "sps")], ar_ms=1.0, probe_every=1,
+                           prefill_ms=lambda unseen: per_token_ms * unseen)
+    out, stats = SpeculativeDecoder(target, bandit, GREEDY).generate(prompt, 8)
+    assert out == SpeculativeDecoder(target).generate(prompt, 8)[0]
+    assert (bandit.plays[0] == stats.target_calls) if model_plays else (bandit.plays[0] == 0)
 
 
 def _sampled_counts(n: int, seed: int):
@@ -99,7 +160,7 @@ def _sampled_counts(n: int, seed: int):
     # Priors close together: the arms trade places as each earns more or less than promised.
     bandit = BanditDrafter([Arm(ModelDrafter(draft, sampling, 2), 1.0, 1.9, "sps"),
                             Arm(SuffixDrafter(budget=4, max_depth=2, max_ngram=2), 1.0, 1.8, "suffix")],
-                           ar_ms=0.6, drift=0.3)
+                           ar_ms=0.6, drift=0.3, block_ms=lambda drafted: 0.6 + 0.2 * drafted)
     dec = SpeculativeDecoder(target, bandit, sampling)
     gen = torch.Generator().manual_seed(seed)
     counts: Counter = Counter()

@@ -160,7 +160,11 @@ def test_plain_decoding_wins_when_the_draft_is_too_slow(monkeypatch):
     profile = quick_tune(target, draft, PROMPTS, GREEDY, pipe.profile_key(GREEDY), settings=SMALL, progress=False)
     model_drafted = [r for r in profile["candidates"] if r["method"] in ("sps", "sequoia", "specinfer", "csd")]
     assert all(r["expected_speedup"] < 0.1 for r in model_drafted)
-    assert profile["winner"]["method"] in ("ar", "pld", "maxgram")
+    # Plain decoding or a drafter without a draft model (prompt lookup, Max-Gram, suffix, Token Recycling).
+    from specdec.methods.registry import get_method
+
+    winner = profile["winner"]["method"]
+    assert winner == "ar" or not get_method(winner).loads_draft_model, winner
 
 
 # ---- auto: tuned on first use, once ------------------------------------------------------------

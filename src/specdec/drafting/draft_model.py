@@ -17,6 +17,7 @@ it is long (a new prompt).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Generator
 
 import torch
@@ -28,11 +29,44 @@ from specdec.models.base import LanguageModel
 from specdec.models.batch import ModelCall
 
 
-class DraftModel:
-    """A draft `LanguageModel` with its catch-up, pending slots and forward-call count."""
+SINK = 4
+"""Tokens at the start of the text a windowed draft always keeps: attention heads park much of their
+weight on the first tokens (StreamingLLM's "attention sinks"), and a model that loses them drifts."""
 
-    def __init__(self, lm: LanguageModel) -> None:
+DEFAULT_WINDOW = 0
+"""The draft's window when a method's option leaves it unset (0 = the whole text)."""
+WINDOW_HELP = ("the draft model reads only the first few and the last N tokens of a long prompt (a bounded prefill; "
+               "0 = the whole prompt; exact either way)")
+
+
+def window_tokens(value: object) -> int:
+    """A draft window: an int >= 0 (0 = the whole text)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
+        raise ValueError(f"must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
+_SKIPPED: "weakref.WeakKeyDictionary[LanguageModel, int]" = weakref.WeakKeyDictionary()
+"""Per draft model, the tokens its cache leaves out (`DraftModel.skipped`): kept with the model, not
+the drafter, because drafters that share one model (`auto`'s arms) share its cache."""
+
+
+class DraftModel:
+    """A draft `LanguageModel` with its catch-up, pending slots and forward-call count.
+
+    With a `window`, the draft reads only the first `SINK` tokens and the last `window` tokens of a
+    long prompt: its prefill, which every proposal after a new prompt waits for, then costs a bounded
+    pass instead of one over the whole prompt (on this CPU the 0.5B draft reads a 775-token prompt in
+    about a second, more than its drafts save on a short answer). Its proposals are only guesses
+    that the target verifies, so a narrower view changes acceptance, never the output.
+    """
+
+    def __init__(self, lm: LanguageModel, window: int = 0) -> None:
+        if window < 0:
+            raise ValueError(f"the draft's window must be >= 0 tokens (0 = the whole text), got {window}")
         self.lm = lm
+        self.window = window
+        """Prompt tokens the draft reads after the sink (0 = all of them)."""
         self.calls = 0
         """Forward passes since `begin` (the SWI cost model charges each one)."""
         self.pending = 0
@@ -46,12 +80,26 @@ class DraftModel:
         self.lm.reset(max_len)
         self.calls = 0
         self.pending = 0
+        _SKIPPED[self.lm] = 0
+
+    @property
+    def skipped(self) -> int:
+        """Committed tokens between the sink and the window that the model's cache leaves out."""
+        return _SKIPPED.get(self.lm, 0)
+
+    def unseen(self, committed_ids: Tensor) -> Tensor:  # [L] -> [n] int64
+        """The committed tokens the cache lacks; on the first pass over a long prompt with a window,
+        the sink and the window's tokens only (their positions close up: RoPE sees the window as it
+        would a short prompt after the sink)."""
+        if self.lm.kv_len == 0 and self.window and committed_ids.shape[0] > SINK + self.window:
+            skipped = _SKIPPED[self.lm] = committed_ids.shape[0] - SINK - self.window
+            return torch.cat([committed_ids[:SINK], committed_ids[SINK + skipped :]])
+        return committed_ids[self.lm.kv_len + self.skipped :]
 
     def catch_up(self, committed_ids: Tensor) -> Generator[ModelCall, Tensor, Tensor]:  # [L] -> [V] logits
         """Run every committed token the cache lacks (at least the pending root) and commit them
         (one fill); returns the logits after the last one."""
-        unseen = committed_ids[self.lm.kv_len :]
-        logits = yield ModelCall(self.lm, unseen, fill=True)
+        logits = yield ModelCall(self.lm, self.unseen(committed_ids), fill=True)
         self.calls += 1
         self.pending = 0
         return logits[-1]

@@ -10,6 +10,7 @@ winner is built through the registry like any method, so it is verified by its o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from specdec.core.store import ProfileProblem
 from specdec.drafting.bandit import Arm, BanditDrafter
 from specdec.drafting.base import Drafter
 from specdec.drafting.fallback import FallbackDrafter
-from specdec.methods.base import Method, MethodContext
+from specdec.methods.base import Method, MethodContext, TuningSpace
 from specdec.methods.registry import get_method, register
 from specdec.methods.sequoia import MODES, SequoiaDrafter, parse_tree, tuned_profile
 
@@ -93,7 +94,10 @@ def bandit_arms(ctx: MethodContext, profile: dict[str, Any], winner: Drafter | N
                 sequoia_mode: str | None = None) -> list[Arm] | None:
     """The winner (unless it is plain decoding) and the next best candidates of other methods that beat
     plain decoding in the tune, or come within `PROBE_FLOOR` of it where the winner is plain decoding
-    (at most `count` in all), with the tune's figures; None when the profile lacks them (older tunes)."""
+    (at most `count` in all), with the tune's figures; plus, when none of them is model-free, the
+    tune's best model-free candidate, which the bandit peeks at every step (`BanditDrafter.peek_free`:
+    it costs no model pass, so it needs no price to be worth a look); None when the profile lacks the
+    figures (older tunes)."""
     rows = [r for r in profile.get("candidates", []) if r.get("method") != "ar"]
     if not all("ms_per_call" in r and "tokens_per_call" in r for r in rows + [profile["winner"]]):
         return None
@@ -102,16 +106,71 @@ def bandit_arms(ctx: MethodContext, profile: dict[str, Any], winner: Drafter | N
         [Arm(winner, float(w["ms_per_call"]), float(w["tokens_per_call"]), str(w.get("label", "")))]
     methods = {w.get("method")}
     floor = 1.0 if winner is not None else PROBE_FLOOR
-    for r in sorted(rows, key=lambda r: -float(r["expected_speedup"])):
+    ranked = sorted(rows, key=lambda r: -float(r["expected_speedup"]))
+    for r in ranked:
         if len(arms) >= count or float(r["expected_speedup"]) < floor or \
                 (winner is not None and float(r["expected_speedup"]) <= 1.0):
             break
         if r["method"] in methods or (get_method(r["method"]).needs_draft_model and not ctx.drafts):
             continue
         methods.add(r["method"])
-        arms.append(Arm(drafter_for(ctx, r, sequoia_mode), float(r["ms_per_call"]), float(r["tokens_per_call"]),
-                        str(r.get("label", ""))))
+        arms.append(arm_of(ctx, r, sequoia_mode))
+    if not any(a.drafter is not None and not a.drafter.draft_models for a in arms):
+        free = free_candidate(ranked)
+        if free is not None:
+            arms.append(arm_of(ctx, free, sequoia_mode))
     return arms
+
+
+def free_candidate(ranked: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The model-free arm to peek at: the best-priced method among those that draft from the text alone
+    (tuning rule "replay": prompt lookup, suffix drafting, Max-Gram), with its candidate that drafts
+    the most tokens per step. Their proposals are empty where the text does not repeat, which is what
+    makes a peek informative (Token Recycling fills its tree every step, and the tune on the rank
+    table's few steps, at 0.99x here, chose its 24-node tree: auto fell from 1.23x to 1.06x of AR on
+    the dev set). The tune's short texts hardly repeat, so they cannot tell lengths apart, while the
+    peek prices each proposal by its size and the arm's measured share of accepted nodes."""
+    free = [r for r in ranked if not get_method(r["method"]).loads_draft_model
+            and (get_method(r["method"]).tuning or TuningSpace("")).rule == "replay"]
+    if not free:
+        return None
+    method = get_method(free[0]["method"])
+
+    def width(row: dict[str, Any]) -> int:
+        return method.make_options(row.get("options") or {}).draft_tokens_per_step() or 0
+
+    return max((r for r in free if r["method"] == method.name), key=width)
+
+
+def arm_of(ctx: MethodContext, row: dict[str, Any], sequoia_mode: str | None = None) -> Arm:
+    """A tune candidate as a bandit arm: its drafter and the tune's figures."""
+    return Arm(drafter_for(ctx, row, sequoia_mode), float(row["ms_per_call"]), float(row["tokens_per_call"]),
+               str(row.get("label", "")))
+
+
+def piecewise_ms(table: dict[str, Any] | None) -> Callable[[float], float] | None:
+    """t(k) from a profile's timing table ({"k": ms}): piecewise linear, the last segment extended."""
+    points = sorted((int(k), float(v)) for k, v in (table or {}).items())
+    if len(points) < 2:
+        return None
+
+    def ms(k: float) -> float:
+        for (k0, t0), (k1, t1) in zip(points, points[1:]):
+            if k <= k1 or (k1, t1) == points[-1]:
+                return max(t0 + (t1 - t0) * (k - k0) / (k1 - k0), 0.0)
+        raise AssertionError("unreachable")
+
+    return ms
+
+
+def block_cost(timing: dict[str, Any]) -> Callable[[int], float] | None:
+    """Milliseconds of a step that scores the root and n drafted nodes and runs no draft model: plain
+    decoding's step plus what the wider target pass adds (the tune's forward times)."""
+    target_ms, ar_ms = piecewise_ms(timing.get("target_ms")), timing.get("ar_ms_per_token")
+    if target_ms is None or not ar_ms:
+        return None
+    base = target_ms(1)
+    return lambda drafted: float(ar_ms) + max(target_ms(1 + drafted) - base, 0.0)
 
 
 def build(ctx: MethodContext, opts: Options) -> Drafter | None:
@@ -119,11 +178,13 @@ def build(ctx: MethodContext, opts: Options) -> Drafter | None:
     drafter = drafter_for(ctx, profile["winner"], opts.sequoia_mode)
     if opts.no_fallback:
         return drafter
-    ar_ms = (profile.get("timing") or {}).get("ar_ms_per_token")
+    timing = profile.get("timing") or {}
+    ar_ms = timing.get("ar_ms_per_token")
     arms = bandit_arms(ctx, profile, drafter, opts.arms, opts.sequoia_mode) if ar_ms else None
     if arms:
         # The best few candidates and plain decoding, switched by what each earns on this prompt.
-        return BanditDrafter(arms, float(ar_ms))
+        return BanditDrafter(arms, float(ar_ms), block_ms=block_cost(timing),
+                             prefill_ms=piecewise_ms(timing.get("draft_ms")))
     if drafter is None:
         return None
     need = break_even(profile)

@@ -13,7 +13,7 @@ from specdec.core.results import VerifyResult
 from specdec.core.sampling import SamplingConfig, logits_to_probs, sample
 from specdec.core.tree import TokenTree
 from specdec.drafting.base import Proposal, finished
-from specdec.drafting.draft_model import DraftModel, OneModelDrafter
+from specdec.drafting.draft_model import DEFAULT_WINDOW, WINDOW_HELP, DraftModel, OneModelDrafter, window_tokens
 from specdec.methods.base import Method, MethodContext, TuningSpace
 from specdec.methods.registry import register
 from specdec.models.base import LanguageModel
@@ -33,7 +33,7 @@ class ModelDrafter(OneModelDrafter):
     """
 
     def __init__(self, model: LanguageModel, sampling: SamplingConfig, gamma: int = DEFAULT_GAMMA,
-                 stop_below: float = 0.0) -> None:
+                 stop_below: float = 0.0, window: int = DEFAULT_WINDOW) -> None:
         if not 0.0 <= stop_below <= 1.0:
             raise ValueError(f"stop_below must be a probability in [0, 1], got {stop_below}")
         self.stop_below = float(stop_below)
@@ -48,7 +48,7 @@ class ModelDrafter(OneModelDrafter):
         draft is kept: its pass has run, and scoring one more token costs the target little. Exact for
         the same reason as `stop_below`: it reads only the distributions the drafts are drawn from."""
         self.model = model
-        self.draft = DraftModel(model)
+        self.draft = DraftModel(model, window)
         self.draft_models = [model]
         self.sampling = sampling
         self.max_depth = self.max_nodes = check_positive_int("gamma", gamma)
@@ -93,13 +93,14 @@ class Options(MethodOptions):
     gamma: int = option(DEFAULT_GAMMA, "draft length per target call", positive_int)
     stop_below: float = option(0.0, "adaptive draft length: end the chain before a position where the draft's largest "
                                "probability is below this (0 = off; exact either way)", probability, metavar="P")
+    draft_window: int = option(DEFAULT_WINDOW, WINDOW_HELP, window_tokens, metavar="N")
 
     def draft_tokens_per_step(self, num_drafts: int = 1) -> int:
         return self.gamma
 
 
 def build(ctx: MethodContext, opts: Options) -> ModelDrafter:
-    return ModelDrafter(ctx.drafts[0], ctx.sampling, opts.gamma, opts.stop_below)
+    return ModelDrafter(ctx.drafts[0], ctx.sampling, opts.gamma, opts.stop_below, opts.draft_window)
 
 
 TUNING = TuningSpace("chain", lambda setting: [

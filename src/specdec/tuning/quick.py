@@ -51,13 +51,16 @@ class QuickSettings:
     """How much the quick tune measures (defaults sized for ~a minute on a 1.5B/0.5B pair on 2 cores)."""
 
     target_ks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
-    draft_ks: tuple[int, ...] = (1, 2, 4, 8, 16)
+    draft_ks: tuple[int, ...] = (1, 2, 4, 8, 16, 64, 256)
+    """Up to the blocks of a draft level, and beyond: `auto` prices the draft's prefill of a long prompt
+    (an arm's first play) from the same table."""
     repeats: int = 3
     """Timed passes per k (the median is kept): one pass can catch a hiccup, and every candidate's
     price is built on these times."""
     context: int = 128
     num_prompts: int = 3
-    gen_tokens: int = 16
+    gen_tokens: int = 32
+    """Tokens decoded per tune prompt: at 16 the model-free drafters' replays saw almost no repeated text."""
     ar_tokens: int = 6
     width: int = 4
     chain_depth: int = 6
@@ -124,13 +127,17 @@ def measure_costs(target: LanguageModel, draft: LanguageModel | None, key: dict[
 
 
 def measure_ar(target: LanguageModel, prompt: list[int], sampling: SamplingConfig, tokens: int, seed: int,
-               eos: Sequence[int]) -> float:
-    """Plain decoding's ms per token after the prefill, its loop included."""
+               eos: Sequence[int], repeats: int = 1) -> float:
+    """Plain decoding's ms per token after the prefill, its loop included: the median of `repeats`
+    runs (every candidate's speedup is divided by it, so one run caught by a hiccup would skew them all)."""
     dec = SpeculativeDecoder(target, None, sampling, eos_token_ids=())  # no EOS: always `tokens` steps
     gen = None if sampling.greedy else torch.Generator(device=target.device).manual_seed(seed)
     dec.generate(prompt, 2, gen)  # warm-up
-    _, st = dec.generate(prompt, tokens, gen)
-    return (st.wall_s - st.prefill_s) / max(st.new_tokens, 1) * 1e3
+    runs = []
+    for _ in range(max(repeats, 1)):
+        _, st = dec.generate(prompt, tokens, gen)
+        runs.append((st.wall_s - st.prefill_s) / max(st.new_tokens, 1) * 1e3)
+    return sorted(runs)[len(runs) // 2]
 
 
 # ---- the acceptance run ------------------------------------------------------------------------
@@ -264,7 +271,8 @@ def quick_tune(
         target_ms, draft_ms = measure_costs(target, draft, key, settings)
         bar.update(1)
         bar.set_postfix_str("plain decoding", refresh=True)
-        ar_ms = measure_ar(target, prompts[0], sampling, settings.ar_tokens, settings.seed, eos_token_ids)
+        ar_ms = measure_ar(target, prompts[0], sampling, settings.ar_tokens, settings.seed, eos_token_ids,
+                           settings.repeats)
         bar.update(1)
         if draft is not None:
             bar.set_postfix_str("acceptance", refresh=True)
