@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = select_prompts(load_prompts(args.prompts), tasks=tasks or None, per_task=args.per_task)
     methods = ["ar"] + [m for m in args.methods.split(",") if m and m != "ar"]
     opts = dict(kv.split("=", 1) for kv in args.opt)
-    need_draft = any(get_method(m).needs_draft_model for m in methods)
+    need_draft = any(get_method(m).loads_draft_model for m in methods)
     gguf = fetch(args.target) if args.target in KNOWN_MODELS else Path(args.target)
     draft_gguf = (fetch(args.draft) if args.draft in KNOWN_MODELS else Path(args.draft)) if args.llama_draft else None
 
