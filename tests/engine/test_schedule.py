@@ -126,3 +126,29 @@ def test_path_floors_price_the_next_draft_pass_against_plain_decoding():
     assert 0 < low[0] < high[0] < 1
     unsure = path_floors([Candidate(4, CHAIN, 0.9), Candidate(4, CHAIN, 0.5)], [2, 2], t, dear)
     assert unsure[1] > unsure[0]  # a sequence whose drafts fail more needs a surer chain to go on
+
+
+def test_mode_rates_keep_the_faster_mode_and_look_at_the_other_now_and_then():
+    from specdec.engine.schedule import MODE_PROBE_EVERY, ModeRates
+
+    modes = ModeRates()
+    assert modes.allow_drafts(4)  # nothing measured: draft (and measure it)
+    modes.observe(4, True, tokens=8, seconds=1.0)
+    assert not modes.allow_drafts(4)  # drafts measured, plain not yet: measure plain
+    modes.observe(4, False, tokens=12, seconds=1.0)  # plain commits faster here
+    choices = [modes.allow_drafts(4) for _ in range(3 * MODE_PROBE_EVERY)]
+    assert choices.count(True) == 3  # plain, except one look at drafting per period
+    modes.observe(4, True, tokens=40, seconds=1.0)  # drafting became faster (e.g. long copies)
+    modes.observe(4, True, tokens=40, seconds=1.0)
+    choices = [modes.allow_drafts(4) for _ in range(2 * MODE_PROBE_EVERY)]
+    assert choices.count(False) == 2
+    assert modes.allow_drafts(1)  # another batch size has its own rates
+    modes.observe(4, False, tokens=0, seconds=1.0)  # nothing committed: no information
+    assert modes.rates[(4, False)] == 12.0
+
+
+def test_a_batch_that_measures_drafting_slower_decodes_plainly():
+    from specdec.engine.schedule import ModeRates
+
+    modes = ModeRates({(2, True): 5.0, (2, False): 10.0})
+    assert sum(modes.allow_drafts(2) for _ in range(24)) == 2

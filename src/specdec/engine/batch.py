@@ -56,7 +56,7 @@ from specdec.engine.build import build_decoder, parse_options
 from specdec.engine.cost import cost_ratios
 from specdec.engine.decoder import DecodeRun, SpeculativeDecoder
 from specdec.engine.schedule import (
-    CALIBRATION_SIZES, POOL_DECAY, Acceptance, Candidate, Load, PassTimes, path_floors, plan_depths,
+    CALIBRATION_SIZES, POOL_DECAY, Acceptance, Candidate, Load, ModeRates, PassTimes, path_floors, plan_depths,
 )
 from specdec.engine.stats import DecodeStats
 from specdec.methods import DEFAULT_METHOD
@@ -222,6 +222,7 @@ class BatchEngine:
         self.last_step = StepInfo()
         load = Load()
         self.times = {"target": PassTimes(load=load), "draft": PassTimes(load=load)}
+        self.modes = ModeRates()  # the measured check on the planner's choice to draft
         """Measured seconds per pass by tokens (`engine.schedule`): `calibrate` and every step feed them;
         one load factor for both, since they share the cores."""
         self.acceptance = Acceptance(decay=POOL_DECAY)
@@ -316,6 +317,9 @@ class BatchEngine:
         self._propose(info, events)
         self._score(info, events)
         info.wall_s = time.perf_counter() - t0
+        if self.limits.adaptive and not info.fill_tokens and not info.admitted:
+            self.modes.observe(info.running, any(d > 0 for d in info.depths),
+                               sum(len(e.tokens) for e in events), info.wall_s)
         self.last_step = info
         return events
 
@@ -560,6 +564,8 @@ class BatchEngine:
         cands = [self._candidate(s) for s in ready]
         target, draft = self.times["target"], self.times["draft"]
         depths = plan_depths(cands, target, draft)
+        if any(depths) and not self.modes.allow_drafts(len(self._running)):
+            depths = [0] * len(depths)
         floors = path_floors(cands, depths, target, draft)
         for seq, cand, floor, i in zip(ready, cands, floors, range(len(ready))):
             drafter = seq.decoder.drafter

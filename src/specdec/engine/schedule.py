@@ -127,6 +127,43 @@ class PassTimes:
         return int(fits[-1]) + 1 if fits.numel() else 0
 
 
+MODE_PROBE_EVERY = 12
+"""Steps between looks at the mode the rates do not favour (so that both estimates stay current)."""
+MODE_EMA = 0.3
+"""Weight of each step's commit rate on its mode's estimate."""
+
+
+@dataclass
+class ModeRates:
+    """What the batch actually committed per second with drafts and without, per batch size.
+
+    The planner prices drafting from predicted pass times and acceptance; this is the check on its
+    result. Where steps with drafts have measured slower than plain steps at the same batch size,
+    the batch decodes plainly, and every `MODE_PROBE_EVERY` steps it takes the other mode once to
+    keep that estimate current. Only steps without prompt filling count (a fill is neither mode's
+    cost). Which mode runs never changes greedy output, only speed."""
+
+    rates: dict[tuple[int, bool], float] = field(default_factory=dict)
+    steps: int = 0
+
+    def observe(self, batch: int, drafted: bool, tokens: int, seconds: float) -> None:
+        if batch < 1 or tokens < 1 or not seconds > 0:
+            return
+        key, rate = (_bucket(batch), drafted), tokens / seconds
+        old = self.rates.get(key)
+        self.rates[key] = rate if old is None else old + MODE_EMA * (rate - old)
+
+    def allow_drafts(self, batch: int) -> bool:
+        """Whether this step may draft (the planner still decides how much)."""
+        self.steps += 1
+        b = _bucket(max(batch, 1))
+        spec, plain = self.rates.get((b, True)), self.rates.get((b, False))
+        if spec is None or plain is None:  # measure the mode not yet seen here
+            return spec is None
+        favoured = spec >= plain
+        return favoured != (self.steps % MODE_PROBE_EVERY == 0)
+
+
 @dataclass
 class Acceptance:
     """Recent per-level acceptance: of the levels drafted, how far verification got. A sequence's
