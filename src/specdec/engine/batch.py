@@ -222,9 +222,10 @@ class BatchEngine:
         self.last_step = StepInfo()
         load = Load()
         self.times = {"target": PassTimes(load=load), "draft": PassTimes(load=load)}
-        self.modes = ModeRates()  # the measured check on the planner's choice to draft
         """Measured seconds per pass by tokens (`engine.schedule`): `calibrate` and every step feed them;
         one load factor for both, since they share the cores."""
+        self.modes = ModeRates()
+        """Measured commit rates with and without drafts per batch size: the check on the planner."""
         self.acceptance = Acceptance(decay=POOL_DECAY)
         """What recent sequences accepted per drafted level: a new sequence's prior."""
         self.prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
@@ -567,7 +568,7 @@ class BatchEngine:
         if any(depths) and not self.modes.allow_drafts(len(self._running)):
             depths = [0] * len(depths)
         floors = path_floors(cands, depths, target, draft)
-        for seq, cand, floor, i in zip(ready, cands, floors, range(len(ready))):
+        for i, (seq, cand, floor) in enumerate(zip(ready, cands, floors)):
             drafter = seq.decoder.drafter
             if isinstance(drafter, ModelDrafter):
                 # It ends its chain by its own confidence, so it may go as deep as its method allows.

@@ -224,7 +224,9 @@ class Pipeline:
         from specdec.drafting.vocab import resolve_draft_vocab
 
         optional = draft_vocab == "auto"  # a draft whose head cannot be pruned keeps it, silently
-        draft_vocab = resolve_draft_vocab(draft_vocab, loaded.lm.vocab_size) if loaded.tokenizer is not None else None
+        if optional and loaded.tokenizer is None:  # no tokenizer to count frequencies with: whole heads
+            draft_vocab = None
+        draft_vocab = resolve_draft_vocab(draft_vocab, loaded.lm.vocab_size)
         drafts = [self._load_draft(name, draft_weights, device=device, dtype=dtype, draft_dtype=draft_dtype,
                                    fast_linear=fast_linear, draft_vocab=draft_vocab, optional=optional,
                                    tokenizer=loaded.tokenizer, progress=progress, say=say) for name in draft_names]

@@ -92,7 +92,7 @@ class PassTimes:
             return
         predicted = old * self.load.factor
         # Half of the weight's share of the log error goes to the load, half to this size's point.
-        half = (EMA_DOWN if seconds <= predicted else EMA_UP) / 2
+        half = _ema_weight(seconds, predicted) / 2
         self.load.factor *= (seconds / predicted) ** half
         self.points[b] = old * (seconds / predicted) ** half
 
