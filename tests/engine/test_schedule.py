@@ -128,27 +128,39 @@ def test_path_floors_price_the_next_draft_pass_against_plain_decoding():
     assert unsure[1] > unsure[0]  # a sequence whose drafts fail more needs a surer chain to go on
 
 
-def test_mode_rates_keep_the_faster_mode_and_look_at_the_other_now_and_then():
-    from specdec.engine.schedule import MODE_PROBE_EVERY, ModeRates
+def test_mode_rates_weigh_drafting_by_what_it_measured_against_its_prediction():
+    from specdec.engine.schedule import MODE_PROBE_EVERY, ModeRates, Plan
 
     modes = ModeRates()
-    assert modes.allow_drafts(4)  # nothing measured: draft (and measure it)
-    modes.observe(4, True, tokens=8, seconds=1.0)
-    assert not modes.allow_drafts(4)  # drafts measured, plain not yet: measure plain
-    modes.observe(4, False, tokens=12, seconds=1.0)  # plain commits faster here
-    choices = [modes.allow_drafts(4) for _ in range(3 * MODE_PROBE_EVERY)]
-    assert choices.count(True) == 3  # plain, except one look at drafting per period
-    modes.observe(4, True, tokens=40, seconds=1.0)  # drafting became faster (e.g. long copies)
-    modes.observe(4, True, tokens=40, seconds=1.0)
-    choices = [modes.allow_drafts(4) for _ in range(2 * MODE_PROBE_EVERY)]
-    assert choices.count(False) == 2
-    assert modes.allow_drafts(1)  # another batch size has its own rates
-    modes.observe(4, False, tokens=0, seconds=1.0)  # nothing committed: no information
-    assert modes.rates[(4, False)] == 12.0
+    assert modes.spec_scale(4) == (1.0, False)  # nothing measured: the planner as it is
+    modes.observe(4, False, Plan([0] * 4, 4.0, 0.1), tokens=4, seconds=0.1)  # plain steps as predicted
+    assert modes.spec_scale(4) == (1.0, False)  # drafting not measured yet
+    # Steps with drafts: 3/4 of the expected tokens, in 5/4 of the predicted time.
+    modes.observe(4, True, Plan([3] * 4, 8.0, 0.2), tokens=6, seconds=0.25)
+    assert modes.factor(4, True) == pytest.approx(0.75 / 1.25) and modes.factor(4, False) == pytest.approx(1.0)
+    scales = [modes.spec_scale(4) for _ in range(2 * MODE_PROBE_EVERY)]
+    assert scales.count((1.0, True)) == 2  # one step per period weighs drafting as predicted, to measure it again
+    assert all(x == pytest.approx(0.6) and not probe for x, probe in scales if x != 1.0)
+    assert modes.spec_scale(8)[0] == pytest.approx(0.6)  # a bigger batch not measured yet: the nearest smaller one's
+    assert modes.spec_scale(2) == (1.0, False)  # nothing smaller measured
+    modes.observe(4, True, Plan([3] * 4, 8.0, 0.2), tokens=0, seconds=0.2)  # nothing committed: no information
+    modes.observe(4, True, Plan([0] * 4, 0.0, 0.0), tokens=4, seconds=0.2)  # no prediction: none either
+    assert modes.factor(4, True) == pytest.approx(0.6)
+    # Sums, not an average of per-step ratios: a step accepting everything and one accepting nothing
+    # (12 and 4 tokens of 8 expected, on time) measure as the planner predicted.
+    even = ModeRates()
+    even.observe(2, True, Plan([3, 3], 8.0, 0.2), tokens=12, seconds=0.2)
+    even.observe(2, True, Plan([3, 3], 8.0, 0.2), tokens=4, seconds=0.2)
+    assert 0.9 < even.factor(2, True) < 1.0  # the older step weighs MODE_DECAY of the newer
 
 
-def test_a_batch_that_measures_drafting_slower_decodes_plainly():
-    from specdec.engine.schedule import ModeRates
+def test_a_batch_whose_drafts_measured_slower_than_predicted_decodes_plainly():
+    from specdec.engine.schedule import plan_step
 
-    modes = ModeRates({(2, True): 5.0, (2, False): 10.0})
-    assert sum(modes.allow_drafts(2) for _ in range(24)) == 2
+    cands = [Candidate(4, CHAIN, 0.9), Candidate(4, CHAIN, 0.9)]
+    plan = plan_step(cands, FLAT, FREE)
+    assert plan.depths == [4, 4] and plan.tokens == pytest.approx(2 * sum(0.9**k for k in range(5)))
+    assert plan.seconds == pytest.approx(0.05)
+    assert plan_step(cands, FLAT, FREE, spec_scale=0.2).depths == [0, 0]
+    plain = plan_step(cands, FLAT, FREE, spec_scale=0.2)
+    assert plain.tokens == 2.0 and plain.seconds == pytest.approx(0.05)

@@ -56,7 +56,7 @@ from specdec.engine.build import build_decoder, parse_options
 from specdec.engine.cost import cost_ratios
 from specdec.engine.decoder import DecodeRun, SpeculativeDecoder
 from specdec.engine.schedule import (
-    CALIBRATION_SIZES, POOL_DECAY, Acceptance, Candidate, Load, ModeRates, PassTimes, path_floors, plan_depths,
+    CALIBRATION_SIZES, POOL_DECAY, Acceptance, Candidate, Load, ModeRates, PassTimes, Plan, path_floors, plan_step,
 )
 from specdec.engine.stats import DecodeStats
 from specdec.methods import DEFAULT_METHOD
@@ -129,6 +129,8 @@ class StepInfo:
     """False when the batch was above `spec_disable_batch_size` (no drafts this step)."""
     depths: list[int] = field(default_factory=list)
     """The draft depth the planner gave each sequence that started a proposal (adaptive speculation)."""
+    plan: Plan | None = None
+    """The planner's choice and expectation, when it planned for every running sequence."""
     prefix_hit_tokens: int = 0
     """Prompt tokens whose target K/V the prefix cache supplied this step."""
     prefix_query_tokens: int = 0
@@ -225,7 +227,7 @@ class BatchEngine:
         """Measured seconds per pass by tokens (`engine.schedule`): `calibrate` and every step feed them;
         one load factor for both, since they share the cores."""
         self.modes = ModeRates()
-        """Measured commit rates with and without drafts per batch size: the check on the planner."""
+        """How steps with drafts and without measured against the planner's predictions, per batch size."""
         self.acceptance = Acceptance(decay=POOL_DECAY)
         """What recent sequences accepted per drafted level: a new sequence's prior."""
         self.prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
@@ -316,10 +318,15 @@ class BatchEngine:
         info.running = len(self._running)
         self._fill_lane(info, events)
         self._propose(info, events)
+        if not info.fill_tokens and any(s.parked is not None for s in self._running):
+            # A draft model's catch-up parked by this step's proposals: with the lane unused, it runs
+            # now, and the proposals go on, rather than leaving those sequences a step without a token.
+            self._fill_lane(info, events)
+            self._propose(info, events)
         self._score(info, events)
         info.wall_s = time.perf_counter() - t0
-        if self.limits.adaptive and not info.fill_tokens and not info.admitted:
-            self.modes.observe(info.running, any(d > 0 for d in info.depths),
+        if info.plan is not None and not info.fill_tokens and not info.admitted:
+            self.modes.observe(info.running, any(d > 0 for d in info.depths), info.plan,
                                sum(len(e.tokens) for e in events), info.wall_s)
         self.last_step = info
         return events
@@ -558,15 +565,19 @@ class BatchEngine:
         run to run (greedy output never depends on the drafts, unseeded output is random anyway)."""
         if not info.drafting:
             return {s: 0 for s in starting}
-        if not self.limits.adaptive:
+        if not self.limits.adaptive or not starting:
             return {}
         ready = [s for s in starting if s.prompt_fill is None
                  and (s.request.sampling.greedy or s.request.seed is None)]
         cands = [self._candidate(s) for s in ready]
         target, draft = self.times["target"], self.times["draft"]
-        depths = plan_depths(cands, target, draft)
-        if any(depths) and not self.modes.allow_drafts(len(self._running)):
-            depths = [0] * len(depths)
+        scale, probe = self.modes.spec_scale(len(self._running))
+        if probe:  # a look at drafting as predicted, never at the price of a draft model's prompt fill
+            cands = [replace(c, max_depth=0) if c.backlog else c for c in cands]
+        plan = plan_step(cands, target, draft, scale)
+        depths = plan.depths
+        if len(cands) == len(self._running):
+            info.plan = plan
         floors = path_floors(cands, depths, target, draft)
         for i, (seq, cand, floor) in enumerate(zip(ready, cands, floors)):
             drafter = seq.decoder.drafter

@@ -80,6 +80,7 @@ class PassTimes:
 
     points: dict[int, float] = field(default_factory=dict)
     load: Load = field(default_factory=Load)
+    _cached: tuple | None = field(default=None, repr=False, compare=False)
 
     def observe(self, tokens: int, seconds: float) -> None:
         if tokens < 1 or not seconds > 0:
@@ -108,15 +109,25 @@ class PassTimes:
         k = torch.as_tensor(tokens, dtype=torch.float64)
         if not self.points:
             return torch.zeros_like(k)
-        xs = torch.tensor(sorted(self.points), dtype=torch.float64)
-        ys = torch.tensor([self.points[int(x)] for x in xs], dtype=torch.float64) * self.load.factor
-        # Monotone: a bigger pass never costs less than a smaller one (timings are noisy).
-        ys = torch.cummax(ys, 0).values
+        xs, ys = self._curve()
         if xs.numel() == 1:
-            return torch.where(k <= xs[0], ys[0], ys[0] * k / xs[0])
-        i = torch.searchsorted(xs, k.clamp_min(xs[0])).clamp(1, xs.numel() - 1)
-        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-        return torch.where(k <= xs[0], ys[0], y0 + (y1 - y0) * (k - x0) / (x1 - x0)).clamp_min(0.0)
+            out = torch.where(k <= xs[0], ys[0], ys[0] * k / xs[0])
+        else:
+            i = torch.searchsorted(xs, k.clamp_min(xs[0])).clamp(1, xs.numel() - 1)
+            x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+            out = torch.where(k <= xs[0], ys[0], y0 + (y1 - y0) * (k - x0) / (x1 - x0)).clamp_min(0.0)
+        return out * self.load.factor
+
+    def _curve(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The measured sizes and their seconds at load 1, made monotone (a bigger pass never costs less
+        than a smaller one; timings are noisy); rebuilt only when a point has changed (the planner
+        predicts a dozen times a step)."""
+        key = tuple(self.points.items())
+        if self._cached is None or self._cached[0] != key:
+            xs = torch.tensor(sorted(self.points), dtype=torch.float64)
+            ys = torch.tensor([self.points[int(x)] for x in xs], dtype=torch.float64)
+            self._cached = (key, xs, torch.cummax(ys, 0).values)
+        return self._cached[1], self._cached[2]
 
     def largest_within(self, seconds: float, cap: int) -> int:
         """The most tokens (≤ cap) whose pass is predicted to take at most `seconds` (0 if none)."""
@@ -128,40 +139,57 @@ class PassTimes:
 
 
 MODE_PROBE_EVERY = 12
-"""Steps between looks at the mode the rates do not favour (so that both estimates stay current)."""
-MODE_EMA = 0.3
-"""Weight of each step's commit rate on its mode's estimate."""
+"""Every this many steps the planner weighs drafting as predicted, unscaled, so that a mode judged
+slow is measured again."""
+MODE_DECAY = 0.95
+"""Weight of a mode's older steps against each new one of the same mode and batch size."""
 
 
 @dataclass
 class ModeRates:
-    """What the batch actually committed per second with drafts and without, per batch size.
+    """How the batch's steps with drafts and without measured against the planner's predictions, per
+    batch size: the check on the planner.
 
-    The planner prices drafting from predicted pass times and acceptance; this is the check on its
-    result. Where steps with drafts have measured slower than plain steps at the same batch size,
-    the batch decodes plainly, and every `MODE_PROBE_EVERY` steps it takes the other mode once to
-    keep that estimate current. Only steps without prompt filling count (a fill is neither mode's
-    cost). Which mode runs never changes greedy output, only speed."""
+    The planner prices drafting from predicted pass times and acceptances; costs no pass curve holds
+    (the engine's per-sequence work, draft passes over many short rows) and acceptances that flatter
+    it make it draft at a loss. For each mode this keeps decayed sums of tokens committed and
+    expected, seconds taken and predicted; measured over predicted rate is (Σ tokens / Σ expected) /
+    (Σ seconds / Σ predicted), sums rather than an average of per-step ratios, whose accepted
+    lengths vary too much. Drafting's factor over plain decoding's then weighs the planner's drafting
+    choices (`plan_step`), so each step still decides per sequence from its acceptance, only with
+    drafting priced as it has measured. Only steps without prompt filling count (a fill is neither
+    mode's cost). Which mode runs never changes greedy output, only speed."""
 
-    rates: dict[tuple[int, bool], float] = field(default_factory=dict)
+    sums: dict[tuple[int, bool], list[float]] = field(default_factory=dict)
+    """(batch bucket, drafted) -> decayed [tokens, expected tokens, seconds, predicted seconds]."""
     steps: int = 0
 
-    def observe(self, batch: int, drafted: bool, tokens: int, seconds: float) -> None:
-        if batch < 1 or tokens < 1 or not seconds > 0:
+    def observe(self, batch: int, drafted: bool, plan: Plan, tokens: int, seconds: float) -> None:
+        """One step of `batch` sequences that the planner chose as `plan` and that committed `tokens` in `seconds`."""
+        if batch < 1 or tokens < 1 or not seconds > 0 or not plan.tokens > 0 or not plan.seconds > 0:
             return
-        key, rate = (_bucket(batch), drafted), tokens / seconds
-        old = self.rates.get(key)
-        self.rates[key] = rate if old is None else old + MODE_EMA * (rate - old)
+        key = (_bucket(batch), drafted)
+        old = self.sums.get(key, [0.0, 0.0, 0.0, 0.0])
+        new = (float(tokens), plan.tokens, seconds, plan.seconds)
+        self.sums[key] = [MODE_DECAY * o + n for o, n in zip(old, new)]
 
-    def allow_drafts(self, batch: int) -> bool:
-        """Whether this step may draft (the planner still decides how much)."""
+    def factor(self, batch: int, drafted: bool) -> float | None:
+        """Measured over predicted commit rate of a mode at this batch size (None: not measured)."""
+        s = self.sums.get((_bucket(batch), drafted))
+        return None if s is None else (s[0] / s[1]) / (s[2] / s[3])
+
+    def spec_scale(self, batch: int) -> tuple[float, bool]:
+        """What the planner's drafting rates are worth against its plain rate at this batch size, for this
+        step, and whether the step is a probe: drafting's factor over plain decoding's where both are
+        measured, else the nearest smaller batch size's (drafting pays less as batches grow), else 1;
+        and 1 one step in `MODE_PROBE_EVERY` where a factor exists (the probe)."""
         self.steps += 1
-        b = _bucket(max(batch, 1))
-        spec, plain = self.rates.get((b, True)), self.rates.get((b, False))
-        if spec is None or plain is None:  # measure the mode not yet seen here
-            return spec is None
-        favoured = spec >= plain
-        return favoured != (self.steps % MODE_PROBE_EVERY == 0)
+        for b in sorted({k for k, _ in self.sums if k <= _bucket(batch)}, reverse=True):
+            spec, plain = self.factor(b, True), self.factor(b, False)
+            if spec is not None and plain is not None:
+                probe = self.steps % MODE_PROBE_EVERY == 0
+                return (1.0, True) if probe else (spec / plain, False)
+        return 1.0, False
 
 
 @dataclass
@@ -236,27 +264,51 @@ def _per_level(cands: Sequence[Candidate], width: torch.Tensor, depth: int) -> t
     return torch.where(levels[None] == 1, 1.0, width) * model[:, None]
 
 
-def _catch_up_share(cands: Sequence[Candidate], draft: PassTimes) -> torch.Tensor:
-    """Seconds of catch-up per token a sequence emits while drafting [S]. What its draft model has not
-    seen (the tokens of steps it did not draft, a new prompt) must be run once before it drafts
-    again, whenever that is: a one-off cost, shared out over the tokens it may still emit. Priced
-    in full on the step that pays it, a sequence that stopped drafting would find restarting dearer
-    every step it waits."""
+def _catch_up_seconds(cands: Sequence[Candidate], draft: PassTimes) -> torch.Tensor:
+    """Seconds of draft-model work a sequence must run before it drafts again [S]: what its draft model
+    has not seen (the tokens of steps it did not draft, a new prompt)."""
     first = torch.tensor([1.0 + c.catch_up for c in cands], dtype=torch.float64)
     backlog = torch.tensor([float(c.backlog) for c in cands], dtype=torch.float64)
     model = torch.tensor([c.uses_draft_model for c in cands], dtype=torch.float64)
-    remaining = torch.tensor([max(c.remaining, 1) for c in cands], dtype=torch.float64)
     seconds = draft.predict(first) - draft.predict(1.0) + torch.where(backlog > 0, draft.predict(backlog), 0.0)
-    return seconds * model / remaining
+    return seconds * model
+
+
+def _catch_up_share(cands: Sequence[Candidate], draft: PassTimes) -> torch.Tensor:
+    """Seconds of catch-up per token a sequence emits while drafting [S]. A catch-up must be run once
+    before the sequence drafts again, whenever that is: a one-off cost, shared out over the tokens it
+    may still emit. Priced in full on the step that pays it, a sequence that stopped drafting would
+    find restarting dearer every step it waits."""
+    remaining = torch.tensor([max(c.remaining, 1) for c in cands], dtype=torch.float64)
+    return _catch_up_seconds(cands, draft) / remaining
+
+
+@dataclass
+class Plan:
+    """One step's choice and what the planner expects of it."""
+
+    depths: list[int]
+    """Each candidate's draft depth; all zeros = plain decoding."""
+    tokens: float
+    """Tokens the step is expected to commit."""
+    seconds: float
+    """Its predicted seconds, catch-ups counted in full (what the step will actually run)."""
 
 
 def plan_depths(cands: Sequence[Candidate], target: PassTimes, draft: PassTimes) -> list[int]:
     """Each candidate's draft depth for this step (module docstring); all zeros = plain decoding."""
+    return plan_step(cands, target, draft).depths
+
+
+def plan_step(cands: Sequence[Candidate], target: PassTimes, draft: PassTimes, spec_scale: float = 1.0) -> Plan:
+    """The best depths for this step (module docstring), the rates of choices that draft weighed by
+    `spec_scale` against plain decoding's (what such steps measured against their predictions,
+    `ModeRates.spec_scale`)."""
     if not cands:
-        return []
+        return Plan([], 0.0, 0.0)
     depth = max(c.max_depth for c in cands)
     if depth == 0 or not target.known:
-        return [c.max_depth for c in cands]
+        return Plan([c.max_depth for c in cands], 0.0, 0.0)
     s = len(cands)
     gain, nodes, width = _gains(cands, depth)  # [S, D] each
     # Thresholds: every distinct gain, plus "none" (plain decoding).
@@ -268,11 +320,14 @@ def plan_depths(cands: Sequence[Candidate], target: PassTimes, draft: PassTimes)
     block = s + torch.where(d > 0, reach, 0.0).sum(1)  # tokens in the target's pass
     # Draft rounds: level ℓ runs the sequences drafting at least ℓ levels.
     round_tokens = (_per_level(cands, width, depth)[None] * take).sum(1)  # [Λ, D]
-    draft_s = torch.where(round_tokens > 0, draft.predict(round_tokens), 0.0).sum(1)
-    catch_up_s = (torch.where(d > 0, per_seq, 0.0) * _catch_up_share(cands, draft)[None]).sum(1)
-    rate_of = per_seq.sum(1) / (target.predict(block) + draft_s + catch_up_s)
+    passes = target.predict(block) + torch.where(round_tokens > 0, draft.predict(round_tokens), 0.0).sum(1)  # [Λ]
+    drafting = d > 0  # [Λ, S]
+    catch_up_s = (torch.where(drafting, per_seq, 0.0) * _catch_up_share(cands, draft)[None]).sum(1)
+    rate_of = per_seq.sum(1) / (passes + catch_up_s)
+    rate_of = torch.where(drafting.any(1), rate_of * spec_scale, rate_of)
     best = int(rate_of.argmax())
-    return d[best].tolist()
+    seconds = passes[best] + torch.where(drafting[best], _catch_up_seconds(cands, draft), 0.0).sum()
+    return Plan(d[best].tolist(), float(per_seq[best].sum()), float(seconds))
 
 
 def path_floors(cands: Sequence[Candidate], depths: Sequence[int], target: PassTimes, draft: PassTimes) -> list[float]:
