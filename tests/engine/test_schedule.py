@@ -143,6 +143,10 @@ def test_mode_rates_weigh_drafting_by_what_it_measured_against_its_prediction():
     assert all(x == pytest.approx(0.6) and not probe for x, probe in scales if x != 1.0)
     assert modes.spec_scale(8)[0] == pytest.approx(0.6)  # a bigger batch not measured yet: the nearest smaller one's
     assert modes.spec_scale(2) == (1.0, False)  # nothing smaller measured
+    modes.observe(1, False, Plan([0], 1.0, 0.1), tokens=1, seconds=0.1)
+    modes.observe(1, True, Plan([3], 3.0, 0.2), tokens=1, seconds=0.4)
+    assert modes.spec_scale(1) == (1.0, False)  # one sequence: the planner alone
+    assert modes.spec_scale(3)[0] == pytest.approx(1.0) and modes.spec_scale(4)[0] == pytest.approx(0.6)
     modes.observe(4, True, Plan([3] * 4, 8.0, 0.2), tokens=0, seconds=0.2)  # nothing committed: no information
     modes.observe(4, True, Plan([0] * 4, 0.0, 0.0), tokens=4, seconds=0.2)  # no prediction: none either
     assert modes.factor(4, True) == pytest.approx(0.6)

@@ -586,7 +586,11 @@ class BatchEngine:
                 drafter.path_floor = floor
                 depths[i] = cand.max_depth if depths[i] > 0 else 0
         info.depths = list(depths)
-        return dict(zip(ready, depths))
+        # One still filling its prompt proposes the root alone: whether its draft model's prompt fill
+        # pays is for the planner to judge once it decodes (`Candidate.backlog`), not a cost to take
+        # on every new request (at high load, where no step drafts, it was pure loss).
+        filling = {s: 0 for s in starting if s.prompt_fill is not None}
+        return {**filling, **dict(zip(ready, depths))}
 
     def _candidate(self, seq: _Sequence) -> Candidate:
         dec, run = seq.decoder, seq.run

@@ -182,9 +182,14 @@ class ModeRates:
         """What the planner's drafting rates are worth against its plain rate at this batch size, for this
         step, and whether the step is a probe: drafting's factor over plain decoding's where both are
         measured, else the nearest smaller batch size's (drafting pays less as batches grow), else 1;
-        and 1 one step in `MODE_PROBE_EVERY` where a factor exists (the probe)."""
+        and 1 one step in `MODE_PROBE_EVERY` where a factor exists (the probe). A single sequence is
+        left to the planner: there its prices are its own measured pass times and acceptance, and
+        weighing them by measured factors shut drafting off where it paid (a sequence that stops
+        drafting owes its draft model a catch-up, which makes its next drafting step look dear)."""
         self.steps += 1
-        for b in sorted({k for k, _ in self.sums if k <= _bucket(batch)}, reverse=True):
+        if batch <= 1:  # one sequence: the planner's own setting, its prices are the measured t(k)
+            return 1.0, False
+        for b in sorted({k for k, _ in self.sums if 1 < k <= _bucket(batch)}, reverse=True):
             spec, plain = self.factor(b, True), self.factor(b, False)
             if spec is not None and plain is not None:
                 probe = self.steps % MODE_PROBE_EVERY == 0
