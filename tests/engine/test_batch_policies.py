@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from specdec.core.sampling import SamplingConfig
-from specdec.engine.batch import MIN_FILL, BatchEngine, BatchRequest
+from specdec.engine.batch import LANE_FILL, MIN_FILL, BatchEngine, BatchRequest
 from specdec.engine.pipeline import Pipeline
 from specdec.engine.schedule import PassTimes
 from specdec.models.prefix import BLOCK
@@ -112,6 +112,46 @@ def test_a_seeded_sampled_request_keeps_its_depth_and_repeats_its_output(tiny, o
     alone = pipe.generate(prompts[0], "sps", 9, sampling=hot, seed=123, gamma=3).token_ids
     assert outs[0] == alone and outs[1] == pipe.generate(prompts[1], "sps", 9, gamma=3).token_ids
     assert all(d == 0 for info in infos for d in info.depths)  # only the greedy one was planned, to none
+
+
+def test_a_request_filling_its_prompt_leaves_its_draft_model_alone_where_nothing_drafts(tiny, one_thread):
+    """Under costs where the planner drafts nothing, a new request's draft model never fills its
+    prompt (it would be filled only for the planner to decide against drafting)."""
+    target, draft = tiny
+    pipe = Pipeline.from_models(target, None, draft)
+    prompt = _prompts(7, seed=1)[6] * 3
+    engine = pipe.batch_engine(max_batch_size=2, prefill_chunk=32, adaptive=True)
+    _plant(engine, STEEP, FREE)
+    keys: list[str] = []
+    run = engine._run_timed
+    engine._run_timed = lambda key, calls: keys.append(key) or run(key, calls)
+    outs, infos = _run(engine, [BatchRequest(prompt, 6, "sps", {"gamma": 3})])
+    assert outs == [pipe.generate(prompt, "sps", 6, gamma=3).token_ids]
+    assert sum(info.fill_tokens > 0 for info in infos) > 1  # the prompt filled over several steps
+    assert "target" in keys and "draft" not in keys
+
+
+def test_a_draft_catch_up_parked_in_a_free_lane_runs_in_the_same_step(tiny, one_thread):
+    """A sequence that decoded plainly for a while and then drafts owes its draft model a catch-up too
+    long for a proposal round, which is parked in the fill lane; with the lane otherwise unused it
+    runs at once, so the sequence loses no step."""
+    target, draft = tiny
+    pipe = Pipeline.from_models(target, None, draft)
+    prompt = _prompts(2, seed=3)[0]
+    engine = pipe.batch_engine(max_batch_size=2, adaptive=True)
+    _plant(engine, STEEP, FREE)  # plain decoding pays: the draft model falls behind
+    rid = engine.submit(BatchRequest(prompt, 60, "sps", {"gamma": 3}))
+    out, after = [], []
+    while engine.has_work():
+        if len(out) >= LANE_FILL + 8:
+            engine.times["target"] = FLAT  # now drafting pays
+        got = [t for ev in engine.step() if ev.request_id == rid for t in ev.tokens]
+        if engine.times["target"] is FLAT:
+            after.append((engine.last_step.fill_tokens, len(got), any(engine.last_step.depths)))
+        out += got
+    assert out == pipe.generate(prompt, "sps", 60, gamma=3).token_ids
+    assert after and all(n > 0 for _, n, _ in after)
+    assert after[0][0] > LANE_FILL and after[0][2]  # that step filled the catch-up and drafted
 
 
 # ---- chunked prefill under a time bound ------------------------------------------------------

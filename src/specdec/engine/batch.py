@@ -558,7 +558,8 @@ class BatchEngine:
 
     def _plan(self, starting: list[_Sequence], info: StepInfo) -> dict[_Sequence, int | None]:
         """The depth cap of each sequence starting a proposal: 0 above the batch threshold; with adaptive
-        speculation the planner's choice for those whose tree the target scores this step; else none.
+        speculation the planner's choice for those whose tree the target scores this step, and 0 for
+        those still filling their prompt; else none.
 
         A seeded sampled request keeps its method's depth: its random draws depend on what it drafts,
         and the planner's choices depend on timings, so adapting it would make its output change from
@@ -567,8 +568,8 @@ class BatchEngine:
             return {s: 0 for s in starting}
         if not self.limits.adaptive or not starting:
             return {}
-        ready = [s for s in starting if s.prompt_fill is None
-                 and (s.request.sampling.greedy or s.request.seed is None)]
+        adaptable = [s for s in starting if s.request.sampling.greedy or s.request.seed is None]
+        ready = [s for s in adaptable if s.prompt_fill is None]
         cands = [self._candidate(s) for s in ready]
         target, draft = self.times["target"], self.times["draft"]
         scale, probe = self.modes.spec_scale(len(self._running))
@@ -589,7 +590,7 @@ class BatchEngine:
         # One still filling its prompt proposes the root alone: whether its draft model's prompt fill
         # pays is for the planner to judge once it decodes (`Candidate.backlog`), not a cost to take
         # on every new request (at high load, where no step drafts, it was pure loss).
-        filling = {s: 0 for s in starting if s.prompt_fill is not None}
+        filling = {s: 0 for s in adaptable if s.prompt_fill is not None}
         return {**filling, **dict(zip(ready, depths))}
 
     def _candidate(self, seq: _Sequence) -> Candidate:
