@@ -115,19 +115,28 @@ def test_a_seeded_sampled_request_keeps_its_depth_and_repeats_its_output(tiny, o
 
 
 def test_a_request_filling_its_prompt_leaves_its_draft_model_alone_where_nothing_drafts(tiny, one_thread):
-    """Under costs where the planner drafts nothing, a new request's draft model never fills its
-    prompt (it would be filled only for the planner to decide against drafting)."""
+    """Under costs where the planner drafts nothing, a request joining a decoding batch never fills its
+    draft model's prompt (it would be filled only for the planner to decide against drafting)."""
     target, draft = tiny
     pipe = Pipeline.from_models(target, None, draft)
-    prompt = _prompts(7, seed=1)[6] * 3
+    short, prompt = _prompts(2, seed=4)[0], _prompts(7, seed=1)[6] * 3
     engine = pipe.batch_engine(max_batch_size=2, prefill_chunk=32, adaptive=True)
     _plant(engine, STEEP, FREE)
     keys: list[str] = []
     run = engine._run_timed
     engine._run_timed = lambda key, calls: keys.append(key) or run(key, calls)
-    outs, infos = _run(engine, [BatchRequest(prompt, 6, "sps", {"gamma": 3})])
-    assert outs == [pipe.generate(prompt, "sps", 6, gamma=3).token_ids]
-    assert sum(info.fill_tokens > 0 for info in infos) > 1  # the prompt filled over several steps
+    first = engine.submit(BatchRequest(short, 30, "sps", {"gamma": 3}))
+    engine.step()
+    engine.step()  # the first one decodes (plainly)
+    second = engine.submit(BatchRequest(prompt, 6, "sps", {"gamma": 3}))
+    out: dict[int, list[int]] = {first: [], second: []}
+    fills = 0
+    while engine.has_work():
+        for ev in engine.step():
+            out[ev.request_id] += ev.tokens
+        fills += engine.last_step.fill_tokens > 0
+    assert out[second] == pipe.generate(prompt, "sps", 6, gamma=3).token_ids
+    assert fills > 1  # the prompt filled over several steps
     assert "target" in keys and "draft" not in keys
 
 

@@ -559,7 +559,7 @@ class BatchEngine:
     def _plan(self, starting: list[_Sequence], info: StepInfo) -> dict[_Sequence, int | None]:
         """The depth cap of each sequence starting a proposal: 0 above the batch threshold; with adaptive
         speculation the planner's choice for those whose tree the target scores this step, and 0 for
-        those still filling their prompt; else none.
+        those still filling their prompt while the others decode plainly; else none.
 
         A seeded sampled request keeps its method's depth: its random draws depend on what it drafts,
         and the planner's choices depend on timings, so adapting it would make its output change from
@@ -587,11 +587,14 @@ class BatchEngine:
                 drafter.path_floor = floor
                 depths[i] = cand.max_depth if depths[i] > 0 else 0
         info.depths = list(depths)
-        # One still filling its prompt proposes the root alone: whether its draft model's prompt fill
-        # pays is for the planner to judge once it decodes (`Candidate.backlog`), not a cost to take
-        # on every new request (at high load, where no step drafts, it was pure loss).
-        filling = {s: 0 for s in adaptable if s.prompt_fill is not None}
-        return {**filling, **dict(zip(ready, depths))}
+        # One still filling its prompt drafts from its first step, its draft model's prompt filled
+        # beside the target's, when it is alone or the batch drafts now; else it proposes the root
+        # alone and the planner judges that fill once it decodes (`Candidate.backlog`): at high load,
+        # where no step drafts, filling it for every new request was pure loss.
+        caps = dict(zip(ready, depths))
+        if ready and not any(depths):
+            caps.update({s: 0 for s in adaptable if s.prompt_fill is not None})
+        return caps
 
     def _candidate(self, seq: _Sequence) -> Candidate:
         dec, run = seq.decoder, seq.run
