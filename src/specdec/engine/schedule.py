@@ -3,7 +3,7 @@ how many prompt tokens a step may fill (docs/algorithms.md §4.10).
 
 `PassTimes` holds a model's measured seconds per pass by the number of tokens in it: a short probe at
 start (`BatchEngine.calibrate`) and then every pass the engine runs, so the curve follows the load
-and the machine. `plan_depths` chooses each sequence's draft depth for one step by maximising the
+and the machine. `plan_step` chooses each sequence's draft depth for one step by maximising the
 step's expected tokens per second,
 
     Σ_i E_i(d_i) / (t_target(Σ_i (1 + n_i(d_i))) + Σ_levels t_draft(tokens drafted at that level)),
