@@ -279,13 +279,13 @@ def _catch_up_seconds(cands: Sequence[Candidate], draft: PassTimes) -> torch.Ten
     return seconds * model
 
 
-def _catch_up_share(cands: Sequence[Candidate], draft: PassTimes) -> torch.Tensor:
-    """Seconds of catch-up per token a sequence emits while drafting [S]. A catch-up must be run once
-    before the sequence drafts again, whenever that is: a one-off cost, shared out over the tokens it
-    may still emit. Priced in full on the step that pays it, a sequence that stopped drafting would
-    find restarting dearer every step it waits."""
+def _catch_up_share(cands: Sequence[Candidate], seconds: torch.Tensor) -> torch.Tensor:
+    """Seconds of catch-up per token a sequence emits while drafting [S], from its catch-up's `seconds`
+    [S]. A catch-up must be run once before the sequence drafts again, whenever that is: a one-off
+    cost, shared out over the tokens it may still emit. Priced in full on the step that pays it, a
+    sequence that stopped drafting would find restarting dearer every step it waits."""
     remaining = torch.tensor([max(c.remaining, 1) for c in cands], dtype=torch.float64)
-    return _catch_up_seconds(cands, draft) / remaining
+    return seconds / remaining
 
 
 @dataclass
@@ -327,11 +327,12 @@ def plan_step(cands: Sequence[Candidate], target: PassTimes, draft: PassTimes, s
     round_tokens = (_per_level(cands, width, depth)[None] * take).sum(1)  # [Λ, D]
     passes = target.predict(block) + torch.where(round_tokens > 0, draft.predict(round_tokens), 0.0).sum(1)  # [Λ]
     drafting = d > 0  # [Λ, S]
-    catch_up_s = (torch.where(drafting, per_seq, 0.0) * _catch_up_share(cands, draft)[None]).sum(1)
+    catch_up = _catch_up_seconds(cands, draft)  # [S]
+    catch_up_s = (torch.where(drafting, per_seq, 0.0) * _catch_up_share(cands, catch_up)[None]).sum(1)
     rate_of = per_seq.sum(1) / (passes + catch_up_s)
     rate_of = torch.where(drafting.any(1), rate_of * spec_scale, rate_of)
     best = int(rate_of.argmax())
-    seconds = passes[best] + torch.where(drafting[best], _catch_up_seconds(cands, draft), 0.0).sum()
+    seconds = passes[best] + torch.where(drafting[best], catch_up, 0.0).sum()
     return Plan(d[best].tolist(), float(per_seq[best].sum()), float(seconds))
 
 
