@@ -73,6 +73,7 @@ class BanditDrafter:
         if not arms or ar_ms <= 0 or not 0 < smoothing <= 1 or not 0 <= drift <= 1 or probe_every < 0:
             raise ValueError("need >= 1 arm, ar_ms > 0, smoothing in (0, 1], drift in [0, 1] and probe_every >= 0")
         self.probe_every = probe_every
+        """Plain steps in a row before a drafting arm is probed (0: never probe)."""
         self.block_ms = block_ms or (lambda drafted: ar_ms)
         """Milliseconds of a step whose target pass scores the root and `drafted` nodes and whose
         drafter ran no model (what a peeked model-free proposal costs)."""
@@ -80,7 +81,6 @@ class BanditDrafter:
         """Milliseconds of a draft model's pass over n tokens it has not seen (its prefill, paid when
         an arm first plays); None: not priced."""
         self._room = 0  # the length decoding may reach (prompt + new tokens)
-        """Plain steps in a row before a drafting arm is probed (0: never probe)."""
         self.arms = [a for a in arms if a.drafter is not None] + [Arm(None, ar_ms, 1.0, "ar")]
         self.smoothing, self.drift = smoothing, drift
         drafters = [a.drafter for a in self.arms if a.drafter is not None]
