@@ -91,18 +91,24 @@ def test_activations_are_quantized_per_row_and_block_as_documented():
     x[2, :32] = 0.0  # an all-zero block: d = 0, q = 0
     for name, block in (("Q8_0", 32), ("Q4_K", 256)):
         raw = kernels.quantize(x, FORMATS[name])
-        per = 40 if block == 32 else 308
+        per = 40 if block == 32 else 340
         blocks = raw.view(5 * (512 // block), per)
         d = blocks[:, :4].contiguous().view(torch.float32).reshape(5, -1)
-        q = blocks[:, per - block:].contiguous().view(torch.int8).reshape(5, 512).float()
+        q_at = 8 if block == 32 else 20
+        q = blocks[:, q_at:q_at + block].contiguous().view(torch.int8).reshape(5, 512).float()
         xb = x.reshape(5, -1, block)
         amax = xb.abs().amax(-1)
         assert torch.equal(d, amax / 127.0)
         expect = torch.round(xb * torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(())).unsqueeze(-1))
         assert torch.equal(q, expect.reshape(5, 512))
-        sums = blocks[:, 4:8].contiguous().view(torch.int32) if block == 32 else None
-        if sums is not None:
+        if block == 32:
+            sums = blocks[:, 4:8].contiguous().view(torch.int32)
             assert torch.equal(sums.reshape(-1).long(), expect.reshape(-1, 32).sum(-1).long())
+        else:  # Σq per 32 (the K formats' mins), then Q6_K's offsets −32·Σq per 16 values
+            sums = blocks[:, 4:20].contiguous().view(torch.int16).reshape(-1).long()
+            assert torch.equal(sums, expect.reshape(-1, 32).sum(-1).long())
+            offsets = blocks[:, 276:340].contiguous().view(torch.int32).reshape(-1).long()
+            assert torch.equal(offsets, -32 * expect.reshape(-1, 16).sum(-1).long())
 
 
 def _invariance_violations(lib_isa: str | None, name: str, planted: bool = False) -> list[str]:
