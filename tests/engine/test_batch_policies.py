@@ -140,6 +140,32 @@ def test_a_request_filling_its_prompt_leaves_its_draft_model_alone_where_nothing
     assert "target" in keys and "draft" not in keys
 
 
+@pytest.mark.parametrize("max_new,drafts", [(4, False), (200, True)])
+def test_a_lone_request_fills_its_draft_model_only_where_drafting_pays_it_back(tiny, max_new, drafts, one_thread):
+    """Alone, a request fills its draft model's prompt beside the target's only if drafting can earn
+    that fill back over the tokens it may emit: a long prompt and a 4-token answer decode plainly
+    and never run the draft model; the same prompt with 200 tokens to go drafts from its first step."""
+    target, draft = tiny
+    pipe = Pipeline.from_models(target, None, draft)
+    prompt = _prompts(7, seed=1)[6] * 3
+    assert len(prompt) > 2 * LANE_FILL
+    engine = pipe.batch_engine(max_batch_size=2, prefill_chunk=LANE_FILL, adaptive=True)  # a fill over steps
+    _plant(engine, FLAT, _times({1: 0.005, 64: 0.32}))  # each draft token 5 ms, a target pass 50 ms
+    keys: list[str] = []
+    run = engine._run_timed
+    engine._run_timed = lambda key, calls: keys.append(key) or run(key, calls)
+    rid = engine.submit(BatchRequest(prompt, max_new, "sps", {"gamma": 3}))
+    out: list[int] = []
+    before_first_token: list[str] = []
+    while engine.has_work():
+        out += [t for ev in engine.step() if ev.request_id == rid for t in ev.tokens]
+        if not out:
+            before_first_token = list(keys)
+    assert out == pipe.generate(prompt, "sps", max_new, gamma=3).token_ids
+    assert ("draft" in before_first_token) is drafts  # the draft model's prompt filled beside the target's
+    assert ("draft" in keys) is drafts
+
+
 def test_a_draft_catch_up_parked_in_a_free_lane_runs_in_the_same_step(tiny, one_thread):
     """A sequence that decoded plainly for a while and then drafts owes its draft model a catch-up too
     long for a proposal round, which is parked in the fill lane; with the lane otherwise unused it

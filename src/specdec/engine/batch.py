@@ -587,14 +587,24 @@ class BatchEngine:
                 drafter.path_floor = floor
                 depths[i] = cand.max_depth if depths[i] > 0 else 0
         info.depths = list(depths)
-        # One still filling its prompt drafts from its first step, its draft model's prompt filled
-        # beside the target's, when it is alone or the batch drafts now; else it proposes the root
-        # alone and the planner judges that fill once it decodes (`Candidate.backlog`): at high load,
-        # where no step drafts, filling it for every new request was pure loss.
         caps = dict(zip(ready, depths))
-        if ready and not any(depths):
-            caps.update({s: 0 for s in adaptable if s.prompt_fill is not None})
+        caps.update(self._filling_caps([s for s in adaptable if s.prompt_fill is not None], ready, depths, scale))
         return caps
+
+    def _filling_caps(self, filling: list[_Sequence], ready: list[_Sequence], depths: Sequence[int],
+                      scale: float) -> dict[_Sequence, int]:
+        """Caps of the sequences still filling their prompt. One drafts from its first step, its draft
+        model's prompt filled beside the target's, when the batch drafts now, or when nothing decodes yet
+        and the planner finds that fill paid back over the tokens the sequence may emit (a long prompt
+        and a short answer: not). Otherwise it proposes the root alone and the planner judges that fill
+        once it decodes (`Candidate.backlog`): at high load, where no step drafts, filling it for every
+        new request was pure loss."""
+        if not filling or any(depths):
+            return {}
+        if ready:
+            return {s: 0 for s in filling}
+        plan = plan_step([self._candidate(s) for s in filling], self.times["target"], self.times["draft"], scale)
+        return {s: 0 for s, depth in zip(filling, plan.depths) if depth == 0}
 
     def _candidate(self, seq: _Sequence) -> Candidate:
         dec, run = seq.decoder, seq.run
