@@ -588,23 +588,25 @@ class BatchEngine:
                 depths[i] = cand.max_depth if depths[i] > 0 else 0
         info.depths = list(depths)
         caps = dict(zip(ready, depths))
-        caps.update(self._filling_caps([s for s in adaptable if s.prompt_fill is not None], ready, depths, scale))
+        caps.update(self._filling_caps([s for s in adaptable if s.prompt_fill is not None], cands, depths, scale, probe))
         return caps
 
-    def _filling_caps(self, filling: list[_Sequence], ready: list[_Sequence], depths: Sequence[int],
-                      scale: float) -> dict[_Sequence, int]:
-        """Caps of the sequences still filling their prompt. One drafts from its first step, its draft
-        model's prompt filled beside the target's, when the batch drafts now, or when nothing decodes yet
-        and the planner finds that fill paid back over the tokens the sequence may emit (a long prompt
-        and a short answer: not). Otherwise it proposes the root alone and the planner judges that fill
-        once it decodes (`Candidate.backlog`): at high load, where no step drafts, filling it for every
-        new request was pure loss."""
-        if not filling or any(depths):
+    def _filling_caps(self, filling: list[_Sequence], ready: list[Candidate], depths: Sequence[int],
+                      scale: float, probe: bool) -> dict[_Sequence, int]:
+        """Caps of the sequences still filling their prompt (`ready`: the others' candidates, `depths`
+        their plan). Where the others decode plainly, one proposes its root alone and the planner judges
+        its draft model's prompt fill once it decodes (`Candidate.backlog`): at high load, where no step
+        drafts, filling it for every new request was pure loss. Else (alone, or beside a batch that
+        drafts) the planner prices that fill as a backlog shared over the tokens it may emit, and where
+        drafting pays it back the sequence drafts from its first step, its draft model's prompt filled
+        beside the target's; a long prompt with a short answer does not. A probe step fills none."""
+        if not filling:
             return {}
-        if ready:
+        if probe or (ready and not any(depths)):
             return {s: 0 for s in filling}
-        plan = plan_step([self._candidate(s) for s in filling], self.times["target"], self.times["draft"], scale)
-        return {s: 0 for s, depth in zip(filling, plan.depths) if depth == 0}
+        cands = [*ready, *(self._candidate(s) for s in filling)]
+        plan = plan_step(cands, self.times["target"], self.times["draft"], scale)
+        return {s: 0 for s, depth in zip(filling, plan.depths[len(ready):]) if depth == 0}
 
     def _candidate(self, seq: _Sequence) -> Candidate:
         dec, run = seq.decoder, seq.run
