@@ -10,6 +10,7 @@ import torch
 from specdec.core.sampling import SamplingConfig
 from specdec.engine.batch import LANE_FILL, MIN_FILL, BatchEngine, BatchRequest
 from specdec.engine.pipeline import Pipeline
+from specdec.models.base import LanguageModel
 from specdec.engine.schedule import PassTimes
 from specdec.models.prefix import BLOCK
 from specdec.models.toy import MarkovLM
@@ -164,6 +165,35 @@ def test_a_lone_request_fills_its_draft_model_only_where_drafting_pays_it_back(t
     assert out == pipe.generate(prompt, "sps", max_new, gamma=3).token_ids
     assert ("draft" in before_first_token) is drafts  # the draft model's prompt filled beside the target's
     assert ("draft" in keys) is drafts
+
+
+def test_a_request_joining_a_drafting_batch_fills_its_draft_model_only_where_that_pays(tiny, one_thread):
+    """Beside a sequence that drafts, a new request with a long prompt and a 4-token answer is priced
+    with it: its draft model's prompt fill would cost more than its drafts save, so its draft row is
+    never run, while the first sequence goes on drafting; both outputs equal plain decoding's."""
+    target, draft = tiny
+    pipe = Pipeline.from_models(target, None, draft)
+    short, prompt = _prompts(2, seed=4)[0], _prompts(7, seed=1)[6] * 3
+    engine = pipe.batch_engine(max_batch_size=2, prefill_chunk=LANE_FILL, adaptive=True)
+    _plant(engine, FLAT, _times({1: 0.005, 64: 0.32}))
+    rows: list[LanguageModel] = []
+    run = engine._run_timed
+    engine._run_timed = lambda key, calls: rows.extend(c.lm for c in calls) or run(key, calls)
+    first = engine.submit(BatchRequest(short, 40, "sps", {"gamma": 3}))
+    early = [t for _ in range(2) for ev in engine.step() for t in ev.tokens]
+    second = engine.submit(BatchRequest(prompt, 4, "sps", {"gamma": 3}))
+    out: dict[int, list[int]] = {first: early, second: []}
+    drafted = []
+    joined = None
+    while engine.has_work():
+        for ev in engine.step():
+            out[ev.request_id] += ev.tokens
+        joined = joined or next((s for s in engine._running if s.request_id == second), None)
+        drafted.append(any(engine.last_step.depths))
+    assert out[first] == pipe.generate(short, "sps", 40, gamma=3).token_ids
+    assert out[second] == pipe.generate(prompt, "sps", 4, gamma=3).token_ids
+    assert joined is not None and all(row is not joined.draft_rows[0] for row in rows)
+    assert any(drafted)
 
 
 def test_a_draft_catch_up_parked_in_a_free_lane_runs_in_the_same_step(tiny, one_thread):
