@@ -558,8 +558,8 @@ class BatchEngine:
 
     def _plan(self, starting: list[_Sequence], info: StepInfo) -> dict[_Sequence, int | None]:
         """The depth cap of each sequence starting a proposal: 0 above the batch threshold; with adaptive
-        speculation the planner's choice for those whose tree the target scores this step, and 0 for
-        those still filling their prompt while the others decode plainly; else none.
+        speculation the planner's choice for those whose tree the target scores this step, and for
+        those still filling their prompt `_filling_caps`; else none.
 
         A seeded sampled request keeps its method's depth: its random draws depend on what it drafts,
         and the planner's choices depend on timings, so adapting it would make its output change from
