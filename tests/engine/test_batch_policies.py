@@ -10,8 +10,8 @@ import torch
 from specdec.core.sampling import SamplingConfig
 from specdec.engine.batch import LANE_FILL, MIN_FILL, BatchEngine, BatchRequest
 from specdec.engine.pipeline import Pipeline
-from specdec.models.base import LanguageModel
 from specdec.engine.schedule import PassTimes
+from specdec.models.base import LanguageModel
 from specdec.models.prefix import BLOCK
 from specdec.models.toy import MarkovLM
 from tests.conftest import TINY_VOCAB, needs_kernels

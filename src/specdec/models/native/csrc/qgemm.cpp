@@ -64,14 +64,14 @@ void quantize_block(const float* x, uint8_t* out) {
   int32_t sums[QK / 16];
   for (int g = 0; g < QK / 16; ++g) sums[g] = st_q8(q + 16 * g, fmul(fld(x + 16 * g), id));
   std::memcpy(out, &d, 4);
-  if (QK == 32) {
+  if constexpr (QK == 32) {
     const int32_t s = sums[0] + sums[1];
     std::memcpy(out + 4, &s, 4);
   } else {
     int32_t offsets[16];
     int16_t bs[8];
-    for (int g = 0; g < 16; ++g) offsets[g] = -32 * sums[g % (QK / 16)];
-    for (int j = 0; j < 8; ++j) bs[j] = (int16_t)(sums[(2 * j) % (QK / 16)] + sums[(2 * j + 1) % (QK / 16)]);
+    for (int g = 0; g < 16; ++g) offsets[g] = -32 * sums[g];
+    for (int j = 0; j < 8; ++j) bs[j] = (int16_t)(sums[2 * j] + sums[2 * j + 1]);
     std::memcpy(out + kXOff, offsets, 64);
     std::memcpy(out + kXBs32, bs, 16);
   }
