@@ -129,7 +129,7 @@ def test_path_floors_price_the_next_draft_pass_against_plain_decoding():
 
 
 def test_mode_rates_weigh_drafting_by_what_it_measured_against_its_prediction():
-    from specdec.engine.schedule import MODE_PROBE_EVERY, ModeRates, Plan
+    from specdec.engine.schedule import MODE_PRIOR_STEPS, MODE_PROBE_EVERY, ModeRates, Plan
 
     modes = ModeRates()
     assert modes.spec_scale(4) == (1.0, False)  # nothing measured: the planner as it is
@@ -138,15 +138,18 @@ def test_mode_rates_weigh_drafting_by_what_it_measured_against_its_prediction():
     # Steps with drafts: 3/4 of the expected tokens, in 5/4 of the predicted time.
     modes.observe(4, True, Plan([3] * 4, 8.0, 0.2), tokens=6, seconds=0.25)
     assert modes.factor(4, True) == pytest.approx(0.75 / 1.25) and modes.factor(4, False) == pytest.approx(1.0)
+    # One step each: the factor is weighed against the prediction's (1) as MODE_PRIOR_STEPS steps.
+    spec = (0.6 + MODE_PRIOR_STEPS) / (1 + MODE_PRIOR_STEPS)
+    assert modes.belief(4, True) == pytest.approx(spec) and modes.belief(4, False) == pytest.approx(1.0)
     scales = [modes.spec_scale(4) for _ in range(2 * MODE_PROBE_EVERY)]
     assert scales.count((1.0, True)) == 2  # one step per period weighs drafting as predicted, to measure it again
-    assert all(x == pytest.approx(0.6) and not probe for x, probe in scales if x != 1.0)
-    assert modes.spec_scale(8)[0] == pytest.approx(0.6)  # a bigger batch not measured yet: the nearest smaller one's
+    assert all(x == pytest.approx(spec) and not probe for x, probe in scales if x != 1.0)
+    assert modes.spec_scale(8)[0] == pytest.approx(spec)  # a bigger batch not measured yet: the nearest smaller one's
     assert modes.spec_scale(2) == (1.0, False)  # nothing smaller measured
     modes.observe(1, False, Plan([0], 1.0, 0.1), tokens=1, seconds=0.1)
     modes.observe(1, True, Plan([3], 3.0, 0.2), tokens=1, seconds=0.4)
     assert modes.spec_scale(1) == (1.0, False)  # one sequence: the planner alone
-    assert modes.spec_scale(3)[0] == pytest.approx(1.0) and modes.spec_scale(4)[0] == pytest.approx(0.6)
+    assert modes.spec_scale(3)[0] == pytest.approx(1.0) and modes.spec_scale(4)[0] == pytest.approx(spec)
     modes.observe(4, True, Plan([3] * 4, 8.0, 0.2), tokens=0, seconds=0.2)  # nothing committed: no information
     modes.observe(4, True, Plan([0] * 4, 0.0, 0.0), tokens=4, seconds=0.2)  # no prediction: none either
     assert modes.factor(4, True) == pytest.approx(0.6)
@@ -156,6 +159,23 @@ def test_mode_rates_weigh_drafting_by_what_it_measured_against_its_prediction():
     even.observe(2, True, Plan([3, 3], 8.0, 0.2), tokens=12, seconds=0.2)
     even.observe(2, True, Plan([3, 3], 8.0, 0.2), tokens=4, seconds=0.2)
     assert 0.9 < even.factor(2, True) < 1.0  # the older step weighs MODE_DECAY of the newer
+
+
+def test_a_mode_judged_slow_is_believed_less_while_the_other_runs_and_tried_again():
+    from specdec.engine.schedule import ModeRates, Plan
+
+    modes = ModeRates()
+    for _ in range(60):  # drafting measured at half its prediction for many steps, plain as predicted
+        modes.observe(4, True, Plan([3] * 4, 8.0, 0.2), tokens=4, seconds=0.2)
+        modes.observe(4, False, Plan([0] * 4, 4.0, 0.1), tokens=4, seconds=0.1)
+    assert modes.spec_scale(4)[0] == pytest.approx(0.5, abs=0.05)  # many steps: believed as measured
+    scales = []
+    for _ in range(200):  # the planner then decodes plainly: no drafting step measures again
+        modes.observe(4, False, Plan([0] * 4, 4.0, 0.1), tokens=4, seconds=0.1)
+        scales.append(modes.belief(4, True) / modes.belief(4, False))
+    assert modes.factor(4, True) == pytest.approx(0.5)  # what drafting measured stands ...
+    assert all(a < b for a, b in zip(scales, scales[1:]))  # ... believed less with every plain step
+    assert scales[0] < 0.6 and scales[-1] > 0.99  # until the planner's prediction decides again
 
 
 def test_a_batch_whose_drafts_measured_slower_than_predicted_decodes_plainly():

@@ -142,7 +142,10 @@ MODE_PROBE_EVERY = 12
 """Every this many steps the planner weighs drafting as predicted, unscaled, so that a mode judged
 slow is measured again."""
 MODE_DECAY = 0.95
-"""Weight of a mode's older steps against each new one of the same mode and batch size."""
+"""Weight of a batch size's older steps against each new one of that batch size, either mode."""
+MODE_PRIOR_STEPS = 1.0
+"""Steps' worth of belief in the planner's own prediction (factor 1) that each mode's measured factor is
+weighed against: a factor from a few steps, or from steps long past, counts for little."""
 
 
 @dataclass
@@ -157,30 +160,40 @@ class ModeRates:
     (Σ seconds / Σ predicted), sums rather than an average of per-step ratios, whose accepted
     lengths vary too much. Drafting's factor over plain decoding's then weighs the planner's drafting
     choices (`plan_step`), so each step still decides per sequence from its acceptance, only with
-    drafting priced as it has measured. Only steps without prompt filling count (a fill is neither
-    mode's cost). Which mode runs never changes greedy output, only speed."""
+    drafting priced as it has measured. Every step of a batch size ages both modes' sums, so a mode
+    that stopped running is believed less and less against the planner's prediction
+    (`MODE_PRIOR_STEPS`): a mode judged slow is tried again in time, even where no probe can try it
+    (every sequence's draft model would first have to catch up). Only steps without prompt filling
+    count (a fill is neither mode's cost). Which mode runs never changes greedy output, only speed."""
 
     sums: dict[tuple[int, bool], list[float]] = field(default_factory=dict)
-    """(batch bucket, drafted) -> decayed [tokens, expected tokens, seconds, predicted seconds]."""
+    """(batch bucket, drafted) -> decayed [tokens, expected tokens, seconds, predicted seconds, steps]."""
     steps: int = 0
 
     def observe(self, batch: int, drafted: bool, plan: Plan, tokens: int, seconds: float) -> None:
         """One step of `batch` sequences that the planner chose as `plan` and that committed `tokens` in `seconds`."""
         if batch < 1 or tokens < 1 or not seconds > 0 or not plan.tokens > 0 or not plan.seconds > 0:
             return
-        key = (_bucket(batch), drafted)
-        old = self.sums.get(key, [0.0, 0.0, 0.0, 0.0])
-        new = (float(tokens), plan.tokens, seconds, plan.seconds)
+        key, other = (_bucket(batch), drafted), (_bucket(batch), not drafted)
+        old = self.sums.get(key, [0.0] * 5)
+        new = (float(tokens), plan.tokens, seconds, plan.seconds, 1.0)
         self.sums[key] = [MODE_DECAY * o + n for o, n in zip(old, new)]
+        if other in self.sums:  # ages alone: its factor stands, believed less
+            self.sums[other] = [MODE_DECAY * o for o in self.sums[other]]
 
     def factor(self, batch: int, drafted: bool) -> float | None:
         """Measured over predicted commit rate of a mode at this batch size (None: not measured)."""
         s = self.sums.get((_bucket(batch), drafted))
         return None if s is None else (s[0] / s[1]) / (s[2] / s[3])
 
+    def belief(self, batch: int, drafted: bool) -> float | None:
+        """A mode's factor as far as its steps' weight carries it against the prediction's (1)."""
+        s, f = self.sums.get((_bucket(batch), drafted)), self.factor(batch, drafted)
+        return None if s is None or f is None else (s[4] * f + MODE_PRIOR_STEPS) / (s[4] + MODE_PRIOR_STEPS)
+
     def spec_scale(self, batch: int) -> tuple[float, bool]:
         """What the planner's drafting rates are worth against its plain rate at this batch size, for this
-        step, and whether the step is a probe: drafting's factor over plain decoding's where both are
+        step, and whether the step is a probe: drafting's `belief` over plain decoding's where both are
         measured, else the nearest smaller batch size's (drafting pays less as batches grow), else 1;
         and 1 one step in `MODE_PROBE_EVERY` where a factor exists (the probe). A single sequence is
         left to the planner: there its prices are its own measured pass times and acceptance, and
@@ -190,7 +203,7 @@ class ModeRates:
         if batch <= 1:  # one sequence: the planner's own setting, its prices are the measured t(k)
             return 1.0, False
         for b in sorted({k for k, _ in self.sums if 1 < k <= _bucket(batch)}, reverse=True):
-            spec, plain = self.factor(b, True), self.factor(b, False)
+            spec, plain = self.belief(b, True), self.belief(b, False)
             if spec is not None and plain is not None:
                 probe = self.steps % MODE_PROBE_EVERY == 0
                 return (1.0, True) if probe else (spec / plain, False)
