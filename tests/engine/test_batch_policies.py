@@ -304,3 +304,19 @@ def test_the_prefix_cache_stays_within_its_budget_and_dense_rows_keep_none(nativ
     engine = Pipeline.from_models(dense, None, None).batch_engine(prefix_cache_mb=64)
     _run(engine, [BatchRequest(a, 4, "ar"), BatchRequest(b, 4, "ar")])
     assert len(engine.prefix) == 0 and engine.prefix.hits == 0
+
+
+def test_the_check_weighs_each_step_at_the_depths_its_drafters_reached(tiny, one_thread):
+    """The planner prices depths, but a drafter that ends its chain by its confidence drafts others;
+    the check (`ModeRates`) must weigh what ran against what that was predicted to do."""
+    from tests.engine.test_schedule import _times
+
+    target, draft = tiny
+    pipe = Pipeline.from_models(target, None, draft)
+    engine = pipe.batch_engine(max_batch_size=4, adaptive=True)
+    _plant(engine, _times({1: 0.05, 4: 0.052, 16: 0.08, 64: 0.4}), _times({1: 0.01, 4: 0.011, 64: 0.1}))
+    _, infos = _run(engine, [BatchRequest(p, 14, "sps", {"gamma": 4}) for p in _prompts(4, seed=8)])
+    planned = [i for i in infos if i.plan is not None and i.batch_size == len(i.plan.depths)]
+    assert any(any(i.plan.depths) for i in planned)
+    for info in planned:  # chains: a tree of depth d holds d + 1 tokens
+        assert sum(d + 1 for d in info.plan.depths) == info.target_tokens

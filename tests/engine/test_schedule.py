@@ -188,3 +188,16 @@ def test_a_batch_whose_drafts_measured_slower_than_predicted_decodes_plainly():
     assert plan_step(cands, FLAT, FREE, spec_scale=0.2).depths == [0, 0]
     plain = plan_step(cands, FLAT, FREE, spec_scale=0.2)
     assert plain.tokens == 2.0 and plain.seconds == pytest.approx(0.05)
+
+
+def test_a_step_is_priced_at_the_depths_it_drafted():
+    from specdec.engine.schedule import plan_step, price_depths
+
+    cands = [Candidate(4, CHAIN, 0.9), Candidate(4, CHAIN, 0.6)]
+    draft = _times({1: 0.01, 64: 0.05})
+    plan = plan_step(cands, FLAT, draft)
+    same = price_depths(cands, plan.depths, FLAT, draft)
+    assert (same.tokens, same.seconds) == pytest.approx((plan.tokens, plan.seconds))
+    short = price_depths(cands, [1, 0], FLAT, draft)  # a chain ended by its drafter's confidence
+    assert short.tokens == pytest.approx(2 + 0.9) and short.seconds < price_depths(cands, [4, 4], FLAT, draft).seconds
+    assert price_depths(cands, [0, 0], FLAT, draft).seconds == pytest.approx(0.05)  # plain: the target's pass alone

@@ -57,6 +57,7 @@ from specdec.engine.cost import cost_ratios
 from specdec.engine.decoder import DecodeRun, SpeculativeDecoder
 from specdec.engine.schedule import (
     CALIBRATION_SIZES, POOL_DECAY, Acceptance, Candidate, Load, ModeRates, PassTimes, Plan, path_floors, plan_step,
+    price_depths,
 )
 from specdec.engine.stats import DecodeStats
 from specdec.methods import DEFAULT_METHOD
@@ -130,7 +131,8 @@ class StepInfo:
     depths: list[int] = field(default_factory=list)
     """The draft depth the planner gave each sequence that started a proposal (adaptive speculation)."""
     plan: Plan | None = None
-    """The planner's choice and expectation, when it planned for every running sequence."""
+    """What the planner expects of this step, when it planned for every running sequence: priced, once
+    the trees are drafted, at the depths they reached."""
     prefix_hit_tokens: int = 0
     """Prompt tokens whose target K/V the prefix cache supplied this step."""
     prefix_query_tokens: int = 0
@@ -233,6 +235,7 @@ class BatchEngine:
         self.prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         """K/V of prompt prefixes reused across requests (native rows only; `models.prefix`)."""
         self._calibrated = False
+        self._planned: dict[_Sequence, Candidate] = {}  # this step's candidates, when it planned for all
 
     # ---- requests ------------------------------------------------------------------------------
     def context(self, sampling: SamplingConfig, target: LanguageModel, drafts: Sequence[LanguageModel]) -> MethodContext:
@@ -311,6 +314,7 @@ class BatchEngine:
         t0 = time.perf_counter()
         events: list[StepEvent] = []
         info = StepInfo()
+        self._planned = {}
         if self.limits.adaptive and not self._calibrated and not self._running:
             self.calibrate()
         self._apply_aborts(events)
@@ -326,7 +330,7 @@ class BatchEngine:
         self._score(info, events)
         info.wall_s = time.perf_counter() - t0
         if info.plan is not None and not info.fill_tokens and not info.admitted:
-            self.modes.observe(info.running, any(d > 0 for d in info.depths), info.plan,
+            self.modes.observe(info.running, any(d > 0 for d in info.plan.depths), info.plan,
                                sum(len(e.tokens) for e in events), info.wall_s)
         self.last_step = info
         return events
@@ -578,7 +582,7 @@ class BatchEngine:
         plan = plan_step(cands, target, draft, scale)
         depths = plan.depths
         if len(cands) == len(self._running):
-            info.plan = plan
+            info.plan, self._planned = plan, dict(zip(ready, cands))
         floors = path_floors(cands, depths, target, draft)
         for i, (seq, cand, floor) in enumerate(zip(ready, cands, floors)):
             drafter = seq.decoder.drafter
@@ -658,6 +662,11 @@ class BatchEngine:
             return
         info.batch_size = len(ready)
         info.target_tokens = sum(c.size for c in calls)
+        if info.plan is not None and len(ready) == len(self._planned) and all(s in self._planned for s in ready):
+            # What the check weighs: the prediction for the depths drafted, which a drafter ending its
+            # chain by confidence chose, not the planner's (`ModeRates`).
+            info.plan = price_depths([self._planned[s] for s in ready], [t.max_depth() for t in trees],
+                                     self.times["target"], self.times["draft"])
         results = self._verify(ready, trees, outs, events)
         for seq, tree, result in zip(ready, trees, results):
             seq.tree = None

@@ -327,14 +327,40 @@ def plan_step(cands: Sequence[Candidate], target: PassTimes, draft: PassTimes, s
     depth = max(c.max_depth for c in cands)
     if depth == 0 or not target.known:
         return Plan([c.max_depth for c in cands], 0.0, 0.0)
-    s = len(cands)
-    gain, nodes, width = _gains(cands, depth)  # [S, D] each
+    gain = _gains(cands, depth)[0]  # [S, D]
     # Thresholds: every distinct gain, plus "none" (plain decoding).
     lam = torch.cat([gain[gain > 0].unique(), torch.tensor([float("inf")], dtype=torch.float64)])
     take = gain[None] >= lam[:, None, None]  # [Λ, S, D]: prefix-closed since gain falls with ℓ
+    per_seq, passes, catch_up_s, seconds = _price(cands, take, target, draft)
+    drafting = take.any(2)  # [Λ, S]
+    rate_of = per_seq.sum(1) / (passes + catch_up_s)
+    rate_of = torch.where(drafting.any(1), rate_of * spec_scale, rate_of)
+    best = int(rate_of.argmax())
+    return Plan(take[best].sum(1).tolist(), float(per_seq[best].sum()), float(seconds[best]))
+
+
+def price_depths(cands: Sequence[Candidate], depths: Sequence[int], target: PassTimes, draft: PassTimes) -> Plan:
+    """What the planner expects of a step that drafts `depths` (which may not be its own choice: a
+    drafter that ends its chain by confidence drafts other depths than the planner priced)."""
+    if not cands or not target.known:
+        return Plan(list(depths), 0.0, 0.0)
+    depth = max(1, *depths, *(c.max_depth for c in cands))
+    take = (torch.arange(1, depth + 1)[None] <= torch.tensor(list(depths))[:, None])[None]  # [1, S, D]
+    per_seq, _, _, seconds = _price(cands, take, target, draft)
+    return Plan(list(depths), float(per_seq[0].sum()), float(seconds[0]))
+
+
+def _price(cands: Sequence[Candidate], take: torch.Tensor, target: PassTimes, draft: PassTimes
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For choices `take` [Λ, S, D] (level ℓ of sequence s drafted; prefix-closed): expected tokens per
+    sequence [Λ, S], the passes' predicted seconds [Λ], the catch-ups' seconds shared out over the
+    tokens left [Λ] (what a choice is judged by) and the seconds the step will actually run, catch-ups
+    in full [Λ]."""
+    s, depth = len(cands), take.shape[2]
+    gain, nodes, width = _gains(cands, depth)  # [S, D] each
     d = take.sum(-1)  # [Λ, S]
     per_seq = 1.0 + take.to(torch.float64).mul(gain.clamp_min(0)[None]).sum(2)  # [Λ, S]: E[tokens]
-    reach = nodes[None].expand(lam.numel(), -1, -1).gather(2, (d - 1).clamp_min(0)[..., None])[..., 0]  # [Λ, S]
+    reach = nodes[None].expand(take.shape[0], -1, -1).gather(2, (d - 1).clamp_min(0)[..., None])[..., 0]  # [Λ, S]
     block = s + torch.where(d > 0, reach, 0.0).sum(1)  # tokens in the target's pass
     # Draft rounds: level ℓ runs the sequences drafting at least ℓ levels.
     round_tokens = (_per_level(cands, width, depth)[None] * take).sum(1)  # [Λ, D]
@@ -342,11 +368,7 @@ def plan_step(cands: Sequence[Candidate], target: PassTimes, draft: PassTimes, s
     drafting = d > 0  # [Λ, S]
     catch_up = _catch_up_seconds(cands, draft)  # [S]
     catch_up_s = (torch.where(drafting, per_seq, 0.0) * _catch_up_share(cands, catch_up)[None]).sum(1)
-    rate_of = per_seq.sum(1) / (passes + catch_up_s)
-    rate_of = torch.where(drafting.any(1), rate_of * spec_scale, rate_of)
-    best = int(rate_of.argmax())
-    seconds = passes[best] + torch.where(drafting[best], catch_up, 0.0).sum()
-    return Plan(d[best].tolist(), float(per_seq[best].sum()), float(seconds))
+    return per_seq, passes, catch_up_s, passes + torch.where(drafting, catch_up, 0.0).sum(1)
 
 
 def path_floors(cands: Sequence[Candidate], depths: Sequence[int], target: PassTimes, draft: PassTimes) -> list[float]:
