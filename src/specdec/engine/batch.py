@@ -131,8 +131,8 @@ class StepInfo:
     depths: list[int] = field(default_factory=list)
     """The draft depth the planner gave each sequence that started a proposal (adaptive speculation)."""
     plan: Plan | None = None
-    """What the planner expects of this step, when it planned for every running sequence: priced, once
-    the trees are drafted, at the depths they reached."""
+    """What the planner expects of this step, when it planned for every running sequence; where several
+    run (what the check weighs, `ModeRates`), priced once the trees are drafted at the depths they reached."""
     prefix_hit_tokens: int = 0
     """Prompt tokens whose target K/V the prefix cache supplied this step."""
     prefix_query_tokens: int = 0
@@ -329,7 +329,8 @@ class BatchEngine:
             self._propose(info, events)
         self._score(info, events)
         info.wall_s = time.perf_counter() - t0
-        if info.plan is not None and not info.fill_tokens and not info.admitted:
+        if info.plan is not None and info.running > 1 and not info.fill_tokens and not info.admitted:
+            # one sequence's steps are never weighed (`ModeRates.spec_scale`)
             self.modes.observe(info.running, any(d > 0 for d in info.plan.depths), info.plan,
                                sum(len(e.tokens) for e in events), info.wall_s)
         self.last_step = info
@@ -662,7 +663,7 @@ class BatchEngine:
             return
         info.batch_size = len(ready)
         info.target_tokens = sum(c.size for c in calls)
-        if info.plan is not None and len(ready) == len(self._planned) and all(s in self._planned for s in ready):
+        if info.plan is not None and 1 < len(ready) == len(self._planned) and all(s in self._planned for s in ready):
             # What the check weighs: the prediction for the depths drafted, which a drafter ending its
             # chain by confidence chose, not the planner's (`ModeRates`).
             info.plan = price_depths([self._planned[s] for s in ready], [t.max_depth() for t in trees],
