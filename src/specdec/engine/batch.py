@@ -581,7 +581,7 @@ class BatchEngine:
         if probe:  # a look at drafting as predicted, never at the price of a draft model's prompt fill
             cands = [replace(c, max_depth=0) if c.backlog else c for c in cands]
         plan = plan_step(cands, target, draft, scale)
-        depths = plan.depths
+        depths = list(plan.depths)  # made caps below; the plan keeps what it priced
         if len(cands) == len(self._running):
             info.plan, self._planned = plan, dict(zip(ready, cands))
         floors = path_floors(cands, depths, target, draft)
