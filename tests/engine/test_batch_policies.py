@@ -318,5 +318,73 @@ def test_the_check_weighs_each_step_at_the_depths_its_drafters_reached(tiny, one
     _, infos = _run(engine, [BatchRequest(p, 14, "sps", {"gamma": 4}) for p in _prompts(4, seed=8)])
     planned = [i for i in infos if i.plan is not None and 1 < i.batch_size == len(i.plan.depths)]
     assert any(any(i.plan.depths) for i in planned)
-    for info in planned:  # chains: a tree of depth d holds d + 1 tokens
-        assert sum(d + 1 for d in info.plan.depths) == info.target_tokens
+    for info in planned:  # chains: a tree of depth d holds d + 1 tokens; free trees their nodes
+        assert sum(d + 1 for d in info.plan.depths) + info.free_nodes == info.target_tokens == info.plan.block
+
+
+# ---- free trees: the text's own continuations where the planner gives no draft -----------------
+COSTLY_DRAFT = _times({1: 1.0, 64: 64.0})  # a draft token costs twenty target passes: never worth it
+
+
+def test_free_trees_fill_the_steps_that_draft_nothing_and_greedy_output_stays_exact(tiny, one_thread):
+    """Where drafting with the model never pays but the target's pass is flat, sequences propose the
+    text's continuations instead (repeating prompts have them); greedy output is AR's. An AR request
+    is never given one, and with free trees off none is proposed."""
+    target, draft = tiny
+    pipe = Pipeline.from_models(target, None, draft)
+    prompts = [p * 3 for p in _prompts(3, seed=4)]
+    reqs = [BatchRequest(prompts[0], 40, "sps", {"gamma": 3}), BatchRequest(prompts[1], 30, "sps", {"gamma": 2}),
+            BatchRequest(prompts[2], 10, "ar")]
+    for free in (True, False):
+        engine = pipe.batch_engine(max_batch_size=3, adaptive=True)
+        engine.free_drafts = free
+        _plant(engine, FLAT, COSTLY_DRAFT)
+        ids = [engine.submit(r) for r in reqs]
+        outs, stats, infos = {i: [] for i in ids}, {}, []
+        while engine.has_work():
+            for ev in engine.step():
+                assert ev.error is None, ev.error
+                outs[ev.request_id] += ev.tokens
+                stats[ev.request_id] = ev.stats
+            infos.append(engine.last_step)
+        assert [outs[i] for i in ids] == [pipe.generate(r.prompt_ids, "ar", r.max_new_tokens).token_ids for r in reqs]
+        assert not any(d for info in infos for d in info.depths)
+        assert (sum(info.free_nodes for info in infos) > 0) is free
+        assert stats[ids[2]].draft_tokens == 0
+        if free:
+            assert stats[ids[0]].accepted_tokens + stats[ids[1]].accepted_tokens > 0, [stats[i].draft_tokens for i in ids]
+
+
+def test_free_trees_keep_every_sequences_distribution(monkeypatch, one_thread):
+    """Free trees at T > 0 are verified by sample-and-match whatever the method's own rule (their nodes
+    carry no draft distribution): the output laws stay the target's. Unseeded requests (their seeds
+    from a counter here, so that the test repeats)."""
+    import itertools
+    import types
+    from collections import Counter
+
+    import specdec.engine.batch as batch_module
+
+    seeds = itertools.count(7_000)
+    monkeypatch.setattr(batch_module, "secrets", types.SimpleNamespace(randbits=lambda bits: next(seeds)))
+    target = MarkovLM.random(V, seed=11, sharpness=1.5)
+    engine = BatchEngine(target, [MarkovLM.random(V, seed=12, sharpness=1.5)], max_batch_size=48,
+                         spec_disable_batch_size=None, adaptive=True)
+    _plant(engine, FLAT, COSTLY_DRAFT)
+    settings = [("sps", SamplingConfig(temperature=1.0), {"gamma": 2}),
+                ("specinfer", SamplingConfig(temperature=0.7, top_p=0.9), {"expansion": (2, 1)})]
+    n = 500
+    ids = [engine.submit(BatchRequest(PROMPT, L, m, o, s)) for _ in range(n) for m, s, o in settings]
+    out = {i: [] for i in ids}
+    free = 0
+    while engine.has_work():
+        for ev in engine.step():
+            assert ev.error is None, ev.error
+            out[ev.request_id] += ev.tokens
+        free += engine.last_step.free_nodes
+        assert not any(engine.last_step.depths)
+    assert free > n, "few free trees: the test would not exercise them"
+    for c, (method, sampling, _) in enumerate(settings):
+        got = Counter(tuple(out[ids[i]]) for i in range(c, len(ids), len(settings)))
+        p = chi_square_pvalue(got, exact_continuations(target, sampling, None), n)
+        assert p > ALPHA, f"{method} at {sampling} with free trees: p = {p:.2g}"

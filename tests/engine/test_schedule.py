@@ -4,8 +4,11 @@ acceptance, and the draft depths that maximise a step's expected tokens per seco
 from __future__ import annotations
 
 import pytest
+import torch
 
-from specdec.engine.schedule import Acceptance, Candidate, Load, PassTimes, path_floors, plan_depths
+from specdec.engine.schedule import (
+    FREE_PRIOR, Acceptance, Candidate, FreeRate, Load, PassTimes, Plan, path_floors, plan_depths, take_free, with_free,
+)
 
 
 def _times(points: dict[int, float]) -> PassTimes:
@@ -201,3 +204,33 @@ def test_a_step_is_priced_at_the_depths_it_drafted():
     short = price_depths(cands, [1, 0], FLAT, draft)  # a chain ended by its drafter's confidence
     assert short.tokens == pytest.approx(2 + 0.9) and short.seconds < price_depths(cands, [4, 4], FLAT, draft).seconds
     assert price_depths(cands, [0, 0], FLAT, draft).seconds == pytest.approx(0.05)  # plain: the target's pass alone
+
+
+def test_free_nodes_are_taken_while_they_raise_the_steps_rate():
+    """A free node adds its expected gain and one token to the target's pass: taken where the gain
+    outweighs the pass's growth, best first, none where each token costs a full pass."""
+    plan = Plan([0, 0], 2.0, 0.1, 2.0)  # two plain sequences, one pass of 2 tokens
+    gains = torch.tensor([0.9, 0.5, 0.2, 0.01], dtype=torch.float64)
+    gentle = _times({1: 0.05, 2: 0.05, 16: 0.064})  # 1 ms a token above 2
+    assert take_free(plan, gains, gentle) == 3  # 0.01 tokens do not pay a millisecond at 2.0 tokens / 0.1 s
+    assert take_free(plan, gains, FLAT) == 4
+    assert take_free(plan, gains, STEEP) == 0
+    assert take_free(plan, torch.zeros(0, dtype=torch.float64), FLAT) == 0
+    priced = with_free(plan, gains[:3], gentle)
+    assert priced.tokens == pytest.approx(3.6) and priced.block == 5.0
+    assert priced.seconds == pytest.approx(0.1 + 0.003)
+
+
+def test_free_rate_follows_what_free_trees_accepted_and_fades_back():
+    engine = FreeRate(decay=0.98)
+    seq = FreeRate(prior=engine)
+    assert seq.ratio == pytest.approx(FREE_PRIOR)
+    for _ in range(20):
+        seq.observe(3.0, 3)  # every estimated token accepted
+    assert seq.ratio > 0.9 and engine.ratio > 0.8  # the engine's prior learns from every sequence
+    for _ in range(20):
+        seq.observe(3.0, 0)
+    assert seq.ratio < 0.15
+    for _ in range(60):  # steps without a free tree: back towards the engine's
+        seq.observe(0.0, 0)
+    assert seq.ratio == pytest.approx(engine.ratio, abs=0.05)

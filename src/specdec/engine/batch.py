@@ -52,18 +52,20 @@ from specdec.core.results import VerifyResult
 from specdec.core.sampling import SamplingConfig
 from specdec.core.tree import TokenTree
 from specdec.drafting.base import Proposal, check_proposal
+from specdec.drafting.scored_tree import Scored, best_nodes
 from specdec.engine.build import build_decoder, parse_options
 from specdec.engine.cost import cost_ratios
 from specdec.engine.decoder import DecodeRun, SpeculativeDecoder
 from specdec.engine.schedule import (
-    CALIBRATION_SIZES, POOL_DECAY, Acceptance, Candidate, Load, ModeRates, PassTimes, Plan, path_floors, plan_step,
-    price_depths,
+    CALIBRATION_SIZES, POOL_DECAY, Acceptance, Candidate, FreeRate, Load, ModeRates, PassTimes, Plan, path_floors,
+    plan_step, price_depths, take_free, with_free,
 )
 from specdec.engine.stats import DecodeStats
 from specdec.methods import DEFAULT_METHOD
 from specdec.methods.base import MethodContext
 from specdec.methods.registry import get_method
 from specdec.methods.sps import ModelDrafter
+from specdec.methods.suffix import suffix_scored
 from specdec.models.base import LanguageModel
 from specdec.models.batch import BatchedModel, ModelCall, RowView, batched_model, run_calls
 from specdec.models.prefix import PrefixCache
@@ -80,6 +82,11 @@ LANE_FILL = 32
 in a proposal round: it would pad every other sequence's call to its length."""
 MIN_FILL = 16
 """Fill tokens a step runs whatever the time bound, so that a long prompt always advances."""
+FREE_DEPTH = 6
+FREE_BUDGET = 8
+"""Deepest level and most nodes of a free tree (the text's own continuations, proposed where the planner
+gives a sequence no draft): on the default pair's dev prompts, 6 and 8 accepted a third more than 4 and
+4 on summaries, as much elsewhere."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,8 @@ class StepInfo:
     """Prompt tokens whose target K/V the prefix cache supplied this step."""
     prefix_query_tokens: int = 0
     """Prompt tokens looked up in the prefix cache this step (target)."""
+    free_nodes: int = 0
+    """Nodes of free trees proposed this step (sequences the planner gave no draft)."""
     wall_s: float = 0.0
 
 
@@ -173,6 +182,9 @@ class _Sequence:
     tree: TokenTree | None = None
     """This step's proposal, once complete."""
     acceptance: Acceptance = field(default_factory=Acceptance)
+    free_rate: FreeRate = field(default_factory=FreeRate)
+    free_estimate: float = 0.0
+    """What this step's free tree was estimated to yield (its estimates unscaled; 0: no free tree)."""
     shape: list[int] = field(default_factory=list)
     """Drafted nodes of its last tree by depth (cumulative), what the planner expects a tree to cost."""
     cached_tokens: int = 0
@@ -232,10 +244,16 @@ class BatchEngine:
         """How steps with drafts and without measured against the planner's predictions, per batch size."""
         self.acceptance = Acceptance(decay=POOL_DECAY)
         """What recent sequences accepted per drafted level: a new sequence's prior."""
+        self.free_rate = FreeRate(decay=POOL_DECAY)
+        """How recent sequences' free trees fared against their estimates: a new sequence's prior."""
+        self.free_drafts = True
+        """With `adaptive`: a sequence the planner gives no draft proposes a free tree where it pays."""
         self.prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         """K/V of prompt prefixes reused across requests (native rows only; `models.prefix`)."""
         self._calibrated = False
         self._planned: dict[_Sequence, Candidate] = {}  # this step's candidates, when it planned for all
+        self._free: dict[_Sequence, Scored] = {}  # this step's free trees
+        self._free_gains = torch.zeros(0, dtype=torch.float64)  # their nodes' expected gains, as priced
 
     # ---- requests ------------------------------------------------------------------------------
     def context(self, sampling: SamplingConfig, target: LanguageModel, drafts: Sequence[LanguageModel]) -> MethodContext:
@@ -314,7 +332,7 @@ class BatchEngine:
         t0 = time.perf_counter()
         events: list[StepEvent] = []
         info = StepInfo()
-        self._planned = {}
+        self._planned, self._free, self._free_gains = {}, {}, torch.zeros(0, dtype=torch.float64)
         if self.limits.adaptive and not self._calibrated and not self._running:
             self.calibrate()
         self._apply_aborts(events)
@@ -385,7 +403,8 @@ class BatchEngine:
         except BaseException:
             self._release(target_row, draft_rows)
             raise
-        seq = _Sequence(rid, request, decoder, run, target_row, draft_rows, acceptance=Acceptance(prior=self.acceptance))
+        seq = _Sequence(rid, request, decoder, run, target_row, draft_rows, acceptance=Acceptance(prior=self.acceptance),
+                        free_rate=FreeRate(prior=self.free_rate))
         if run.prompt.numel() > 1:  # the last prompt token is the first pending root
             seq.prompt_fill = _Fill(ModelCall(target_row, run.prompt[:-1], fill=True))
         return seq
@@ -531,7 +550,9 @@ class BatchEngine:
         for seq in proposing:
             if seq.proposal is None:
                 try:
-                    seq.proposal = seq.decoder.propose(seq.run, caps.get(seq))
+                    free = self._free.get(seq)
+                    seq.proposal = seq.decoder.propose(seq.run, caps.get(seq)) if free is None else \
+                        seq.decoder.propose_free(seq.run, free[0], free[1])
                     check_proposal(seq.proposal)
                 except Exception as exc:  # noqa: BLE001 - this sequence's drafter failed; the others go on
                     seq.proposal = None
@@ -592,9 +613,45 @@ class BatchEngine:
                 drafter.path_floor = floor
                 depths[i] = cand.max_depth if depths[i] > 0 else 0
         info.depths = list(depths)
+        if self.free_drafts:
+            self._free_trees([s for s, d in zip(ready, depths) if d == 0], plan, info)
         caps = dict(zip(ready, depths))
         caps.update(self._filling_caps([s for s in adaptable if s.prompt_fill is not None], cands, depths, scale, probe))
         return caps
+
+    def _free_trees(self, plain: list[_Sequence], plan: Plan, info: StepInfo) -> None:
+        """Free trees for the sequences `plain` that the plan gives no draft (docs/algorithms.md §4.10):
+        the text's own continuations (suffix drafting), each node's estimate scaled by how the
+        sequence's free trees fared (`FreeRate`), and of all of them the best nodes, as many as the
+        predicted pass times say raise the step's tokens per second (`take_free`). They cost no draft
+        pass, only the target's tokens, which cost little where the batch is small."""
+        scored: dict[_Sequence, Scored] = {}
+        for seq in plain:
+            dec, run = seq.decoder, seq.run
+            remaining = run.max_new_tokens - run.stats.new_tokens
+            # The row holds the request's largest block past its last token: a tree of more nodes than
+            # the drafter's may run only where the answer's unused room makes up the difference.
+            budget = min(FREE_BUDGET, dec.block_size() - 1 + remaining - 1)
+            if dec.drafter is None or remaining < 2 or budget < 1:
+                continue
+            tokens, parents, estimates = suffix_scored(run.committed, min(FREE_DEPTH, remaining - 1), budget)
+            if tokens.numel():
+                scored[seq] = (tokens, parents, estimates)
+        if not scored:
+            return
+        gains = torch.cat([est * seq.free_rate.ratio for seq, (_, _, est) in scored.items()])
+        owner = torch.cat([torch.full((sc[0].numel(),), i) for i, sc in enumerate(scored.values())])
+        order = torch.argsort(gains, descending=True, stable=True)
+        n = take_free(plan, gains[order], self.times["target"])
+        counts = torch.bincount(owner[order[:n]], minlength=len(scored)).tolist()
+        for (seq, sc), k in zip(scored.items(), counts):
+            if k:
+                self._free[seq] = best_nodes(sc, k)
+                seq.free_estimate = float(self._free[seq][2].sum())
+        self._free_gains = torch.cat([self._free_gains, gains[order[:n]]])
+        info.free_nodes += n
+        if info.plan is not None:
+            info.plan = with_free(info.plan, gains[order[:n]], self.times["target"])
 
     def _filling_caps(self, filling: list[_Sequence], ready: list[Candidate], depths: Sequence[int],
                       scale: float, probe: bool) -> dict[_Sequence, int]:
@@ -666,8 +723,9 @@ class BatchEngine:
         if info.plan is not None and 1 < len(ready) == len(self._planned) and all(s in self._planned for s in ready):
             # What the check weighs: the prediction for the depths drafted, which a drafter ending its
             # chain by confidence chose, not the planner's (`ModeRates`).
-            info.plan = price_depths([self._planned[s] for s in ready], [t.max_depth() for t in trees],
-                                     self.times["target"], self.times["draft"])
+            depths = [0 if s in self._free else t.max_depth() for s, t in zip(ready, trees)]
+            info.plan = with_free(price_depths([self._planned[s] for s in ready], depths, self.times["target"],
+                                               self.times["draft"]), self._free_gains, self.times["target"])
         results = self._verify(ready, trees, outs, events)
         for seq, tree, result in zip(ready, trees, results):
             seq.tree = None
@@ -688,7 +746,7 @@ class BatchEngine:
                 events: list[StepEvent]) -> list[VerifyResult | None]:
         """Every sequence's exact rule in one batched verification (`verify.batched`); should it fail,
         each sequence on its own, so that only a failing one fails."""
-        items = [Verification(t, s.decoder.sampling, s.decoder.verifier, s.run.generator) for s, t in zip(ready, trees)]
+        items = [Verification(t, s.decoder.sampling, s.decoder.rule(s.run), s.run.generator) for s, t in zip(ready, trees)]
         try:
             return list(verify_batch(items, logits))
         except Exception:  # noqa: BLE001 - find the sequence at fault
@@ -704,8 +762,11 @@ class BatchEngine:
 
     @staticmethod
     def _learn(seq: _Sequence, tree: TokenTree, result: VerifyResult) -> None:
-        """What the planner knows of a sequence: its per-level acceptance and its trees' shape."""
-        depth = tree.max_depth()
+        """What the planner knows of a sequence: its per-level acceptance, its trees' shape and how its free
+        trees fared."""
+        seq.free_rate.observe(seq.free_estimate, result.num_accepted if seq.free_estimate else 0)
+        depth = 0 if seq.free_estimate else tree.max_depth()
+        seq.free_estimate = 0.0
         seq.acceptance.observe(depth, result.num_accepted)  # a step without drafts only fades older counts
         if depth == 0:
             return

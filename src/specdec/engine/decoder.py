@@ -51,6 +51,8 @@ class DecodeRun:
     """"" while it goes on, then "eos" or "length"."""
     drafted: bool = False
     """Whether this step's proposal came from the drafter (which then gets the step's feedback)."""
+    free: bool = False
+    """Whether this step's proposal is one the caller drafted without the drafter (`propose_free`)."""
 
 
 class SpeculativeDecoder:
@@ -206,15 +208,27 @@ class SpeculativeDecoder:
         depth = min(self.gamma, run.max_new_tokens - run.stats.new_tokens - 1)
         if max_depth is not None:
             depth = min(depth, max_depth)
-        run.drafted = self.drafter is not None and depth > 0
+        run.drafted, run.free = self.drafter is not None and depth > 0, False
         if self.drafter is None or depth <= 0:
             return finished(TokenTree.chain(int(run.committed[-1]), run.committed[:0]))
         return self.drafter.propose(run.committed, depth, run.generator)
 
+    def propose_free(self, run: "DecodeRun", tokens: Tensor, parents: Tensor) -> Proposal:  # [N] int64 each
+        """A proposal drafted without the drafter: `tokens` below the pending root (`parents`: -1 = the
+        root's child), a deterministic function of the committed text (the batch engine's free trees,
+        docs/algorithms.md §4.10). The drafter hears nothing of the step, as when nothing is drafted."""
+        run.drafted, run.free = False, True
+        return finished(TokenTree.from_drafted(int(run.committed[-1]), tokens, parents))
+
+    def rule(self, run: "DecodeRun") -> Verifier:
+        """The rule that verifies this step: sample-and-match for a free tree at T > 0 (its nodes carry
+        no draft distribution; §3.5), else the decoder's own."""
+        return verify_sample_and_match if run.free and not self.sampling.greedy else self.verifier
+
     def verify(self, run: "DecodeRun", tree: TokenTree, logits: Tensor) -> VerifyResult:  # logits: [N + 1, V]
         """The exact rule's decision on the target's logits at the tree's nodes."""
         target_probs = logits_to_probs(logits, self.sampling)  # [N + 1, V]
-        result = self.verifier(tree, target_probs, run.generator)
+        result = self.rule(run)(tree, target_probs, run.generator)
         if self.drafter is not None:
             # After the decision: what the drafter learns here can only shape later proposals.
             self.drafter.observe_target(tree, logits)

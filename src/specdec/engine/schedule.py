@@ -238,6 +238,39 @@ class Acceptance:
         return (self.accepted + start * PRIOR_WEIGHT) / (self.accepted + self.rejected + PRIOR_WEIGHT)
 
 
+FREE_PRIOR = 0.4
+"""Accepted tokens per estimated token that a free tree's estimates are first believed worth (on the
+default pair's dev prompts, 64 greedy tokens each, they measured 0.15 for translation to 0.5 for
+summarization: the estimates are shares of earlier occurrences, optimistic where text repeats little)."""
+FREE_PRIOR_WEIGHT = 4.0
+"""Estimated tokens' worth of belief in the prior that a sequence's own free trees are weighed against."""
+
+
+@dataclass
+class FreeRate:
+    """How a sequence's free trees (`take_free`) turned out: its decayed accepted tokens over the sums of
+    their estimates, starting from `prior` (the engine's, which every sequence feeds) or FREE_PRIOR.
+    Steps without a free tree fade the counts too, so a sequence whose free trees stopped paying drifts
+    back to the engine's rate and tries again."""
+
+    accepted: float = 0.0
+    estimated: float = 0.0
+    prior: "FreeRate | None" = None
+    decay: float = DECAY
+
+    def observe(self, estimated: float, accepted: int) -> None:
+        """One step whose free tree was estimated at `estimated` tokens and got `accepted` (0, 0: no free tree)."""
+        self.accepted = self.decay * self.accepted + accepted
+        self.estimated = self.decay * self.estimated + estimated
+        if self.prior is not None and estimated > 0:
+            self.prior.observe(estimated, accepted)
+
+    @property
+    def ratio(self) -> float:
+        start = self.prior.ratio if self.prior is not None else FREE_PRIOR
+        return (self.accepted + start * FREE_PRIOR_WEIGHT) / (self.estimated + FREE_PRIOR_WEIGHT)
+
+
 @dataclass
 class Candidate:
     """One sequence about to propose, as the planner sees it."""
@@ -311,6 +344,8 @@ class Plan:
     """Tokens the step is expected to commit."""
     seconds: float
     """Its predicted seconds, catch-ups counted in full (what the step will actually run)."""
+    block: float = 0.0
+    """Tokens in the target's pass."""
 
 
 def plan_depths(cands: Sequence[Candidate], target: PassTimes, draft: PassTimes) -> list[int]:
@@ -331,12 +366,12 @@ def plan_step(cands: Sequence[Candidate], target: PassTimes, draft: PassTimes, s
     # Thresholds: every distinct gain, plus "none" (plain decoding).
     lam = torch.cat([gain[gain > 0].unique(), torch.tensor([float("inf")], dtype=torch.float64)])
     take = gain[None] >= lam[:, None, None]  # [Λ, S, D]: prefix-closed since gain falls with ℓ
-    per_seq, passes, catch_up_s, seconds = _price(cands, take, target, draft)
+    per_seq, passes, catch_up_s, seconds, block = _price(cands, take, target, draft)
     drafting = take.any(2)  # [Λ, S]
     rate_of = per_seq.sum(1) / (passes + catch_up_s)
     rate_of = torch.where(drafting.any(1), rate_of * spec_scale, rate_of)
     best = int(rate_of.argmax())
-    return Plan(take[best].sum(1).tolist(), float(per_seq[best].sum()), float(seconds[best]))
+    return Plan(take[best].sum(1).tolist(), float(per_seq[best].sum()), float(seconds[best]), float(block[best]))
 
 
 def price_depths(cands: Sequence[Candidate], depths: Sequence[int], target: PassTimes, draft: PassTimes) -> Plan:
@@ -346,16 +381,16 @@ def price_depths(cands: Sequence[Candidate], depths: Sequence[int], target: Pass
         return Plan(list(depths), 0.0, 0.0)
     depth = max(1, *depths, *(c.max_depth for c in cands))
     take = (torch.arange(1, depth + 1)[None] <= torch.tensor(list(depths))[:, None])[None]  # [1, S, D]
-    per_seq, _, _, seconds = _price(cands, take, target, draft)
-    return Plan(list(depths), float(per_seq[0].sum()), float(seconds[0]))
+    per_seq, _, _, seconds, block = _price(cands, take, target, draft)
+    return Plan(list(depths), float(per_seq[0].sum()), float(seconds[0]), float(block[0]))
 
 
 def _price(cands: Sequence[Candidate], take: torch.Tensor, target: PassTimes, draft: PassTimes
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For choices `take` [Λ, S, D] (level ℓ of sequence s drafted; prefix-closed): expected tokens per
     sequence [Λ, S], the passes' predicted seconds [Λ], the catch-ups' seconds shared out over the
-    tokens left [Λ] (what a choice is judged by) and the seconds the step will actually run, catch-ups
-    in full [Λ]."""
+    tokens left [Λ] (what a choice is judged by), the seconds the step will actually run, catch-ups
+    in full [Λ], and the tokens of the target's pass [Λ]."""
     s, depth = len(cands), take.shape[2]
     gain, nodes, width = _gains(cands, depth)  # [S, D] each
     d = take.sum(-1)  # [Λ, S]
@@ -368,7 +403,7 @@ def _price(cands: Sequence[Candidate], take: torch.Tensor, target: PassTimes, dr
     drafting = d > 0  # [Λ, S]
     catch_up = _catch_up_seconds(cands, draft)  # [S]
     catch_up_s = (torch.where(drafting, per_seq, 0.0) * _catch_up_share(cands, catch_up)[None]).sum(1)
-    return per_seq, passes, catch_up_s, passes + torch.where(drafting, catch_up, 0.0).sum(1)
+    return per_seq, passes, catch_up_s, passes + torch.where(drafting, catch_up, 0.0).sum(1), block
 
 
 def path_floors(cands: Sequence[Candidate], depths: Sequence[int], target: PassTimes, draft: PassTimes) -> list[float]:
@@ -397,3 +432,24 @@ def path_floors(cands: Sequence[Candidate], depths: Sequence[int], target: PassT
     extra = (target.predict(block + w) - target.predict(block)) + model * (draft.predict(nxt + w) - nxt_s)
     rates = torch.tensor([c.rate for c in cands], dtype=torch.float64).clamp(0.05, 1.0)
     return torch.where(d > 0, extra * rate / rates, 0.0).tolist()
+
+
+def take_free(plan: Plan, gains: torch.Tensor, target: PassTimes) -> int:  # gains: [N] float64, best first
+    """How many free nodes to add to a planned step: nodes that cost no draft pass (the text's own
+    continuations, proposed where the plan drafts nothing), each expected to add its gain in tokens and
+    one token to the target's pass. The count whose step is expected to commit the most tokens per
+    second, 0 where none raises the plan's own rate (ties: fewer)."""
+    if gains.numel() == 0 or not target.known or not plan.seconds > 0:
+        return 0
+    n = torch.arange(gains.numel() + 1, dtype=torch.float64)
+    tokens = plan.tokens + torch.cat([torch.zeros(1, dtype=torch.float64), gains.cumsum(0)])
+    seconds = plan.seconds + target.predict(plan.block + n) - target.predict(plan.block)
+    return int((tokens / seconds).argmax())
+
+
+def with_free(plan: Plan, gains: torch.Tensor, target: PassTimes) -> Plan:  # gains: [N] float64
+    """The plan with free nodes of these expected gains added (`take_free`)."""
+    if gains.numel() == 0 or not plan.seconds > 0:
+        return plan
+    extra = target.predict(plan.block + gains.numel()) - target.predict(plan.block)
+    return Plan(plan.depths, plan.tokens + float(gains.sum()), plan.seconds + float(extra), plan.block + gains.numel())

@@ -87,7 +87,11 @@ class StepAccounting:
         accepted = min(result.num_accepted, emitted)
         st.accepted_tokens += accepted
         st.new_tokens += emitted
-        for i in range(tree.max_depth()):
+        depth = tree.max_depth()
+        if depth > len(self.proposed):  # a tree not from the drafter (the batch engine's free trees) may go deeper
+            self.proposed += [0] * (depth - len(self.proposed))
+            self.accepted += [0] * (depth - len(self.accepted))
+        for i in range(depth):
             self.proposed[i] += 1
             self.accepted[i] += i < accepted
 
