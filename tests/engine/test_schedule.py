@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from specdec.engine.schedule import (
-    FREE_PRIOR, Acceptance, Candidate, FreeRate, Load, PassTimes, Plan, path_floors, plan_depths, take_free, with_free,
+    FREE_PRIOR, Acceptance, Candidate, FreeRate, Load, PassTimes, Plan, free_gain_floor, path_floors, plan_depths,
+    take_free, with_free,
 )
 
 
@@ -216,6 +217,9 @@ def test_free_nodes_are_taken_while_they_raise_the_steps_rate():
     assert take_free(plan, gains, FLAT) == 4
     assert take_free(plan, gains, STEEP) == 0
     assert take_free(plan, torch.zeros(0, dtype=torch.float64), FLAT) == 0
+    # The floor: a node's share of the extra time at the plan's rate (20 tokens/s × 1 ms).
+    assert free_gain_floor(plan, gentle, 4) == pytest.approx(0.02)
+    assert free_gain_floor(plan, STEEP, 4) == pytest.approx(1.0)  # a certain node only breaks even
     priced = with_free(plan, gains[:3], gentle)
     assert priced.tokens == pytest.approx(3.6) and priced.block == 5.0
     assert priced.seconds == pytest.approx(0.1 + 0.003)

@@ -149,3 +149,22 @@ def test_serve_batching_flags(checkpoints, monkeypatch, capsys):
                         ("--prefix-cache-mb", "nan")):
         assert main([*base, flag, value]) == 2
         assert flag in capsys.readouterr().err
+
+
+def test_a_step_with_free_trees_counts_their_tokens_and_not_as_undrafted():
+    from types import SimpleNamespace
+
+    from prometheus_client import generate_latest
+
+    from specdec.engine.batch import StepInfo
+    from specdec.serving.batch_metrics import BatchMetrics
+    from specdec.serving.metrics import ServerMetrics
+
+    metrics = ServerMetrics(MODEL)
+    batch = BatchMetrics(metrics)
+    engine = SimpleNamespace(max_kv_tokens=None)
+    batch.step(StepInfo(batch_size=2, depths=[0, 0], free_nodes=5, target_tokens=7), engine)
+    batch.step(StepInfo(batch_size=2, depths=[0, 0], target_tokens=2), engine)
+    m = metric_values(generate_latest(metrics.registry).decode())
+    assert m[("specdec:free_draft_tokens_total", ())] == 5
+    assert m[("vllm:spec_decode_disabled_iterations_total", ())] == 1

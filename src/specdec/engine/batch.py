@@ -58,7 +58,7 @@ from specdec.engine.cost import cost_ratios
 from specdec.engine.decoder import DecodeRun, SpeculativeDecoder
 from specdec.engine.schedule import (
     CALIBRATION_SIZES, POOL_DECAY, Acceptance, Candidate, FreeRate, Load, ModeRates, PassTimes, Plan, path_floors,
-    plan_step, price_depths, take_free, with_free,
+    free_gain_floor, plan_step, price_depths, take_free, with_free,
 )
 from specdec.engine.stats import DecodeStats
 from specdec.methods import DEFAULT_METHOD
@@ -626,7 +626,10 @@ class BatchEngine:
         predicted pass times say raise the step's tokens per second (`take_free`). They cost no draft
         pass, only the target's tokens, which cost little where the batch is small."""
         scored: dict[_Sequence, Scored] = {}
+        floor = free_gain_floor(plan, self.times["target"], FREE_BUDGET * len(plain))
         for seq in plain:
+            if seq.free_rate.ratio < floor:  # not even a certain node would pay: no need to look
+                continue
             dec, run = seq.decoder, seq.run
             remaining = run.max_new_tokens - run.stats.new_tokens
             # The row holds the request's largest block past its last token: a tree of more nodes than

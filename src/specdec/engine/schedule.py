@@ -447,6 +447,16 @@ def take_free(plan: Plan, gains: torch.Tensor, target: PassTimes) -> int:  # gai
     return int((tokens / seconds).argmax())
 
 
+def free_gain_floor(plan: Plan, target: PassTimes, nodes: int) -> float:
+    """The gain below which a free node does not pay in a step planned as `plan` where `nodes` free
+    nodes would join its pass: the plan's tokens per second times a node's share of their extra
+    time (`take_free`'s first comparison, averaged over the nodes). inf where nothing is priced."""
+    if not target.known or not plan.seconds > 0:
+        return float("inf")
+    extra = float(target.predict(plan.block + nodes) - target.predict(plan.block)) / max(nodes, 1)
+    return plan.tokens / plan.seconds * extra
+
+
 def with_free(plan: Plan, gains: torch.Tensor, target: PassTimes) -> Plan:  # gains: [N] float64
     """The plan with free nodes of these expected gains added (`take_free`)."""
     if gains.numel() == 0 or not plan.seconds > 0:

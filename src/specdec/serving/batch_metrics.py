@@ -44,6 +44,11 @@ class BatchMetrics:
             "measured costs made plain decoding the faster choice for every request (--speculation adaptive).",
             by_model, registry=reg,
         ).labels(name)
+        self.free_tokens = Counter(
+            "specdec:free_draft_tokens",
+            "Tokens of free trees (the text's own continuations, no draft model) proposed for requests the "
+            "planner gave no model draft (--speculation adaptive).", by_model, registry=reg,
+        ).labels(name)
         self.prefix_queries = Counter(
             "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", by_model, registry=reg,
         ).labels(name)
@@ -54,8 +59,10 @@ class BatchMetrics:
     def step(self, info: StepInfo, batch: BatchEngine) -> None:
         if info.batch_size:
             self.batch_size.observe(info.batch_size)
-            if not info.drafting or (info.depths and not any(info.depths)):
+            if not info.drafting or (info.depths and not any(info.depths) and not info.free_nodes):
                 self.undrafted.inc()
+            if info.free_nodes:
+                self.free_tokens.inc(info.free_nodes)
         if info.target_tokens + info.fill_tokens:
             self.iteration_tokens.observe(info.target_tokens + info.fill_tokens)
         if info.prefix_query_tokens:
