@@ -238,3 +238,19 @@ def test_free_rate_follows_what_free_trees_accepted_and_fades_back():
     for _ in range(60):  # steps without a free tree: back towards the engine's
         seq.observe(0.0, 0)
     assert seq.ratio == pytest.approx(engine.ratio, abs=0.05)
+
+
+def test_a_free_tree_is_plain_decodings_alternative_in_the_plan():
+    """Where a sequence's free tree is expected to yield more than its draft model's chain for less, the
+    planner drafts nothing for it (the free tree takes its place); without one it drafts."""
+    from dataclasses import replace
+
+    from specdec.engine.schedule import plan_step, price_depths
+
+    draft = _times({1: 0.01, 64: 0.05})
+    cand = Candidate(4, CHAIN, 0.6)
+    assert plan_step([cand], FLAT, draft).depths[0] > 0
+    free = replace(cand, free_gain=2.5, free_nodes=6)
+    plan = plan_step([free], FLAT, draft)
+    assert plan.depths == [0] and plan.tokens == pytest.approx(3.5) and plan.block == 7
+    assert price_depths([free], [2], FLAT, draft).block == 3  # drafting: the chain's nodes, not the free tree's

@@ -584,8 +584,9 @@ class BatchEngine:
 
     def _plan(self, starting: list[_Sequence], info: StepInfo) -> dict[_Sequence, int | None]:
         """The depth cap of each sequence starting a proposal: 0 above the batch threshold; with adaptive
-        speculation the planner's choice for those whose tree the target scores this step, and for
-        those still filling their prompt `_filling_caps`; else none.
+        speculation the planner's choice for those whose tree the target scores this step (where it
+        gives none, a free tree may take its place, `_free_trees`), and for those still filling their
+        prompt `_filling_caps`; else none.
 
         A seeded sampled request keeps its method's depth: its random draws depend on what it drafts,
         and the planner's choices depend on timings, so adapting it would make its output change from
@@ -596,15 +597,19 @@ class BatchEngine:
             return {}
         adaptable = [s for s in starting if s.request.sampling.greedy or s.request.seed is None]
         ready = [s for s in adaptable if s.prompt_fill is None]
-        cands = [self._candidate(s) for s in ready]
+        options = self._free_options(ready) if self.free_drafts else {}
+        bare = [self._candidate(s) for s in ready]
+        cands = [replace(c, free_gain=options[s][1], free_nodes=options[s][2]) if s in options else c
+                 for s, c in zip(ready, bare)]
         target, draft = self.times["target"], self.times["draft"]
         scale, probe = self.modes.spec_scale(len(self._running))
         if probe:  # a look at drafting as predicted, never at the price of a draft model's prompt fill
             cands = [replace(c, max_depth=0) if c.backlog else c for c in cands]
         plan = plan_step(cands, target, draft, scale)
         depths = list(plan.depths)  # made caps below; the plan keeps what it priced
+        base = price_depths(bare, depths, target, draft) if options else plan  # free trees priced apart
         if len(cands) == len(self._running):
-            info.plan, self._planned = plan, dict(zip(ready, cands))
+            info.plan, self._planned = base, dict(zip(ready, bare))
         floors = path_floors(cands, depths, target, draft)
         for i, (seq, cand, floor) in enumerate(zip(ready, cands, floors)):
             drafter = seq.decoder.drafter
@@ -613,41 +618,48 @@ class BatchEngine:
                 drafter.path_floor = floor
                 depths[i] = cand.max_depth if depths[i] > 0 else 0
         info.depths = list(depths)
-        if self.free_drafts:
-            self._free_trees([s for s, d in zip(ready, depths) if d == 0], plan, info)
+        self._free_trees({s: options[s][0] for s, d in zip(ready, depths) if d == 0 and s in options}, base, info)
         caps = dict(zip(ready, depths))
         caps.update(self._filling_caps([s for s in adaptable if s.prompt_fill is not None], cands, depths, scale, probe))
         return caps
 
-    def _free_trees(self, plain: list[_Sequence], plan: Plan, info: StepInfo) -> None:
-        """Free trees for the sequences `plain` that the plan gives no draft (docs/algorithms.md §4.10):
-        the text's own continuations (suffix drafting), each node's estimate scaled by how the
-        sequence's free trees fared (`FreeRate`), and of all of them the best nodes, as many as the
-        predicted pass times say raise the step's tokens per second (`take_free`). They cost no draft
-        pass, only the target's tokens, which cost little where the batch is small."""
-        scored: dict[_Sequence, Scored] = {}
-        floor = free_gain_floor(plan, self.times["target"], FREE_BUDGET * len(plain))
-        for seq in plain:
-            if seq.free_rate.ratio < floor:  # not even a certain node would pay: no need to look
-                continue
+    def _free_options(self, seqs: list[_Sequence]) -> dict[_Sequence, tuple[Scored, float, int]]:
+        """The free tree each sequence could propose this step, should the planner give it no draft
+        (docs/algorithms.md §4.10): the text's own continuations (suffix drafting), with the gain and
+        nodes the planner prices it at — its nodes whose estimate, scaled by how the sequence's free
+        trees fared (`FreeRate`), pays beside plain decoding (`free_gain_floor`)."""
+        target = self.times["target"]
+        n = len(seqs)
+        floor = free_gain_floor(Plan([0] * n, float(n), float(target.predict(n)), float(n)), target, FREE_BUDGET * n)
+        options: dict[_Sequence, tuple[Scored, float, int]] = {}
+        for seq in seqs:
             dec, run = seq.decoder, seq.run
             remaining = run.max_new_tokens - run.stats.new_tokens
             # The row holds the request's largest block past its last token: a tree of more nodes than
             # the drafter's may run only where the answer's unused room makes up the difference.
             budget = min(FREE_BUDGET, dec.block_size() - 1 + remaining - 1)
-            if dec.drafter is None or remaining < 2 or budget < 1:
+            ratio = seq.free_rate.ratio
+            if dec.drafter is None or remaining < 2 or budget < 1 or ratio < floor:  # not even a certain node pays
                 continue
-            tokens, parents, estimates = suffix_scored(run.committed, min(FREE_DEPTH, remaining - 1), budget)
-            if tokens.numel():
-                scored[seq] = (tokens, parents, estimates)
-        if not scored:
+            scored = suffix_scored(run.committed, min(FREE_DEPTH, remaining - 1), budget)
+            paying = scored[2] * ratio >= floor
+            if bool(paying.any()):
+                options[seq] = (scored, float((scored[2] * ratio)[paying].sum()), int(paying.sum()))
+        return options
+
+    def _free_trees(self, options: dict[_Sequence, Scored], plan: Plan, info: StepInfo) -> None:
+        """The free trees of the sequences the plan gives no draft (`options`: each one's, unscaled):
+        of all their nodes, best first by estimate scaled by the sequence's `FreeRate`, as many as the
+        predicted pass times say raise the step's tokens per second (`take_free`). They cost no draft
+        pass, only the target's tokens, which cost little where the batch is small."""
+        if not options:
             return
-        gains = torch.cat([est * seq.free_rate.ratio for seq, (_, _, est) in scored.items()])
-        owner = torch.cat([torch.full((sc[0].numel(),), i) for i, sc in enumerate(scored.values())])
+        gains = torch.cat([est * seq.free_rate.ratio for seq, (_, _, est) in options.items()])
+        owner = torch.cat([torch.full((sc[0].numel(),), i) for i, sc in enumerate(options.values())])
         order = torch.argsort(gains, descending=True, stable=True)
         n = take_free(plan, gains[order], self.times["target"])
-        counts = torch.bincount(owner[order[:n]], minlength=len(scored)).tolist()
-        for (seq, sc), k in zip(scored.items(), counts):
+        counts = torch.bincount(owner[order[:n]], minlength=len(options)).tolist()
+        for (seq, sc), k in zip(options.items(), counts):
             if k:
                 self._free[seq] = best_nodes(sc, k)
                 seq.free_estimate = float(self._free[seq][2].sum())

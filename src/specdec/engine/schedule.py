@@ -290,6 +290,11 @@ class Candidate:
     long stretch without drafts): a one-off cost shared out over the tokens it may still emit."""
     remaining: int = 1
     """Tokens it may still emit."""
+    free_gain: float = 0.0
+    """Tokens a free tree is expected to add where it drafts nothing (`take_free`): plain decoding's
+    alternative is then that tree, not the root alone."""
+    free_nodes: int = 0
+    """That free tree's nodes."""
 
 
 def _gains(cands: Sequence[Candidate], depth: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -394,9 +399,11 @@ def _price(cands: Sequence[Candidate], take: torch.Tensor, target: PassTimes, dr
     s, depth = len(cands), take.shape[2]
     gain, nodes, width = _gains(cands, depth)  # [S, D] each
     d = take.sum(-1)  # [Λ, S]
+    free_gain, free_nodes = _free_of(cands)  # [S] each
     per_seq = 1.0 + take.to(torch.float64).mul(gain.clamp_min(0)[None]).sum(2)  # [Λ, S]: E[tokens]
+    per_seq = per_seq + torch.where(d > 0, 0.0, free_gain[None])
     reach = nodes[None].expand(take.shape[0], -1, -1).gather(2, (d - 1).clamp_min(0)[..., None])[..., 0]  # [Λ, S]
-    block = s + torch.where(d > 0, reach, 0.0).sum(1)  # tokens in the target's pass
+    block = s + torch.where(d > 0, reach, free_nodes[None]).sum(1)  # tokens in the target's pass
     # Draft rounds: level ℓ runs the sequences drafting at least ℓ levels.
     round_tokens = (_per_level(cands, width, depth)[None] * take).sum(1)  # [Λ, D]
     passes = target.predict(block) + torch.where(round_tokens > 0, draft.predict(round_tokens), 0.0).sum(1)  # [Λ]
@@ -404,6 +411,12 @@ def _price(cands: Sequence[Candidate], take: torch.Tensor, target: PassTimes, dr
     catch_up = _catch_up_seconds(cands, draft)  # [S]
     catch_up_s = (torch.where(drafting, per_seq, 0.0) * _catch_up_share(cands, catch_up)[None]).sum(1)
     return per_seq, passes, catch_up_s, passes + torch.where(drafting, catch_up, 0.0).sum(1), block
+
+
+def _free_of(cands: Sequence[Candidate]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each candidate's free tree where it drafts nothing: expected gain [S] and nodes [S]."""
+    return (torch.tensor([c.free_gain for c in cands], dtype=torch.float64),
+            torch.tensor([float(c.free_nodes) for c in cands], dtype=torch.float64))
 
 
 def path_floors(cands: Sequence[Candidate], depths: Sequence[int], target: PassTimes, draft: PassTimes) -> list[float]:
@@ -422,7 +435,7 @@ def path_floors(cands: Sequence[Candidate], depths: Sequence[int], target: PassT
     d = torch.tensor(depths)
     take = torch.arange(1, depth + 1)[None] <= d[:, None]  # [S, D]
     reach = nodes.gather(1, (d - 1).clamp_min(0)[:, None])[:, 0]
-    block = len(cands) + torch.where(d > 0, reach, 0.0).sum()
+    block = len(cands) + torch.where(d > 0, reach, _free_of(cands)[1]).sum()
     round_tokens = (_per_level(cands, width, depth) * take).sum(0)  # [D]
     rate = len(cands) / target.predict(len(cands))  # plain decoding's tokens per second
     nxt = torch.cat([round_tokens, torch.zeros(1, dtype=torch.float64)])[d.clamp_max(depth)]  # [S]: its next round
