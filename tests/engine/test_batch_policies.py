@@ -388,3 +388,29 @@ def test_free_trees_keep_every_sequences_distribution(monkeypatch, one_thread):
         got = Counter(tuple(out[ids[i]]) for i in range(c, len(ids), len(settings)))
         p = chi_square_pvalue(got, exact_continuations(target, sampling, None), n)
         assert p > ALPHA, f"{method} at {sampling} with free trees: p = {p:.2g}"
+
+
+def test_a_free_tree_is_judged_in_hindsight_where_the_model_drafted():
+    """A free tree priced but not proposed is judged on the tokens the step emitted: the nodes it held
+    of them, against the estimates of its nodes no deeper than they reach; proposed, on what it
+    accepted against all its estimates."""
+    from types import SimpleNamespace
+
+    from specdec.core.results import VerifyResult
+    from specdec.core.tree import TokenTree
+    from specdec.engine.schedule import FreeRate
+
+    # Free tree: 5 -> 6 -> 7 (chain) and 5 -> 9; estimates by node.
+    option = (torch.tensor([5, 9, 6, 7]), torch.tensor([-1, -1, 0, 2]), torch.tensor([0.9, 0.3, 0.8, 0.5], dtype=torch.float64))
+    chain = TokenTree.chain(1, torch.tensor([5, 4]))  # the model's chain; it kept 5, then the target said 6
+    emitted = VerifyResult((1,), 6)
+    seq = SimpleNamespace(free_option=option, run=SimpleNamespace(free=False), free_rate=FreeRate(decay=1.0))
+    BatchEngine._judge_free(seq, chain, emitted)
+    # Emitted 5, 6: the free tree held both; judged are its nodes at depths 1-2 (0.9 + 0.3 + 0.8).
+    assert (seq.free_rate.accepted, seq.free_rate.estimated) == pytest.approx((2, 2.0))
+    assert seq.free_option is None
+    seq.free_option, seq.run.free = option, True
+    BatchEngine._judge_free(seq, TokenTree.from_drafted(1, option[0], option[1]), VerifyResult((1,), 4))
+    assert (seq.free_rate.accepted, seq.free_rate.estimated) == pytest.approx((3, 4.5))
+    BatchEngine._judge_free(seq, chain, emitted)  # no free tree this step: nothing judged
+    assert (seq.free_rate.accepted, seq.free_rate.estimated) == pytest.approx((3, 4.5))

@@ -26,7 +26,9 @@ max_new_tokens. Any mix shares a step — the only cost of mixing is padding.
 Speculation that knows the batch, two ways. With `adaptive`, each step gives each sequence the draft
 depth that the measured pass times t(k) at the batch's total k and its recent acceptance say pays
 (`engine.schedule`), down to none: plain decoding is one of the choices priced, so a loaded server
-is not slower than plain decoding by more than the planner's estimates err. Independently, with more
+is not slower than plain decoding by more than the planner's estimates err. A sequence given none
+proposes a free tree instead where that pays: the text's own continuations (suffix drafting), which
+cost no draft pass and are verified by sample-and-match (`SpeculativeDecoder.propose_free`). Independently, with more
 than `spec_disable_batch_size` sequences running, a step drafts nothing (vLLM's
 disable-by-batch-size). The verifiers are exact whatever was drafted, so both change speed only —
 and which random draws a sampled sequence makes: its distribution is the same, but a seeded request
@@ -50,7 +52,7 @@ from torch import Tensor
 from specdec.core.options import MethodOptions
 from specdec.core.results import VerifyResult
 from specdec.core.sampling import SamplingConfig
-from specdec.core.tree import TokenTree
+from specdec.core.tree import TokenTree, depths
 from specdec.drafting.base import Proposal, check_proposal
 from specdec.drafting.scored_tree import Scored, best_nodes
 from specdec.engine.build import build_decoder, parse_options
@@ -183,8 +185,8 @@ class _Sequence:
     """This step's proposal, once complete."""
     acceptance: Acceptance = field(default_factory=Acceptance)
     free_rate: FreeRate = field(default_factory=FreeRate)
-    free_estimate: float = 0.0
-    """What this step's free tree was estimated to yield (its estimates unscaled; 0: no free tree)."""
+    free_option: Scored | None = None
+    """This step's free tree as the planner priced it, or as proposed (unscaled estimates); None: none."""
     shape: list[int] = field(default_factory=list)
     """Drafted nodes of its last tree by depth (cumulative), what the planner expects a tree to cost."""
     cached_tokens: int = 0
@@ -633,6 +635,7 @@ class BatchEngine:
         floor = free_gain_floor(Plan([0] * n, float(n), float(target.predict(n)), float(n)), target, FREE_BUDGET * n)
         options: dict[_Sequence, tuple[Scored, float, int]] = {}
         for seq in seqs:
+            seq.free_option = None
             dec, run = seq.decoder, seq.run
             remaining = run.max_new_tokens - run.stats.new_tokens
             # The row holds the request's largest block past its last token: a tree of more nodes than
@@ -645,6 +648,7 @@ class BatchEngine:
             paying = scored[2] * ratio >= floor
             if bool(paying.any()):
                 options[seq] = (scored, float((scored[2] * ratio)[paying].sum()), int(paying.sum()))
+                seq.free_option = best_nodes(scored, int(paying.sum()))  # judged in hindsight (`_learn`)
         return options
 
     def _free_trees(self, options: dict[_Sequence, Scored], plan: Plan, info: StepInfo) -> None:
@@ -661,8 +665,7 @@ class BatchEngine:
         counts = torch.bincount(owner[order[:n]], minlength=len(options)).tolist()
         for (seq, sc), k in zip(options.items(), counts):
             if k:
-                self._free[seq] = best_nodes(sc, k)
-                seq.free_estimate = float(self._free[seq][2].sum())
+                self._free[seq] = seq.free_option = best_nodes(sc, k)
         self._free_gains = torch.cat([self._free_gains, gains[order[:n]]])
         info.free_nodes += n
         if info.plan is not None:
@@ -779,9 +782,8 @@ class BatchEngine:
     def _learn(seq: _Sequence, tree: TokenTree, result: VerifyResult) -> None:
         """What the planner knows of a sequence: its per-level acceptance, its trees' shape and how its free
         trees fared."""
-        seq.free_rate.observe(seq.free_estimate, result.num_accepted if seq.free_estimate else 0)
-        depth = 0 if seq.free_estimate else tree.max_depth()
-        seq.free_estimate = 0.0
+        BatchEngine._judge_free(seq, tree, result)
+        depth = 0 if seq.run.free else tree.max_depth()
         seq.acceptance.observe(depth, result.num_accepted)  # a step without drafts only fades older counts
         if depth == 0:
             return
@@ -791,6 +793,30 @@ class BatchEngine:
         for i in range(1, len(shape)):  # deeper levels hold at least one more node
             shape[i] = max(shape[i], shape[i - 1] + 1)
         seq.shape = shape
+
+    @staticmethod
+    def _judge_free(seq: _Sequence, tree: TokenTree, result: VerifyResult) -> None:
+        """How the sequence's free tree fared (`FreeRate`): where it was proposed, what it accepted against
+        its estimates; where it was only priced, in hindsight: the nodes of the tokens this step emitted
+        that it held (the greedy walk, exact at T = 0), against the estimates of its nodes no deeper
+        than those tokens (deeper ones cannot be judged yet). So a sequence's free trees are judged on
+        every step, not only on those that chose them."""
+        option, seq.free_option = seq.free_option, None
+        if option is None:
+            seq.free_rate.observe(0.0, 0)  # older counts fade
+            return
+        tokens, parents, estimates = option
+        if seq.run.free:
+            seq.free_rate.observe(float(estimates.sum()), result.num_accepted)
+            return
+        emitted = tree.tokens[list(result.accepted_nodes)].tolist() + [result.next_token]
+        node, held = -1, 0
+        for token in emitted:
+            child = ((parents == node) & (tokens == token)).nonzero()
+            if child.numel() == 0:
+                break
+            node, held = int(child[0]), held + 1
+        seq.free_rate.observe(float(estimates[depths(parents) < len(emitted)].sum()), held)
 
     # ---- leaving ---------------------------------------------------------------------------------
     def _fail(self, seq: _Sequence, exc: BaseException, events: list[StepEvent]) -> None:

@@ -13,8 +13,11 @@ per-level acceptance a_i (`Acceptance`), n_i(d) its drafted nodes at depth ≤ d
 shape), and the all-zero choice is plain decoding. A draft level's expected gain a_i^ℓ falls with ℓ,
 so the best choice for a given threshold on the gain is "every level worth at least λ"; every
 threshold is priced at once (one small tensor computation) and the best wins, down to no drafts at
-all. Decisions read only earlier steps (timings, acceptances), never the current step's random
-draws, so every verification stays exact.
+all. Where a sequence has a free tree (the text's own continuations, no draft pass), depth 0 is
+that tree rather than the root alone (`Candidate.free_gain`), and once the depths are chosen the
+free trees' nodes join while they raise the step's rate (`take_free`). Decisions read only earlier
+steps (timings, acceptances), never the current step's random draws, so every verification stays
+exact.
 """
 
 from __future__ import annotations
