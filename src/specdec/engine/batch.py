@@ -52,7 +52,7 @@ from torch import Tensor
 from specdec.core.options import MethodOptions
 from specdec.core.results import VerifyResult
 from specdec.core.sampling import SamplingConfig
-from specdec.core.tree import TokenTree, depths
+from specdec.core.tree import TokenTree, depths as node_depths
 from specdec.drafting.base import Proposal, check_proposal
 from specdec.drafting.scored_tree import Scored, best_nodes
 from specdec.engine.build import build_decoder, parse_options
@@ -816,7 +816,7 @@ class BatchEngine:
             if child.numel() == 0:
                 break
             node, held = int(child[0]), held + 1
-        seq.free_rate.observe(float(estimates[depths(parents) < len(emitted)].sum()), held)
+        seq.free_rate.observe(float(estimates[node_depths(parents) < len(emitted)].sum()), held)
 
     # ---- leaving ---------------------------------------------------------------------------------
     def _fail(self, seq: _Sequence, exc: BaseException, events: list[StepEvent]) -> None:
