@@ -350,8 +350,9 @@ class BatchEngine:
         self._score(info, events)
         info.wall_s = time.perf_counter() - t0
         if info.plan is not None and info.running > 1 and not info.fill_tokens and not info.admitted:
-            # one sequence's steps are never weighed (`ModeRates.spec_scale`)
-            self.modes.observe(info.running, any(d > 0 for d in info.plan.depths), info.plan,
+            # one sequence's steps are never weighed (`ModeRates.spec_scale`); a step that proposed free
+            # trees speculated, as one that drafted did
+            self.modes.observe(info.running, any(d > 0 for d in info.plan.depths) or info.free_nodes > 0, info.plan,
                                sum(len(e.tokens) for e in events), info.wall_s)
         self.last_step = info
         return events
@@ -599,12 +600,12 @@ class BatchEngine:
             return {}
         adaptable = [s for s in starting if s.request.sampling.greedy or s.request.seed is None]
         ready = [s for s in adaptable if s.prompt_fill is None]
-        options = self._free_options(ready) if self.free_drafts else {}
+        scale, probe = self.modes.spec_scale(len(self._running))
+        options = self._free_options(ready, scale) if self.free_drafts else {}
         bare = [self._candidate(s) for s in ready]
         cands = [replace(c, free_gain=options[s][1], free_nodes=options[s][2]) if s in options else c
                  for s, c in zip(ready, bare)]
         target, draft = self.times["target"], self.times["draft"]
-        scale, probe = self.modes.spec_scale(len(self._running))
         if probe:  # a look at drafting as predicted, never at the price of a draft model's prompt fill
             cands = [replace(c, max_depth=0) if c.backlog else c for c in cands]
         plan = plan_step(cands, target, draft, scale)
@@ -620,16 +621,17 @@ class BatchEngine:
                 drafter.path_floor = floor
                 depths[i] = cand.max_depth if depths[i] > 0 else 0
         info.depths = list(depths)
-        self._free_trees({s: options[s][0] for s, d in zip(ready, depths) if d == 0 and s in options}, base, info)
+        self._free_trees({s: options[s][0] for s, d in zip(ready, depths) if d == 0 and s in options}, base, scale, info)
         caps = dict(zip(ready, depths))
         caps.update(self._filling_caps([s for s in adaptable if s.prompt_fill is not None], cands, depths, scale, probe))
         return caps
 
-    def _free_options(self, seqs: list[_Sequence]) -> dict[_Sequence, tuple[Scored, float, int]]:
+    def _free_options(self, seqs: list[_Sequence], scale: float) -> dict[_Sequence, tuple[Scored, float, int]]:
         """The free tree each sequence could propose this step, should the planner give it no draft
         (docs/algorithms.md §4.10): the text's own continuations (suffix drafting), with the gain and
         nodes the planner prices it at — its nodes whose estimate, scaled by how the sequence's free
-        trees fared (`FreeRate`), pays beside plain decoding (`free_gain_floor`)."""
+        trees fared (`FreeRate`) and by what speculating steps measured against plain ones at this
+        batch size (`scale`, `ModeRates.spec_scale`), pays beside plain decoding (`free_gain_floor`)."""
         target = self.times["target"]
         n = len(seqs)
         floor = free_gain_floor(Plan([0] * n, float(n), float(target.predict(n)), float(n)), target, FREE_BUDGET * n)
@@ -641,7 +643,7 @@ class BatchEngine:
             # The row holds the request's largest block past its last token: a tree of more nodes than
             # the drafter's may run only where the answer's unused room makes up the difference.
             budget = min(FREE_BUDGET, dec.block_size() - 1 + remaining - 1)
-            ratio = seq.free_rate.ratio
+            ratio = seq.free_rate.ratio * scale
             if dec.drafter is None or remaining < 2 or budget < 1 or ratio < floor:  # not even a certain node pays
                 continue
             scored = suffix_scored(run.committed, min(FREE_DEPTH, remaining - 1), budget)
@@ -651,17 +653,18 @@ class BatchEngine:
                 seq.free_option = best_nodes(scored, int(paying.sum()))  # judged in hindsight (`_learn`)
         return options
 
-    def _free_trees(self, options: dict[_Sequence, Scored], plan: Plan, info: StepInfo) -> None:
+    def _free_trees(self, options: dict[_Sequence, Scored], plan: Plan, scale: float, info: StepInfo) -> None:
         """The free trees of the sequences the plan gives no draft (`options`: each one's, unscaled):
         of all their nodes, best first by estimate scaled by the sequence's `FreeRate`, as many as the
-        predicted pass times say raise the step's tokens per second (`take_free`). They cost no draft
-        pass, only the target's tokens, which cost little where the batch is small."""
+        predicted pass times say raise the step's tokens per second (`take_free`, the gains weighed by
+        `scale` as in `_free_options`; the plan the check weighs keeps them unweighed). They cost no
+        draft pass, only the target's tokens, which cost little where the batch is small."""
         if not options:
             return
         gains = torch.cat([est * seq.free_rate.ratio for seq, (_, _, est) in options.items()])
         owner = torch.cat([torch.full((sc[0].numel(),), i) for i, sc in enumerate(options.values())])
         order = torch.argsort(gains, descending=True, stable=True)
-        n = take_free(plan, gains[order], self.times["target"])
+        n = take_free(plan, gains[order] * scale, self.times["target"])
         counts = torch.bincount(owner[order[:n]], minlength=len(options)).tolist()
         for (seq, sc), k in zip(options.items(), counts):
             if k:
