@@ -350,6 +350,7 @@ def test_free_trees_fill_the_steps_that_draft_nothing_and_greedy_output_stays_ex
         assert [outs[i] for i in ids] == [pipe.generate(r.prompt_ids, "ar", r.max_new_tokens).token_ids for r in reqs]
         assert not any(d for info in infos for d in info.depths)
         assert (sum(info.free_nodes for info in infos) > 0) is free
+        assert any(speculated for _, speculated in engine.modes.sums) is free  # the check counts them as speculating
         assert stats[ids[2]].draft_tokens == 0
         if free:
             assert stats[ids[0]].accepted_tokens + stats[ids[1]].accepted_tokens > 0, [stats[i].draft_tokens for i in ids]
