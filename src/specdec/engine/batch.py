@@ -406,8 +406,8 @@ class BatchEngine:
         except BaseException:
             self._release(target_row, draft_rows)
             raise
-        seq = _Sequence(rid, request, decoder, run, target_row, draft_rows, acceptance=Acceptance(prior=self.acceptance),
-                        free_rate=FreeRate(prior=self.free_rate))
+        seq = _Sequence(rid, request, decoder, run, target_row, draft_rows,
+                        acceptance=Acceptance(prior=self.acceptance), free_rate=FreeRate(prior=self.free_rate))
         if run.prompt.numel() > 1:  # the last prompt token is the first pending root
             seq.prompt_fill = _Fill(ModelCall(target_row, run.prompt[:-1], fill=True))
         return seq
@@ -621,7 +621,8 @@ class BatchEngine:
                 drafter.path_floor = floor
                 depths[i] = cand.max_depth if depths[i] > 0 else 0
         info.depths = list(depths)
-        self._free_trees({s: options[s][0] for s, d in zip(ready, depths) if d == 0 and s in options}, base, scale, info)
+        plain = {s: options[s][0] for s, d in zip(ready, depths) if d == 0 and s in options}
+        self._free_trees(plain, base, scale, info)
         caps = dict(zip(ready, depths))
         caps.update(self._filling_caps([s for s in adaptable if s.prompt_fill is not None], cands, depths, scale, probe))
         return caps
@@ -767,7 +768,8 @@ class BatchEngine:
                 events: list[StepEvent]) -> list[VerifyResult | None]:
         """Every sequence's exact rule in one batched verification (`verify.batched`); should it fail,
         each sequence on its own, so that only a failing one fails."""
-        items = [Verification(t, s.decoder.sampling, s.decoder.rule(s.run), s.run.generator) for s, t in zip(ready, trees)]
+        items = [Verification(t, s.decoder.sampling, s.decoder.rule(s.run), s.run.generator)
+                 for s, t in zip(ready, trees)]
         try:
             return list(verify_batch(items, logits))
         except Exception:  # noqa: BLE001 - find the sequence at fault

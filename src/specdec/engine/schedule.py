@@ -164,8 +164,9 @@ class ModeRates:
     lengths vary too much. Drafting's factor over plain decoding's then weighs the planner's drafting
     choices (`plan_step`), so each step still decides per sequence from its acceptance, only with
     drafting priced as it has measured. A step that proposed free trees counts as drafting (it
-    speculated), and the same factor weighs the free trees' gains (`BatchEngine._free_options`). Every step of a batch size ages both modes' sums, so a mode
-    that stopped running is believed less and less against the planner's prediction
+    speculated), and the same factor weighs the free trees' gains (`BatchEngine._free_options`).
+    Every step of a batch size ages both modes' sums, so a mode that stopped running is believed
+    less and less against the planner's prediction
     (`MODE_PRIOR_STEPS`): a mode judged slow is tried again in time, even where no probe can try it
     (every sequence's draft model would first have to catch up). Only steps without prompt filling
     count (a fill is neither mode's cost). Which mode runs never changes greedy output, only speed."""
