@@ -226,3 +226,19 @@ def keep_subtree(
         raise ValueError("keep must be ancestor-closed: a kept node's parent was dropped")
     new_index = keep.long().cumsum(0) - 1  # [N] position of each node among the kept ones
     return torch.where(has_parent, new_index[kept_parents.clamp_min(0)], kept_parents)
+
+
+def tree_walk(tree: "TokenTree", text: Tensor) -> int:  # text: [T] int64, what the target said after the root
+    """How many drafted tokens the greedy tree walk accepts when the target says `text`: from the
+    root, the child holding the next token of the text, as long as there is one."""
+    children: dict[tuple[int, int], int] = {}
+    for node, (parent, token) in enumerate(zip(tree.parents.tolist(), tree.tokens.tolist())):
+        if node:
+            children.setdefault((parent, token), node)
+    node = accepted = 0
+    for token in text.tolist():
+        node = children.get((node, token), -1)
+        if node < 0:
+            break
+        accepted += 1
+    return accepted

@@ -52,7 +52,8 @@ from torch import Tensor
 from specdec.core.options import MethodOptions
 from specdec.core.results import VerifyResult
 from specdec.core.sampling import SamplingConfig
-from specdec.core.tree import TokenTree, depths as node_depths
+from specdec.core.tree import TokenTree, tree_walk
+from specdec.core.tree import depths as node_depths
 from specdec.drafting.base import Proposal, check_proposal
 from specdec.drafting.scored_tree import Scored, best_nodes
 from specdec.engine.build import build_decoder, parse_options
@@ -814,14 +815,9 @@ class BatchEngine:
         if seq.run.free:
             seq.free_rate.observe(float(estimates.sum()), result.num_accepted)
             return
-        emitted = tree.tokens[list(result.accepted_nodes)].tolist() + [result.next_token]
-        node, held = -1, 0
-        for token in emitted:
-            child = ((parents == node) & (tokens == token)).nonzero()
-            if child.numel() == 0:
-                break
-            node, held = int(child[0]), held + 1
-        seq.free_rate.observe(float(estimates[node_depths(parents) < len(emitted)].sum()), held)
+        emitted = torch.cat([tree.tokens[list(result.accepted_nodes)], torch.tensor([result.next_token])])
+        held = tree_walk(TokenTree.from_drafted(int(tree.tokens[0]), tokens, parents), emitted)
+        seq.free_rate.observe(float(estimates[node_depths(parents) < emitted.numel()].sum()), held)
 
     # ---- leaving ---------------------------------------------------------------------------------
     def _fail(self, seq: _Sequence, exc: BaseException, events: list[StepEvent]) -> None:

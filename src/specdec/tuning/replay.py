@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from specdec.core.tree import TokenTree
+from specdec.core.tree import TokenTree, tree_walk
 
 Propose = Callable[[Tensor], "Tensor | TokenTree"]
 """text so far ([s] int64) -> the drafter's proposal: a chain ([<= γ] int64) or a token tree."""
@@ -36,22 +36,6 @@ def common_prefix(a: Tensor, b: Tensor) -> int:  # a: [A], b: [B] int64
         return 0
     diff = (a[:n] != b[:n]).nonzero()
     return int(diff[0]) if diff.numel() else n
-
-
-def tree_walk(tree: TokenTree, text: Tensor) -> int:  # text: [T] int64, what the target said after the root
-    """How many drafted tokens the greedy tree walk accepts when the target says `text`: from the
-    root, the child holding the next token of the text, as long as there is one."""
-    children: dict[tuple[int, int], int] = {}
-    for node, (parent, token) in enumerate(zip(tree.parents.tolist(), tree.tokens.tolist())):
-        if node:
-            children.setdefault((parent, token), node)
-    node = accepted = 0
-    for token in text.tolist():
-        node = children.get((node, token), -1)
-        if node < 0:
-            break
-        accepted += 1
-    return accepted
 
 
 def replay(texts: Sequence[tuple[int, Tensor]], propose: Propose,
