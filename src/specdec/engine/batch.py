@@ -28,9 +28,9 @@ depth that the measured pass times t(k) at the batch's total k and its recent ac
 (`engine.schedule`), down to none: plain decoding is one of the choices priced, so a loaded server
 is not slower than plain decoding by more than the planner's estimates err. A sequence given none
 proposes a free tree instead where that pays: the text's own continuations (suffix drafting), which
-cost no draft pass and are verified by sample-and-match (`SpeculativeDecoder.propose_free`). Independently, with more
-than `spec_disable_batch_size` sequences running, a step drafts nothing (vLLM's
-disable-by-batch-size). The verifiers are exact whatever was drafted, so both change speed only —
+cost no draft pass and are verified by sample-and-match (`SpeculativeDecoder.propose_free`).
+Independently, with more than `spec_disable_batch_size` sequences running, a step drafts nothing
+(vLLM's disable-by-batch-size). The verifiers are exact whatever was drafted, so both change speed only —
 and which random draws a sampled sequence makes: its distribution is the same, but a seeded request
 repeats its output exactly only while the batch stays at or below the threshold (None = never
 disable). The planner leaves seeded sampled requests at their method's depth for that reason.
