@@ -61,4 +61,4 @@ def test_summary_says_what_auto_followed():
     rows[1]["auto_choice"] = rows[3]["auto_choice"] = "sps gamma=5"
     s = summarize(rows)
     assert s.table[("auto", 0.0)].auto_choices == {"sps gamma=5": 2}
-    assert "`auto` followed its tuned winner: `sps gamma=5` (2 rows)." in render_summary(s)
+    assert "`auto` ran as: `sps gamma=5` (2 rows)." in render_summary(s)

@@ -227,14 +227,18 @@ class _PlanRunner:
         for m, t in dict.fromkeys((m, t) for _, t, _, m in self.plan):
             self.run_one(m, warm_ids, self.settings.warmup_tokens, self.settings.sampling(t), 0 if t > 0 else None)
 
-    def auto_choice(self, sampling: SamplingConfig) -> str | None:
-        """What `auto` follows for this sampling (its profile's winner), for the summary."""
+    def auto_choice(self, method: str, sampling: SamplingConfig, seed: int | None) -> str | None:
+        """What `auto` (or a variant of it) follows for this sampling: its profile's winner, and whether
+        it ran through the per-step planner (`Pipeline.auto_plan`), for the summary."""
         from specdec.core.store import ProfileProblem, find_profile
+        from specdec.methods.auto import planned_label
 
         try:
-            return str(find_profile(self.pipe.profile_key(sampling))["winner"]["label"])
+            label = str(find_profile(self.pipe.profile_key(sampling))["winner"]["label"])
         except (ProfileProblem, KeyError, TypeError):
             return None
+        planned = self.pipe.auto_plan(sampling, seed, **self.settings.method_options(method))
+        return label if planned is None else planned_label(planned, label)
 
     def row(self, p: BenchPrompt, t: float, r: int, m: str, done: dict[RowKey, dict[str, Any]],
             session: str) -> dict[str, Any]:
@@ -252,7 +256,7 @@ class _PlanRunner:
         if hf_settings is not None:
             row["hf_settings"] = hf_settings
         if base_method(m, self.settings.variants) == "auto":
-            row["auto_choice"] = self.auto_choice(self.settings.sampling(t))
+            row["auto_choice"] = self.auto_choice(m, self.settings.sampling(t), row["seed"])
         row["session"] = session
         return row
 

@@ -221,7 +221,7 @@ def render_summary(
             s = summary.table.get((m, t))
             if s is not None and s.auto_choices:
                 chosen = "; ".join(f"`{label}` ({n} rows)" for label, n in sorted(s.auto_choices.items()))
-                lines += [f"`{m}` followed its tuned winner: {chosen}.", ""]
+                lines += [f"`{m}` ran as: {chosen}.", ""]
         hf_rows = [m for m in summary.methods if is_hf(m) and m != HF_BASELINE and (m, t) in summary.table]
         if hf_rows and (HF_BASELINE, t) in summary.table:
             lines += [f"Hugging Face peers against `{HF_BASELINE}` (their own AR), T = {fmt_temp(t)}:", ""]

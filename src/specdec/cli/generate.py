@@ -28,16 +28,19 @@ def prompt_of(args: argparse.Namespace) -> tuple[str, bool | None]:
     return text, chat
 
 
-def method_label(pipe, method: str, sampling) -> str:
-    """The method, and for auto what it follows."""
+def method_label(pipe, method: str, sampling, run=None) -> str:
+    """The method, and for auto what it follows (`run`: what `Pipeline.stream` returned)."""
     if method != "auto":
         return method
     from specdec.core.store import ProfileProblem, find_profile
+    from specdec.engine.pipeline import PlannedRun
+    from specdec.methods.auto import planned_label
 
     try:
-        return f"auto: {find_profile(pipe.profile_key(sampling))['winner']['label']}"
+        label = find_profile(pipe.profile_key(sampling))["winner"]["label"]
     except (ProfileProblem, KeyError, TypeError):
         return method
+    return f"auto: {planned_label(run.planned, label) if isinstance(run, PlannedRun) else label}"
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -73,7 +76,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write(text_out.flush() + "\n")
     assert dec.last_stats is not None
-    print(f"[{method_label(pipe, args.method, sampling)}] " + format_stats(dec.last_stats.to_dict()), file=sys.stderr)
+    print(f"[{method_label(pipe, args.method, sampling, dec)}] " + format_stats(dec.last_stats.to_dict()), file=sys.stderr)
     return 0
 
 

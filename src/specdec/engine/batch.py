@@ -456,6 +456,14 @@ class BatchEngine:
             for _, model, row in rows:
                 model.release(row)
 
+    def assume_times(self, target_ms: Mapping[int, float], draft_ms: Mapping[int, float]) -> None:
+        """Start from pass times measured before on this machine (milliseconds by tokens, as a tune
+        profile keeps them) instead of `calibrate`; the steps refine them as they do calibrated ones."""
+        self._calibrated = True
+        for key, table in (("target", target_ms), ("draft", draft_ms)):
+            for k, ms in table.items():
+                self.times[key].calibrated(int(k), float(ms) / 1e3)
+
     @staticmethod
     def _timed(fn: Callable[[], Any]) -> float:
         t0 = time.perf_counter()
@@ -514,6 +522,7 @@ class BatchEngine:
         for seq in dict.fromkeys(seq for seq, _, _ in jobs):
             if seq.prompt_fill is not None and seq.prompt_fill.remaining == 0:
                 seq.prompt_fill = None
+                seq.run.stats.prefill_s = time.perf_counter() - seq.run.acct.t_start  # its wait in the lane included
             if seq.parked is not None and seq.parked.remaining == 0:
                 logits, seq.parked = seq.parked.logits, None
                 self._send(seq, logits, events)

@@ -34,9 +34,12 @@ from specdec.engine.decoder import SpeculativeDecoder
 from specdec.engine.stats import DecodeStats
 from specdec.engine.text import TextAssembler
 from specdec.methods import DEFAULT_METHOD
+from specdec.methods.auto import Planned, planned_request
 from specdec.methods.base import MethodContext
+from specdec.methods.registry import get_method
 from specdec.models.backends import DTYPES, LoadedModel, choose_weights, eos_ids
 from specdec.models.base import LanguageModel
+from specdec.models.batch import SerialModel
 from specdec.models.hub.registry import DEFAULT_TARGET, check_known_pair, default_draft
 
 if TYPE_CHECKING:
@@ -157,6 +160,15 @@ def _check_drafts(target: str, drafts: list[str]) -> None:
         target_tok = load_tokenizer(target)
         for name in drafts:
             check_same_tokenizer(target_tok, load_tokenizer(name), name)
+
+
+@dataclass
+class PlannedRun:
+    """A run of `auto` through the per-step planner (`Pipeline.stream`): what it runs, and its
+    statistics as a decoder's."""
+
+    planned: Planned
+    last_stats: DecodeStats | None = None
 
 
 class Pipeline:
@@ -414,9 +426,16 @@ class Pipeline:
         seed: int | None = None,
         chat: bool | None = None,
         **opts: Any,
-    ) -> tuple[SpeculativeDecoder, Iterator[list[int]]]:
-        """The decoder (whose `last_stats` fill in as it runs) and an iterator of token chunks."""
+    ) -> tuple[SpeculativeDecoder | PlannedRun, Iterator[list[int]]]:
+        """The decoder (whose `last_stats` fill in as it runs) and an iterator of token chunks.
+
+        `auto` (greedy, or sampled without a seed) decodes through the batch engine's per-step planner
+        as one sequence where the tune found drafting pays (`methods.auto.planned_request`); its
+        `PlannedRun` holds `last_stats` as a decoder does."""
         ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
+        planned = self.auto_plan(sampling, seed, **opts) if method == "auto" else None
+        if planned is not None:
+            return self._planned_stream(ids, planned, max_new_tokens, sampling)
         dec = self.decoder(method, sampling, **opts)
         generator = None
         if not sampling.greedy:
@@ -424,6 +443,58 @@ class Pipeline:
             # An unseeded run draws its seed without touching torch's global RNG.
             generator.manual_seed(seed if seed is not None else secrets.randbits(63))
         return dec, dec.stream(ids, max_new_tokens, generator)
+
+    def auto_plan(self, sampling: SamplingConfig = SamplingConfig(), seed: int | None = None,
+                  **opts: Any) -> Planned | None:
+        """What `auto` with these options runs through the per-step planner (`methods.auto.planned_request`),
+        or None where it decodes with its own drafter. A seeded sampled run keeps auto's own decoder: the
+        planner's choices follow timings, and so would its random draws. A target the engine cannot
+        give rows (`models.batch.SerialModel`) does too. Tunes on first use, as `auto` does."""
+        if not (sampling.greedy or seed is None):
+            return None
+        planned = planned_request(self.context(sampling), get_method("auto").make_options(dict(opts)))
+        if planned is None or isinstance(self._planner(planned).target, SerialModel):
+            return None
+        return planned
+
+    def _planner(self, planned: Planned) -> BatchEngine:
+        """The one-sequence adaptive engine `auto` decodes through, made on first use and kept (its
+        measurements and acceptance priors carry over); it starts from the tune's pass times where the
+        profile has them, and the steps refine them, rather than probing the models for seconds first."""
+        engine = getattr(self, "_solo_engine", None)
+        if engine is None:
+            engine = self._solo_engine = self.batch_engine(max_batch_size=1, adaptive=True)
+            ms = {key: {int(k): float(v) for k, v in (planned.timing.get(f"{key}_ms") or {}).items()}
+                  for key in ("target", "draft")}
+            if ms["target"] and (ms["draft"] or not self.draft_lms):
+                engine.assume_times(ms["target"], ms["draft"])
+        return engine
+
+    def _planned_stream(self, ids: list[int], planned: Planned, max_new_tokens: int,
+                        sampling: SamplingConfig) -> tuple[PlannedRun, Iterator[list[int]]]:
+        engine, run = self._planner(planned), PlannedRun(planned)
+
+        def chunks() -> Iterator[list[int]]:
+            rid = engine.submit(BatchRequest(ids, max_new_tokens, planned.method, planned.options, sampling))
+            done = False
+            try:
+                while not done:
+                    for event in engine.step():
+                        if event.request_id != rid:
+                            continue
+                        run.last_stats = event.stats or run.last_stats
+                        if event.error is not None:
+                            raise event.error
+                        done = bool(event.finished)
+                        if event.tokens:
+                            yield event.tokens
+            finally:
+                if not done:  # abandoned or failed: its rows are freed before the next run
+                    engine.abort(rid)
+                    while engine.has_work():
+                        engine.step()
+
+        return run, chunks()
 
     def generate(self, prompt: str | list[int], method: str = DEFAULT_METHOD, max_new_tokens: int = 128,
                  **kw: Any) -> GenerationResult:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from specdec.core.options import MethodOptions, choice, flag, option, positive_int
 from specdec.core.store import ProfileProblem
@@ -35,6 +35,10 @@ class Options(MethodOptions):
                                flag=True)
     arms: int = option(3, "how many of the tune's best candidates (of different methods) auto switches between, "
                        "plain decoding besides", positive_int)
+    no_planner: bool = option(False, "decode with the tune's winner and its fallback as one decoder, rather than "
+                              "through the batch engine's per-step planner (by default, where the tune found "
+                              "drafting pays, each step drafts as deep as measured times and acceptance say, or "
+                              "proposes the text's own continuations)", flag, flag=True)
 
     def draft_tokens_per_step(self, num_drafts: int = 1) -> None:
         return None  # the tuned tree's size is in its profile, which the operator chose
@@ -51,6 +55,47 @@ def auto_profile(ctx: MethodContext, tree: str = "auto") -> dict[str, Any]:
         if given or ctx.tuner is None:  # an operator's file is reported, never replaced by a tune
             raise
         return ctx.tuner(str(exc))
+
+
+PLANNER_DEPTH = 6
+"""The deepest draft-model chain auto's planner may give a step (`planned_request`): the tune's depth is
+the best fixed one for its prompts, while the planner ends each chain where its acceptance says."""
+
+
+class Planned(NamedTuple):
+    """What auto decodes with through the per-step planner (`planned_request`)."""
+
+    method: str
+    options: dict[str, Any]
+    timing: dict[str, Any]
+    """The tune's pass times ({"target_ms": {k: ms}, "draft_ms": …}), what the planner starts from."""
+
+
+def planned_request(ctx: MethodContext, opts: Options) -> Planned | None:
+    """What auto decodes with through the batch engine's per-step planner as one sequence
+    (docs/algorithms.md §4.11), or None where it decodes with its own drafter (`build`): with
+    `no_planner`, `no_fallback` or `sequoia_mode`, or where the tune's winner is plain decoding.
+
+    Where the winner drafts with the draft model, the planner runs that model's chain (sps) and gives
+    each step the depth that the measured pass times and this prompt's acceptance say pays, down to
+    none, and a free tree of the text's own continuations where it gives none; where the winner is
+    model-free, that method, each step capped by the planner. Tuned on first use as `build` is."""
+    if opts.no_planner or opts.no_fallback or opts.sequoia_mode is not None:
+        return None
+    profile = auto_profile(ctx, opts.tree)
+    winner, timing = profile["winner"], dict(profile.get("timing") or {})
+    name = str(winner.get("method"))
+    if name == "ar":
+        return None
+    if get_method(name).loads_draft_model:
+        return Planned("sps", {"gamma": PLANNER_DEPTH}, timing)
+    return Planned(name, dict(winner.get("options") or {}), timing)
+
+
+def planned_label(planned: Planned, tuned: str) -> str:
+    """How reports name a run through the planner: what drafts, and the tune's winner (`tuned`)."""
+    options = "".join(f" {k}={v}" for k, v in planned.options.items())
+    return f"planned per step: {planned.method}{options} (tuned: {tuned})"
 
 
 def drafter_for(ctx: MethodContext, winner: dict[str, Any], sequoia_mode: str | None = None) -> Drafter | None:

@@ -1,0 +1,94 @@
+"""`auto` through the batch engine's per-step planner (docs/algorithms.md §4.11): where the tune found
+that drafting pays, a single generation runs as one sequence of the adaptive engine; its greedy output
+stays the target's own, and what would change a run's reproducibility stays with auto's own decoder."""
+
+import pytest
+
+from specdec.core.hardware import fingerprint
+from specdec.core.sampling import SamplingConfig
+from specdec.core.store import PROFILE_VERSION, save_profile
+from specdec.engine.batch import BatchEngine
+from specdec.engine.decoder import SpeculativeDecoder
+from specdec.engine.pipeline import Pipeline, PlannedRun
+from specdec.methods.auto import PLANNER_DEPTH, Planned, planned_label, planned_request
+from specdec.methods.registry import get_method
+from tests.conftest import tiny_lm
+
+GREEDY = SamplingConfig()
+SAMPLED = SamplingConfig(temperature=0.8)
+TIMING = {"target_ms": {"1": 10.0, "2": 10.2, "4": 10.5, "8": 11.0, "16": 12.0, "32": 20.0},
+          "draft_ms": {"1": 1.0, "2": 1.1, "4": 1.2, "8": 1.4, "16": 2.0}, "ar_ms_per_token": 10.0}
+PROMPT = list(range(10, 24))
+
+
+def _pipe(winner: dict, modes=(GREEDY, SAMPLED)) -> Pipeline:
+    """Tiny models whose draft is the target (every draft is accepted), with a profile per mode."""
+    pipe = Pipeline.from_models(tiny_lm("llama", 0), None, tiny_lm("llama", 0))
+    for sampling in modes:
+        save_profile({"version": PROFILE_VERSION, "key": pipe.profile_key(sampling), "fingerprint": fingerprint("cpu"),
+                      "winner": {"label": winner["method"], **winner}, "timing": TIMING})
+    return pipe
+
+
+def _run(pipe: Pipeline, max_new: int = 24, **kw):
+    handle, chunks = pipe.stream(PROMPT, "auto", max_new, **kw)
+    out = [t for chunk in chunks for t in chunk]
+    return handle, out
+
+
+def test_auto_decodes_through_the_planner_deeper_than_the_tunes_depth_and_stays_exact(one_thread, monkeypatch):
+    pipe = _pipe({"method": "sps", "options": {"gamma": 2}})
+    assert planned_request(pipe.context(GREEDY), get_method("auto").make_options({})) == \
+        Planned("sps", {"gamma": PLANNER_DEPTH}, TIMING)
+    assert planned_label(pipe.auto_plan(), "sps gamma=2") == f"planned per step: sps gamma={PLANNER_DEPTH} (tuned: sps gamma=2)"
+    assert pipe.auto_plan(SAMPLED) is not None and pipe.auto_plan(SAMPLED, seed=1) is None
+
+    def no_probe(self, *a, **k):
+        raise AssertionError("the planner starts from the tune's pass times")
+
+    monkeypatch.setattr(BatchEngine, "calibrate", no_probe)
+    ref = pipe.generate(PROMPT, "ar", 24).token_ids
+    handle, out = _run(pipe)
+    assert isinstance(handle, PlannedRun) and out == ref
+    stats = handle.last_stats
+    assert stats is not None and stats.new_tokens == 24 and stats.draft_tokens > 0 and stats.prefill_s > 0
+    # Every draft is accepted and drafts cost a tenth of the target: chains go past the tune's 2.
+    assert len(stats.accepted_per_position) > 2
+    assert pipe.generate(PROMPT, max_new_tokens=24).token_ids == ref  # the default method, the same engine again
+
+
+def test_a_model_free_winner_runs_with_its_own_options():
+    pipe = _pipe({"method": "pld", "options": {"gamma": 3}})
+    assert planned_request(pipe.context(GREEDY), get_method("auto").make_options({})) == \
+        Planned("pld", {"gamma": 3}, TIMING)
+    handle, out = _run(pipe)
+    assert isinstance(handle, PlannedRun) and out == pipe.generate(PROMPT, "ar", 24).token_ids
+
+
+def test_auto_keeps_its_own_decoder_where_the_planner_does_not_apply(one_thread):
+    pipe = _pipe({"method": "sps", "options": {"gamma": 2}})
+    handle, _ = _run(pipe, sampling=SAMPLED)  # unseeded: random either way
+    assert isinstance(handle, PlannedRun)
+    # A seeded sampled run repeats itself: the planner's timing-driven choices would change its draws.
+    seeded = [_run(pipe, sampling=SAMPLED, seed=5) for _ in range(2)]
+    assert all(isinstance(h, SpeculativeDecoder) for h, _ in seeded) and seeded[0][1] == seeded[1][1]
+    for opts in ({"no_planner": True}, {"no_fallback": True}, {"sequoia_mode": "greedy"}):
+        handle, _ = _run(pipe, 8, **opts)
+        assert isinstance(handle, SpeculativeDecoder), opts
+    plain = _pipe({"method": "ar"})
+    handle, out = _run(plain)
+    assert isinstance(handle, SpeculativeDecoder) and handle.last_stats.draft_tokens == 0
+
+
+def test_an_abandoned_or_failed_planned_stream_leaves_the_engine_clean(one_thread):
+    pipe = _pipe({"method": "sps", "options": {"gamma": 2}})
+    ref = pipe.generate(PROMPT, "ar", 16).token_ids
+    handle, chunks = pipe.stream(PROMPT, "auto", 16)
+    assert next(chunks)
+    chunks.close()
+    engine = pipe._solo_engine
+    assert not engine.has_work() and engine.kv_slots_in_use() == 0
+    with pytest.raises(ValueError, match="exceeds the target's context"):
+        _run(pipe, 10**6)
+    assert not engine.has_work()
+    assert pipe.generate(PROMPT, max_new_tokens=16).token_ids == ref
