@@ -356,6 +356,27 @@ def test_free_trees_fill_the_steps_that_draft_nothing_and_greedy_output_stays_ex
             assert stats[ids[0]].accepted_tokens + stats[ids[1]].accepted_tokens > 0, [stats[i].draft_tokens for i in ids]
 
 
+def test_a_sequence_learns_its_text_repeats_where_the_engines_prior_says_free_trees_never_pay(tiny, one_thread):
+    """A free tree that does not pay at the sequence's rate is still judged in hindsight, so a sequence
+    that starts from a prior of other texts (here: free trees never accepted) learns that its own text
+    repeats, and proposes free trees; greedy output stays AR's."""
+    target, draft = tiny
+    pipe = Pipeline.from_models(target, None, draft)
+    prompt = _prompts(1, seed=4)[0] * 3
+    engine = pipe.batch_engine(max_batch_size=1, adaptive=True)
+    _plant(engine, _times({1: 0.05, 16: 0.09}), COSTLY_DRAFT)  # a free node pays at ≥ ~0.05 expected tokens
+    engine.free_rate.accepted, engine.free_rate.estimated = 0.0, 1e6
+    rid = engine.submit(BatchRequest(prompt, 40, "sps", {"gamma": 3}))
+    out, free = [], []
+    while engine.has_work():
+        for ev in engine.step():
+            assert ev.error is None, ev.error
+            out += ev.tokens if ev.request_id == rid else []
+        free.append(engine.last_step.free_nodes)
+    assert out == pipe.generate(prompt, "ar", 40).token_ids
+    assert free[0] == 0 and sum(free) > 0, free
+
+
 def test_free_trees_keep_every_sequences_distribution(monkeypatch, one_thread):
     """Free trees at T > 0 are verified by sample-and-match whatever the method's own rule (their nodes
     carry no draft distribution): the output laws stay the target's. Unseeded requests (their seeds

@@ -655,13 +655,15 @@ class BatchEngine:
             # the drafter's may run only where the answer's unused room makes up the difference.
             budget = min(FREE_BUDGET, dec.block_size() - 1 + remaining - 1)
             ratio = seq.free_rate.ratio * scale
-            if dec.drafter is None or remaining < 2 or budget < 1 or ratio < floor:  # not even a certain node pays
+            if dec.drafter is None or remaining < 2 or budget < 1:
                 continue
             scored = suffix_scored(run.committed, min(FREE_DEPTH, remaining - 1), budget)
             paying = scored[2] * ratio >= floor
+            # Judged in hindsight (`_learn`) even where none of it pays: a sequence whose rate starts low
+            # (the engine's prior, from other texts) would otherwise never learn that its text repeats.
+            seq.free_option = best_nodes(scored, int(paying.sum())) if bool(paying.any()) else scored
             if bool(paying.any()):
                 options[seq] = (scored, float((scored[2] * ratio)[paying].sum()), int(paying.sum()))
-                seq.free_option = best_nodes(scored, int(paying.sum()))  # judged in hindsight (`_learn`)
         return options
 
     def _free_trees(self, options: dict[_Sequence, Scored], plan: Plan, scale: float, info: StepInfo) -> None:
