@@ -1,4 +1,4 @@
-"""`auto` through the batch engine's per-step planner (docs/algorithms.md §4.11): where the tune found
+"""`auto` through the batch engine's per-step planner (docs/algorithms.md §19.5): where the tune found
 that drafting pays, a single generation runs as one sequence of the adaptive engine; its greedy output
 stays the target's own, and what would change a run's reproducibility stays with auto's own decoder."""
 
@@ -40,7 +40,8 @@ def test_auto_decodes_through_the_planner_deeper_than_the_tunes_depth_and_stays_
     pipe = _pipe({"method": "sps", "options": {"gamma": 2}})
     assert planned_request(pipe.context(GREEDY), get_method("auto").make_options({})) == \
         Planned("sps", {"gamma": PLANNER_DEPTH}, TIMING)
-    assert planned_label(pipe.auto_plan(), "sps gamma=2") == f"planned per step: sps gamma={PLANNER_DEPTH} (tuned: sps gamma=2)"
+    label = planned_label(pipe.auto_plan(), "sps gamma=2")
+    assert label == f"planned per step: sps gamma={PLANNER_DEPTH} (tuned: sps gamma=2)"
     assert pipe.auto_plan(SAMPLED) is not None and pipe.auto_plan(SAMPLED, seed=1) is None
 
     def no_probe(self, *a, **k):

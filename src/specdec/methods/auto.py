@@ -6,6 +6,12 @@ used (unreadable, older, from other hardware, left by an interrupted tune), the 
 — supplied by the pipeline when a tuner is registered (`tuning.autotune`) — runs the quick tune
 once and saves it; without a tuner the problem is reported with the command that fixes it. The
 winner is built through the registry like any method, so it is verified by its own exact rule.
+
+Where the winner drafts, a single generation (greedy, or sampled without a seed) does not run the
+winner as it was tuned: `Pipeline.stream` runs it as one sequence of the batch engine's per-step
+planner (`planned_request`, docs/algorithms.md §19.5), which chooses each step's depth, or a free
+tree, from measured pass times and this prompt's acceptance. `build` is auto as one decoder: the
+winner and the bandit over the tune's best candidates (§19), what the other runs use.
 """
 
 from __future__ import annotations
@@ -73,7 +79,7 @@ class Planned(NamedTuple):
 
 def planned_request(ctx: MethodContext, opts: Options) -> Planned | None:
     """What auto decodes with through the batch engine's per-step planner as one sequence
-    (docs/algorithms.md §4.11), or None where it decodes with its own drafter (`build`): with
+    (docs/algorithms.md §19.5), or None where it decodes with its own drafter (`build`): with
     `no_planner`, `no_fallback` or `sequoia_mode`, or where the tune's winner is plain decoding.
 
     Where the winner drafts with the draft model, the planner runs that model's chain (sps) and gives
