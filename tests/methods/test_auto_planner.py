@@ -21,6 +21,12 @@ TIMING = {"target_ms": {"1": 10.0, "2": 10.2, "4": 10.5, "8": 11.0, "16": 12.0, 
 PROMPT = list(range(10, 24))
 
 
+@pytest.fixture(autouse=True)
+def _own_profiles(tmp_path, monkeypatch):
+    """This file's profiles stay here: other tests expect none for these models."""
+    monkeypatch.setenv("SPECDEC_MEASUREMENTS", str(tmp_path / "measurements"))
+
+
 def _pipe(winner: dict, modes=(GREEDY, SAMPLED)) -> Pipeline:
     """Tiny models whose draft is the target (every draft is accepted), with a profile per mode."""
     pipe = Pipeline.from_models(tiny_lm("llama", 0), None, tiny_lm("llama", 0))
@@ -93,3 +99,21 @@ def test_an_abandoned_or_failed_planned_stream_leaves_the_engine_clean(one_threa
         _run(pipe, 10**6)
     assert not engine.has_work()
     assert pipe.generate(PROMPT, max_new_tokens=16).token_ids == ref
+
+
+def test_the_batch_engine_runs_auto_requests_as_the_planner_does(one_thread):
+    """`serve` and `generate_batch`: an adaptive engine runs an auto request (greedy, or sampled without a
+    seed) as `planned_request` says; a seeded sampled one, and any auto request of a fixed-depth engine,
+    keeps auto's own drafter. Greedy output is AR's either way."""
+    from specdec.engine.batch import BatchRequest
+
+    pipe = _pipe({"method": "sps", "options": {"gamma": 2}})
+    ref = pipe.generate(PROMPT, "ar", 12).token_ids
+    for adaptive in (True, False):
+        engine = pipe.batch_engine(max_batch_size=3, adaptive=adaptive)
+        for sampling, seed in ((GREEDY, None), (SAMPLED, None), (SAMPLED, 3)):
+            engine.submit(BatchRequest(PROMPT, 12, "auto", {}, sampling, seed=seed))
+        methods = [request.method for _, request, _ in engine._waiting]
+        assert methods == (["sps", "sps", "auto"] if adaptive else ["auto"] * 3)
+        outs = engine.run_all([BatchRequest(PROMPT, 12, "auto")])
+        assert outs[0][0] == ref

@@ -65,6 +65,7 @@ from specdec.engine.schedule import (
 )
 from specdec.engine.stats import DecodeStats
 from specdec.methods import DEFAULT_METHOD
+from specdec.methods.auto import planned_request, planner_adapts
 from specdec.methods.base import MethodContext
 from specdec.methods.registry import get_method
 from specdec.methods.sps import ModelDrafter
@@ -302,12 +303,24 @@ class BatchEngine:
 
     def submit(self, request: BatchRequest) -> int:
         """Queue a request (checked now, see `check`); its id names it in `step`'s events."""
-        request = replace(request, options=parse_options(request.method, request.options))  # parsed once
+        request = self._as_planned(replace(request, options=parse_options(request.method, request.options)))
         need = self.check(request)
         rid = self._next_id
         self._next_id += 1
         self._waiting.append((rid, request, need))
         return rid
+
+    def _as_planned(self, request: BatchRequest) -> BatchRequest:
+        """An `auto` request as the planner runs it, where it adapts this request's depth (greedy, or
+        sampled without a seed): the method and options of `methods.auto.planned_request`
+        (docs/algorithms.md §19.5) rather than auto's own bandit, whose shapes the planner would cap."""
+        if request.method != "auto" or not self.limits.adaptive or not planner_adapts(request.sampling, request.seed):
+            return request
+        ctx = self.context(request.sampling, self.target_lm, self.draft_lms)
+        planned = planned_request(ctx, request.options)  # type: ignore[arg-type]  (parsed by submit)
+        if planned is None:
+            return request
+        return replace(request, method=planned.method, options=parse_options(planned.method, planned.options))
 
     def abort(self, request_id: int) -> None:
         """Stop a request at the next step (thread-safe); its rows are freed then."""
@@ -608,7 +621,7 @@ class BatchEngine:
             return {s: 0 for s in starting}
         if not self.limits.adaptive or not starting:
             return {}
-        adaptable = [s for s in starting if s.request.sampling.greedy or s.request.seed is None]
+        adaptable = [s for s in starting if planner_adapts(s.request.sampling, s.request.seed)]
         ready = [s for s in adaptable if s.prompt_fill is None]
         scale, probe = self.modes.spec_scale(len(self._running))
         options = self._free_options(ready, scale) if self.free_drafts else {}

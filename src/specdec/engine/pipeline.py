@@ -34,7 +34,7 @@ from specdec.engine.decoder import SpeculativeDecoder
 from specdec.engine.stats import DecodeStats
 from specdec.engine.text import TextAssembler
 from specdec.methods import DEFAULT_METHOD
-from specdec.methods.auto import Planned, planned_request
+from specdec.methods.auto import Planned, planned_request, planner_adapts
 from specdec.methods.base import MethodContext
 from specdec.methods.registry import get_method
 from specdec.models.backends import DTYPES, LoadedModel, choose_weights, eos_ids
@@ -447,10 +447,9 @@ class Pipeline:
     def auto_plan(self, sampling: SamplingConfig = SamplingConfig(), seed: int | None = None,
                   **opts: Any) -> Planned | None:
         """What `auto` with these options runs through the per-step planner (`methods.auto.planned_request`),
-        or None where it decodes with its own drafter. A seeded sampled run keeps auto's own decoder: the
-        planner's choices follow timings, and so would its random draws. A target the engine cannot
-        give rows (`models.batch.SerialModel`) does too. Tunes on first use, as `auto` does."""
-        if not (sampling.greedy or seed is None):
+        or None where it decodes with its own drafter: a seeded sampled run (`planner_adapts`), or a
+        target the engine cannot give rows (`models.batch.SerialModel`). Tunes on first use, as `auto` does."""
+        if not planner_adapts(sampling, seed):
             return None
         planned = planned_request(self.context(sampling), get_method("auto").make_options(dict(opts)))
         if planned is None or isinstance(self._planner(planned).target, SerialModel):

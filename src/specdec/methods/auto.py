@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from specdec.core.options import MethodOptions, choice, flag, option, positive_int
+from specdec.core.sampling import SamplingConfig
 from specdec.core.store import ProfileProblem
 from specdec.drafting.bandit import Arm, BanditDrafter
 from specdec.drafting.base import Drafter
@@ -75,6 +76,12 @@ class Planned(NamedTuple):
     options: dict[str, Any]
     timing: dict[str, Any]
     """The tune's pass times ({"target_ms": {k: ms}, "draft_ms": …}), what the planner starts from."""
+
+
+def planner_adapts(sampling: SamplingConfig, seed: int | None) -> bool:
+    """Whether a run may go through the per-step planner: greedy, or sampled without a seed. A seeded
+    sampled run must repeat its output, and the planner's choices follow timings, so would its draws."""
+    return sampling.greedy or seed is None
 
 
 def planned_request(ctx: MethodContext, opts: Options) -> Planned | None:
