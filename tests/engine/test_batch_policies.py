@@ -377,6 +377,30 @@ def test_a_sequence_learns_its_text_repeats_where_the_engines_prior_says_free_tr
     assert free[0] == 0 and sum(free) > 0, free
 
 
+def test_where_no_free_node_can_pay_a_batch_looks_up_about_one_free_tree_a_step(tiny, one_thread, monkeypatch):
+    """The hindsight lookups of trees that cannot pay are spread out: each of n sequences on one step in
+    n, so that a loaded batch does not pay n suffix lookups a step for nothing."""
+    import specdec.engine.batch as batch_module
+
+    calls = []
+    real = batch_module.suffix_scored
+    monkeypatch.setattr(batch_module, "suffix_scored", lambda *a, **k: calls.append(1) or real(*a, **k))
+    target, draft = tiny
+    engine = Pipeline.from_models(target, None, draft).batch_engine(max_batch_size=4, adaptive=True)
+    _plant(engine, _times({1: 0.05, 16: 0.09}), COSTLY_DRAFT)
+    engine.free_rate.accepted, engine.free_rate.estimated = 0.0, 1e6
+    for p in _prompts(4, seed=5):
+        engine.submit(BatchRequest(p * 2, 24, "sps", {"gamma": 3}))
+    full = 0
+    while engine.has_work():
+        before = len(calls)
+        engine.step()
+        if engine.last_step.batch_size == 4 and engine.last_step.running == 4:
+            full += 1
+            assert len(calls) - before <= 2, len(calls) - before
+    assert full > 4 and len(calls) > 0
+
+
 def test_free_trees_keep_every_sequences_distribution(monkeypatch, one_thread):
     """Free trees at T > 0 are verified by sample-and-match whatever the method's own rule (their nodes
     carry no draft distribution): the output laws stay the target's. Unseeded requests (their seeds

@@ -670,10 +670,14 @@ class BatchEngine:
             ratio = seq.free_rate.ratio * scale
             if dec.drafter is None or remaining < 2 or budget < 1:
                 continue
+            # Where not even a certain node pays, the tree is still looked up and judged in hindsight
+            # (`_learn`), or a sequence whose rate starts low (the engine's prior, from other texts) would
+            # never learn that its own text repeats; on one step in n, so that the lookups of a batch of n
+            # cost about one lookup a step.
+            if ratio < floor and (run.stats.target_calls + seq.request_id) % n:
+                continue
             scored = suffix_scored(run.committed, min(FREE_DEPTH, remaining - 1), budget)
             paying = scored[2] * ratio >= floor
-            # Judged in hindsight (`_learn`) even where none of it pays: a sequence whose rate starts low
-            # (the engine's prior, from other texts) would otherwise never learn that its text repeats.
             seq.free_option = best_nodes(scored, int(paying.sum())) if bool(paying.any()) else scored
             if bool(paying.any()):
                 options[seq] = (scored, float((scored[2] * ratio)[paying].sum()), int(paying.sum()))
