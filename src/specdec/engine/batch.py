@@ -317,7 +317,7 @@ class BatchEngine:
         if request.method != "auto" or not self.limits.adaptive or not planner_adapts(request.sampling, request.seed):
             return request
         ctx = self.context(request.sampling, self.target_lm, self.draft_lms)
-        planned = planned_request(ctx, request.options)  # type: ignore[arg-type]  (parsed by submit)
+        planned = planned_request(ctx, request.options)  # type: ignore[arg-type]  # auto's, parsed by submit
         if planned is None:
             return request
         return replace(request, method=planned.method, options=parse_options(planned.method, planned.options))

@@ -7,11 +7,12 @@ used (unreadable, older, from other hardware, left by an interrupted tune), the 
 once and saves it; without a tuner the problem is reported with the command that fixes it. The
 winner is built through the registry like any method, so it is verified by its own exact rule.
 
-Where the winner drafts, a single generation (greedy, or sampled without a seed) does not run the
-winner as it was tuned: `Pipeline.stream` runs it as one sequence of the batch engine's per-step
-planner (`planned_request`, docs/algorithms.md §19.5), which chooses each step's depth, or a free
-tree, from measured pass times and this prompt's acceptance. `build` is auto as one decoder: the
-winner and the bandit over the tune's best candidates (§19), what the other runs use.
+Where the winner drafts, a request (greedy, or sampled without a seed) does not run the winner as
+it was tuned: it runs as a sequence of the batch engine's per-step planner (`planned_request`,
+docs/algorithms.md §19.5) — alone for `Pipeline.stream`, beside the others in an adaptive engine
+(`serve`, `generate_batch`) — which chooses each step's depth, or a free tree, from measured pass
+times and this prompt's acceptance. `build` is auto as one decoder: the winner and the bandit over
+the tune's best candidates (§19), what the other runs use.
 """
 
 from __future__ import annotations
