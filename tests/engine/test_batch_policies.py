@@ -447,7 +447,8 @@ def test_a_free_tree_is_judged_in_hindsight_where_the_model_drafted():
     from specdec.engine.schedule import FreeRate
 
     # Free tree: 5 -> 6 -> 7 (chain) and 5 -> 9; estimates by node.
-    option = (torch.tensor([5, 9, 6, 7]), torch.tensor([-1, -1, 0, 2]), torch.tensor([0.9, 0.3, 0.8, 0.5], dtype=torch.float64))
+    option = (torch.tensor([5, 9, 6, 7]), torch.tensor([-1, -1, 0, 2]),
+              torch.tensor([0.9, 0.3, 0.8, 0.5], dtype=torch.float64))
     chain = TokenTree.chain(1, torch.tensor([5, 4]))  # the model's chain; it kept 5, then the target said 6
     emitted = VerifyResult((1,), 6)
     seq = SimpleNamespace(free_option=option, run=SimpleNamespace(free=False), free_rate=FreeRate(decay=1.0))

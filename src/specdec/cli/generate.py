@@ -76,7 +76,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write(text_out.flush() + "\n")
     assert dec.last_stats is not None
-    print(f"[{method_label(pipe, args.method, sampling, dec)}] " + format_stats(dec.last_stats.to_dict()), file=sys.stderr)
+    label = method_label(pipe, args.method, sampling, dec)
+    print(f"[{label}] " + format_stats(dec.last_stats.to_dict()), file=sys.stderr)
     return 0
 
 
