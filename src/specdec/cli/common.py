@@ -120,16 +120,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def forget_measurements(device: str) -> None:
-    """Delete this machine's cached measurements (linear paths, draft precision, weights choice, forward
-    times), so the next load measures again; tune profiles stay (re-tune to replace them)."""
+    """Delete this machine's cached measurements (linear paths, draft precision, weights choice, the
+    kernels' prefetch distance, forward times), so the next load measures again; tune profiles stay
+    (re-tune to replace them)."""
     from specdec.core.hardware import fingerprint
     from specdec.models.dense.draft_precision import precision_cache_path
     from specdec.models.dense.kernel_choice import kernel_cache_path
     from specdec.models.native.choice import choice_cache_path
+    from specdec.models.native.prefetch import prefetch_cache_path
     from specdec.tuning.quick import timing_cache_path
 
     fp = fingerprint(device)
-    for path in (kernel_cache_path(fp), precision_cache_path(fp), choice_cache_path(fp), timing_cache_path()):
+    for path in (kernel_cache_path(fp), precision_cache_path(fp), choice_cache_path(fp), prefetch_cache_path(fp),
+                 timing_cache_path()):
         if path.is_file():
             path.unlink()
             print(f"forgot {path}", file=sys.stderr)

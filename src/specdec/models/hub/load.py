@@ -98,6 +98,9 @@ def load_native_lm(spec: str | os.PathLike[str], *, progress: bool = True,
                          f"{'checkpoint directory' if src.kind == 'dir' else 'Hugging Face hub id'}; pass a known "
                          f"model name or a .gguf file, or use --weights dense")
     source = _native_source(src, progress)
+    from specdec.models.native.prefetch import use_measured_prefetch
+
+    use_measured_prefetch()  # this machine's prefetch distance for the kernels (measured once, ~1 s)
     runner, config, tokenizer, why = load_native_runner(*source)
     if runner is not None:
         return NativeLM(runner), config, tokenizer

@@ -24,6 +24,7 @@ from specdec.core.hardware import fingerprint, fingerprint_digest
 from specdec.core.store import measurement_dir, read_json, write_json
 from specdec.models.native import kernels
 from specdec.models.native.formats import BlockFormat, dequantize, random_blocks
+from specdec.models.native.prefetch import use_measured_prefetch
 
 __all__ = ["WeightsChoice", "choice_cache_path", "choose_weights"]
 
@@ -71,6 +72,7 @@ def choose_weights(fmt: BlockFormat, rows: int, cols: int, device: str | torch.d
         return WeightsChoice("dense", f"the native kernels run on the CPU, not on {dev.type}")
     if kernels.native_library() is None:
         return WeightsChoice("dense", kernels.unavailable_reason() or "the native kernels are not available")
+    use_measured_prefetch()  # time the native kernel as a model load would run it
     fp = fingerprint(dev)
     key = f"{fmt.name}:{rows}x{cols}"
     path = choice_cache_path(fp)

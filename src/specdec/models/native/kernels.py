@@ -186,6 +186,7 @@ def _build_lock(build_dir: Path):
 _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 _SIGNATURES = {  # name: (restype, argtypes)
     "specdec_isa": (ctypes.c_char_p, []),
+    "specdec_set_prefetch_bytes": (_I64, [_I64]),
     "specdec_repacked_bytes": (_I64, [_I64, _I64, _I64]),
     "specdec_repack": (ctypes.c_int, [_I64, _PTR, _I64, _I64, _PTR]),
     "specdec_quantized_bytes": (_I64, [_I64, _I64, _I64]),

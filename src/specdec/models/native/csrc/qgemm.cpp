@@ -22,6 +22,7 @@
 #include "pool.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -105,19 +106,26 @@ SD_INLINE I32 byte_pair(I32 u, int k) { return ior(iand(isrl(u, 8 * k), 0xFF), i
 SD_INLINE I32 byte_of(I32 u, int k) { return iand(isrl(u, 8 * k), 0xFF); }
 
 // ---- prefetching ---------------------------------------------------------------------------------
-// Each step asks for the panel block about kPrefetchBytes ahead, a few lines per inner iteration, so
-// that requests stay in flight while it computes. Asking for a whole block at once instead makes
+// Each step asks for the panel block the prefetch distance ahead, a few lines per inner iteration,
+// so that requests stay in flight while it computes. Asking for a whole block at once instead makes
 // the memory time add to the compute time once several rows share the weights (measured: a 7.7 MB
 // Q4_K matrix from DRAM at 8 rows, 436 µs in one burst per block against 320 µs spread out).
 // Prefetches never fault: reads past the end of the weights are not made, their lines are unused.
 // The distance is in bytes, not blocks: a 32-value format's panel block (288-544 bytes) computes
 // in a few nanoseconds at one row, and four of them ahead was less than a memory latency (a Q5_0
-// matrix at one row: 23 GB/s four blocks ahead, 27 GB/s at 11 KB).
+// matrix at one row: 23 GB/s four blocks ahead, 27 GB/s at 11 KB). The best distance is the memory
+// system's: 12 KB on an Intel Xeon, about 6 KB on an AMD EPYC (Zen 4), where 12 KB streamed the
+// 1.5B's K-quant layers at one row 12 % slower. So it is set at run time
+// (specdec_set_prefetch_bytes, measured per machine by prefetch.py); a prefetch moves bytes into
+// the cache and changes no result.
 #ifndef SPECDEC_PF_BYTES
 #define SPECDEC_PF_BYTES 12288
 #endif
-constexpr int64_t kPrefetchBytes = SPECDEC_PF_BYTES;
-constexpr int64_t blocks_ahead(int64_t pbytes) { return (kPrefetchBytes + pbytes - 1) / pbytes; }
+std::atomic<int64_t> g_prefetch_bytes{SPECDEC_PF_BYTES};
+inline int64_t blocks_ahead(int64_t pbytes) {
+  const int64_t bytes = g_prefetch_bytes.load(std::memory_order_relaxed);
+  return std::max<int64_t>(1, (bytes + pbytes - 1) / pbytes);
+}
 
 template <int64_t kBytes>
 struct Ahead {
@@ -365,9 +373,9 @@ constexpr int kRowTile = 2;
 // One panel (16 outputs starting at o0, `nv` of them real) for rows r0 .. r0+R-1.
 template <int F, int R>
 void panel_rows(const uint8_t* panel, int64_t nb, const uint8_t* xq, int64_t x_row, int64_t r0, const float* bias,
-                int64_t o0, int nv, float* y, int64_t ldy) {
+                int64_t o0, int nv, float* y, int64_t ldy, int64_t ahead) {
   using T = typename FormatOf<F>::T;
-  const int64_t pbytes = kTypeSize[F] * kLanes, xbytes = x_block_bytes(F), ahead = blocks_ahead(pbytes);
+  const int64_t pbytes = kTypeSize[F] * kLanes, xbytes = x_block_bytes(F);
   F32 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = fzero();
   for (int64_t i = 0; i < nb; ++i) {
@@ -401,21 +409,23 @@ void gemm(const uint8_t* xq, int64_t M, int64_t K, const uint8_t* w, int64_t N, 
           int64_t ldy) {
   const int64_t nb = K / kBlockSize[F], x_row = nb * x_block_bytes(F);
   const int64_t panels = (N + kLanes - 1) / kLanes, pstride = nb * kTypeSize[F] * kLanes;
+  const int64_t ahead = blocks_ahead(kTypeSize[F] * kLanes);
   sd::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t o0 = p * kLanes;
       const int nv = (int)std::min<int64_t>(kLanes, N - o0);
       const uint8_t* panel = w + p * pstride;
       int64_t r = 0;
-      for (; r + kRowTile <= M; r += kRowTile) panel_rows<F, kRowTile>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy);
+      for (; r + kRowTile <= M; r += kRowTile)
+        panel_rows<F, kRowTile>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy, ahead);
       switch (M - r) {
-        case 7: panel_rows<F, 7>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy); break;
-        case 6: panel_rows<F, 6>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy); break;
-        case 5: panel_rows<F, 5>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy); break;
-        case 4: panel_rows<F, 4>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy); break;
-        case 3: panel_rows<F, 3>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy); break;
-        case 2: panel_rows<F, 2>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy); break;
-        case 1: panel_rows<F, 1>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy); break;
+        case 7: panel_rows<F, 7>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy, ahead); break;
+        case 6: panel_rows<F, 6>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy, ahead); break;
+        case 5: panel_rows<F, 5>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy, ahead); break;
+        case 4: panel_rows<F, 4>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy, ahead); break;
+        case 3: panel_rows<F, 3>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy, ahead); break;
+        case 2: panel_rows<F, 2>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy, ahead); break;
+        case 1: panel_rows<F, 1>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy, ahead); break;
         default: break;
       }
     }
@@ -577,6 +587,11 @@ bool valid(int64_t fmt, int64_t K) { return fmt >= 0 && fmt < NFMT && K > 0 && K
 extern "C" {
 
 const char* specdec_isa() { return kIsaName; }
+
+// How far ahead (bytes) the kernels prefetch weights from now on; returns the previous distance.
+int64_t specdec_set_prefetch_bytes(int64_t bytes) {
+  return g_prefetch_bytes.exchange(bytes < 0 ? 0 : bytes, std::memory_order_relaxed);
+}
 
 
 // Bytes of the repacked form of N rows of K values (N padded to 16), or -1.
