@@ -36,6 +36,10 @@ import urllib.request
 from pathlib import Path
 
 
+IDLE_PAUSE_S = 1.0
+"""How long specdec waits after a llama-server request: its threads poll briefly after work."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -205,23 +209,29 @@ def main(argv: list[str] | None = None) -> int:
     servers = {"llama.cpp": (None, "llama-server.log")}
     if draft_gguf is not None:
         servers["llama.cpp-speculative"] = (draft_gguf, "llama-server-speculative.log")
-    # One llama-server alive at a time (an idle one must not share the cores with the one measured).
-    for name, (draft_file, log) in servers.items():
-        server = LlamaServer(args.llama_server, gguf, args.threads, args.ctx, out / log, draft_file,
-                             args.llama_draft_max)
-        try:
+    # Peers and specdec take turns prompt by prompt, so a drift of the machine's speed between
+    # minutes (±20 % on shared VMs) falls on both sides alike. An idle llama-server sleeps (no CPU
+    # time once its threads stop polling, hence the pause before specdec's turn).
+    running: dict[str, LlamaServer] = {}
+    try:
+        for name, (draft_file, log) in servers.items():
+            running[name] = LlamaServer(args.llama_server, gguf, args.threads, args.ctx, out / log, draft_file,
+                                        args.llama_draft_max)
+        for server in running.values():
             server.wait_ready()
             server.generate(encoded[0], 4)  # warm-up, not recorded
-            for row, ids in zip(rows, encoded):
+        pipe.generate(encoded[0], "ar", 4)  # warm-up, not recorded
+        for row, ids in zip(rows, encoded):
+            for name, server in running.items():
                 row[name] = server.generate(ids, args.max_new_tokens)
-        finally:
+            time.sleep(IDLE_PAUSE_S)
+            row["specdec"] = _specdec_row(pipe, ids, methods, opts, args.max_new_tokens, row["llama.cpp"])
+            line = " ".join(f"{m} {row['specdec'][m]['e2e_tok_s']:.2f}" for m in methods)
+            print(f"{row['id']}: llama.cpp {row['llama.cpp']['e2e_tok_s']:.2f} tok/s "
+                  f"(decode {row['llama.cpp']['decode_tok_s']:.2f}) | {line}", file=sys.stderr)
+    finally:
+        for server in running.values():
             server.close()
-    pipe.generate(encoded[0], "ar", 4)  # warm-up, not recorded
-    for row, ids in zip(rows, encoded):
-        row["specdec"] = _specdec_row(pipe, ids, methods, opts, args.max_new_tokens, row["llama.cpp"])
-        line = " ".join(f"{m} {row['specdec'][m]['e2e_tok_s']:.2f}" for m in methods)
-        print(f"{row['id']}: llama.cpp {row['llama.cpp']['e2e_tok_s']:.2f} tok/s "
-              f"(decode {row['llama.cpp']['decode_tok_s']:.2f}) | {line}", file=sys.stderr)
 
     with (out / "results.jsonl").open("w") as f:
         for row in rows:
