@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from specdec.engine.schedule import (
-    FREE_PRIOR, Acceptance, Candidate, FreeRate, Load, PassTimes, Plan, free_gain_floor, path_floors, plan_depths,
-    take_free, with_free,
+    FREE_PRIOR, POOL_DECAY, POOL_PRIOR_WEIGHT, Acceptance, Candidate, FreeRate, Load, PassTimes, Plan, free_gain_floor,
+    path_floors, plan_depths, take_free, with_free,
 )
 
 
@@ -83,6 +83,28 @@ def test_a_new_sequence_starts_from_what_recent_sequences_accepted():
     assert pool.rate < 0.3
     assert Acceptance(prior=pool).rate == pytest.approx(pool.rate)
     assert Acceptance().rate >= 0.8  # no history: optimistic
+
+
+def test_an_engine_made_pessimistic_by_one_request_drafts_again_after_steps_without_drafts():
+    """The engine's rate is every new sequence's start. One short request whose only draft was
+    rejected must not leave it where a one-level chain no longer pays (the engine believes its start
+    as POOL_PRIOR_WEIGHT levels). Where the engine's rate is that low all the same, new sequences
+    draft nothing and nothing is measured: their steps without drafts fade the engine's counts back
+    towards the optimistic start, until drafting pays again."""
+    mid = _times({1: 0.05, 2: 0.06, 64: 0.05 + 63 * 0.01})
+    draft = _times({1: 0.025, 64: 0.025 * 64})
+    engine = Acceptance(decay=POOL_DECAY, prior_weight=POOL_PRIOR_WEIGHT)  # as the batch engine keeps it
+    Acceptance(prior=engine).observe(1, 0)
+    assert plan_depths([Candidate(4, CHAIN, Acceptance(prior=engine).rate)], mid, draft)[0] > 0
+    pool = Acceptance(decay=POOL_DECAY)  # believed as little as a sequence: one rejection is enough
+    Acceptance(prior=pool).observe(1, 0)
+    assert plan_depths([Candidate(4, CHAIN, Acceptance(prior=pool).rate)], mid, draft) == [0]
+    waited = 0
+    while plan_depths([Candidate(4, CHAIN, (seq := Acceptance(prior=pool)).rate)], mid, draft) == [0]:
+        seq.observe(0, 0)  # a step of a new sequence that drafted nothing
+        waited += 1
+        assert waited < 100, f"still not drafting at an engine rate of {pool.rate:.2f}"
+    assert pool.rate > 0.6
 
 
 def test_a_slow_outlier_moves_a_timing_little_and_faster_passes_move_it_fast():

@@ -60,8 +60,8 @@ from specdec.engine.build import build_decoder, parse_options
 from specdec.engine.cost import cost_ratios
 from specdec.engine.decoder import DecodeRun, SpeculativeDecoder
 from specdec.engine.schedule import (
-    CALIBRATION_SIZES, POOL_DECAY, Acceptance, Candidate, FreeRate, Load, ModeRates, PassTimes, Plan, path_floors,
-    free_gain_floor, plan_step, price_depths, take_free, with_free,
+    CALIBRATION_SIZES, POOL_DECAY, POOL_PRIOR_WEIGHT, Acceptance, Candidate, FreeRate, Load, ModeRates, PassTimes,
+    Plan, free_gain_floor, path_floors, plan_step, price_depths, take_free, with_free,
 )
 from specdec.engine.stats import DecodeStats
 from specdec.methods import DEFAULT_METHOD
@@ -246,7 +246,7 @@ class BatchEngine:
         one load factor for both, since they share the cores."""
         self.modes = ModeRates()
         """How steps with drafts and without measured against the planner's predictions, per batch size."""
-        self.acceptance = Acceptance(decay=POOL_DECAY)
+        self.acceptance = Acceptance(decay=POOL_DECAY, prior_weight=POOL_PRIOR_WEIGHT)
         """What recent sequences accepted per drafted level: a new sequence's prior."""
         self.free_rate = FreeRate(decay=POOL_DECAY)
         """How recent sequences' free trees fared against their estimates: a new sequence's prior."""

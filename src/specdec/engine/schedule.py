@@ -49,6 +49,10 @@ and tries again."""
 POOL_DECAY = 0.98
 """The same for the engine's acceptance, which every sequence's drafting steps feed: it follows the
 last few requests."""
+POOL_PRIOR_WEIGHT = 8.0
+"""The engine's start (PRIOR_ACCEPTANCE) weighs this many observed levels: every new sequence starts
+from the engine's rate, so a few rejected levels (one short request) must not bring it below what
+pays; a few steps of real drafting still outweigh it."""
 
 
 def _bucket(k: int) -> int:
@@ -224,23 +228,33 @@ class Acceptance:
     rejected: float = 0.0
     prior: "Acceptance | None" = None
     decay: float = DECAY
+    prior_weight: float = PRIOR_WEIGHT
 
     def observe(self, drafted_depth: int, accepted_depth: int) -> None:
         """One step that drafted `drafted_depth` levels and accepted `accepted_depth` of them (0 drafted:
-        nothing learnt, only older counts fade)."""
-        self.accepted *= self.decay
-        self.rejected *= self.decay
+        nothing learnt, only older counts fade, the prior's too)."""
+        self.fade()
         if drafted_depth <= 0:
+            if self.prior is not None:
+                self.prior.fade()
             return
         self.accepted += accepted_depth
         self.rejected += accepted_depth < drafted_depth
         if self.prior is not None:
             self.prior.observe(drafted_depth, accepted_depth)
 
+    def fade(self) -> None:
+        """Older counts weigh less. The engine's fades on every step of a sequence that drafted nothing:
+        otherwise a few rejected drafts (a short warm-up request) could leave it below what pays,
+        every new sequence would start there and draft nothing, and nothing would correct it; fading,
+        it drifts back to PRIOR_ACCEPTANCE until a sequence drafts again and is measured."""
+        self.accepted *= self.decay
+        self.rejected *= self.decay
+
     @property
     def rate(self) -> float:
         start = self.prior.rate if self.prior is not None else PRIOR_ACCEPTANCE
-        return (self.accepted + start * PRIOR_WEIGHT) / (self.accepted + self.rejected + PRIOR_WEIGHT)
+        return (self.accepted + start * self.prior_weight) / (self.accepted + self.rejected + self.prior_weight)
 
 
 FREE_PRIOR = 0.4
