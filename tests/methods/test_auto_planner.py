@@ -27,12 +27,13 @@ def _own_profiles(tmp_path, monkeypatch):
     monkeypatch.setenv("SPECDEC_MEASUREMENTS", str(tmp_path / "measurements"))
 
 
-def _pipe(winner: dict, modes=(GREEDY, SAMPLED)) -> Pipeline:
+def _pipe(winner: dict, modes=(GREEDY, SAMPLED), candidates: list[dict] | None = None) -> Pipeline:
     """Tiny models whose draft is the target (every draft is accepted), with a profile per mode."""
     pipe = Pipeline.from_models(tiny_lm("llama", 0), None, tiny_lm("llama", 0))
     for sampling in modes:
         save_profile({"version": PROFILE_VERSION, "key": pipe.profile_key(sampling), "fingerprint": fingerprint("cpu"),
-                      "winner": {"label": winner["method"], **winner}, "timing": TIMING})
+                      "winner": {"label": winner["method"], **winner}, "timing": TIMING,
+                      **({"candidates": candidates} if candidates else {})})
     return pipe
 
 
@@ -70,6 +71,22 @@ def test_a_model_free_winner_runs_with_its_own_options():
         Planned("pld", {"gamma": 3}, TIMING)
     handle, out = _run(pipe)
     assert isinstance(handle, PlannedRun) and out == pipe.generate(PROMPT, "ar", 24).token_ids
+
+
+def test_a_model_free_winner_leaves_the_planner_the_model_where_a_model_draft_also_pays(one_thread):
+    """The tune's three texts rank close candidates by chance: where drafting with the model is also
+    expected to beat plain decoding, the planner gets the model's chain and the free trees, and picks
+    per prompt."""
+    winner = {"method": "pld", "options": {"gamma": 2}, "expected_speedup": 1.22}
+    opts = get_method("auto").make_options({})
+    paying = _pipe(winner, candidates=[winner, {"method": "sps", "options": {"gamma": 1}, "expected_speedup": 1.19},
+                                       {"method": "ar", "expected_speedup": 1.0}])
+    assert planned_request(paying.context(GREEDY), opts) == Planned("sps", {"gamma": PLANNER_DEPTH}, TIMING)
+    handle, out = _run(paying)
+    assert out == paying.generate(PROMPT, "ar", 24).token_ids and handle.last_stats.draft_tokens > 0
+    losing = _pipe(winner, candidates=[winner, {"method": "csd", "expected_speedup": 0.9},
+                                       {"method": "gone-method", "expected_speedup": 2.0}])
+    assert planned_request(losing.context(GREEDY), opts) == Planned("pld", {"gamma": 2}, TIMING)
 
 
 def test_auto_keeps_its_own_decoder_where_the_planner_does_not_apply(one_thread):

@@ -90,10 +90,14 @@ def planned_request(ctx: MethodContext, opts: Options) -> Planned | None:
     (docs/algorithms.md §19.5), or None where it decodes with its own drafter (`build`): with
     `no_planner`, `no_fallback` or `sequoia_mode`, or where the tune's winner is plain decoding.
 
-    Where the winner drafts with the draft model, the planner runs that model's chain (sps) and gives
-    each step the depth that the measured pass times and this prompt's acceptance say pays, down to
-    none, and a free tree of the text's own continuations where it gives none; where the winner is
-    model-free, that method, each step capped by the planner. Tuned on first use as `build` is."""
+    Where drafting with the draft model pays on the tune's texts (the winner drafts with it, or a
+    model-free winner leads a model-drafting candidate that is also faster than plain decoding), the
+    planner runs that model's chain (sps) and gives each step the depth that the measured pass
+    times and this prompt's acceptance say pays, down to none, and a free tree of the text's own
+    continuations where it gives none: so a prompt that the model drafts well (reasoning, short
+    answers) gets the model and one that repeats its own text gets free trees, whichever led on
+    the tune's few texts. Where no model draft pays, the model-free winner, each step capped by the
+    planner. Tuned on first use as `build` is."""
     if opts.no_planner or opts.no_fallback or opts.sequoia_mode is not None:
         return None
     profile = auto_profile(ctx, opts.tree)
@@ -101,9 +105,21 @@ def planned_request(ctx: MethodContext, opts: Options) -> Planned | None:
     name = str(winner.get("method"))
     if name == "ar":
         return None
-    if get_method(name).loads_draft_model:
+    if get_method(name).loads_draft_model or (ctx.drafts and model_draft_pays(profile)):
         return Planned("sps", {"gamma": PLANNER_DEPTH}, timing)
     return Planned(name, dict(winner.get("options") or {}), timing)
+
+
+def model_draft_pays(profile: dict[str, Any]) -> bool:
+    """Whether the tune expected some candidate that drafts with the draft model to beat plain decoding."""
+    def drafts_with_model(method: Any) -> bool:
+        try:
+            return get_method(str(method)).loads_draft_model
+        except ValueError:  # a method this version no longer has
+            return False
+
+    return any(drafts_with_model(c.get("method")) and float(c.get("expected_speedup") or 0.0) > 1.0
+               for c in profile.get("candidates") or [] if isinstance(c, dict))
 
 
 def planned_label(planned: Planned, tuned: str) -> str:
