@@ -3,12 +3,13 @@
 At one row (a decoding step) a native linear layer streams its weights from memory, and the
 kernels keep requests in flight by prefetching the panel block a fixed number of bytes ahead
 (csrc/qgemm.cpp, "prefetching"). The best distance belongs to the memory system: 12 KB was
-chosen on an Intel Xeon, while on an AMD EPYC (Zen 4) 6 KB streamed the 1.5B's K-quant layers at
-one row 12 % faster than 12 KB. A prefetch only moves bytes into the cache, so the distance
-changes no result, only the speed.
+chosen on an Intel Xeon, while on an AMD EPYC (Zen 4) the 1.5B's one-token forward ran 4.8 %
+faster at 6 KB than at 12 KB (median of 30 passes each, alternated in one process). A prefetch only
+moves bytes into the cache, so the distance changes no result, only the speed.
 
-`use_measured_prefetch` times a one-row product over K-quant matrices larger than the caches at
-each of `CANDIDATES`, in alternating rounds (a shared machine's speed drifts between seconds),
+`use_measured_prefetch` times one-row products over seven decoder layers' worth of K-quant matrices
+(larger than the caches) at each of `CANDIDATES`, in alternating rounds (a shared machine's speed
+drifts between seconds),
 takes the fastest median and sets it in the kernel library. The choice is cached per hardware
 fingerprint under `$SPECDEC_MEASUREMENTS/kernels/`, like the other per-machine measurements
 (`specdec profile --remeasure` forgets it).

@@ -114,10 +114,9 @@ SD_INLINE I32 byte_of(I32 u, int k) { return iand(isrl(u, 8 * k), 0xFF); }
 // The distance is in bytes, not blocks: a 32-value format's panel block (288-544 bytes) computes
 // in a few nanoseconds at one row, and four of them ahead was less than a memory latency (a Q5_0
 // matrix at one row: 23 GB/s four blocks ahead, 27 GB/s at 11 KB). The best distance is the memory
-// system's: 12 KB on an Intel Xeon, about 6 KB on an AMD EPYC (Zen 4), where 12 KB streamed the
-// 1.5B's K-quant layers at one row 12 % slower. So it is set at run time
-// (specdec_set_prefetch_bytes, measured per machine by prefetch.py); a prefetch moves bytes into
-// the cache and changes no result.
+// system's: 12 KB was chosen on an Intel Xeon, and on an AMD EPYC (Zen 4) the 1.5B's one-token
+// forward ran 4.8 % faster at 6 KB. So it is set at run time (specdec_set_prefetch_bytes, measured
+// per machine by prefetch.py); a prefetch moves bytes into the cache and changes no result.
 #ifndef SPECDEC_PF_BYTES
 #define SPECDEC_PF_BYTES 12288
 #endif
