@@ -169,6 +169,34 @@ def test_rows_are_bit_identical_for_any_row_count_and_threads(name):
 
 
 @needs_kernels
+def test_projections_in_one_call_equal_one_call_each():
+    """The decoder computes q, k and v (and gate and up) in one parallel call over all their panels:
+    every output the same bits as its own call, whatever the formats, rows, builds and threads."""
+    specs = [("Q4_K", 37), ("Q5_0", 16), ("Q6_K", 50), ("Q8_0", 3)]
+    cols = 512
+    gen = torch.Generator().manual_seed(5)
+    weights = [(FORMATS[n], kernels.repack(_blocks(n, rows, cols), FORMATS[n], cols), rows) for n, rows in specs]
+    bias = torch.zeros(64)
+    bias[:50] = torch.randn(50, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        for isa in ISAS:
+            for m in (1, 5, 16):
+                x = torch.randn(m, cols, generator=gen)
+                xq = {f.block_size: kernels.quantize(x, f, isa) for f, _, _ in weights}
+                jobs = [(xq[f.block_size], cols, packed, f, rows, bias if i == 2 else None)
+                        for i, (f, packed, rows) in enumerate(weights)]
+                for n_threads in (1, 2):
+                    torch.set_num_threads(n_threads)
+                    together = kernels.qgemm_many(jobs, m, isa)
+                    alone = [kernels.qgemm(xq_, m, c, p, f, n, b, isa=isa) for xq_, c, p, f, n, b in jobs]
+                    for (f, _, _), y, ref in zip(weights, together, alone):
+                        assert torch.equal(y, ref), f"{isa}, {f.name}, {m} rows, {n_threads} threads"
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernels
 def test_a_planted_order_change_is_caught():
     """A build that sums the blocks of multi-row tiles backwards must fail the invariance check."""
     if kernels.planted_library() is None:

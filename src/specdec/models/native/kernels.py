@@ -192,6 +192,7 @@ _SIGNATURES = {  # name: (restype, argtypes)
     "specdec_quantized_bytes": (_I64, [_I64, _I64, _I64]),
     "specdec_quantize": (ctypes.c_int, [_I64, _PTR, _I64, _I64, _I64, _PTR]),
     "specdec_qgemm": (ctypes.c_int, [_I64, _PTR, _I64, _I64, _PTR, _I64, _PTR, _PTR, _I64]),
+    "specdec_qgemm_many": (ctypes.c_int, [_I64, _PTR, _I64]),
     "specdec_rmsnorm": (ctypes.c_int, [_PTR, _PTR, _PTR, _F32, _I64, _I64, _PTR]),
     "specdec_rope": (ctypes.c_int, [_PTR, _I64, _I64, _I64, _PTR, _PTR]),
     "specdec_kv_store": (ctypes.c_int, [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _I64]),
@@ -317,6 +318,26 @@ def qgemm(xq: Tensor, rows: int, cols: int, packed: Tensor, fmt: BlockFormat, ou
     _check(lib.specdec_qgemm(fmt.code, xq.data_ptr(), rows, cols, packed.data_ptr(), out_features,
                              bias.data_ptr() if bias is not None else None, out.data_ptr(), out.stride(0)), "qgemm")
     return out
+
+
+class _QJob(ctypes.Structure):  # mirrors csrc/qgemm.cpp's QJob
+    _fields_ = [("fmt", _I64), ("xq", _PTR), ("K", _I64), ("w", _PTR), ("N", _I64), ("bias", _PTR), ("y", _PTR),
+                ("ldy", _I64)]
+
+
+def qgemm_many(jobs: list[tuple[Tensor, int, Tensor, BlockFormat, int, Tensor | None]], rows: int,
+               isa: str | None = None) -> list[Tensor]:
+    """Several `qgemm`s of `rows` rows in one parallel call, as the decoder runs q, k and v: each job
+    (xq, cols, packed, fmt, out_features, bias) -> [rows, out_features] float32, the same bits as
+    its own `qgemm`."""
+    lib = _lib(isa)
+    outs = [torch.empty(rows, n, dtype=torch.float32) for _, _, _, _, n, _ in jobs]
+    array = (_QJob * len(jobs))(*[
+        _QJob(fmt.code, xq.data_ptr(), cols, packed.data_ptr(), n, bias.data_ptr() if bias is not None else None,
+              out.data_ptr(), n)
+        for (xq, cols, packed, fmt, n, bias), out in zip(jobs, outs)])
+    _check(lib.specdec_qgemm_many(len(jobs), ctypes.addressof(array), rows), "qgemm_many")
+    return outs
 
 
 def linear(x: Tensor, packed: Tensor, fmt: BlockFormat, out_features: int, bias: Tensor | None = None,

@@ -403,30 +403,70 @@ void panel_rows(const uint8_t* panel, int64_t nb, const uint8_t* xq, int64_t x_r
 
 
 
+// Panels [p0, p1) of y = x · Wᵀ (+ bias).
 template <int F>
-void gemm(const uint8_t* xq, int64_t M, int64_t K, const uint8_t* w, int64_t N, const float* bias, float* y,
-          int64_t ldy) {
+void gemm_panels(const uint8_t* xq, int64_t M, int64_t K, const uint8_t* w, int64_t N, const float* bias, float* y,
+                 int64_t ldy, int64_t p0, int64_t p1) {
   const int64_t nb = K / kBlockSize[F], x_row = nb * x_block_bytes(F);
-  const int64_t panels = (N + kLanes - 1) / kLanes, pstride = nb * kTypeSize[F] * kLanes;
+  const int64_t pstride = nb * kTypeSize[F] * kLanes;
   const int64_t ahead = blocks_ahead(kTypeSize[F] * kLanes);
-  sd::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t o0 = p * kLanes;
-      const int nv = (int)std::min<int64_t>(kLanes, N - o0);
-      const uint8_t* panel = w + p * pstride;
-      int64_t r = 0;
-      for (; r + kRowTile <= M; r += kRowTile)
-        panel_rows<F, kRowTile>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy, ahead);
-      switch (M - r) {
-        case 7: panel_rows<F, 7>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy, ahead); break;
-        case 6: panel_rows<F, 6>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy, ahead); break;
-        case 5: panel_rows<F, 5>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy, ahead); break;
-        case 4: panel_rows<F, 4>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy, ahead); break;
-        case 3: panel_rows<F, 3>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy, ahead); break;
-        case 2: panel_rows<F, 2>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy, ahead); break;
-        case 1: panel_rows<F, 1>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy, ahead); break;
-        default: break;
-      }
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t o0 = p * kLanes;
+    const int nv = (int)std::min<int64_t>(kLanes, N - o0);
+    const uint8_t* panel = w + p * pstride;
+    int64_t r = 0;
+    for (; r + kRowTile <= M; r += kRowTile)
+      panel_rows<F, kRowTile>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy, ahead);
+    switch (M - r) {
+      case 7: panel_rows<F, 7>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy, ahead); break;
+      case 6: panel_rows<F, 6>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy, ahead); break;
+      case 5: panel_rows<F, 5>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy, ahead); break;
+      case 4: panel_rows<F, 4>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy, ahead); break;
+      case 3: panel_rows<F, 3>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy, ahead); break;
+      case 2: panel_rows<F, 2>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy, ahead); break;
+      case 1: panel_rows<F, 1>(panel, nb, xq, x_row, r, bias, o0, nv, y, ldy, ahead); break;
+      default: break;
+    }
+  }
+}
+
+// One weight's product in a multi-weight call (specdec_qgemm_many).
+struct QJob {
+  int64_t fmt;
+  const uint8_t* xq;
+  int64_t K;
+  const uint8_t* w;
+  int64_t N;
+  const float* bias;
+  float* y;
+  int64_t ldy;
+};
+
+void job_panels(const QJob& j, int64_t M, int64_t p0, int64_t p1) {
+  switch (j.fmt) {
+    case Q4_0: gemm_panels<Q4_0>(j.xq, M, j.K, j.w, j.N, j.bias, j.y, j.ldy, p0, p1); break;
+    case Q4_1: gemm_panels<Q4_1>(j.xq, M, j.K, j.w, j.N, j.bias, j.y, j.ldy, p0, p1); break;
+    case Q5_0: gemm_panels<Q5_0>(j.xq, M, j.K, j.w, j.N, j.bias, j.y, j.ldy, p0, p1); break;
+    case Q5_1: gemm_panels<Q5_1>(j.xq, M, j.K, j.w, j.N, j.bias, j.y, j.ldy, p0, p1); break;
+    case Q8_0: gemm_panels<Q8_0>(j.xq, M, j.K, j.w, j.N, j.bias, j.y, j.ldy, p0, p1); break;
+    case Q4_K: gemm_panels<Q4_K>(j.xq, M, j.K, j.w, j.N, j.bias, j.y, j.ldy, p0, p1); break;
+    case Q5_K: gemm_panels<Q5_K>(j.xq, M, j.K, j.w, j.N, j.bias, j.y, j.ldy, p0, p1); break;
+    default: gemm_panels<Q6_K>(j.xq, M, j.K, j.w, j.N, j.bias, j.y, j.ldy, p0, p1); break;
+  }
+}
+
+inline int64_t panels_of(int64_t N) { return (N + kLanes - 1) / kLanes; }
+
+// The panels of several weights as one range, split among the threads in one parallel call: each
+// output is still computed by the same panel_rows on the same inputs, so the same bits; only the
+// calls' start-up (threads woken, the memory stream begun) is paid once for small projections.
+void gemm_many(const QJob* jobs, int64_t n, int64_t M) {
+  std::vector<int64_t> first(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) first[i + 1] = first[i] + panels_of(jobs[i].N);
+  sd::parallel_for(0, first[n], 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t a = std::max(p0, first[i]), b = std::min(p1, first[i + 1]);
+      if (a < b) job_panels(jobs[i], M, a - first[i], b - first[i]);
     }
   });
 }
@@ -635,16 +675,19 @@ int specdec_qgemm(int64_t fmt, const uint8_t* xq, int64_t M, int64_t K, const ui
                   const float* bias, float* y, int64_t ldy) {
   if (!valid(fmt, K) || M < 0 || N < 0 || ldy < N) return 1;
   if (M == 0 || N == 0) return 0;
-  switch (fmt) {
-    case Q4_0: gemm<Q4_0>(xq, M, K, w, N, bias, y, ldy); break;
-    case Q4_1: gemm<Q4_1>(xq, M, K, w, N, bias, y, ldy); break;
-    case Q5_0: gemm<Q5_0>(xq, M, K, w, N, bias, y, ldy); break;
-    case Q5_1: gemm<Q5_1>(xq, M, K, w, N, bias, y, ldy); break;
-    case Q8_0: gemm<Q8_0>(xq, M, K, w, N, bias, y, ldy); break;
-    case Q4_K: gemm<Q4_K>(xq, M, K, w, N, bias, y, ldy); break;
-    case Q5_K: gemm<Q5_K>(xq, M, K, w, N, bias, y, ldy); break;
-    default: gemm<Q6_K>(xq, M, K, w, N, bias, y, ldy); break;
-  }
+  const QJob job{fmt, xq, K, w, N, bias, y, ldy};
+  gemm_many(&job, 1, M);
+  return 0;
+}
+
+// The products of n weights with the same M rows in one parallel call (jobs: fmt, xq, K, w, N,
+// bias, y, ldy each, as specdec_qgemm takes them); 0 = done, 1 = bad arguments.
+int specdec_qgemm_many(int64_t n, const void* jobs, int64_t M) {
+  const QJob* js = (const QJob*)jobs;
+  if (n < 0 || M < 0) return 1;
+  for (int64_t i = 0; i < n; ++i)
+    if (!valid(js[i].fmt, js[i].K) || js[i].N < 0 || js[i].ldy < js[i].N) return 1;
+  if (M > 0 && n > 0) gemm_many(js, n, M);
   return 0;
 }
 
