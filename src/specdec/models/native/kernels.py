@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 
 CSRC_DIR = Path(__file__).with_name("csrc")
 SOURCES = ("qgemm.cpp", "ops.cpp", "decoder.cpp", "dense.cpp", "attention.cpp")
-HEADERS = ("simd.h", "pool.h", "vec8.h")
+HEADERS = ("simd.h", "pool.h", "vec8.h", "qgemm.h")
 ISA_ENV = "SPECDEC_NATIVE_ISA"
 _COMMON = ["-O3", "-ffp-contract=off", "-std=c++17"]
 ISA_FLAGS = {
@@ -320,7 +320,7 @@ def qgemm(xq: Tensor, rows: int, cols: int, packed: Tensor, fmt: BlockFormat, ou
     return out
 
 
-class _QJob(ctypes.Structure):  # mirrors csrc/qgemm.cpp's QJob
+class _QJob(ctypes.Structure):  # mirrors csrc/qgemm.h
     _fields_ = [("fmt", _I64), ("xq", _PTR), ("K", _I64), ("w", _PTR), ("N", _I64), ("bias", _PTR), ("y", _PTR),
                 ("ldy", _I64)]
 

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "qgemm.h"
+
 extern "C" {
 int64_t specdec_quantized_bytes(int64_t fmt, int64_t M, int64_t K);
 int specdec_quantize(int64_t fmt, const float* x, int64_t M, int64_t K, int64_t ldx, uint8_t* xq);
@@ -81,18 +83,6 @@ class Quantized {
 int linear(const Linear& w, Quantized& xq, int64_t M, float* y) {
   return specdec_qgemm(w.fmt, xq.for_format(w.fmt), M, w.in, w.packed, w.out, w.bias, y, w.out);
 }
-
-// Mirrors qgemm.cpp's QJob.
-struct QJob {
-  int64_t fmt;
-  const uint8_t* xq;
-  int64_t K;
-  const uint8_t* w;
-  int64_t N;
-  const float* bias;
-  float* y;
-  int64_t ldy;
-};
 
 // Several projections of the same input in one parallel call (the same bits as one call each):
 // q, k and v are 0.2-1.3 MB each, and alone each ended before the weights streamed at full speed.

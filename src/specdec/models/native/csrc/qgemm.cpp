@@ -20,6 +20,7 @@
 // C ABI (loaded with ctypes, see kernels.py); 0 = done, 1 = bad arguments.
 
 #include "pool.h"
+#include "qgemm.h"
 
 #include <algorithm>
 #include <atomic>
@@ -429,18 +430,6 @@ void gemm_panels(const uint8_t* xq, int64_t M, int64_t K, const uint8_t* w, int6
     }
   }
 }
-
-// One weight's product in a multi-weight call (specdec_qgemm_many).
-struct QJob {
-  int64_t fmt;
-  const uint8_t* xq;
-  int64_t K;
-  const uint8_t* w;
-  int64_t N;
-  const float* bias;
-  float* y;
-  int64_t ldy;
-};
 
 void job_panels(const QJob& j, int64_t M, int64_t p0, int64_t p1) {
   switch (j.fmt) {
