@@ -9,7 +9,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from specdec.core.openmp import bound_openmp_spin
+
 __version__ = "0.1.0"
+
+bound_openmp_spin()  # before anything imports torch (specdec/core/openmp.py says why)
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {

@@ -99,8 +99,11 @@ def load_native_lm(spec: str | os.PathLike[str], *, progress: bool = True,
                          f"model name or a .gguf file, or use --weights dense")
     source = _native_source(src, progress)
     from specdec.models.native.prefetch import use_measured_prefetch
+    from specdec.core.openmp import spin_hint
 
     use_measured_prefetch()  # this machine's prefetch distance for the kernels (measured once, ~1 s)
+    if (hint := spin_hint()) is not None:
+        log.warning(hint)
     runner, config, tokenizer, why = load_native_runner(*source)
     if runner is not None:
         return NativeLM(runner), config, tokenizer
