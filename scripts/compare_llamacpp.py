@@ -182,13 +182,15 @@ def _summary(args: argparse.Namespace, rows: list[dict], methods: list[str], nee
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    import torch
-
+    # specdec before torch: importing it bounds OpenMP's spin, which torch reads as it loads
+    # (src/specdec/core/openmp.py)
     from specdec.bench.prompts import load_prompts, select_prompts
     from specdec.engine.pipeline import Pipeline
     from specdec.methods.registry import get_method
     from specdec.models.hub import fetch
     from specdec.models.hub.registry import KNOWN_MODELS
+
+    import torch
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
