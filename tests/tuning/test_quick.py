@@ -319,3 +319,41 @@ def test_the_tunes_prices_match_what_each_methods_best_candidate_delivers(one_th
         if abs(steps.tokens_per_call - row["tokens_per_call"]) > 0.2 * steps.tokens_per_call:
             off[row["label"]] = (round(row["tokens_per_call"], 2), round(steps.tokens_per_call, 2))
     assert not off, f"priced vs delivered tokens per call: {off}"
+
+
+def test_a_cached_forward_table_is_scaled_to_the_speed_measured_now(monkeypatch):
+    target, draft = tiny_lm("llama", 0), tiny_lm("llama", 1)
+    key = Pipeline.from_models(target, None, draft).profile_key(GREEDY)
+    table = {"target": {1: 10.0, 2: 11.0, 4: 12.0, 8: 20.0}, "draft": {1: 4.0, 2: 5.0, 4: 8.0}}
+    now = {"target": 10.0, "draft": 4.0}
+
+    def fake_forward(model, ks, context, repeats, path=""):
+        role = "target" if model is target else "draft"
+        ms = {k: table[role][k] for k in ks} if len(ks) > 1 else {1: now[role]}
+        return type("P", (), {"ms": ms})()
+
+    monkeypatch.setattr(quick, "measure_forward", fake_forward)
+    first = quick.measure_costs(target, draft, key, SMALL)  # measured and cached
+    assert first == (table["target"], table["draft"])
+    now.update(target=8.0, draft=6.0)  # a faster minute for the target, a slower one for the draft
+    t_ms, d_ms = quick.measure_costs(target, draft, key, SMALL)
+    assert t_ms == pytest.approx({1: 8.0, 2: 8.8, 4: 9.6, 8: 16.0})
+    assert d_ms == pytest.approx({1: 6.0, 2: 7.5, 4: 12.0})
+
+
+def test_the_acceptance_runs_overhead_leaves_out_its_own_records(monkeypatch):
+    # Recording every step's acceptance is the tune's work, not the decoding loop's: making it slow
+    # must not raise the per-call time every drafting candidate is charged.
+    import time as time_mod
+
+    target, draft = tiny_lm("llama", 0), tiny_lm("llama", 1)
+    _, base, _ = run_acceptance(target, draft, PROMPTS, GREEDY, SMALL, ())
+    original = quick.chain_nodes
+
+    def slow_chain_nodes(tree):
+        time_mod.sleep(0.02)
+        return original(tree)
+
+    monkeypatch.setattr(quick, "chain_nodes", slow_chain_nodes)  # a step of the records
+    _, slowed, _ = run_acceptance(target, draft, PROMPTS, GREEDY, SMALL, ())
+    assert slowed < base + 10.0, (base, slowed)  # 20 ms per step of records, left out

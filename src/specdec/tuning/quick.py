@@ -103,6 +103,21 @@ def timing_cache_path() -> Any:
     return measurement_dir() / "timing" / "forward.json"
 
 
+def at_todays_speed(model: LanguageModel | None, table: dict[int, float], settings: QuickSettings,
+                    ) -> dict[int, float]:
+    """A cached t(k) table scaled by how fast one token's pass runs now.
+
+    The shape of t(k) belongs to the machine and is kept; its level is not: a shared machine's speed
+    drifts (a virtual machine's native forward read 26 and 33 ms a minute apart), and the plain
+    decoding every candidate is divided by is measured now. Pricing a table from a slow minute
+    against a fast minute's plain decoding made every drafting candidate look 20 % worse.
+    """
+    if model is None or 1 not in table or table[1] <= 0:
+        return table
+    now = measure_forward(model, (1,), settings.context, settings.repeats).ms[1]
+    return {k: v * now / table[1] for k, v in table.items()}
+
+
 def measure_costs(target: LanguageModel, draft: LanguageModel | None, key: dict[str, Any], settings: QuickSettings,
                   use_cache: bool = True) -> tuple[dict[int, float], dict[int, float]]:
     """t_target(k) and t_draft(k), measured once per pair and machine (both tuning modes share them)."""
@@ -112,8 +127,8 @@ def measure_costs(target: LanguageModel, draft: LanguageModel | None, key: dict[
     name = timing_cache_key(key) + f"|{settings.target_ks}|{settings.draft_ks}|{settings.context}|{settings.repeats}"
     entry = cache.get(name)
     if isinstance(entry, dict) and "target_ms" in entry:
-        return ({int(k): float(v) for k, v in entry["target_ms"].items()},
-                {int(k): float(v) for k, v in entry["draft_ms"].items()})
+        return (at_todays_speed(target, {int(k): float(v) for k, v in entry["target_ms"].items()}, settings),
+                at_todays_speed(draft, {int(k): float(v) for k, v in entry["draft_ms"].items()}, settings))
     target_ms = measure_forward(target, settings.target_ks, settings.context, settings.repeats, path="target").ms
     draft_ms = {} if draft is None else \
         measure_forward(draft, settings.draft_ks, settings.context, settings.repeats, path="draft").ms
@@ -169,9 +184,13 @@ def run_acceptance(target: LanguageModel, draft: LanguageModel, prompts: list[li
             "iid": torch.zeros(width, dtype=torch.float64)}
     iid_gen = torch.Generator().manual_seed(settings.seed + 1)  # the extra i.i.d. draws: not the decoder's stream
 
+    recording_s = [0.0]  # the records' own time: not the loop's overhead, which every candidate pays
+
     def recording(tree: TokenTree, target_probs: Tensor, generator: torch.Generator | None) -> VerifyResult:
         if tree.num_drafted:
+            t0 = time.perf_counter()
             _record(tree, target_probs, drafter.last_confidence)
+            recording_s[0] += time.perf_counter() - t0
         return verify(tree, target_probs, generator)
 
     def _record(tree: TokenTree, target_probs: Tensor, confidence: Tensor | None) -> None:
@@ -220,6 +239,7 @@ def run_acceptance(target: LanguageModel, draft: LanguageModel, prompts: list[li
         wall += st.wall_s - st.prefill_s - st.draft_s
         calls += st.target_calls
         tick()
+    wall -= recording_s[0]
     if m.steps == 0:
         raise ValueError("the acceptance run drafted nothing; give longer --gen-tokens")
     m.topk = (sums["topk"] / m.steps).tolist()
