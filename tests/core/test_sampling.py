@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from specdec.core.sampling import SamplingConfig, logits_to_probs, residual, sample
+from specdec.core.sampling import SamplingConfig, logits_to_probs, pick, residual, sample
 
 
 def test_temperature_zero_is_exact_argmax():
@@ -96,3 +96,41 @@ def test_sample_is_reproducible_with_generator():
     a = sample(probs, torch.Generator().manual_seed(3))
     b = sample(probs, torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and a.shape == (5,)
+
+
+# ---- the draw: inverse transform on one uniform (core.sampling.pick) ----------------------------
+TOY = torch.tensor([0.0, 0.25, 0.0, 0.5, 0.25, 0.0])  # zero mass first, between and last
+
+
+def test_pick_gives_each_token_exactly_its_share_of_the_unit_interval():
+    # Every uniform in [0, 1): token i owns [cdf[i-1], cdf[i]) of it, so enumerating u on a grid
+    # that contains the boundaries gives each token its exact probability.
+    u = torch.arange(64, dtype=torch.float64) / 64
+    tokens = pick(TOY.expand(64, -1), u)
+    counts = torch.bincount(tokens, minlength=TOY.numel()).double() / 64
+    assert torch.equal(counts, TOY.double())
+    assert int(pick(TOY[None], torch.zeros(1, dtype=torch.float64))) == 1  # u = 0: not the zero-mass token 0
+
+
+def test_pick_never_draws_a_token_of_zero_mass_at_the_top_of_the_interval():
+    top = torch.tensor([1.0 - 2.0 ** -53], dtype=torch.float64)  # u·total may round up to the total
+    assert int(pick(TOY[None], top)) == 4
+    odd = torch.tensor([[0.1, 0.7, 0.2, 0.0]]) * 3.0  # an unnormalized row: the same shares
+    assert int(pick(odd, top)) == 2 and int(pick(odd, torch.tensor([0.5], dtype=torch.float64))) == 1
+
+
+def test_sample_follows_the_distribution_chi_square():
+    from scipy.stats import chisquare
+
+    probs = torch.tensor([0.05, 0.0, 0.3, 0.15, 0.0, 0.5])
+    draws = sample(probs.expand(40_000, -1), torch.Generator().manual_seed(7))
+    counts = torch.bincount(draws, minlength=6)
+    assert counts[1] == 0 and counts[4] == 0
+    keep = probs > 0
+    assert chisquare(counts[keep].double().numpy(), (probs[keep] * 40_000).double().numpy()).pvalue > 1e-4
+
+
+@pytest.mark.parametrize("row", [[0.0, 0.0, 0.0], [0.5, float("nan"), 0.5]])
+def test_pick_refuses_a_row_without_mass(row):
+    with pytest.raises(ValueError, match="positive mass"):
+        sample(torch.tensor([row]), torch.Generator().manual_seed(0))

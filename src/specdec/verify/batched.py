@@ -7,9 +7,9 @@ given the same generator state, consuming each generator exactly as the verifier
 
 - greedy (any tree, any rule at T = 0): one argmax over every node of every tree, then the path of
   matching children found for all trees together by pointer jumping over the flattened parents;
-- sample-and-match, and any root-only step: one target draw per node. `torch.multinomial` draws one
-  sample as argmax(p / E) with E ~ Exp(1) per vocabulary entry (the exponential race); each sequence
-  draws its E from its own generator and one argmax serves the batch;
+- sample-and-match, and any root-only step: one target draw per node, `core.sampling.pick` on one
+  uniform each (inverse transform); each sequence draws its uniforms from its own generator and
+  one batched pick serves the batch;
 - classic speculative sampling on chains (sps, MSS on a chain): the acceptance tests of every chain
   in one elementwise op, the accepted prefixes by a padded cumprod, the residuals and the recovered
   or bonus tokens in one batched step;
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from specdec.core.results import VerifyResult
-from specdec.core.sampling import SamplingConfig, logits_to_probs
+from specdec.core.sampling import SamplingConfig, logits_to_probs, pick, uniforms
 from specdec.core.tree import TokenTree
 from specdec.verify import chain as _chain
 from specdec.verify.base import Verifier
@@ -151,11 +151,9 @@ def _processed(items: Sequence[Verification], logits: Sequence[Tensor], idx: Seq
 
 
 def _race(rows: Tensor, draws: Sequence[tuple[torch.Generator | None, int]]) -> Tensor:  # rows [R, V] -> [R]
-    """One draw per row: argmax(p / E), E ~ Exp(1) from each sequence's own generator, `n` rows each
-    (how `torch.multinomial` draws a single sample, so the same generator state gives the same token)."""
-    noise = torch.cat([torch.empty(n, rows.shape[-1], dtype=rows.dtype, device=rows.device).exponential_(1, generator=g)
-                       for g, n in draws])
-    return (rows / noise).argmax(-1)
+    """One draw per row, `n` rows from each sequence's own generator, as `core.sampling.sample` draws
+    them (so the same generator state gives the same token)."""
+    return pick(rows, torch.cat([uniforms(n, g, rows.device) for g, n in draws]))
 
 
 def _segments(sizes: Sequence[int], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -208,10 +206,9 @@ def chains_batch(items: Sequence[Verification], probs: Sequence[Tensor]) -> list
     """Classic speculative sampling (`chain.verify_speculative_sampling`) on many chains at once."""
     device, dtype = probs[0].device, probs[0].dtype
     gammas = [it.tree.num_drafted for it in items]
-    # Each sequence's randomness, in its own verifier's order: γ uniforms, then the final draw's noise.
+    # Each sequence's randomness, in its own verifier's order: γ uniforms, then the final draw's.
     u = [torch.rand(g, generator=it.generator, device=device, dtype=dtype) for it, g in zip(items, gammas)]
-    noise = [torch.empty(1, probs[0].shape[-1], dtype=dtype, device=device).exponential_(1, generator=it.generator)
-             for it in items]
+    final_u = [uniforms(1, it.generator, device) for it in items]
     target = joined(probs)  # [T, V]
     offsets, _, _ = _segments([g + 1 for g in gammas], device)
     drafted = torch.cat([it.tree.tokens[1:] for it in items]).to(device)  # [G]
@@ -231,7 +228,7 @@ def chains_batch(items: Sequence[Verification], probs: Sequence[Tensor]) -> list
     rows = target[at]  # [S, V]: the target where the walk stopped
     draft_at = draft_rows[(g_off + n).clamp_max(draft_rows.shape[0] - 1)]
     dist = torch.where(rejected[:, None], _chain.recovery_distribution(rows, draft_at), rows)
-    token = (dist / torch.cat(noise)).argmax(-1)
+    token = pick(dist, torch.cat(final_u))
     return [VerifyResult(tuple(range(1, k + 1)), int(t)) for k, t in zip(n.tolist(), token.tolist())]
 
 
@@ -290,17 +287,16 @@ def walk_batch(items: Sequence[Verification], probs: Sequence[Tensor], swor: boo
                 q = torch.where(keep, _without(qj, x), qj)
         hit = (u < accept) & valid
         found = hit.any(1)
-        pick = hit.long().argmax(1)
-        chosen = c_node[slot[rows, pick]]
+        first_hit = hit.long().argmax(1)
+        chosen = c_node[slot[rows, first_hit]]
         stop = [j for j, f in enumerate(found.tolist()) if not f]
         for j, (i, f, node) in enumerate(zip(live, found.tolist(), chosen.tolist())):
             if f:
                 paths[i].append(node - int(offsets[i]))
         if stop:
             ends = torch.tensor(stop, device=device)
-            noise = torch.cat([torch.empty(1, target.shape[-1], dtype=dtype, device=device).exponential_(
-                1, generator=items[live[j]].generator) for j in stop])
-            final = (dist[ends] / noise).argmax(-1).tolist()
+            final = pick(dist[ends], torch.cat([uniforms(1, items[live[j]].generator, device)
+                                                for j in stop])).tolist()
             for j, token in zip(stop, final):
                 out[live[j]] = VerifyResult(tuple(paths[live[j]]), int(token))
         cur[live] = torch.where(found, chosen, at)
