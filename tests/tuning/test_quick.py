@@ -357,3 +357,24 @@ def test_the_acceptance_runs_overhead_leaves_out_its_own_records(monkeypatch):
     monkeypatch.setattr(quick, "chain_nodes", slow_chain_nodes)  # a step of the records
     _, slowed, _ = run_acceptance(target, draft, PROMPTS, GREEDY, SMALL, ())
     assert slowed < base + 10.0, (base, slowed)  # 20 ms per step of records, left out
+
+
+def test_chains_and_replays_are_charged_their_own_rules_overhead_not_the_combs(monkeypatch):
+    # The comb's per-call work (a tree walk) is made to look huge; chain, cascade and replay
+    # candidates must be charged what one of their own drafts measured when decoded.
+    real = quick.run_acceptance
+
+    def slow_comb(*a, **k):
+        m, per_call, block = real(*a, **k)
+        return m, per_call + 1000.0, block
+
+    monkeypatch.setattr(quick, "run_acceptance", slow_comb)
+    target, draft = tiny_lm("llama", 0), tiny_lm("llama", 1)
+    pipe = Pipeline.from_models(target, None, draft)
+    profile = quick_tune(target, draft, PROMPTS, GREEDY, pipe.profile_key(GREEDY), settings=SMALL, progress=False)
+    by_basis = {}
+    for r in profile["candidates"]:
+        by_basis.setdefault(r["basis"], []).append(r["overhead_ms"])
+    assert min(by_basis["positional"]) >= 1000.0  # trees priced on the comb keep its figure
+    for basis in ("measured chain", "replay"):
+        assert max(by_basis[basis]) < 100.0, (basis, by_basis[basis])

@@ -196,15 +196,20 @@ def replay_row(method: str, label: str, steps: Sequence[ReplayStep], costs: Cost
     return row(method, label, tokens, t_ms, d_ms, costs, "replay", options=options)
 
 
+def measured_overhead(steps: DecodeSteps, costs: Costs) -> float:
+    """The work a decoded call did beyond the target's forward (verification, the drafter's learning
+    from the logits): its measured time past the draft, less t_target at its block."""
+    modelled = mean([costs.target(1 + n) for n in steps.timed_drafted])
+    return max(mean(steps.target_ms) - modelled, 0.0)
+
+
 def decode_row(method: str, label: str, steps: DecodeSteps, costs: Costs, options: dict[str, Any]) -> dict[str, Any]:
     """A drafter decoded for real (`tuning.decoded`): its measured tokens per call; the target's pass
     from t_target at each step's block, the drafter's time and the work each call adds beyond the
     target's forward (verification, learning from the logits) as measured."""
     t_ms = mean([costs.target(1 + n) for n in steps.drafted])
     if steps.target_ms:
-        modelled = mean([costs.target(1 + n) for n in steps.timed_drafted])
-        extra = max(mean(steps.target_ms) - modelled, 0.0)
-        d_ms = mean(steps.draft_ms)
+        extra, d_ms = measured_overhead(steps, costs), mean(steps.draft_ms)
     else:  # every prompt ended after one step: nothing timed beyond the first
         extra, d_ms = costs.overhead_ms, 0.0
     per_call = Costs(costs.target_ms, costs.draft_ms, costs.ar_ms, extra)

@@ -9,7 +9,7 @@ known; they depend on how a method drafts, never on its name.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import Tensor
@@ -24,7 +24,7 @@ from specdec.methods.base import Method, MethodContext, TuneSetting
 from specdec.methods.registry import all_methods
 from specdec.models.base import LanguageModel
 from specdec.tuning.costmodel import (
-    ChainSteps, Costs, ar_row, chain_row, decode_row, replay_row, sequoia_rows, specinfer_row,
+    ChainSteps, Costs, ar_row, chain_row, decode_row, measured_overhead, replay_row, sequoia_rows, specinfer_row,
 )
 from specdec.tuning.decoded import decode_run
 from specdec.tuning.replay import cascade_replay, replay
@@ -55,6 +55,7 @@ class PricingInputs:
     """The draft model, for candidates priced by decoding with it ("decode")."""
     eos_token_ids: Sequence[int] = ()
     _dps: dict[str, SequoiaDP] = field(default_factory=dict)
+    _overheads: dict[str, float] = field(default_factory=dict)
 
     def dp(self, mode: str, size: int, depth: int) -> SequoiaDP:
         """Sequoia's DP on the mode's acceptance vector ("greedy": top-k, "swor"), solved once for
@@ -65,6 +66,28 @@ class PricingInputs:
             vector = self.topk if mode == "greedy" else self.swor
             self._dps[mode] = dp = sequoia_dp(vector, size, depth)
         return dp
+
+    def costs_of(self, method: Method, candidates: Sequence[Mapping[str, Any]]) -> Costs:
+        """The costs with the loop's work per call as measured on this rule's own drafts.
+
+        The acceptance run's comb is a tree, and what a call costs beyond the target's forward
+        depends on the rule that verifies it: sampled, the comb's SWOR walk took ~20 ms a call where
+        a chain's speculative-sampling check took ~1 (Qwen pair, 2-core EPYC), and charging the
+        comb's figure to chains made plain decoding look better than `sps`. So a rule's candidates
+        are charged what one of them (the middle one: by `gamma` where it has one) measured when
+        decoded for real on the tune's texts, once per rule; the comb's figure where nothing was
+        timed.
+        """
+        rule = method.tuning.rule if method.tuning is not None else ""
+        if rule not in self._overheads:
+            ordered = sorted(candidates, key=lambda o: o.get("gamma", 0))
+            ctx = MethodContext(self.target, self.drafts, self.sampling, self.tokenizer)
+            options = dict(ordered[len(ordered) // 2])
+            drafter = method.build(ctx, method.make_options(options))
+            run = decode_run(self.target, drafter, self.texts, self.sampling, self.eos_token_ids)
+            measured = run is not None and bool(run.target_ms)
+            self._overheads[rule] = measured_overhead(run, self.costs) if measured else self.costs.overhead_ms
+        return replace(self.costs, overhead_ms=self._overheads[rule])
 
     def modes(self) -> list[str]:
         """The tree modes measured: greedy (top-k children) always, SWOR when sampling."""
@@ -84,12 +107,11 @@ def _plain(method: Method, candidates: Sequence[Mapping[str, Any]], inputs: Pric
 
 
 def _chain(method: Method, candidates: Sequence[Mapping[str, Any]], inputs: PricingInputs) -> list[Row]:
-    rows = []
-    for options in candidates:
-        if options["gamma"] <= inputs.chain.depth:  # longer chains than the run measured are not priced
-            rows.append(chain_row(method.name, label(method.name, options), inputs.chain, inputs.costs,
-                                  dict(options)))
-    return rows
+    priced = [o for o in candidates if o["gamma"] <= inputs.chain.depth]  # longer chains were not measured
+    if not priced:
+        return []
+    costs = inputs.costs_of(method, priced)
+    return [chain_row(method.name, label(method.name, o), inputs.chain, costs, dict(o)) for o in priced]
 
 
 def _tree_dp(method: Method, candidates: Sequence[Mapping[str, Any]], inputs: PricingInputs) -> list[Row]:
@@ -106,12 +128,13 @@ def _static_tree(method: Method, candidates: Sequence[Mapping[str, Any]], inputs
 
 
 def _cascade(method: Method, candidates: Sequence[Mapping[str, Any]], inputs: PricingInputs) -> list[Row]:
+    costs = inputs.costs_of(method, candidates) if candidates else inputs.costs
     rows = []
     for options in candidates:
         k = options["k_matrix"]
         bigram = inputs.bigram if options.get("maxgram_fill", "bigram") == "bigram" else None
         steps = cascade_replay(inputs.texts, inputs.draft_pred, k, lambda ids, n: maxgram_continuation(ids, n, bigram))
-        row = replay_row(method.name, label(method.name, options), [s for s, _ in steps], inputs.costs,
+        row = replay_row(method.name, label(method.name, options), [s for s, _ in steps], costs,
                          {**options, "k_matrix": [list(r) for r in k]}, reviews=[n for _, n in steps],
                          review_rows=1 + k[1][1])
         if row is not None:
@@ -121,12 +144,13 @@ def _cascade(method: Method, candidates: Sequence[Mapping[str, Any]], inputs: Pr
 
 def _replay(method: Method, candidates: Sequence[Mapping[str, Any]], inputs: PricingInputs) -> list[Row]:
     ctx = MethodContext(inputs.target, (), inputs.sampling, inputs.tokenizer)
+    costs = inputs.costs_of(method, candidates) if candidates else inputs.costs
     rows = []
     for options in candidates:
         drafter = method.build(ctx, method.make_options(dict(options)))
         steps = replay(inputs.texts, lambda ids: run_proposal(drafter.propose(ids, 1 << 20, None)),
                        start=lambda prompt, length: drafter.begin(prompt, length))
-        row = replay_row(method.name, label(method.name, options), steps, inputs.costs, dict(options))
+        row = replay_row(method.name, label(method.name, options), steps, costs, dict(options))
         if row is not None:
             rows.append(row)
     return rows
