@@ -461,3 +461,34 @@ def test_a_free_tree_is_judged_in_hindsight_where_the_model_drafted():
     assert (seq.free_rate.accepted, seq.free_rate.estimated) == pytest.approx((3, 4.5))
     BatchEngine._judge_free(seq, chain, emitted)  # no free tree this step: nothing judged
     assert (seq.free_rate.accepted, seq.free_rate.estimated) == pytest.approx((3, 4.5))
+
+
+def test_a_batch_that_plans_nothing_replans_one_step_in_four_and_at_once_when_it_changes(tiny, one_thread,
+                                                                                           monkeypatch):
+    """Where the planner gives a full batch no draft and no free tree, the next `QUIET_STEPS` steps reuse
+    that plan instead of paying for planning again; a sequence leaving (or joining) ends the reuse.
+    Greedy output stays AR's."""
+    import specdec.engine.batch as batch_module
+
+    plans = []
+    real = batch_module.plan_step
+    monkeypatch.setattr(batch_module, "plan_step", lambda *a, **k: plans.append(1) or real(*a, **k))
+    target, draft = tiny
+    pipe = Pipeline.from_models(target, None, draft)
+    engine = pipe.batch_engine(max_batch_size=4, adaptive=True)
+    _plant(engine, _times({1: 0.05, 16: 0.4}), COSTLY_DRAFT)  # neither drafts nor free trees pay
+    engine.free_rate.accepted, engine.free_rate.estimated = 0.0, 1e6
+    prompts, news = _prompts(4, seed=6), [30, 30, 30, 10]  # leaves mid-way through a reuse
+    ids = [engine.submit(BatchRequest(p, k, "sps", {"gamma": 3})) for p, k in zip(prompts, news)]
+    out = {i: [] for i in ids}
+    planned_at = []
+    while engine.has_work():
+        before = len(plans)
+        for ev in engine.step():
+            out[ev.request_id] += ev.tokens
+        planned_at.append((engine.last_step.running, len(plans) > before))
+    assert [out[i] for i in ids] == [pipe.generate(p, "ar", k).token_ids for p, k in zip(prompts, news)]
+    full = [planned for running, planned in planned_at if running == 4]
+    three = [planned for running, planned in planned_at if running == 3]
+    assert len(full) > 8 and sum(full) <= len(full) // 4 + 2, full  # one step in QUIET_STEPS + 1 = 4
+    assert three and three[0], ("a sequence left: the next step plans again", planned_at)
