@@ -71,9 +71,9 @@ class PricingInputs:
         """The costs with the loop's work per call as measured on this rule's own drafts.
 
         The acceptance run's comb is a tree, and what a call costs beyond the target's forward
-        depends on the rule that verifies it: sampled, the comb's SWOR walk took ~20 ms a call where
-        a chain's speculative-sampling check took ~1 (Qwen pair, 2-core EPYC), and charging the
-        comb's figure to chains made plain decoding look better than `sps`. So a rule's candidates
+        depends on the rule that verifies it: sampled, the comb's SWOR walk cost ~20 ms a call
+        beyond the forward where a decoded `sps` chain cost ~8 (Qwen pair, 2-core EPYC), and
+        charging the comb's figure to chains made plain decoding look better than `sps`. So a rule's candidates
         are charged what one of them (the middle one: by `gamma` where it has one) measured when
         decoded for real on the tune's texts, once per rule; the comb's figure where nothing was
         timed.

@@ -102,7 +102,7 @@ def verify_batch(items: Sequence[Verification], logits: Sequence[Tensor]) -> lis
         if "match" in groups:
             idx = groups["match"]
             rows = joined([probs[i] for i in idx])
-            choice = _race(rows, [(items[i].generator, probs[i].shape[0]) for i in idx])
+            choice = _draw_rows(rows, [(items[i].generator, probs[i].shape[0]) for i in idx])
             _put(results, idx, follow_matching_batch([items[i].tree for i in idx], choice))
         if "chain" in groups:
             idx = groups["chain"]
@@ -150,7 +150,7 @@ def _processed(items: Sequence[Verification], logits: Sequence[Tensor], idx: Seq
     return out
 
 
-def _race(rows: Tensor, draws: Sequence[tuple[torch.Generator | None, int]]) -> Tensor:  # rows [R, V] -> [R]
+def _draw_rows(rows: Tensor, draws: Sequence[tuple[torch.Generator | None, int]]) -> Tensor:  # rows [R, V] -> [R]
     """One draw per row, `n` rows from each sequence's own generator, as `core.sampling.sample` draws
     them (so the same generator state gives the same token)."""
     return pick(rows, torch.cat([uniforms(n, g, rows.device) for g, n in draws]))

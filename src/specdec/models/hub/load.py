@@ -98,8 +98,8 @@ def load_native_lm(spec: str | os.PathLike[str], *, progress: bool = True,
                          f"{'checkpoint directory' if src.kind == 'dir' else 'Hugging Face hub id'}; pass a known "
                          f"model name or a .gguf file, or use --weights dense")
     source = _native_source(src, progress)
-    from specdec.models.native.prefetch import use_measured_prefetch
     from specdec.core.openmp import spin_hint
+    from specdec.models.native.prefetch import use_measured_prefetch
 
     use_measured_prefetch()  # this machine's prefetch distance for the kernels (measured once, ~1 s)
     if (hint := spin_hint()) is not None:
