@@ -9,10 +9,9 @@ moves bytes into the cache, so the distance changes no result, only the speed.
 
 `use_measured_prefetch` times one-row products over seven decoder layers' worth of K-quant matrices
 (larger than the caches) at each of `CANDIDATES`, in alternating rounds (a shared machine's speed
-drifts between seconds),
-takes the fastest median and sets it in the kernel library. The choice is cached per hardware
-fingerprint under `$SPECDEC_MEASUREMENTS/kernels/`, like the other per-machine measurements
-(`specdec profile --remeasure` forgets it).
+drifts between seconds), takes the fastest median and sets it in the kernel library. The choice is
+cached per hardware fingerprint under `$SPECDEC_MEASUREMENTS/kernels/`, like the other per-machine
+measurements (`specdec profile --remeasure` forgets it).
 """
 
 from __future__ import annotations
