@@ -167,6 +167,32 @@ def test_a_lone_request_fills_its_draft_model_only_where_drafting_pays_it_back(t
     assert ("draft" in keys) is drafts
 
 
+def test_a_request_in_a_dip_of_the_load_fills_its_draft_model_only_once_the_load_stays_low(tiny, one_thread):
+    """Where the batch usually holds 8 sequences and drafting pays only in a small batch, a request that
+    finds itself alone (a dip between two clients' requests) first decodes plainly rather than fill its
+    draft model's prompt, which would pay back only while the batch stays small; once the batch has
+    stayed small (`usual_batch`) it fills and drafts. Its output equals plain decoding's."""
+    target, draft = tiny
+    pipe = Pipeline.from_models(target, None, draft)
+    prompt = _prompts(7, seed=1)[6] * 3
+    engine = pipe.batch_engine(max_batch_size=2, prefill_chunk=LANE_FILL, adaptive=True)
+    _plant(engine, _times({1: 0.05, 8: 0.05, 64: 0.4}), _times({1: 0.005, 64: 0.32}))  # flat to 8 tokens
+    engine.usual_batch = 8.0
+    keys: list[str] = []
+    run = engine._run_timed
+    engine._run_timed = lambda key, calls: keys.append(key) or run(key, calls)
+    rid = engine.submit(BatchRequest(prompt, 200, "sps", {"gamma": 3}))
+    out: list[int] = []
+    plain_tokens = 0
+    while engine.has_work():
+        out += [t for ev in engine.step() if ev.request_id == rid for t in ev.tokens]
+        if "draft" not in keys:
+            plain_tokens = len(out)
+    assert out == pipe.generate(prompt, "sps", 200, gamma=3).token_ids
+    assert plain_tokens >= 5  # decoded plainly while the usual load was high
+    assert "draft" in keys and engine.usual_batch < 2
+
+
 def test_a_request_joining_a_drafting_batch_fills_its_draft_model_only_where_that_pays(tiny, one_thread):
     """Beside a sequence that drafts, a new request with a long prompt and a 4-token answer is priced
     with it: its draft model's prompt fill would cost more than its drafts save, so its draft row is

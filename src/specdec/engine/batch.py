@@ -94,6 +94,10 @@ at 4 clients: 0.92-0.98x the AR server). The next plan comes sooner if a sequenc
 Only batches of at least `QUIET_MIN_BATCH`: a lone sequence's step is where drafting pays most, and
 where a text that turns repetitive must be noticed at once."""
 QUIET_MIN_BATCH = 3
+USUAL_DECAY = 0.97
+"""Each step's weight on the batch's older sizes in its usual size (`BatchEngine.usual_batch`): about
+the last 30 steps, half a short request's life, so the gap between one client's request and its next
+does not move it while a lasting change of load does within a second or two."""
 FREE_DEPTH = 6
 FREE_BUDGET = 8
 """Deepest level and most nodes of a free tree (the text's own continuations, proposed where the planner
@@ -267,6 +271,9 @@ class BatchEngine:
         self._free: dict[_Sequence, Scored] = {}  # this step's free trees
         self._free_gains = torch.zeros(0, dtype=torch.float64)  # their nodes' expected gains, as priced
         self._quiet: tuple[frozenset[int], int] = (frozenset(), 0)  # (batch, steps left) of a plan of nothing
+        self.usual_batch = 1.0
+        """Sequences running, averaged over the last steps (`USUAL_DECAY`): what a draft model's fill
+        is priced against (`_usual_caps`)."""
 
     # ---- requests ------------------------------------------------------------------------------
     def context(self, sampling: SamplingConfig, target: LanguageModel, drafts: Sequence[LanguageModel]) -> MethodContext:
@@ -363,6 +370,8 @@ class BatchEngine:
         self._apply_aborts(events)
         self._admit(events, info)
         info.running = len(self._running)
+        if self._running:
+            self.usual_batch = USUAL_DECAY * self.usual_batch + (1 - USUAL_DECAY) * len(self._running)
         self._fill_lane(info, events)
         self._propose(info, events)
         if not info.fill_tokens and any(s.parked is not None for s in self._running):
@@ -643,7 +652,7 @@ class BatchEngine:
         target, draft = self.times["target"], self.times["draft"]
         if probe:  # a look at drafting as predicted, never at the price of a draft model's prompt fill
             cands = [replace(c, max_depth=0) if c.backlog else c for c in cands]
-        plan = plan_step(cands, target, draft, scale)
+        plan = plan_step(self._usual_caps(cands, scale), target, draft, scale)
         depths = list(plan.depths)  # made caps below; the plan keeps what it priced
         base = price_depths(bare, depths, target, draft) if options else plan  # free trees priced apart
         if len(cands) == len(self._running):
@@ -745,9 +754,24 @@ class BatchEngine:
             return {}
         if probe or (ready and not any(depths)):
             return {s: 0 for s in filling}
-        cands = [*ready, *(self._candidate(s) for s in filling)]
+        cands = self._usual_caps([*ready, *(self._candidate(s) for s in filling)], scale)
         plan = plan_step(cands, self.times["target"], self.times["draft"], scale)
         return {s: 0 for s, depth in zip(filling, plan.depths[len(ready):]) if depth == 0}
+
+    def _usual_caps(self, cands: list[Candidate], scale: float) -> list[Candidate]:
+        """`cands`, those whose draft model needs a fill of its own (`Candidate.backlog`) kept from
+        drafting unless it would pay in a batch of the usual size (`usual_batch`, the others decoding
+        plainly). A fill bought in a dip of the load (a client between two requests) pays back only
+        while the batch stays small; at the usual load its sequence would not draft again."""
+        extra = round(self.usual_batch) - len(cands)
+        if extra <= 0 or not any(c.backlog for c in cands):
+            return cands
+        plain = Candidate(0, [], 0.0, 0, False)
+        # Drafting against plain decoding alone: a free tree priced in a batch this step does not hold
+        # would make drafting look better than it is.
+        bare = [replace(c, free_gain=0.0, free_nodes=0) for c in cands]
+        usual = plan_step([*bare, *[plain] * extra], self.times["target"], self.times["draft"], scale)
+        return [replace(c, max_depth=0) if c.backlog and d == 0 else c for c, d in zip(cands, usual.depths)]
 
     def _candidate(self, seq: _Sequence) -> Candidate:
         dec, run = seq.decoder, seq.run
