@@ -95,9 +95,10 @@ Only batches of at least `QUIET_MIN_BATCH`: a lone sequence's step is where draf
 where a text that turns repetitive must be noticed at once."""
 QUIET_MIN_BATCH = 3
 USUAL_DECAY = 0.97
-"""Each step's weight on the batch's older sizes in its usual size (`BatchEngine.usual_batch`): about
-the last 30 steps, half a short request's life, so the gap between one client's request and its next
-does not move it while a lasting change of load does within a second or two."""
+"""The batch's usual size (`BatchEngine.usual_batch`) rises at once with the running count and falls
+towards it with this weight per step on the old value: about the last 30 steps, half a short
+request's life, so the gap between one client's request and its next does not lower it, while a
+lasting fall of the load does within a second or two."""
 FREE_DEPTH = 6
 FREE_BUDGET = 8
 """Deepest level and most nodes of a free tree (the text's own continuations, proposed where the planner
@@ -272,8 +273,8 @@ class BatchEngine:
         self._free_gains = torch.zeros(0, dtype=torch.float64)  # their nodes' expected gains, as priced
         self._quiet: tuple[frozenset[int], int] = (frozenset(), 0)  # (batch, steps left) of a plan of nothing
         self.usual_batch = 1.0
-        """Sequences running, averaged over the last steps (`USUAL_DECAY`): what a draft model's fill
-        is priced against (`_usual_caps`)."""
+        """Sequences running: at least the count now, falling slowly after a dip (`USUAL_DECAY`); what
+        a draft model's fill is priced against (`_usual_caps`)."""
 
     # ---- requests ------------------------------------------------------------------------------
     def context(self, sampling: SamplingConfig, target: LanguageModel, drafts: Sequence[LanguageModel]) -> MethodContext:
@@ -371,7 +372,8 @@ class BatchEngine:
         self._admit(events, info)
         info.running = len(self._running)
         if self._running:
-            self.usual_batch = USUAL_DECAY * self.usual_batch + (1 - USUAL_DECAY) * len(self._running)
+            n = len(self._running)
+            self.usual_batch = max(float(n), USUAL_DECAY * self.usual_batch + (1 - USUAL_DECAY) * n)
         self._fill_lane(info, events)
         self._propose(info, events)
         if not info.fill_tokens and any(s.parked is not None for s in self._running):
