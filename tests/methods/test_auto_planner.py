@@ -27,9 +27,10 @@ def _own_profiles(tmp_path, monkeypatch):
     monkeypatch.setenv("SPECDEC_MEASUREMENTS", str(tmp_path / "measurements"))
 
 
-def _pipe(winner: dict, modes=(GREEDY, SAMPLED), candidates: list[dict] | None = None) -> Pipeline:
-    """Tiny models whose draft is the target (every draft is accepted), with a profile per mode."""
-    pipe = Pipeline.from_models(tiny_lm("llama", 0), None, tiny_lm("llama", 0))
+def _pipe(winner: dict, modes=(GREEDY, SAMPLED), candidates: list[dict] | None = None, draft_seed: int = 0) -> Pipeline:
+    """Tiny models whose draft is the target (every draft is accepted; another draft with `draft_seed`),
+    with a profile per mode."""
+    pipe = Pipeline.from_models(tiny_lm("llama", 0), None, tiny_lm("llama", draft_seed))
     for sampling in modes:
         save_profile({"version": PROFILE_VERSION, "key": pipe.profile_key(sampling), "fingerprint": fingerprint("cpu"),
                       "winner": {"label": winner["method"], **winner}, "timing": TIMING,
@@ -49,7 +50,7 @@ def test_auto_decodes_through_the_planner_deeper_than_the_tunes_depth_and_stays_
         Planned("sps", {"gamma": PLANNER_DEPTH}, TIMING)
     label = planned_label(pipe.auto_plan(), "sps gamma=2")
     assert label == f"planned per step: sps gamma={PLANNER_DEPTH} (tuned: sps gamma=2)"
-    assert pipe.auto_plan(SAMPLED) is not None and pipe.auto_plan(SAMPLED, seed=1) is None
+    assert pipe.auto_plan(SAMPLED) is not None and pipe.auto_plan(SAMPLED, seed=1) is not None
 
     def no_probe(self, *a, **k):
         raise AssertionError("the planner starts from the tune's pass times")
@@ -89,12 +90,47 @@ def test_a_model_free_winner_leaves_the_planner_the_model_where_a_model_draft_al
     assert planned_request(losing.context(GREEDY), opts) == Planned("pld", {"gamma": 2}, TIMING)
 
 
+def test_a_seeded_sampled_run_is_planned_from_the_tunes_times_alone_and_repeats(one_thread, monkeypatch):
+    """A seeded sampled run goes through the planner too, on an engine whose plans depend on no timing
+    (`BatchEngine.fix_plans`) and on no earlier run: the same seed gives the same tokens after runs
+    of other seeds (whose acceptance would otherwise be the next run's prior), even when every pass
+    then seems to take 10 s (a planner refining its times would stop drafting, and the draws would
+    follow). The draft is another model, so acceptance varies."""
+    import specdec.engine.batch as batch_module
+
+    pipe = _pipe({"method": "sps", "options": {"gamma": 2}}, draft_seed=1)
+    handle, first = _run(pipe, sampling=SAMPLED, seed=5)
+    assert isinstance(handle, PlannedRun) and len(first) == 24
+    engine = pipe._fixed_engine
+    assert engine is not pipe.__dict__.get("_solo_engine") and engine.fixed_plans
+    assert handle.last_stats.draft_tokens > 0 and engine.last_step.plan is not None  # the planner priced its steps
+    points = {key: dict(t.points) for key, t in engine.times.items()}
+    others = [_run(pipe, sampling=SAMPLED, seed=seed)[1] for seed in (6, 7, 8)]
+    assert any(out != first for out in others)
+    clock = iter(range(0, 10**9, 10))
+    with monkeypatch.context() as slow:
+        slow.setattr(batch_module.time, "perf_counter", lambda: float(next(clock)))
+        assert _run(pipe, sampling=SAMPLED, seed=5)[1] == first
+    assert {key: dict(t.points) for key, t in engine.times.items()} == points
+
+
+def test_fixed_plans_need_one_sequence_and_assumed_times():
+    pipe = _pipe({"method": "sps", "options": {"gamma": 2}})
+    with pytest.raises(ValueError, match="one sequence"):
+        pipe.batch_engine(max_batch_size=2, adaptive=True).fix_plans()
+    with pytest.raises(ValueError, match="assume_times"):
+        pipe.batch_engine(max_batch_size=1, adaptive=True).fix_plans()
+
+
 def test_auto_keeps_its_own_decoder_where_the_planner_does_not_apply(one_thread):
     pipe = _pipe({"method": "sps", "options": {"gamma": 2}})
     handle, _ = _run(pipe, sampling=SAMPLED)  # unseeded: random either way
     assert isinstance(handle, PlannedRun)
-    # A seeded sampled run repeats itself: the planner's timing-driven choices would change its draws.
-    seeded = [_run(pipe, sampling=SAMPLED, seed=5) for _ in range(2)]
+    untimed = Pipeline.from_models(tiny_lm("llama", 0), None, tiny_lm("llama", 0))
+    save_profile({"version": PROFILE_VERSION, "key": untimed.profile_key(SAMPLED), "fingerprint": fingerprint("cpu"),
+                  "winner": {"label": "sps", "method": "sps", "options": {"gamma": 2}}})
+    # A seeded sampled run whose profile has no pass times to plan from keeps auto's own decoder.
+    seeded = [_run(untimed, sampling=SAMPLED, seed=5) for _ in range(2)]
     assert all(isinstance(h, SpeculativeDecoder) for h, _ in seeded) and seeded[0][1] == seeded[1][1]
     for opts in ({"no_planner": True}, {"no_fallback": True}, {"sequoia_mode": "greedy"}):
         handle, _ = _run(pipe, 8, **opts)

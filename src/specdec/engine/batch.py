@@ -263,6 +263,8 @@ class BatchEngine:
         """What recent sequences accepted per drafted level: a new sequence's prior."""
         self.free_rate = FreeRate(decay=POOL_DECAY)
         """How recent sequences' free trees fared against their estimates: a new sequence's prior."""
+        self.fixed_plans = False
+        """Whether every plan is a function of the request's own text and draws (`fix_plans`)."""
         self.free_drafts = True
         """With `adaptive`: a sequence the planner gives no draft proposes a free tree where it pays."""
         self.prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
@@ -422,6 +424,10 @@ class BatchEngine:
                 events.append(StepEvent(rid, [], "error", None, exc))
 
     def _start(self, rid: int, request: BatchRequest) -> _Sequence:
+        if self.fixed_plans:  # each request from the engine's start, not from the ones before it
+            self.acceptance = Acceptance(decay=POOL_DECAY, prior_weight=POOL_PRIOR_WEIGHT)
+            self.free_rate = FreeRate(decay=POOL_DECAY)
+            self.modes = ModeRates()
         target_row = self.target.new_row()
         draft_rows: list[LanguageModel] = []
         try:
@@ -497,6 +503,20 @@ class BatchEngine:
             for k, ms in table.items():
                 self.times[key].calibrated(int(k), float(ms) / 1e3)
 
+    def fix_plans(self) -> None:
+        """Plan from the pass times as assumed (`assume_times`), which the steps no longer refine,
+        each request from the engine's initial acceptance rather than the requests' before it: every
+        plan is then a function of the request's own text and draws, so a seeded sampled request is
+        planned too and still repeats its output (a run's draws follow what it drafts). One sequence
+        at a time: beside others, a sequence's plan would depend on theirs. What `Pipeline` runs a
+        seeded sampled `auto` generation through."""
+        if self.max_batch_size != 1 or not self.limits.adaptive:
+            raise ValueError("fixed plans need an adaptive engine of one sequence (max_batch_size=1): beside "
+                             "others, a sequence's plan would depend on theirs")
+        if not self.times["target"].known:
+            raise ValueError("fixed plans start from assumed pass times: call assume_times first")
+        self.fixed_plans = True
+
     @staticmethod
     def _timed(fn: Callable[[], Any]) -> float:
         t0 = time.perf_counter()
@@ -507,7 +527,8 @@ class BatchEngine:
         """run_calls, its wall time recorded as one pass of that many tokens (`self.times[key]`)."""
         t0 = time.perf_counter()
         outs = run_calls(calls)
-        self.times[key].observe(sum(c.size for c in calls), time.perf_counter() - t0)
+        if not self.fixed_plans:
+            self.times[key].observe(sum(c.size for c in calls), time.perf_counter() - t0)
         return outs
 
     # ---- fills (prompts, long catch-ups) and the prefix cache --------------------------------------
@@ -636,12 +657,13 @@ class BatchEngine:
 
         A seeded sampled request keeps its method's depth: its random draws depend on what it drafts,
         and the planner's choices depend on timings, so adapting it would make its output change from
-        run to run (greedy output never depends on the drafts, unseeded output is random anyway)."""
+        run to run (greedy output never depends on the drafts, unseeded output is random anyway);
+        except with `fixed_plans`, where no plan depends on timings."""
         if not info.drafting:
             return {s: 0 for s in starting}
         if not self.limits.adaptive or not starting:
             return {}
-        adaptable = [s for s in starting if planner_adapts(s.request.sampling, s.request.seed)]
+        adaptable = [s for s in starting if self.fixed_plans or planner_adapts(s.request.sampling, s.request.seed)]
         ready = [s for s in adaptable if s.prompt_fill is None]
         if self._still_quiet(ready, adaptable):
             info.depths = [0] * len(ready)

@@ -429,13 +429,14 @@ class Pipeline:
     ) -> tuple[SpeculativeDecoder | PlannedRun, Iterator[list[int]]]:
         """The decoder (whose `last_stats` fill in as it runs) and an iterator of token chunks.
 
-        `auto` (greedy, or sampled without a seed) decodes through the batch engine's per-step planner
-        as one sequence where the tune found drafting pays (`methods.auto.planned_request`); its
-        `PlannedRun` holds `last_stats` as a decoder does."""
+        `auto` decodes through the batch engine's per-step planner as one sequence where the tune
+        found drafting pays (`methods.auto.planned_request`); a seeded sampled run through one whose
+        plans depend on no timing (`BatchEngine.fix_plans`), so that it repeats. Its `PlannedRun`
+        holds `last_stats` as a decoder does."""
         ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
         planned = self.auto_plan(sampling, seed, **opts) if method == "auto" else None
         if planned is not None:
-            return self._planned_stream(ids, planned, max_new_tokens, sampling)
+            return self._planned_stream(ids, planned, max_new_tokens, sampling, seed)
         dec = self.decoder(method, sampling, **opts)
         generator = None
         if not sampling.greedy:
@@ -447,34 +448,48 @@ class Pipeline:
     def auto_plan(self, sampling: SamplingConfig = SamplingConfig(), seed: int | None = None,
                   **opts: Any) -> Planned | None:
         """What `auto` with these options runs through the per-step planner (`methods.auto.planned_request`),
-        or None where it decodes with its own drafter: a seeded sampled run (`planner_adapts`), or a
-        target the engine cannot give rows (`models.batch.SerialModel`). Tunes on first use, as `auto` does."""
-        if not planner_adapts(sampling, seed):
-            return None
+        or None where it decodes with its own drafter: a target the engine cannot give rows
+        (`models.batch.SerialModel`), or a seeded sampled run whose profile has no pass times to plan
+        from. Tunes on first use, as `auto` does."""
         planned = planned_request(self.context(sampling), get_method("auto").make_options(dict(opts)))
-        if planned is None or isinstance(self._planner(planned).target, SerialModel):
+        if planned is None:
+            return None
+        engine = self._planner(planned, planner_adapts(sampling, seed))
+        if engine is None or isinstance(engine.target, SerialModel):
             return None
         return planned
 
-    def _planner(self, planned: Planned) -> BatchEngine:
-        """The one-sequence adaptive engine `auto` decodes through, made on first use and kept (its
-        measurements and acceptance priors carry over); it starts from the tune's pass times where the
-        profile has them, and the steps refine them, rather than probing the models for seconds first."""
-        engine = getattr(self, "_solo_engine", None)
+    def _planner(self, planned: Planned, adapts: bool = True) -> BatchEngine | None:
+        """The one-sequence adaptive engine `auto` decodes through, made on first use and kept; it
+        starts from the tune's pass times where the profile has them rather than probing the models
+        for seconds first. Where the planner `adapts` (greedy, or sampled without a seed) the steps
+        refine those times and the acceptance priors carry over from run to run; else (a seeded
+        sampled run, which must repeat) a second engine plans from the tune's times alone
+        (`BatchEngine.fix_plans`; None where the profile has none)."""
+        ms = {key: {int(k): float(v) for k, v in (planned.timing.get(f"{key}_ms") or {}).items()}
+              for key in ("target", "draft")}
+        timed = bool(ms["target"]) and bool(ms["draft"] or not self.draft_lms)
+        name = "_solo_engine" if adapts else "_fixed_engine"
+        engine = getattr(self, name, None)
         if engine is None:
-            engine = self._solo_engine = self.batch_engine(max_batch_size=1, adaptive=True)
-            ms = {key: {int(k): float(v) for k, v in (planned.timing.get(f"{key}_ms") or {}).items()}
-                  for key in ("target", "draft")}
-            if ms["target"] and (ms["draft"] or not self.draft_lms):
+            if not adapts and not timed:
+                return None
+            engine = self.batch_engine(max_batch_size=1, adaptive=True)
+            if timed:
                 engine.assume_times(ms["target"], ms["draft"])
+            if not adapts:
+                engine.fix_plans()
+            setattr(self, name, engine)
         return engine
 
-    def _planned_stream(self, ids: list[int], planned: Planned, max_new_tokens: int,
-                        sampling: SamplingConfig) -> tuple[PlannedRun, Iterator[list[int]]]:
-        engine, run = self._planner(planned), PlannedRun(planned)
+    def _planned_stream(self, ids: list[int], planned: Planned, max_new_tokens: int, sampling: SamplingConfig,
+                        seed: int | None = None) -> tuple[PlannedRun, Iterator[list[int]]]:
+        engine, run = self._planner(planned, planner_adapts(sampling, seed)), PlannedRun(planned)
+        assert engine is not None  # `auto_plan` said it plans
 
         def chunks() -> Iterator[list[int]]:
-            rid = engine.submit(BatchRequest(ids, max_new_tokens, planned.method, planned.options, sampling))
+            request = BatchRequest(ids, max_new_tokens, planned.method, planned.options, sampling, seed)
+            rid = engine.submit(request)
             done = False
             try:
                 while not done:

@@ -7,12 +7,13 @@ used (unreadable, older, from other hardware, left by an interrupted tune), the 
 once and saves it; without a tuner the problem is reported with the command that fixes it. The
 winner is built through the registry like any method, so it is verified by its own exact rule.
 
-Where the winner drafts, a request (greedy, or sampled without a seed) does not run the winner as
-it was tuned: it runs as a sequence of the batch engine's per-step planner (`planned_request`,
-docs/algorithms.md §19.5) — alone for `Pipeline.stream`, beside the others in an adaptive engine
-(`serve`, `generate_batch`) — which chooses each step's depth, or a free tree, from measured pass
-times and this prompt's acceptance. `build` is auto as one decoder: the winner and the bandit over
-the tune's best candidates (§19), what the other runs use.
+Where the winner drafts, a request does not run the winner as it was tuned: it runs as a sequence
+of the batch engine's per-step planner (`planned_request`, docs/algorithms.md §19.5) — alone for
+`Pipeline.stream` (a seeded sampled one on an engine whose plans depend on no timing, so that it
+repeats), beside the others in an adaptive engine (`serve`, `generate_batch`; greedy or unseeded
+requests only) — which chooses each step's depth, or a free tree, from pass times and this
+prompt's acceptance. `build` is auto as one decoder: the winner and the bandit over the tune's
+best candidates (§19), what the other runs use.
 """
 
 from __future__ import annotations
@@ -80,8 +81,9 @@ class Planned(NamedTuple):
 
 
 def planner_adapts(sampling: SamplingConfig, seed: int | None) -> bool:
-    """Whether a run may go through the per-step planner: greedy, or sampled without a seed. A seeded
-    sampled run must repeat its output, and the planner's choices follow timings, so would its draws."""
+    """Whether a run may go through a per-step planner that follows measured timings: greedy, or sampled
+    without a seed. A seeded sampled run must repeat its output, and its draws follow what it drafts;
+    alone it may go through one whose plans follow no timing (`BatchEngine.fix_plans`)."""
     return sampling.greedy or seed is None
 
 
