@@ -114,6 +114,30 @@ def test_a_seeded_sampled_run_is_planned_from_the_tunes_times_alone_and_repeats(
     assert {key: dict(t.points) for key, t in engine.times.items()} == points
 
 
+def _save(pipe: Pipeline, sampling: SamplingConfig, timing: dict, accept: float | None = None) -> None:
+    save_profile({"version": PROFILE_VERSION, "key": pipe.profile_key(sampling), "fingerprint": fingerprint("cpu"),
+                  "winner": {"label": "sps", "method": "sps", "options": {"gamma": 2}}, "timing": timing,
+                  **({"acceptance": {"chain": {"accept": [[accept] * 6] * 3}}} if accept is not None else {})})
+
+
+def test_a_seeded_run_starts_from_the_tunes_acceptance_and_its_own_profile(one_thread):
+    """The fixed planner's every run starts from the acceptance the tune measured for the pair (none at
+    all: the draft model never runs; all: it does), and from the profile's times now, whatever profile
+    the pipeline planned a seeded run for before (a retune)."""
+    for accept, drafts in ((0.0, False), (1.0, True)):
+        pipe = _pipe({"method": "sps", "options": {"gamma": 2}})
+        _save(pipe, SAMPLED, TIMING, accept)
+        handle, _ = _run(pipe, sampling=SAMPLED, seed=5)
+        assert isinstance(handle, PlannedRun) and (sum(handle.last_stats.draft_forward_calls) > 0) is drafts, accept
+    pipe = _pipe({"method": "sps", "options": {"gamma": 2}}, draft_seed=1)
+    expected = _run(pipe, sampling=SAMPLED, seed=5)[1]
+    steep = {"target_ms": {"1": 10.0, "2": 20.0, "64": 640.0}, "draft_ms": {"1": 9.0, "64": 576.0}}
+    _save(pipe, SAMPLED, steep, 0.2)
+    assert _run(pipe, sampling=SAMPLED, seed=5)[1] != expected
+    _save(pipe, SAMPLED, TIMING)
+    assert _run(pipe, sampling=SAMPLED, seed=5)[1] == expected
+
+
 def test_fixed_plans_need_one_sequence_and_assumed_times():
     pipe = _pipe({"method": "sps", "options": {"gamma": 2}})
     with pytest.raises(ValueError, match="one sequence"):

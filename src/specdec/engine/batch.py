@@ -60,7 +60,7 @@ from specdec.engine.build import build_decoder, parse_options
 from specdec.engine.cost import cost_ratios
 from specdec.engine.decoder import DecodeRun, SpeculativeDecoder
 from specdec.engine.schedule import (
-    CALIBRATION_SIZES, POOL_DECAY, POOL_PRIOR_WEIGHT, Acceptance, Candidate, FreeRate, Load, ModeRates, PassTimes,
+    CALIBRATION_SIZES, POOL_DECAY, POOL_PRIOR_WEIGHT, PRIOR_ACCEPTANCE, Acceptance, Candidate, FreeRate, Load, ModeRates, PassTimes,
     Plan, free_gain_floor, path_floors, plan_step, price_depths, take_free, with_free,
 )
 from specdec.engine.stats import DecodeStats
@@ -265,6 +265,8 @@ class BatchEngine:
         """How recent sequences' free trees fared against their estimates: a new sequence's prior."""
         self.fixed_plans = False
         """Whether every plan is a function of the request's own text and draws (`fix_plans`)."""
+        self.fixed_for: Any = None
+        """What the owner fixed the plans for (`Pipeline` keeps the auto plan it was made for)."""
         self.free_drafts = True
         """With `adaptive`: a sequence the planner gives no draft proposes a free tree where it pays."""
         self.prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
@@ -425,7 +427,7 @@ class BatchEngine:
 
     def _start(self, rid: int, request: BatchRequest) -> _Sequence:
         if self.fixed_plans:  # each request from the engine's start, not from the ones before it
-            self.acceptance = Acceptance(decay=POOL_DECAY, prior_weight=POOL_PRIOR_WEIGHT)
+            self.acceptance = Acceptance(decay=POOL_DECAY, prior_weight=POOL_PRIOR_WEIGHT, start=self._fixed_prior)
             self.free_rate = FreeRate(decay=POOL_DECAY)
             self.modes = ModeRates()
         target_row = self.target.new_row()
@@ -503,19 +505,23 @@ class BatchEngine:
             for k, ms in table.items():
                 self.times[key].calibrated(int(k), float(ms) / 1e3)
 
-    def fix_plans(self) -> None:
+    def fix_plans(self, acceptance: float | None = None) -> None:
         """Plan from the pass times as assumed (`assume_times`), which the steps no longer refine,
-        each request from the engine's initial acceptance rather than the requests' before it: every
-        plan is then a function of the request's own text and draws, so a seeded sampled request is
-        planned too and still repeats its output (a run's draws follow what it drafts). One sequence
-        at a time: beside others, a sequence's plan would depend on theirs. What `Pipeline` runs a
-        seeded sampled `auto` generation through."""
+        each request from the same acceptance prior (`acceptance`, e.g. what the tune measured for
+        this pair; else `PRIOR_ACCEPTANCE`) rather than the requests' before it: every plan is then
+        a function of the request's own text and draws, so a seeded sampled request is planned too
+        and still repeats its output (a run's draws follow what it drafts). One sequence at a time:
+        beside others, a sequence's plan would depend on theirs. What `Pipeline` runs a seeded
+        sampled `auto` generation through."""
         if self.max_batch_size != 1 or not self.limits.adaptive:
             raise ValueError("fixed plans need an adaptive engine of one sequence (max_batch_size=1): beside "
                              "others, a sequence's plan would depend on theirs")
         if not self.times["target"].known:
             raise ValueError("fixed plans start from assumed pass times: call assume_times first")
+        if acceptance is not None and not 0.0 <= acceptance <= 1.0:
+            raise ValueError(f"an acceptance prior is a probability, got {acceptance!r}")
         self.fixed_plans = True
+        self._fixed_prior = PRIOR_ACCEPTANCE if acceptance is None else float(acceptance)
 
     @staticmethod
     def _timed(fn: Callable[[], Any]) -> float:

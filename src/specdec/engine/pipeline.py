@@ -464,13 +464,16 @@ class Pipeline:
         starts from the tune's pass times where the profile has them rather than probing the models
         for seconds first. Where the planner `adapts` (greedy, or sampled without a seed) the steps
         refine those times and the acceptance priors carry over from run to run; else (a seeded
-        sampled run, which must repeat) a second engine plans from the tune's times alone
-        (`BatchEngine.fix_plans`; None where the profile has none)."""
+        sampled run, which must repeat) a second engine plans from the tune's times alone, each run
+        from the acceptance the tune measured (`BatchEngine.fix_plans`; None where the profile has no
+        times)."""
         ms = {key: {int(k): float(v) for k, v in (planned.timing.get(f"{key}_ms") or {}).items()}
               for key in ("target", "draft")}
         timed = bool(ms["target"]) and bool(ms["draft"] or not self.draft_lms)
         name = "_solo_engine" if adapts else "_fixed_engine"
         engine = getattr(self, name, None)
+        if engine is not None and not adapts and engine.fixed_for != planned:
+            engine = None  # another profile: its plans must follow this one's, whatever ran before
         if engine is None:
             if not adapts and not timed:
                 return None
@@ -478,7 +481,8 @@ class Pipeline:
             if timed:
                 engine.assume_times(ms["target"], ms["draft"])
             if not adapts:
-                engine.fix_plans()
+                engine.fix_plans(planned.acceptance)
+                engine.fixed_for = planned
             setattr(self, name, engine)
         return engine
 
