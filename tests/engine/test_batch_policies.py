@@ -177,10 +177,12 @@ def test_a_request_in_a_dip_of_the_load_fills_its_draft_model_only_once_the_load
     prompt = _prompts(7, seed=1)[6] * 3
     engine = pipe.batch_engine(max_batch_size=2, prefill_chunk=LANE_FILL, adaptive=True)
     _plant(engine, _times({1: 0.05, 8: 0.05, 64: 0.4}), _times({1: 0.005, 64: 0.32}))  # flat to 8 tokens
-    engine.usual_batch = 8.0
     keys: list[str] = []
     run = engine._run_timed
     engine._run_timed = lambda key, calls: keys.append(key) or run(key, calls)
+    short = engine.submit(BatchRequest(_prompts(2, seed=4)[0], 2, "ar"))
+    engine.step()  # the engine was idle: its usual size restarts at 1
+    engine.usual_batch = 8.0  # as if 7 others had just left the short request
     rid = engine.submit(BatchRequest(prompt, 200, "sps", {"gamma": 3}))
     out: list[int] = []
     plain_tokens = 0
@@ -188,9 +190,30 @@ def test_a_request_in_a_dip_of_the_load_fills_its_draft_model_only_once_the_load
         out += [t for ev in engine.step() if ev.request_id == rid for t in ev.tokens]
         if "draft" not in keys:
             plain_tokens = len(out)
-    assert out == pipe.generate(prompt, "sps", 200, gamma=3).token_ids
+    assert short != rid and out == pipe.generate(prompt, "sps", 200, gamma=3).token_ids
     assert plain_tokens >= 5  # decoded plainly while the usual load was high
     assert "draft" in keys and engine.usual_batch < 2
+
+
+def test_the_usual_batch_size_rises_at_once_and_an_idle_engine_forgets_it(tiny, one_thread):
+    """Four requests make the usual size 4 on their first step; it falls slowly as they finish, and a
+    request that finds the engine idle starts it again at 1 (a lone client after a busy spell drafts
+    at once rather than decode plainly for tens of steps)."""
+    target, draft = tiny
+    pipe = Pipeline.from_models(target, None, draft)
+    engine = pipe.batch_engine(max_batch_size=4, adaptive=True)
+    _plant(engine, FLAT, _times({1: 0.005, 64: 0.32}))
+    prompts = _prompts(4, seed=2)
+    for prompt in prompts:
+        engine.submit(BatchRequest(prompt, 6, "sps", {"gamma": 2}))
+    engine.step()
+    assert engine.usual_batch == 4
+    while engine.has_work():
+        engine.step()
+    assert engine.usual_batch > 3
+    engine.submit(BatchRequest(prompts[0], 4, "sps", {"gamma": 2}))
+    engine.step()
+    assert engine.usual_batch == 1
 
 
 def test_a_request_joining_a_drafting_batch_fills_its_draft_model_only_where_that_pays(tiny, one_thread):

@@ -90,60 +90,109 @@ def test_a_model_free_winner_leaves_the_planner_the_model_where_a_model_draft_al
     assert planned_request(losing.context(GREEDY), opts) == Planned("pld", {"gamma": 2}, TIMING)
 
 
+def _save(pipe: Pipeline, sampling: SamplingConfig, timing: dict) -> None:
+    save_profile({"version": PROFILE_VERSION, "key": pipe.profile_key(sampling), "fingerprint": fingerprint("cpu"),
+                  "winner": {"label": "sps", "method": "sps", "options": {"gamma": 2}}, "timing": timing})
+
+
+def _fixed_engines(pipe: Pipeline, monkeypatch) -> list[BatchEngine]:
+    """Every engine the pipeline makes for a seeded sampled run, as it makes them."""
+    made: list[BatchEngine] = []
+    make = pipe._fixed_planner
+    monkeypatch.setattr(pipe, "_fixed_planner", lambda planned: made.append(make(planned)) or made[-1])
+    return made
+
+
 def test_a_seeded_sampled_run_is_planned_from_the_tunes_times_alone_and_repeats(one_thread, monkeypatch):
-    """A seeded sampled run goes through the planner too, on an engine whose plans depend on no timing
-    (`BatchEngine.fix_plans`) and on no earlier run: the same seed gives the same tokens after runs
-    of other seeds (whose acceptance would otherwise be the next run's prior), even when every pass
-    then seems to take 10 s (a planner refining its times would stop drafting, and the draws would
-    follow). The draft is another model, so acceptance varies."""
+    """A seeded sampled run goes through the planner too, on an engine made for it whose plans depend on
+    no timing (`BatchEngine.fix_plans`): the same seed gives the same tokens after runs of other
+    seeds, even when every pass then seems to take 10 s (a planner refining its times would stop
+    drafting, and the draws would follow). The draft is another model, so acceptance varies."""
     import specdec.engine.batch as batch_module
 
     pipe = _pipe({"method": "sps", "options": {"gamma": 2}}, draft_seed=1)
+    made = _fixed_engines(pipe, monkeypatch)
     handle, first = _run(pipe, sampling=SAMPLED, seed=5)
-    assert isinstance(handle, PlannedRun) and len(first) == 24
-    engine = pipe._fixed_engine
-    assert engine is not pipe.__dict__.get("_solo_engine") and engine.fixed_plans
-    assert handle.last_stats.draft_tokens > 0 and engine.last_step.plan is not None  # the planner priced its steps
-    points = {key: dict(t.points) for key, t in engine.times.items()}
+    assert isinstance(handle, PlannedRun) and len(first) == 24 and len(made) == 1
+    assert made[0].fixed_plans and made[0] is not pipe._solo_engine
+    assert handle.last_stats.draft_tokens > 0 and made[0].last_step.plan is not None  # the planner priced its steps
     others = [_run(pipe, sampling=SAMPLED, seed=seed)[1] for seed in (6, 7, 8)]
     assert any(out != first for out in others)
     clock = iter(range(0, 10**9, 10))
     with monkeypatch.context() as slow:
         slow.setattr(batch_module.time, "perf_counter", lambda: float(next(clock)))
         assert _run(pipe, sampling=SAMPLED, seed=5)[1] == first
+
+
+def test_a_fixed_engine_ignores_its_timings_and_the_requests_before(one_thread, monkeypatch):
+    """The engine itself, reused: pass times stay as assumed and each request starts from the initial
+    priors, so a request repeats after others and under any clock (mutations: the times refined, the
+    priors carried over; both fail it)."""
+    import specdec.engine.batch as batch_module
+    from specdec.engine.batch import BatchRequest
+
+    pipe = _pipe({"method": "sps", "options": {"gamma": 2}}, draft_seed=1)
+    engine = pipe.batch_engine(max_batch_size=1, adaptive=True)
+    engine.assume_times({int(k): v for k, v in TIMING["target_ms"].items()},
+                        {int(k): v for k, v in TIMING["draft_ms"].items()})
+    engine.fix_plans()
+
+    def run(seed: int) -> list[int]:
+        return engine.run_all([BatchRequest(PROMPT, 24, "sps", {"gamma": 6}, SAMPLED, seed)])[0][0]
+
+    first = run(5)
+    points = {key: dict(t.points) for key, t in engine.times.items()}
+    assert any(run(seed) != first for seed in (6, 7, 8))
+    clock = iter(range(0, 10**9, 10))
+    with monkeypatch.context() as slow:
+        slow.setattr(batch_module.time, "perf_counter", lambda: float(next(clock)))
+        assert run(5) == first
     assert {key: dict(t.points) for key, t in engine.times.items()} == points
 
 
-def _save(pipe: Pipeline, sampling: SamplingConfig, timing: dict, accept: float | None = None) -> None:
-    save_profile({"version": PROFILE_VERSION, "key": pipe.profile_key(sampling), "fingerprint": fingerprint("cpu"),
-                  "winner": {"label": "sps", "method": "sps", "options": {"gamma": 2}}, "timing": timing,
-                  **({"acceptance": {"chain": {"accept": [[accept] * 6] * 3}}} if accept is not None else {})})
-
-
-def test_a_seeded_run_starts_from_the_tunes_acceptance_and_its_own_profile(one_thread):
-    """The fixed planner's every run starts from the acceptance the tune measured for the pair (none at
-    all: the draft model never runs; all: it does), and from the profile's times now, whatever profile
-    the pipeline planned a seeded run for before (a retune)."""
-    for accept, drafts in ((0.0, False), (1.0, True)):
-        pipe = _pipe({"method": "sps", "options": {"gamma": 2}})
-        _save(pipe, SAMPLED, TIMING, accept)
-        handle, _ = _run(pipe, sampling=SAMPLED, seed=5)
-        assert isinstance(handle, PlannedRun) and (sum(handle.last_stats.draft_forward_calls) > 0) is drafts, accept
+def test_a_seeded_run_follows_the_profile_now_and_streams_interleave(one_thread):
+    """A retune changes a seeded run's plans (its pass times), and changing it back gives the same
+    tokens again, whatever ran in between; two seeded streams read in turns give each its own tokens."""
     pipe = _pipe({"method": "sps", "options": {"gamma": 2}}, draft_seed=1)
     expected = _run(pipe, sampling=SAMPLED, seed=5)[1]
     steep = {"target_ms": {"1": 10.0, "2": 20.0, "64": 640.0}, "draft_ms": {"1": 9.0, "64": 576.0}}
-    _save(pipe, SAMPLED, steep, 0.2)
+    _save(pipe, SAMPLED, steep)
     assert _run(pipe, sampling=SAMPLED, seed=5)[1] != expected
     _save(pipe, SAMPLED, TIMING)
     assert _run(pipe, sampling=SAMPLED, seed=5)[1] == expected
+    other = _run(pipe, sampling=SAMPLED, seed=6)[1]
+    streams = [pipe.stream(PROMPT, "auto", 24, sampling=SAMPLED, seed=s)[1] for s in (5, 6)]
+    outs: list[list[int]] = [[], []]
+    live = [True, True]
+    while any(live):
+        for i, chunks in enumerate(streams):
+            if live[i]:
+                chunk = next(chunks, None)
+                live[i] = chunk is not None
+                outs[i] += chunk or []
+    assert outs == [expected, other]
 
 
-def test_fixed_plans_need_one_sequence_and_assumed_times():
+def test_fixed_plans_refuse_what_would_make_plans_depend_on_other_requests():
+    from specdec.engine.batch import BatchRequest
+
     pipe = _pipe({"method": "sps", "options": {"gamma": 2}})
+    target_ms, draft_ms = {1: 10.0}, {1: 1.0}
     with pytest.raises(ValueError, match="one sequence"):
         pipe.batch_engine(max_batch_size=2, adaptive=True).fix_plans()
+    with pytest.raises(ValueError, match="one sequence"):
+        pipe.batch_engine(max_batch_size=1, adaptive=True, prefix_cache_mb=1).fix_plans()
     with pytest.raises(ValueError, match="assume_times"):
         pipe.batch_engine(max_batch_size=1, adaptive=True).fix_plans()
+    half = pipe.batch_engine(max_batch_size=1, adaptive=True)
+    half.assume_times(target_ms, {})
+    with pytest.raises(ValueError, match="assume_times"):
+        half.fix_plans()
+    busy = pipe.batch_engine(max_batch_size=1, adaptive=True)
+    busy.assume_times(target_ms, draft_ms)
+    busy.submit(BatchRequest(PROMPT, 4, "sps"))
+    with pytest.raises(ValueError, match="before the first request"):
+        busy.fix_plans()
 
 
 def test_auto_keeps_its_own_decoder_where_the_planner_does_not_apply(one_thread):

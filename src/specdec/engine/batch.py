@@ -33,7 +33,8 @@ Independently, with more than `spec_disable_batch_size` sequences running, a ste
 (vLLM's disable-by-batch-size). The verifiers are exact whatever was drafted, so both change speed only —
 and which random draws a sampled sequence makes: its distribution is the same, but a seeded request
 repeats its output exactly only while the batch stays at or below the threshold (None = never
-disable). The planner leaves seeded sampled requests at their method's depth for that reason.
+disable). The planner leaves seeded sampled requests at their method's depth for that reason,
+except on a one-sequence engine whose plans follow no timing (`BatchEngine.fix_plans`).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from specdec.engine.build import build_decoder, parse_options
 from specdec.engine.cost import cost_ratios
 from specdec.engine.decoder import DecodeRun, SpeculativeDecoder
 from specdec.engine.schedule import (
-    CALIBRATION_SIZES, POOL_DECAY, POOL_PRIOR_WEIGHT, PRIOR_ACCEPTANCE, Acceptance, Candidate, FreeRate, Load, ModeRates, PassTimes,
+    CALIBRATION_SIZES, POOL_DECAY, POOL_PRIOR_WEIGHT, Acceptance, Candidate, FreeRate, Load, ModeRates, PassTimes,
     Plan, free_gain_floor, path_floors, plan_step, price_depths, take_free, with_free,
 )
 from specdec.engine.stats import DecodeStats
@@ -98,7 +99,8 @@ USUAL_DECAY = 0.97
 """The batch's usual size (`BatchEngine.usual_batch`) rises at once with the running count and falls
 towards it with this weight per step on the old value: about the last 30 steps, half a short
 request's life, so the gap between one client's request and its next does not lower it, while a
-lasting fall of the load does within a second or two."""
+lasting fall does over tens of steps (from 4 to 3 in ~25, from 8 to 1 in ~85; ~1-3 s here). An
+engine that ran idle starts again from the count it then has."""
 FREE_DEPTH = 6
 FREE_BUDGET = 8
 """Deepest level and most nodes of a free tree (the text's own continuations, proposed where the planner
@@ -257,16 +259,12 @@ class BatchEngine:
         self.times = {"target": PassTimes(load=load), "draft": PassTimes(load=load)}
         """Measured seconds per pass by tokens (`engine.schedule`): `calibrate` and every step feed them;
         one load factor for both, since they share the cores."""
-        self.modes = ModeRates()
-        """How steps with drafts and without measured against the planner's predictions, per batch size."""
-        self.acceptance = Acceptance(decay=POOL_DECAY, prior_weight=POOL_PRIOR_WEIGHT)
-        """What recent sequences accepted per drafted level: a new sequence's prior."""
-        self.free_rate = FreeRate(decay=POOL_DECAY)
-        """How recent sequences' free trees fared against their estimates: a new sequence's prior."""
+        self.modes, self.acceptance, self.free_rate = self._fresh_pools()
+        """modes: how steps with drafts and without measured against the planner's predictions, per
+        batch size; acceptance: what recent sequences accepted per drafted level, and free_rate: how
+        their free trees fared against their estimates, a new sequence's priors."""
         self.fixed_plans = False
         """Whether every plan is a function of the request's own text and draws (`fix_plans`)."""
-        self.fixed_for: Any = None
-        """What the owner fixed the plans for (`Pipeline` keeps the auto plan it was made for)."""
         self.free_drafts = True
         """With `adaptive`: a sequence the planner gives no draft proposes a free tree where it pays."""
         self.prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
@@ -335,7 +333,8 @@ class BatchEngine:
         """An `auto` request as the planner runs it, where it adapts this request's depth (greedy, or
         sampled without a seed): the method and options of `methods.auto.planned_request`
         (docs/algorithms.md §19.5) rather than auto's own bandit, whose shapes the planner would cap."""
-        if request.method != "auto" or not self.limits.adaptive or not planner_adapts(request.sampling, request.seed):
+        if request.method != "auto" or not self.limits.adaptive or \
+                not (self.fixed_plans or planner_adapts(request.sampling, request.seed)):
             return request
         ctx = self.context(request.sampling, self.target_lm, self.draft_lms)
         planned = planned_request(ctx, request.options)  # type: ignore[arg-type]  # auto's, parsed by submit
@@ -369,15 +368,16 @@ class BatchEngine:
         t0 = time.perf_counter()
         events: list[StepEvent] = []
         info = StepInfo()
+        idle = not self._running
         self._planned, self._free, self._free_gains = {}, {}, torch.zeros(0, dtype=torch.float64)
         if self.limits.adaptive and not self._calibrated and not self._running:
             self.calibrate()
         self._apply_aborts(events)
         self._admit(events, info)
         info.running = len(self._running)
-        if self._running:
+        if self._running:  # an engine that was idle forgets the load it had
             n = len(self._running)
-            self.usual_batch = max(float(n), USUAL_DECAY * self.usual_batch + (1 - USUAL_DECAY) * n)
+            self.usual_batch = float(n) if idle else max(float(n), USUAL_DECAY * self.usual_batch + (1 - USUAL_DECAY) * n)
         self._fill_lane(info, events)
         self._propose(info, events)
         if not info.fill_tokens and any(s.parked is not None for s in self._running):
@@ -427,9 +427,7 @@ class BatchEngine:
 
     def _start(self, rid: int, request: BatchRequest) -> _Sequence:
         if self.fixed_plans:  # each request from the engine's start, not from the ones before it
-            self.acceptance = Acceptance(decay=POOL_DECAY, prior_weight=POOL_PRIOR_WEIGHT, start=self._fixed_prior)
-            self.free_rate = FreeRate(decay=POOL_DECAY)
-            self.modes = ModeRates()
+            self.modes, self.acceptance, self.free_rate = self._fresh_pools()
         target_row = self.target.new_row()
         draft_rows: list[LanguageModel] = []
         try:
@@ -505,23 +503,26 @@ class BatchEngine:
             for k, ms in table.items():
                 self.times[key].calibrated(int(k), float(ms) / 1e3)
 
-    def fix_plans(self, acceptance: float | None = None) -> None:
+    def fix_plans(self) -> None:
         """Plan from the pass times as assumed (`assume_times`), which the steps no longer refine,
-        each request from the same acceptance prior (`acceptance`, e.g. what the tune measured for
-        this pair; else `PRIOR_ACCEPTANCE`) rather than the requests' before it: every plan is then
-        a function of the request's own text and draws, so a seeded sampled request is planned too
+        each request from the engine's initial priors rather than the requests' before it, and with
+        no prefix cache (what a fill finds there depends on earlier requests): every plan is then a
+        function of the request's own text and draws, so a seeded sampled request is planned too
         and still repeats its output (a run's draws follow what it drafts). One sequence at a time:
         beside others, a sequence's plan would depend on theirs. What `Pipeline` runs a seeded
         sampled `auto` generation through."""
-        if self.max_batch_size != 1 or not self.limits.adaptive:
-            raise ValueError("fixed plans need an adaptive engine of one sequence (max_batch_size=1): beside "
-                             "others, a sequence's plan would depend on theirs")
-        if not self.times["target"].known:
-            raise ValueError("fixed plans start from assumed pass times: call assume_times first")
-        if acceptance is not None and not 0.0 <= acceptance <= 1.0:
-            raise ValueError(f"an acceptance prior is a probability, got {acceptance!r}")
+        if self.max_batch_size != 1 or not self.limits.adaptive or self.prefix is not None:
+            raise ValueError("fixed plans need an adaptive engine of one sequence (max_batch_size=1) without a "
+                             "prefix cache: otherwise a sequence's plan depends on other requests")
+        if not self.times["target"].known or (self.drafts and not self.times["draft"].known):
+            raise ValueError("fixed plans start from assumed pass times of every model: call assume_times first")
+        if self.has_work():
+            raise ValueError("fix the plans before the first request")
         self.fixed_plans = True
-        self._fixed_prior = PRIOR_ACCEPTANCE if acceptance is None else float(acceptance)
+
+    @staticmethod
+    def _fresh_pools() -> tuple[ModeRates, Acceptance, FreeRate]:
+        return ModeRates(), Acceptance(decay=POOL_DECAY, prior_weight=POOL_PRIOR_WEIGHT), FreeRate(decay=POOL_DECAY)
 
     @staticmethod
     def _timed(fn: Callable[[], Any]) -> float:
@@ -793,12 +794,12 @@ class BatchEngine:
         drafting unless it would pay in a batch of the usual size (`usual_batch`, the others decoding
         plainly). A fill bought in a dip of the load (a client between two requests) pays back only
         while the batch stays small; at the usual load its sequence would not draft again."""
-        extra = round(self.usual_batch) - len(cands)
+        extra = int(self.usual_batch + 0.5) - len(cands)
         if extra <= 0 or not any(c.backlog for c in cands):
             return cands
         plain = Candidate(0, [], 0.0, 0, False)
-        # Drafting against plain decoding alone: a free tree priced in a batch this step does not hold
-        # would make drafting look better than it is.
+        # Drafting against plain decoding alone: a free tree keeps the nodes priced for this step's
+        # batch, which in the padded one would make the plain choice dear and drafting look better.
         bare = [replace(c, free_gain=0.0, free_nodes=0) for c in cands]
         usual = plan_step([*bare, *[plain] * extra], self.times["target"], self.times["draft"], scale)
         return [replace(c, max_depth=0) if c.backlog and d == 0 else c for c, d in zip(cands, usual.depths)]

@@ -452,44 +452,47 @@ class Pipeline:
         (`models.batch.SerialModel`), or a seeded sampled run whose profile has no pass times to plan
         from. Tunes on first use, as `auto` does."""
         planned = planned_request(self.context(sampling), get_method("auto").make_options(dict(opts)))
-        if planned is None:
+        if planned is None or isinstance(self._solo_planner(planned).target, SerialModel):
             return None
-        engine = self._planner(planned, planner_adapts(sampling, seed))
-        if engine is None or isinstance(engine.target, SerialModel):
+        if not planner_adapts(sampling, seed) and self._tuned_times(planned) is None:
             return None
         return planned
 
-    def _planner(self, planned: Planned, adapts: bool = True) -> BatchEngine | None:
-        """The one-sequence adaptive engine `auto` decodes through, made on first use and kept; it
-        starts from the tune's pass times where the profile has them rather than probing the models
-        for seconds first. Where the planner `adapts` (greedy, or sampled without a seed) the steps
-        refine those times and the acceptance priors carry over from run to run; else (a seeded
-        sampled run, which must repeat) a second engine plans from the tune's times alone, each run
-        from the acceptance the tune measured (`BatchEngine.fix_plans`; None where the profile has no
-        times)."""
+    def _tuned_times(self, planned: Planned) -> dict[str, dict[int, float]] | None:
+        """The tune's pass times (ms by tokens) of the target and the draft; None where the profile lacks them."""
         ms = {key: {int(k): float(v) for k, v in (planned.timing.get(f"{key}_ms") or {}).items()}
               for key in ("target", "draft")}
-        timed = bool(ms["target"]) and bool(ms["draft"] or not self.draft_lms)
-        name = "_solo_engine" if adapts else "_fixed_engine"
-        engine = getattr(self, name, None)
-        if engine is not None and not adapts and engine.fixed_for != planned:
-            engine = None  # another profile: its plans must follow this one's, whatever ran before
+        return ms if ms["target"] and (ms["draft"] or not self.draft_lms) else None
+
+    def _solo_planner(self, planned: Planned) -> BatchEngine:
+        """The one-sequence adaptive engine `auto` decodes through where the planner follows timings
+        (greedy, or sampled without a seed), made on first use and kept: its measurements and
+        acceptance priors carry over from run to run. It starts from the tune's pass times where the
+        profile has them rather than probing the models for seconds first, and the steps refine them."""
+        engine = getattr(self, "_solo_engine", None)
         if engine is None:
-            if not adapts and not timed:
-                return None
-            engine = self.batch_engine(max_batch_size=1, adaptive=True)
-            if timed:
-                engine.assume_times(ms["target"], ms["draft"])
-            if not adapts:
-                engine.fix_plans(planned.acceptance)
-                engine.fixed_for = planned
-            setattr(self, name, engine)
+            engine = self._solo_engine = self.batch_engine(max_batch_size=1, adaptive=True)
+            times = self._tuned_times(planned)
+            if times is not None:
+                engine.assume_times(times["target"], times["draft"])
+        return engine
+
+    def _fixed_planner(self, planned: Planned) -> BatchEngine:
+        """A one-sequence engine for one seeded sampled run, which must repeat: made for the run, it plans
+        from the tune's pass times alone (`BatchEngine.fix_plans`), whatever ran before."""
+        times = self._tuned_times(planned)
+        if times is None:
+            raise ValueError("a seeded sampled auto run is planned from the tune's pass times, and its profile has none")
+        engine = self.batch_engine(max_batch_size=1, adaptive=True)
+        engine.assume_times(times["target"], times["draft"])
+        engine.fix_plans()
         return engine
 
     def _planned_stream(self, ids: list[int], planned: Planned, max_new_tokens: int, sampling: SamplingConfig,
                         seed: int | None = None) -> tuple[PlannedRun, Iterator[list[int]]]:
-        engine, run = self._planner(planned, planner_adapts(sampling, seed)), PlannedRun(planned)
-        assert engine is not None  # `auto_plan` said it plans
+        adapts = planner_adapts(sampling, seed)
+        engine = self._solo_planner(planned) if adapts else self._fixed_planner(planned)
+        run = PlannedRun(planned)
 
         def chunks() -> Iterator[list[int]]:
             request = BatchRequest(ids, max_new_tokens, planned.method, planned.options, sampling, seed)
@@ -506,6 +509,9 @@ class Pipeline:
                         done = bool(event.finished)
                         if event.tokens:
                             yield event.tokens
+                    if not done and not engine.has_work():  # its events went to another stream's loop
+                        raise RuntimeError("auto's one-sequence engine finished this request from another "
+                                           "stream's loop: consume one unseeded auto stream at a time")
             finally:
                 if not done:  # abandoned or failed: its rows are freed before the next run
                     engine.abort(rid)
@@ -563,7 +569,9 @@ class Pipeline:
 
         Result i is what `generate(prompts[i], method, max_new_tokens[i], sampling=…, seed=seed[i])`
         gives (token for token when greedy; for a seeded sampled request while the batch stays at or
-        below `spec_disable_batch_size`), except that the timings are those of the shared steps.
+        below `spec_disable_batch_size`, and for `auto` what it gives with `no_planner=True`: alone,
+        a seeded auto run goes through the planner), except that the timings are those of the shared
+        steps.
         `stop`: strings that end a completion (the text stops before the first; `stopped_by` "stop").
         """
         n = len(prompts)

@@ -229,8 +229,6 @@ class Acceptance:
     prior: "Acceptance | None" = None
     decay: float = DECAY
     prior_weight: float = PRIOR_WEIGHT
-    start: float = PRIOR_ACCEPTANCE
-    """Where an engine's (no `prior`) starts."""
 
     def observe(self, drafted_depth: int, accepted_depth: int) -> None:
         """One step that drafted `drafted_depth` levels and accepted `accepted_depth` of them (0 drafted:
@@ -255,7 +253,7 @@ class Acceptance:
 
     @property
     def rate(self) -> float:
-        start = self.prior.rate if self.prior is not None else self.start
+        start = self.prior.rate if self.prior is not None else PRIOR_ACCEPTANCE
         return (self.accepted + start * self.prior_weight) / (self.accepted + self.rejected + self.prior_weight)
 
 

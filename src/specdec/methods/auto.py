@@ -10,7 +10,7 @@ winner is built through the registry like any method, so it is verified by its o
 Where the winner drafts, a request does not run the winner as it was tuned: it runs as a sequence
 of the batch engine's per-step planner (`planned_request`, docs/algorithms.md §19.5) — alone for
 `Pipeline.stream` (a seeded sampled one on an engine whose plans depend on no timing, so that it
-repeats), beside the others in an adaptive engine (`serve`, `generate_batch`; greedy or unseeded
+repeats), beside the others in an adaptive engine (`serve`; greedy or unseeded
 requests only) — which chooses each step's depth, or a free tree, from pass times and this
 prompt's acceptance. `build` is auto as one decoder: the winner and the bandit over the tune's
 best candidates (§19), what the other runs use.
@@ -78,8 +78,6 @@ class Planned(NamedTuple):
     options: dict[str, Any]
     timing: dict[str, Any]
     """The tune's pass times ({"target_ms": {k: ms}, "draft_ms": …}), what the planner starts from."""
-    acceptance: float | None = None
-    """The draft model's per-level acceptance on the tune's texts (`tuned_acceptance`), where it drafts."""
 
 
 def planner_adapts(sampling: SamplingConfig, seed: int | None) -> bool:
@@ -110,16 +108,9 @@ def planned_request(ctx: MethodContext, opts: Options) -> Planned | None:
     if name == "ar":
         return None
     if get_method(name).loads_draft_model or (ctx.drafts and model_draft_pays(profile)):
-        return Planned("sps", {"gamma": PLANNER_DEPTH}, timing, tuned_acceptance(profile))
+        return Planned("sps", {"gamma": PLANNER_DEPTH}, timing)
     return Planned(name, dict(winner.get("options") or {}), timing)
 
-
-def tuned_acceptance(profile: dict[str, Any]) -> float | None:
-    """The mean chance that the draft model's chain token at a level is accepted, over the tune's chain
-    run (`tuning.quick`: every level of every step); None where the profile has no such run."""
-    rows = ((profile.get("acceptance") or {}).get("chain") or {}).get("accept") or []
-    values = [float(x) for row in rows if isinstance(row, list) for x in row if isinstance(x, (int, float))]
-    return sum(values) / len(values) if values else None
 
 
 def model_draft_pays(profile: dict[str, Any]) -> bool:
