@@ -376,8 +376,8 @@ class BatchEngine:
         self._admit(events, info)
         info.running = len(self._running)
         if self._running:  # an engine that was idle forgets the load it had
-            n = len(self._running)
-            self.usual_batch = float(n) if idle else max(float(n), USUAL_DECAY * self.usual_batch + (1 - USUAL_DECAY) * n)
+            n = float(len(self._running))
+            self.usual_batch = n if idle else max(n, USUAL_DECAY * self.usual_batch + (1 - USUAL_DECAY) * n)
         self._fill_lane(info, events)
         self._propose(info, events)
         if not info.fill_tokens and any(s.parked is not None for s in self._running):

@@ -482,7 +482,7 @@ class Pipeline:
         from the tune's pass times alone (`BatchEngine.fix_plans`), whatever ran before."""
         times = self._tuned_times(planned)
         if times is None:
-            raise ValueError("a seeded sampled auto run is planned from the tune's pass times, and its profile has none")
+            raise ValueError("a seeded sampled auto run plans from the tune's pass times; its profile has none")
         engine = self.batch_engine(max_batch_size=1, adaptive=True)
         engine.assume_times(times["target"], times["draft"])
         engine.fix_plans()

@@ -112,7 +112,6 @@ def planned_request(ctx: MethodContext, opts: Options) -> Planned | None:
     return Planned(name, dict(winner.get("options") or {}), timing)
 
 
-
 def model_draft_pays(profile: dict[str, Any]) -> bool:
     """Whether the tune expected some candidate that drafts with the draft model to beat plain decoding."""
     def drafts_with_model(method: Any) -> bool:
