@@ -243,3 +243,16 @@ def test_the_batch_engine_runs_auto_requests_as_the_planner_does(one_thread):
         assert methods == (["sps", "sps", "auto"] if adaptive else ["auto"] * 3)
         outs = engine.run_all([BatchRequest(PROMPT, 12, "auto")])
         assert outs[0][0] == ref
+
+
+def test_unseeded_streams_read_in_turns_fail_clearly_rather_than_hang(one_thread):
+    """Unseeded auto runs share the pipeline's one-row engine: reading a second stream to its end drives
+    the first request too, whose tokens that loop does not keep; the first stream then says so."""
+    pipe = _pipe({"method": "sps", "options": {"gamma": 2}})
+    first = pipe.stream(PROMPT, "auto", 24)[1]
+    assert next(first)
+    second = [t for chunk in pipe.stream(PROMPT, "auto", 24)[1] for t in chunk]
+    assert second == pipe.generate(PROMPT, "ar", 24).token_ids
+    with pytest.raises(RuntimeError, match="one unseeded auto stream at a time"):
+        list(first)
+    assert not pipe._solo_engine.has_work()
