@@ -512,11 +512,12 @@ def test_a_free_tree_is_judged_in_hindsight_where_the_model_drafted():
     assert (seq.free_rate.accepted, seq.free_rate.estimated) == pytest.approx((3, 4.5))
 
 
-def test_a_batch_that_plans_nothing_replans_one_step_in_four_and_at_once_when_it_changes(tiny, one_thread,
-                                                                                           monkeypatch):
+def test_a_batch_that_plans_nothing_replans_ever_less_often_and_at_once_when_it_changes(tiny, one_thread,
+                                                                                         monkeypatch):
     """Where the planner gives a full batch no draft and no free tree, the next `QUIET_STEPS` steps reuse
-    that plan instead of paying for planning again; a sequence leaving (or joining) ends the reuse.
-    Greedy output stays AR's."""
+    that plan instead of paying for planning again, twice as many after each further such plan (up to
+    `QUIET_MAX_STEPS`); a sequence leaving (or joining) ends the reuse. Greedy output stays AR's."""
+    from specdec.engine.batch import QUIET_MAX_STEPS, QUIET_STEPS
     import specdec.engine.batch as batch_module
 
     plans = []
@@ -527,7 +528,7 @@ def test_a_batch_that_plans_nothing_replans_one_step_in_four_and_at_once_when_it
     engine = pipe.batch_engine(max_batch_size=4, adaptive=True)
     _plant(engine, _times({1: 0.05, 16: 0.4}), COSTLY_DRAFT)  # neither drafts nor free trees pay
     engine.free_rate.accepted, engine.free_rate.estimated = 0.0, 1e6
-    prompts, news = _prompts(4, seed=6), [30, 30, 30, 10]  # leaves mid-way through a reuse
+    prompts, news = _prompts(4, seed=6), [60, 60, 60, 40]  # leaves mid-way through a reuse
     ids = [engine.submit(BatchRequest(p, k, "sps", {"gamma": 3})) for p, k in zip(prompts, news)]
     out = {i: [] for i in ids}
     planned_at = []
@@ -537,7 +538,9 @@ def test_a_batch_that_plans_nothing_replans_one_step_in_four_and_at_once_when_it
             out[ev.request_id] += ev.tokens
         planned_at.append((engine.last_step.running, len(plans) > before))
     assert [out[i] for i in ids] == [pipe.generate(p, "ar", k).token_ids for p, k in zip(prompts, news)]
-    full = [planned for running, planned in planned_at if running == 4]
+    full = [i for i, (running, planned) in enumerate(planned_at) if running == 4 and planned]
+    gaps = [b - a for a, b in zip(full, full[1:])]
+    skips = [min(QUIET_STEPS << k, QUIET_MAX_STEPS) + 1 for k in range(len(gaps))]
+    assert len(gaps) >= 4 and gaps == skips, (gaps, planned_at)  # 4, 7, 13, 13 ... steps apart
     three = [planned for running, planned in planned_at if running == 3]
-    assert len(full) > 8 and sum(full) <= len(full) // 4 + 2, full  # one step in QUIET_STEPS + 1 = 4
     assert three and three[0], ("a sequence left: the next step plans again", planned_at)

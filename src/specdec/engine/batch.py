@@ -89,11 +89,13 @@ MIN_FILL = 16
 """Fill tokens a step runs whatever the time bound, so that a long prompt always advances."""
 QUIET_STEPS = 3
 """After a plan that gave every running sequence nothing to draft and no free tree, the same batch
-skips this many steps' planning: on 2 cores the planner and its free lookups cost ~2 ms a step,
-6 % of a 4-sequence step, paid in full on the steps where speculating does not pay (the default pair
-at 4 clients: 0.92-0.98x the AR server). The next plan comes sooner if a sequence joins or leaves.
-Only batches of at least `QUIET_MIN_BATCH`: a lone sequence's step is where drafting pays most, and
-where a text that turns repetitive must be noticed at once."""
+skips this many steps' planning, twice as many after each further plan of nothing in a row, up to
+`QUIET_MAX_STEPS`: on 2 cores a plan and its free lookups cost ~4 ms, 10 % of a 4-sequence step,
+paid in full on the steps where speculating does not pay (the default pair at 4 clients: 0.92-0.98x
+the AR server). The next plan comes at once if a sequence joins or leaves. Only batches of at least
+`QUIET_MIN_BATCH`: a lone sequence's step is where drafting pays most, and where a text that turns
+repetitive must be noticed at once."""
+QUIET_MAX_STEPS = 12
 QUIET_MIN_BATCH = 3
 USUAL_DECAY = 0.97
 """The batch's usual size (`BatchEngine.usual_batch`) rises at once with the running count and falls
@@ -273,7 +275,8 @@ class BatchEngine:
         self._planned: dict[_Sequence, Candidate] = {}  # this step's candidates, when it planned for all
         self._free: dict[_Sequence, Scored] = {}  # this step's free trees
         self._free_gains = torch.zeros(0, dtype=torch.float64)  # their nodes' expected gains, as priced
-        self._quiet: tuple[frozenset[int], int] = (frozenset(), 0)  # (batch, steps left) of a plan of nothing
+        # of plans of nothing: (batch, steps left to skip, plans of nothing in a row)
+        self._quiet: tuple[frozenset[int], int, int] = (frozenset(), 0, 0)
         self.usual_batch = 1.0
         """Sequences running: at least the count now, falling slowly after a dip (`USUAL_DECAY`); what
         a draft model's fill is priced against (`_usual_caps`)."""
@@ -702,18 +705,20 @@ class BatchEngine:
         caps.update(self._filling_caps([s for s in adaptable if s.prompt_fill is not None], cands, depths, scale, probe))
         quiet = len(ready) == len(adaptable) == len(self._running) >= QUIET_MIN_BATCH and not any(depths) \
             and not info.free_nodes
-        self._quiet = (frozenset(s.request_id for s in ready), QUIET_STEPS if quiet else 0)
+        batch = frozenset(s.request_id for s in ready)
+        streak = self._quiet[2] + 1 if quiet and batch == self._quiet[0] else int(quiet)
+        self._quiet = (batch, min(QUIET_STEPS << max(streak - 1, 0), QUIET_MAX_STEPS) if quiet else 0, streak)
         return caps
 
     def _still_quiet(self, ready: list[_Sequence], adaptable: list[_Sequence]) -> bool:
         """Whether this step reuses the last plan of nothing (`QUIET_STEPS`): the same sequences, all
         ready and all adapted by the planner, none joined or left. Their free options are dropped, as
         a plan that looked none up would leave them (`_learn` judges only this step's)."""
-        batch, left = self._quiet
+        batch, left, streak = self._quiet
         same = len(ready) == len(adaptable) == len(self._running) and frozenset(s.request_id for s in ready) == batch
         if not (left > 0 and same):
             return False
-        self._quiet = (batch, left - 1)
+        self._quiet = (batch, left - 1, streak)
         for seq in ready:
             seq.free_option = None
         return True
