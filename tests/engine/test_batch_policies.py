@@ -245,6 +245,30 @@ def test_a_request_joining_a_drafting_batch_fills_its_draft_model_only_where_tha
     assert any(drafted)
 
 
+def test_a_draft_models_fill_beside_other_sequences_is_charged_to_drafting(tiny, one_thread):
+    """A request joining a drafting batch with a prompt too long for a proposal round fills its draft
+    model in the lane; those seconds are drafting's cost at that batch size (`ModeRates.charge`),
+    never plain decoding's. Outputs equal plain decoding's."""
+    target, draft = tiny
+    pipe = Pipeline.from_models(target, None, draft)
+    short, prompt = _prompts(2, seed=4)[0], _prompts(7, seed=1)[6] * 3
+    engine = pipe.batch_engine(max_batch_size=2, prefill_chunk=LANE_FILL, adaptive=True)
+    _plant(engine, FLAT, FREE)  # drafting pays: the joining request fills its draft model
+    charged: list[tuple[int, float]] = []
+    charge = engine.modes.charge
+    engine.modes.charge = lambda batch, seconds: charged.append((batch, seconds)) or charge(batch, seconds)
+    first = engine.submit(BatchRequest(short, 40, "sps", {"gamma": 3}))
+    out: dict[int, list[int]] = {first: [t for _ in range(2) for ev in engine.step() for t in ev.tokens]}
+    second = engine.submit(BatchRequest(prompt, 30, "sps", {"gamma": 3}))
+    out[second] = []
+    while engine.has_work():
+        for ev in engine.step():
+            out[ev.request_id] += ev.tokens
+    assert out[first] == pipe.generate(short, "sps", 40, gamma=3).token_ids
+    assert out[second] == pipe.generate(prompt, "sps", 30, gamma=3).token_ids
+    assert charged and all(batch == 2 and seconds > 0 for batch, seconds in charged), charged
+
+
 def test_a_draft_catch_up_parked_in_a_free_lane_runs_in_the_same_step(tiny, one_thread):
     """A sequence that decoded plainly for a while and then drafts owes its draft model a catch-up too
     long for a proposal round, which is parked in the fill lane; with the lane otherwise unused it

@@ -187,6 +187,24 @@ def test_mode_rates_weigh_drafting_by_what_it_measured_against_its_prediction():
     assert 0.9 < even.factor(2, True) < 1.0  # the older step weighs MODE_DECAY of the newer
 
 
+def test_a_draft_models_fills_count_against_drafting_at_that_batch_size():
+    """Steps that fill are never observed, so the seconds a draft model spends on fills (new prompts,
+    long catch-ups) are charged to drafting's sums at that size: they are what drafting costs there."""
+    from specdec.engine.schedule import ModeRates, Plan
+
+    modes = ModeRates()
+    modes.charge(4, 0.2)  # no drafting step of that size yet: nothing to weigh the charge by
+    assert modes.factor(4, True) is None
+    modes.observe(4, True, Plan([3] * 4, 8.0, 0.2), tokens=8, seconds=0.2)  # as predicted
+    modes.observe(4, False, Plan([0] * 4, 4.0, 0.1), tokens=4, seconds=0.1)
+    drafted = modes.factor(4, True)  # aged once by the plain step
+    modes.charge(4, modes.sums[(4, True)][2])  # fills as long as the drafting steps took
+    assert modes.factor(4, True) == pytest.approx(drafted / 2)
+    assert modes.factor(4, False) == pytest.approx(1.0)  # plain decoding never pays for them
+    modes.charge(2, 0.2)
+    assert modes.factor(2, True) is None and modes.factor(4, True) == pytest.approx(drafted / 2)
+
+
 def test_a_mode_judged_slow_is_believed_less_while_the_other_runs_and_tried_again():
     from specdec.engine.schedule import ModeRates, Plan
 

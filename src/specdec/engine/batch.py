@@ -571,12 +571,15 @@ class BatchEngine:
 
     def _run_fills(self, key: str, jobs: list[tuple[_Sequence, _Fill, ModelCall]], info: StepInfo,
                    events: list[StepEvent]) -> None:
+        t0 = time.perf_counter()
         try:
             outs = self._run_timed(key, [call for _, _, call in jobs])
         except Exception as exc:  # noqa: BLE001 - a failed shared pass fails the sequences in it
             for seq in dict.fromkeys(seq for seq, _, _ in jobs):
                 self._fail(seq, exc, events)
             return
+        if key == "draft":  # only drafting needs a draft model's fill
+            self.modes.charge(len(self._running), time.perf_counter() - t0)
         for (seq, fill, call), out in zip(jobs, outs):
             fill.done += call.size
             info.fill_tokens += call.size

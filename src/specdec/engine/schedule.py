@@ -172,8 +172,10 @@ class ModeRates:
     Every step of a batch size ages both modes' sums, so a mode that stopped running is believed
     less and less against the planner's prediction
     (`MODE_PRIOR_STEPS`): a mode judged slow is tried again in time, even where no probe can try it
-    (every sequence's draft model would first have to catch up). Only steps without prompt filling
-    count (a fill is neither mode's cost). Which mode runs never changes greedy output, only speed."""
+    (every sequence's draft model would first have to catch up). Steps that fill a prompt are not
+    observed (a target's fill is neither mode's cost); the seconds of a draft model's fills are
+    drafting's alone and are charged to it (`charge`). Which mode runs never changes greedy output,
+    only speed."""
 
     sums: dict[tuple[int, bool], list[float]] = field(default_factory=dict)
     """(batch bucket, drafted) -> decayed [tokens, expected tokens, seconds, predicted seconds, steps]."""
@@ -189,6 +191,16 @@ class ModeRates:
         self.sums[key] = [MODE_DECAY * o + n for o, n in zip(old, new)]
         if other in self.sums:  # ages alone: its factor stands, believed less
             self.sums[other] = [MODE_DECAY * o for o in self.sums[other]]
+
+    def charge(self, batch: int, seconds: float) -> None:
+        """Seconds a batch of `batch` sequences spent on draft-model fills (new prompts, long catch-ups),
+        added to the drafting steps' seconds at that size with no tokens: steps that fill are never
+        observed, and the planner shares a fill out over the tokens its sequence may still emit, which
+        at a load where drafting stops and restarts (and every new request needs a fill) it never
+        earns back. Before any drafting step of that size is observed there is nothing to weigh it by."""
+        s = self.sums.get((_bucket(batch), True))
+        if s is not None and seconds > 0:
+            s[2] += seconds
 
     def factor(self, batch: int, drafted: bool) -> float | None:
         """Measured over predicted commit rate of a mode at this batch size (None: not measured)."""
