@@ -214,12 +214,21 @@ def test_a_mode_judged_slow_is_believed_less_while_the_other_runs_and_tried_agai
         modes.observe(4, False, Plan([0] * 4, 4.0, 0.1), tokens=4, seconds=0.1)
     assert modes.spec_scale(4)[0] == pytest.approx(0.5, abs=0.05)  # many steps: believed as measured
     scales = []
-    for _ in range(200):  # the planner then decodes plainly: no drafting step measures again
+    for _ in range(1000):  # the planner then decodes plainly: no drafting step measures again
         modes.observe(4, False, Plan([0] * 4, 4.0, 0.1), tokens=4, seconds=0.1)
         scales.append(modes.belief(4, True) / modes.belief(4, False))
     assert modes.factor(4, True) == pytest.approx(0.5)  # what drafting measured stands ...
     assert all(a < b for a, b in zip(scales, scales[1:]))  # ... believed less with every plain step
-    assert scales[0] < 0.6 and scales[-1] > 0.99  # until the planner's prediction decides again
+    # ... slowly, as a mode that lost (MODE_LOSING_DECAY), until the planner's prediction decides again
+    assert scales[0] < 0.6 and scales[199] < 0.8 and scales[-1] > 0.99
+    # Drafting that measured better than plain decoding ages at MODE_DECAY's pace.
+    won = ModeRates()
+    for _ in range(60):
+        won.observe(4, True, Plan([3] * 4, 8.0, 0.2), tokens=8, seconds=0.1)
+        won.observe(4, False, Plan([0] * 4, 4.0, 0.1), tokens=4, seconds=0.1)
+    for _ in range(200):
+        won.observe(4, False, Plan([0] * 4, 4.0, 0.1), tokens=4, seconds=0.1)
+    assert won.factor(4, True) == pytest.approx(2.0) and won.spec_scale(4)[0] < 1.01
 
 
 def test_a_batch_whose_drafts_measured_slower_than_predicted_decodes_plainly():

@@ -150,6 +150,10 @@ MODE_PROBE_EVERY = 12
 slow is measured again."""
 MODE_DECAY = 0.95
 """Weight of a batch size's older steps against each new one of that batch size, either mode."""
+MODE_LOSING_DECAY = 0.99
+"""The same for drafting's steps while drafting is not run and measured worse than plain decoding at
+that batch size: a retry buys every lagging sequence's draft-model fill, so a mode that lost is
+believed ~5 times longer (~250 plain steps back to the prediction rather than ~50)."""
 MODE_PRIOR_STEPS = 1.0
 """Steps' worth of belief in the planner's own prediction (factor 1) that each mode's measured factor is
 weighed against: a factor from a few steps, or from steps long past, counts for little."""
@@ -190,7 +194,8 @@ class ModeRates:
         new = (float(tokens), plan.tokens, seconds, plan.seconds, 1.0)
         self.sums[key] = [MODE_DECAY * o + n for o, n in zip(old, new)]
         if other in self.sums:  # ages alone: its factor stands, believed less
-            self.sums[other] = [MODE_DECAY * o for o in self.sums[other]]
+            decay = MODE_LOSING_DECAY if other[1] and self._losing(other[0]) else MODE_DECAY
+            self.sums[other] = [decay * o for o in self.sums[other]]
 
     def charge(self, batch: int, seconds: float) -> None:
         """Seconds a batch of `batch` sequences spent on draft-model fills (new prompts, long catch-ups),
@@ -201,6 +206,10 @@ class ModeRates:
         s = self.sums.get((_bucket(batch), True))
         if s is not None and seconds > 0:
             s[2] += seconds
+
+    def _losing(self, bucket: int) -> bool:
+        spec, plain = self.factor(bucket, True), self.factor(bucket, False)
+        return spec is not None and plain is not None and spec < plain
 
     def factor(self, batch: int, drafted: bool) -> float | None:
         """Measured over predicted commit rate of a mode at this batch size (None: not measured)."""
