@@ -176,7 +176,8 @@ class ModeRates:
     Every step of a batch size ages both modes' sums, so a mode that stopped running is believed
     less and less against the planner's prediction
     (`MODE_PRIOR_STEPS`): a mode judged slow is tried again in time, even where no probe can try it
-    (every sequence's draft model would first have to catch up). Steps that fill a prompt are not
+    (every sequence's draft model would first have to catch up); drafting that lost to plain
+    decoding at that size after more time (`MODE_LOSING_DECAY`). Steps that fill a prompt are not
     observed (a target's fill is neither mode's cost); the seconds of a draft model's fills are
     drafting's alone and are charged to it (`charge`). Which mode runs never changes greedy output,
     only speed."""
