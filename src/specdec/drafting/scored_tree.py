@@ -27,8 +27,10 @@ def empty_scored() -> Scored:
 def continuation_trie(conts: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Merge token rows ([K, D], -1 after a row's end) into a trie by shared prefixes: (tokens [M],
     parents [M] (-1 = the root's child), depths [M], the node of each row at each depth [K, D]
-    (-1 = none)), nodes numbered depth by depth; one `unique` per depth."""
+    (-1 = none)), nodes numbered depth by depth; one `unique` per depth, of (parent, token) pairs
+    packed into one integer in the pairs' lexicographic order (a unique over rows sorts them slower)."""
     k, d = conts.shape
+    span = int(conts.max()) + 1 if conts.numel() else 1  # tokens per parent in the packed key
     node_of = torch.full((k, d), -1, dtype=torch.long)
     tokens, parents, depth = [], [], []
     prev = torch.full((k,), -1, dtype=torch.long)
@@ -38,12 +40,12 @@ def continuation_trie(conts: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         alive = alive & (conts[:, level] >= 0)
         if not bool(alive.any()):
             break
-        keys = torch.stack([prev[alive], conts[alive, level]], 1)  # (parent node, token) per row
-        uniq, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        keys = (prev[alive] + 1) * span + conts[alive, level]  # (parent node, token) per row
+        uniq, inverse = torch.unique(keys, return_inverse=True)
         node_of[alive, level] = inverse + count
         prev = node_of[:, level]
-        tokens.append(uniq[:, 1])
-        parents.append(uniq[:, 0])
+        tokens.append(uniq % span)
+        parents.append(uniq // span - 1)
         depth.append(torch.full((uniq.shape[0],), level, dtype=torch.long))
         count += uniq.shape[0]
     if not tokens:
