@@ -34,6 +34,15 @@ def test_pass_times_interpolate_and_stay_monotone():
     assert t.largest_within(0.08, 64) == 16 and t.largest_within(0.01, 64) == 0
 
 
+def test_one_size_is_predicted_as_the_tensor_path_predicts_it():
+    sizes = [0.5, 1, 2.5, 8, 12, 16, 40, 64, 100]
+    for t in (_times({1: 0.05, 8: 0.08, 16: 0.07, 64: 0.2}), _times({4: 0.03}), PassTimes()):
+        t.load.factor = 1.3
+        batch = t.predict(torch.tensor(sizes, dtype=torch.float64)).tolist()
+        assert [t.predict(k) for k in sizes] == pytest.approx(batch, rel=1e-12, abs=0.0)
+        assert all(isinstance(t.predict(k), float) for k in sizes)
+
+
 def test_planner_drafts_when_passes_are_flat_and_not_when_each_token_costs_a_pass():
     cands = [Candidate(4, CHAIN, 0.8), Candidate(4, CHAIN, 0.7)]
     assert plan_depths(cands, FLAT, FREE) == [4, 4]

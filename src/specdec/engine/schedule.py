@@ -22,6 +22,8 @@ exact.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -112,8 +114,12 @@ class PassTimes:
     def known(self) -> bool:
         return bool(self.points)
 
-    def predict(self, tokens: torch.Tensor | float) -> torch.Tensor:  # seconds, same shape
-        k = torch.as_tensor(tokens, dtype=torch.float64)
+    def predict(self, tokens: torch.Tensor | float) -> torch.Tensor | float:  # seconds, same shape
+        """Predicted seconds of a pass of `tokens`: a float for a number (the planner asks a dozen
+        single sizes a step, where tensor ops cost more than the arithmetic), else a tensor."""
+        if not isinstance(tokens, torch.Tensor):
+            return self._predict_one(float(tokens))
+        k = tokens.to(torch.float64)
         if not self.points:
             return torch.zeros_like(k)
         xs, ys = self._curve()
@@ -125,16 +131,36 @@ class PassTimes:
             out = torch.where(k <= xs[0], ys[0], y0 + (y1 - y0) * (k - x0) / (x1 - x0)).clamp_min(0.0)
         return out * self.load.factor
 
+    def _predict_one(self, k: float) -> float:
+        """`predict` of one size, in plain arithmetic on the same curve."""
+        if not self.points:
+            return 0.0
+        xs, ys = self._curve_lists()
+        if k <= xs[0]:
+            return ys[0] * self.load.factor
+        if len(xs) == 1:
+            return ys[0] * k / xs[0] * self.load.factor
+        i = min(max(bisect.bisect_left(xs, k), 1), len(xs) - 1)
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return max(y0 + (y1 - y0) * (k - x0) / (x1 - x0), 0.0) * self.load.factor
+
     def _curve(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The measured sizes and their seconds at load 1, made monotone (a bigger pass never costs less
         than a smaller one; timings are noisy); rebuilt only when a point has changed (the planner
         predicts a dozen times a step)."""
         key = tuple(self.points.items())
         if self._cached is None or self._cached[0] != key:
-            xs = torch.tensor(sorted(self.points), dtype=torch.float64)
-            ys = torch.tensor([self.points[int(x)] for x in xs], dtype=torch.float64)
-            self._cached = (key, xs, torch.cummax(ys, 0).values)
+            xs = sorted(self.points)
+            ys = list(itertools.accumulate((self.points[x] for x in xs), max))
+            self._cached = (key, torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64),
+                            [float(x) for x in xs], ys)
         return self._cached[1], self._cached[2]
+
+    def _curve_lists(self) -> tuple[list[float], list[float]]:
+        """`_curve` as Python lists."""
+        self._curve()
+        assert self._cached is not None
+        return self._cached[3], self._cached[4]
 
     def largest_within(self, seconds: float, cap: int) -> int:
         """The most tokens (≤ cap) whose pass is predicted to take at most `seconds` (0 if none)."""
