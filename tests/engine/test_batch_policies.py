@@ -167,14 +167,18 @@ def test_a_lone_request_fills_its_draft_model_only_where_drafting_pays_it_back(t
     assert ("draft" in keys) is drafts
 
 
-def test_a_request_in_a_dip_of_the_load_fills_its_draft_model_only_once_the_load_stays_low(tiny, one_thread):
-    """Where the batch usually holds 8 sequences and drafting pays only in a small batch, a request that
+@pytest.mark.parametrize("long_prompt", [True, False])
+def test_a_request_in_a_dip_of_the_load_fills_its_draft_model_only_once_the_load_stays_low(tiny, long_prompt,
+                                                                                         one_thread):
+    """Where the batch usually holds 12 sequences and drafting pays only in a small batch, a request that
     finds itself alone (a dip between two clients' requests) first decodes plainly rather than fill its
-    draft model's prompt, which would pay back only while the batch stays small; once the batch has
-    stayed small (`usual_batch`) it fills and drafts. Its output equals plain decoding's."""
+    draft model's prompt (a long one: a fill of its own; a short one: a catch-up in its first draft
+    pass), which would pay back only while the batch stays small; once the batch has stayed small
+    (`usual_batch`) it fills and drafts. Its output equals plain decoding's."""
     target, draft = tiny
     pipe = Pipeline.from_models(target, None, draft)
-    prompt = _prompts(7, seed=1)[6] * 3
+    prompt = _prompts(7, seed=1)[6] * 3 if long_prompt else _prompts(7, seed=1)[6][:12]
+    assert (len(prompt) > LANE_FILL) is long_prompt and len(prompt) > 4
     engine = pipe.batch_engine(max_batch_size=2, prefill_chunk=LANE_FILL, adaptive=True)
     _plant(engine, _times({1: 0.05, 8: 0.05, 64: 0.4}), _times({1: 0.005, 64: 0.32}))  # flat to 8 tokens
     keys: list[str] = []
@@ -182,7 +186,7 @@ def test_a_request_in_a_dip_of_the_load_fills_its_draft_model_only_once_the_load
     engine._run_timed = lambda key, calls: keys.append(key) or run(key, calls)
     short = engine.submit(BatchRequest(_prompts(2, seed=4)[0], 2, "ar"))
     engine.step()  # the engine was idle: its usual size restarts at 1
-    engine.usual_batch = 8.0  # as if 7 others had just left the short request
+    engine.usual_batch = 12.0  # as if 11 others had just left the short request
     rid = engine.submit(BatchRequest(prompt, 200, "sps", {"gamma": 3}))
     out: list[int] = []
     plain_tokens = 0

@@ -798,19 +798,23 @@ class BatchEngine:
         return {s: 0 for s, depth in zip(filling, plan.depths[len(ready):]) if depth == 0}
 
     def _usual_caps(self, cands: list[Candidate], scale: float) -> list[Candidate]:
-        """`cands`, those whose draft model needs a fill of its own (`Candidate.backlog`) kept from
-        drafting unless it would pay in a batch of the usual size (`usual_batch`, the others decoding
-        plainly). A fill bought in a dip of the load (a client between two requests) pays back only
-        while the batch stays small; at the usual load its sequence would not draft again."""
+        """`cands`, those whose draft model fell behind (a fill of its own, `Candidate.backlog`, or a
+        catch-up of more than the last step's tokens, `Candidate.catch_up`) kept from drafting unless
+        it would pay in a batch of the usual size (`usual_batch`, the others decoding plainly). A
+        catch-up bought in a dip of the load (clients between two requests) pays back only while the
+        batch stays small; at the usual load its sequence would not draft again (seen at 4 clients:
+        two sequences left alone a moment caught up ~20 tokens each and drafted, a 200 ms step for a
+        few tokens, and the next requests arrived on the following step)."""
         extra = int(self.usual_batch + 0.5) - len(cands)
-        if extra <= 0 or not any(c.backlog for c in cands):
+        behind = [bool(c.backlog) or c.catch_up > 1 for c in cands]
+        if extra <= 0 or not any(behind):
             return cands
         plain = Candidate(0, [], 0.0, 0, False)
         # Drafting against plain decoding alone: a free tree keeps the nodes priced for this step's
         # batch, which in the padded one would make the plain choice dear and drafting look better.
         bare = [replace(c, free_gain=0.0, free_nodes=0) for c in cands]
         usual = plan_step([*bare, *[plain] * extra], self.times["target"], self.times["draft"], scale)
-        return [replace(c, max_depth=0) if c.backlog and d == 0 else c for c, d in zip(cands, usual.depths)]
+        return [replace(c, max_depth=0) if b and d == 0 else c for c, b, d in zip(cands, behind, usual.depths)]
 
     def _candidate(self, seq: _Sequence) -> Candidate:
         dec, run = seq.decoder, seq.run
