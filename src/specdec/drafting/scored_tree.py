@@ -30,7 +30,7 @@ def continuation_trie(conts: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     (-1 = none)), nodes numbered depth by depth; one `unique` per depth, of (parent, token) pairs
     packed into one integer in the pairs' lexicographic order (a unique over rows sorts them slower)."""
     k, d = conts.shape
-    span = int(conts.max()) + 1 if conts.numel() else 1  # tokens per parent in the packed key
+    span = max(int(conts.max()) + 1, 1) if conts.numel() else 1  # tokens per parent in the packed key
     node_of = torch.full((k, d), -1, dtype=torch.long)
     tokens, parents, depth = [], [], []
     prev = torch.full((k,), -1, dtype=torch.long)

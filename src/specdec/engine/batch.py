@@ -799,7 +799,7 @@ class BatchEngine:
 
     def _usual_caps(self, cands: list[Candidate], scale: float) -> list[Candidate]:
         """`cands`, those whose draft model fell behind (a fill of its own, `Candidate.backlog`, or a
-        catch-up of more than the last step's tokens, `Candidate.catch_up`) kept from drafting unless
+        catch-up longer than a drafting step leaves, `Candidate.catch_up` > 1) kept from drafting unless
         it would pay in a batch of the usual size (`usual_batch`, the others decoding plainly). A
         catch-up bought in a dip of the load (clients between two requests) pays back only while the
         batch stays small; at the usual load its sequence would not draft again (seen at 4 clients:
