@@ -60,25 +60,29 @@ def measure_forward(
     path: str = "",
     min_seconds: float = 0.0,
 ) -> ForwardProfile:
-    """t(k) for each k: a chain of k tokens scored after a committed prefix (never committed)."""
+    """t(k) for each k: a chain of k tokens scored after a committed prefix (never committed), the
+    median of `repeats` rounds (more until `min_seconds` have passed). Each round times every k once:
+    a slow spell of a shared machine then slows one round of every size, which the median drops,
+    rather than several repeats of one size (seen: t(1) timed first, right after the prefix, read 36
+    ms where interleaved rounds read 31, so t(8)/t(1) looked flatter than it was)."""
     gen = torch.Generator().manual_seed(0)
     vocab = lm.vocab_size
     lm.reset(context + max(ks) + 1)
     lm.forward(torch.randint(0, vocab, (context,), generator=gen), last_only=True)
     lm.commit(context)
     lm.forward(torch.randint(0, vocab, (1,), generator=gen))  # warm-up
-    prof = ForwardProfile(path, context)
-    for k in ks:
-        block = torch.randint(0, vocab, (k,), generator=gen)
-        times = []
-        start = time.perf_counter()
-        while len(times) < repeats or time.perf_counter() - start < min_seconds:
+    blocks = {k: torch.randint(0, vocab, (k,), generator=gen) for k in ks}
+    times: dict[int, list[float]] = {k: [] for k in ks}
+    start = time.perf_counter()
+    while len(times[ks[0]]) < repeats or time.perf_counter() - start < min_seconds:
+        for k in ks:
             t0 = time.perf_counter()
-            lm.forward(block)
+            lm.forward(blocks[k])
             if lm.device.type == "cuda":
                 torch.cuda.synchronize(lm.device)
-            times.append((time.perf_counter() - t0) * 1e3)
-        prof.ms[k] = statistics.median(times)
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    prof = ForwardProfile(path, context)
+    prof.ms = {k: statistics.median(v) for k, v in times.items()}
     lm.crop(0)
     return prof
 
