@@ -179,7 +179,8 @@ MODE_DECAY = 0.95
 MODE_LOSING_DECAY = 0.99
 """The same for drafting's steps while drafting is not run and measured worse than plain decoding at
 that batch size: a retry buys every lagging sequence's draft-model fill, so a mode that lost is
-believed ~5 times longer (~250 plain steps back to the prediction rather than ~50)."""
+believed ~5 times longer (~250 plain steps back to the prediction rather than ~50; steps that plan:
+a batch reusing a plan of nothing observes none)."""
 MODE_PRIOR_STEPS = 1.0
 """Steps' worth of belief in the planner's own prediction (factor 1) that each mode's measured factor is
 weighed against: a factor from a few steps, or from steps long past, counts for little."""
