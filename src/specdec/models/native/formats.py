@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["FORMATS", "BlockFormat", "UnsupportedFormat", "dequantize", "format_of", "random_blocks"]
+__all__ = ["FORMATS", "REQUANTIZABLE", "BlockFormat", "UnsupportedFormat", "dequantize", "format_of", "random_blocks",
+           "requantize"]
 
 
 class UnsupportedFormat(ValueError):
@@ -47,6 +48,10 @@ class BlockFormat:
         if cols % self.block_size:
             raise UnsupportedFormat(f"a {self.name} row needs a multiple of {self.block_size} values, got {cols}")
         return cols // self.block_size * self.type_size
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.type_size / self.block_size
 
 
 FORMATS: dict[str, BlockFormat] = {
@@ -168,6 +173,29 @@ def dequantize(blocks: Tensor, fmt: BlockFormat, cols: int) -> Tensor:
     rows = blocks.shape[0]
     per_block = blocks.reshape(rows, cols // fmt.block_size, fmt.type_size)
     return _DECODERS[fmt.name](per_block).reshape(rows, cols)
+
+
+# ---- requantizing -------------------------------------------------------------------------------
+
+REQUANTIZABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+"""The formats `requantize` writes (those the gguf package quantizes to)."""
+
+
+def requantize(blocks: Tensor, fmt: BlockFormat, cols: int, to: BlockFormat) -> tuple[Tensor, BlockFormat]:
+    """Rows of `fmt` quantized again as `to` where that reads fewer bytes: (blocks [rows, row bytes]
+    uint8, their format). Rows already as small as `to`, or whose length `to` cannot split into
+    blocks, come back unchanged. The values change (each block rounded to `to`'s grid), so this is
+    for a draft model only, whose values decide how often its drafts are accepted, never the output.
+    """
+    if to.name not in REQUANTIZABLE:
+        raise UnsupportedFormat(f"cannot quantize to {to.name} (can: {', '.join(REQUANTIZABLE)})")
+    if to.bits_per_weight >= fmt.bits_per_weight or cols % to.block_size:
+        return blocks, fmt
+    from gguf import GGMLQuantizationType, quants
+
+    values = dequantize(blocks, fmt, cols).numpy()
+    out = quants.quantize(values, GGMLQuantizationType(to.ggml_type))
+    return torch.from_numpy(out).reshape(blocks.shape[0], to.row_bytes(cols)), to
 
 
 # ---- synthetic blocks ----------------------------------------------------------------------------
