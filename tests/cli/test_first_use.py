@@ -16,7 +16,7 @@ import pytest
 import specdec
 import specdec.models.hub as hub
 from specdec.cli import main
-from specdec.cli.common import DEFAULT_METHOD, DTYPE_NAMES, WEIGHT_NAMES
+from specdec.cli.common import AUTO_DRAFT_QUANT_NAME, DEFAULT_METHOD, DRAFT_QUANT_NAMES, DTYPE_NAMES, WEIGHT_NAMES
 from specdec.engine.pipeline import DTYPES, Pipeline
 from specdec.models.hub.registry import DEFAULT_TARGET, KNOWN_MODELS, ModelError, check_known_pair, default_draft
 from tests.serving.server_helpers import save_tiny_checkpoints, tiny_tokenizer
@@ -79,9 +79,10 @@ def test_abbreviations_are_judged_among_all_flags(capsys):
 
 def test_cli_dtype_names_are_the_pipelines():
     assert sorted(DTYPE_NAMES) == sorted(DTYPES)
-    from specdec.models.backends import WEIGHTS
+    from specdec.models.backends import AUTO_DRAFT_QUANT, DRAFT_QUANTS, WEIGHTS
 
     assert sorted(WEIGHT_NAMES) == sorted(WEIGHTS)
+    assert DRAFT_QUANT_NAMES == DRAFT_QUANTS and AUTO_DRAFT_QUANT_NAME == AUTO_DRAFT_QUANT
     from specdec.engine.batch import BatchRequest
     from specdec.engine.pipeline import DEFAULT_METHOD as PIPELINE_DEFAULT
     from specdec.serving.app import create_app

@@ -45,7 +45,7 @@ def test_kept_logits_are_the_full_heads_bit_for_bit_and_the_rest_minus_inf(one_t
     untied = NativeModel.from_hf(model)
     with pytest.raises(ValueError, match="head's blocks"):
         untied.with_pruned_head(KEPT)
-    untied.head_source = lambda: (model.lm_head.blocks, model.lm_head.fmt, model.lm_head.in_features)
+    untied.head_source = lambda kept: (model.lm_head.blocks[kept], model.lm_head.fmt, model.lm_head.in_features)
     c, d = NativeLM(untied), NativeLM(untied.with_pruned_head(KEPT))
     for lm in (c, d):
         lm.reset(32)

@@ -184,7 +184,7 @@ def test_cli_generate_and_profile_with_native_weights(capsys, tmp_path):
                "--paths", "native", "--out", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
-    for role in ("target", "draft"):
+    for role, expected in (("target", ["native"]), ("draft", ["native", "native, Q4_0 (--draft-quant)"])):
         paths = [p["path"] for p in report["models"][role]["profiles"]]
-        assert paths == ["native"], paths
+        assert paths == expected, paths
         assert all(float(v) > 0 for p in report["models"][role]["profiles"] for v in p["ms"].values())

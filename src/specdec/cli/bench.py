@@ -53,6 +53,8 @@ def run_info_of(args: argparse.Namespace, device: str, tp_size: int) -> dict[str
         run_info["row_invariant"] = args.row_invariant
     if args.draft_vocab is not None:
         run_info["draft_vocab"] = args.draft_vocab
+    if getattr(args, "draft_quant", "auto") != "auto":
+        run_info["draft_quant"] = args.draft_quant
     if args.batch_size != 1:
         run_info["batch_size"] = check_positive_int("--batch-size", args.batch_size)
     return run_info
@@ -75,6 +77,7 @@ def resolved_command(args: argparse.Namespace, settings: BenchSettings, device: 
     argv += ["--draft-weights", args.draft_weights] if args.draft_weights else []
     argv += ["--row-invariant", args.row_invariant] if args.row_invariant != "auto" else []
     argv += ["--draft-vocab", str(args.draft_vocab)] if args.draft_vocab is not None else []
+    argv += ["--draft-quant", args.draft_quant] if getattr(args, "draft_quant", "auto") != "auto" else []
     argv += ["--batch-size", str(args.batch_size)] if args.batch_size != 1 else []
     argv += ["--per-task", str(args.per_task)] if args.per_task is not None else []
     argv += ["--tasks", args.tasks] if args.tasks else []

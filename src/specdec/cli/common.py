@@ -30,6 +30,9 @@ DTYPE_NAMES = ("bfloat16", "float16", "float32")
 """The names of `engine.pipeline.DTYPES` (a test keeps them equal), without importing torch."""
 WEIGHT_NAMES = ("auto", "dense", "native")
 """The names of `models.hub.load.WEIGHTS` (a test keeps them equal), without importing torch."""
+DRAFT_QUANT_NAMES = ("auto", "file", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+AUTO_DRAFT_QUANT_NAME = "Q4_0"
+"""`models.backends.DRAFT_QUANTS` and `AUTO_DRAFT_QUANT` (a test keeps them equal), without torch."""
 DRAFT_FREE_METHOD = "pld"
 """The method of a run that names no --method and has no draft model (prompt lookup needs none)."""
 
@@ -98,6 +101,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="keep only the N most frequent tokens in the draft's output head (a cheaper draft step; the target "
         "still verifies over its whole vocabulary, so only acceptance and speed change); auto (default) = 32768 "
         "for heads of at least 65536 tokens; 0 = the whole head",
+    )
+    p.add_argument(
+        "--draft-quant", default="auto", choices=list(DRAFT_QUANT_NAMES),
+        help="how a native draft stores its linear layers and head: file = the GGUF file's blocks; Q4_0 ... Q8_0 = "
+        "its wider layers requantized to that format at load (fewer bytes a draft pass reads; the target still "
+        f"verifies every token, so only acceptance and speed change); auto (default) = {AUTO_DRAFT_QUANT_NAME}",
     )
     p.add_argument(
         "--weights", default="auto", choices=WEIGHT_NAMES,
@@ -301,6 +310,7 @@ def load_pipeline(args: argparse.Namespace, need_draft: bool) -> Pipeline:
                 offload=bool(getattr(args, "offload", False)), tensor_parallel_size=tp_size,
                 weights=args.weights, draft_weights=args.draft_weights,
                 row_invariant=getattr(args, "row_invariant", "auto"), draft_vocab=getattr(args, "draft_vocab", None),
+                draft_quant=getattr(args, "draft_quant", "auto"),
             )
     except BaseException:
         if rank0:

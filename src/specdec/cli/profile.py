@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from specdec.cli.common import device_of, forget_measurements
+from specdec.cli.common import AUTO_DRAFT_QUANT_NAME, DRAFT_QUANT_NAMES, device_of, forget_measurements
 from specdec.core.hardware import describe, fingerprint
 from specdec.core.store import cache_dir
 from specdec.engine.pipeline import DEFAULT_TARGET, DTYPES
@@ -67,18 +67,25 @@ def _dense_profiles(name: str, args: argparse.Namespace, paths: list[str], ks: t
     return profiles, kernels
 
 
-def _native_profile(role: str, name: str, args: argparse.Namespace, ks: tuple[int, ...]) -> ForwardProfile | None:
+def _native_profile(role: str, name: str, args: argparse.Namespace, ks: tuple[int, ...]) -> list[ForwardProfile]:
+    """The file's blocks on the native kernels, and for a draft its requantized copy (`--draft-quant`)."""
     from specdec.models.hub import ModelError
     from specdec.models.hub.load import load_native_lm
     from specdec.models.native import kernels
+    from specdec.models.native.formats import format_of
 
     try:
         lm, _, _ = load_native_lm(name, progress=True)
     except ModelError as exc:
         _say(f"{role} {name}: no native path ({exc})")
-        return None
+        return []
     _say(f"{role} {name}: native on {type(lm).__name__}, kernels built for {kernels.cpu_isa()}")
-    return _timed(lm, "native", args, ks)
+    profiles = [_timed(lm, "native", args, ks)]
+    lm = None  # free the blocks before the requantized copy loads
+    if role == "draft" and args.draft_quant != "file":
+        requantized, _, _ = load_native_lm(name, progress=True, requantize_to=format_of(args.draft_quant))
+        profiles.append(_timed(requantized, f"native, {args.draft_quant} (--draft-quant)", args, ks))
+    return profiles
 
 
 def _invariant_profile(name: str, args: argparse.Namespace, ks: tuple[int, ...], device: str) -> ForwardProfile:
@@ -131,8 +138,7 @@ def _profile_model(role: str, name: str, args: argparse.Namespace, ks: tuple[int
         raise ValueError(f"--paths takes 'default' or a comma-separated subset of {','.join(PATHS)}, got {args.paths!r}")
     profiles: list[ForwardProfile] = []
     if "native" in paths:
-        native = _native_profile(role, name, args, ks)
-        profiles += [native] if native is not None else []
+        profiles += _native_profile(role, name, args, ks)
     dense, kernels = _dense_profiles(name, args, paths, ks, device)
     profiles += dense
     if role == "target" and args.dtype != "float32" and dense:
@@ -197,6 +203,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-vocab", type=int, default=32768, metavar="N",
                    help="also time a dense draft with its output head pruned to the N most frequent tokens (default "
                    "32768; 0 = skip)")
+    p.add_argument("--draft-quant", default=AUTO_DRAFT_QUANT_NAME, choices=[q for q in DRAFT_QUANT_NAMES if q != "auto"],
+                   help="also time a native draft requantized to this format, as `--draft-quant` loads it (default "
+                   f"{AUTO_DRAFT_QUANT_NAME}; file = skip)")
     p.add_argument("--remeasure", action="store_true",
                    help="forget this machine's cached measurements (linear paths, draft precision, weights choice) "
                    "first and measure them again (do it on a quiet machine: later loads reuse what is measured)")

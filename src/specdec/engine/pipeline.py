@@ -117,9 +117,9 @@ def check_text(text: str, what: str = "the prompt") -> None:
 
 
 def _check_load_options(*, weights: str, draft_weights: str, draft_dtype: str | None, draft_vocab: int | str | None,
-                        tensor_parallel_size: int, offload: bool, row_invariant: str) -> None:
+                        tensor_parallel_size: int, offload: bool, row_invariant: str, draft_quant: str = "auto") -> None:
     """Refuse combinations that cannot load, before anything is read (one line each)."""
-    from specdec.models.backends import WEIGHTS
+    from specdec.models.backends import DRAFT_QUANTS, WEIGHTS
     from specdec.models.dense.draft_precision import DRAFT_PRECISIONS
 
     for name, value in (("weights", weights), ("draft weights", draft_weights)):
@@ -128,6 +128,11 @@ def _check_load_options(*, weights: str, draft_weights: str, draft_dtype: str | 
     choices = (*DRAFT_PRECISIONS, "auto")
     if draft_dtype is not None and draft_dtype not in choices:
         raise ValueError(f"draft dtype must be one of {', '.join(choices)}, got {draft_dtype!r}")
+    if draft_quant not in DRAFT_QUANTS:
+        raise ValueError(f"draft quant must be one of {', '.join(DRAFT_QUANTS)}, got {draft_quant!r}")
+    if draft_quant not in ("auto", "file") and (draft_weights == "dense" or draft_dtype not in (None, "auto", "float32")):
+        raise ValueError(f"--draft-quant {draft_quant} requantizes a native draft's GGUF blocks; a dense draft takes "
+                         "--draft-dtype instead")
     if row_invariant not in ("auto", "on", "off"):
         raise ValueError(f"row_invariant must be auto, on or off, got {row_invariant!r}")
     from specdec.drafting.vocab import resolve_draft_vocab
@@ -190,6 +195,7 @@ class Pipeline:
         draft_weights: str | None = None,
         row_invariant: str = "auto",
         draft_vocab: int | str | None = "auto",
+        draft_quant: str = "auto",
     ) -> None:
         """Load the models.
 
@@ -221,12 +227,16 @@ class Pipeline:
             target still verifies and emits over its full vocabulary, so only acceptance and speed
             change. "auto" (default): 32 768 for heads of at least 65 536 tokens
             (`drafting.vocab.resolve_draft_vocab`), where it measured faster; None or 0: whole heads.
+        draft_quant: how native drafts store their linear layers and head: "file" (the GGUF file's
+            blocks), a smaller block format ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0") that the wider
+            layers are requantized to at load (`native.formats.requantize`), or "auto" (default:
+            `backends.AUTO_DRAFT_QUANT`). A cheaper draft pass; only acceptance and speed change.
         """
         draft_names = [draft] if isinstance(draft, str) else list(draft or [])
         draft_weights = draft_weights or weights
         _check_load_options(weights=weights, draft_weights=draft_weights, draft_dtype=draft_dtype,
                             draft_vocab=draft_vocab, tensor_parallel_size=tensor_parallel_size, offload=offload,
-                            row_invariant=row_invariant)
+                            row_invariant=row_invariant, draft_quant=draft_quant)
         say = _progress_printer(progress)
         _check_drafts(target, draft_names)
         invariant = row_invariant == "on" or (row_invariant == "auto" and dtype in (torch.bfloat16, torch.float16))
@@ -241,7 +251,8 @@ class Pipeline:
         draft_vocab = resolve_draft_vocab(draft_vocab, loaded.lm.vocab_size)
         drafts = [self._load_draft(name, draft_weights, device=device, dtype=dtype, draft_dtype=draft_dtype,
                                    fast_linear=fast_linear, draft_vocab=draft_vocab, optional=optional,
-                                   tokenizer=loaded.tokenizer, progress=progress, say=say) for name in draft_names]
+                                   draft_quant=draft_quant, tokenizer=loaded.tokenizer, progress=progress, say=say)
+                  for name in draft_names]
         if optional and draft_vocab is not None and any(d.pruned_head is False for d in drafts):
             draft_vocab = None  # the profile key names a pruned head only where there is one
         self._assemble(target, draft, loaded, drafts, device=device, dtype=dtype, draft_vocab=draft_vocab,
@@ -269,7 +280,7 @@ class Pipeline:
     @staticmethod
     def _load_draft(name: str, weights: str, *, device: str | torch.device, dtype: torch.dtype,
                     draft_dtype: str | None, fast_linear: str, draft_vocab: int | None, optional: bool,
-                    tokenizer: Any, progress: bool, say: Callable[[str], None]) -> LoadedModel:
+                    draft_quant: str, tokenizer: Any, progress: bool, say: Callable[[str], None]) -> LoadedModel:
         from specdec.models import backends
 
         dense_only = draft_dtype not in (None, "auto", "float32")
@@ -283,7 +294,9 @@ class Pipeline:
                 raise ValueError("a pruned draft head needs the tokenizer to count token frequencies")
             keep = functools.partial(lambda n, size: tokens_to_keep(tokenizer, size, n), int(draft_vocab))
         if chosen == "native":
-            loaded = backends.load_native(name, progress=progress, say=say, keep_tokens=keep, optional=optional)
+            quant = backends.AUTO_DRAFT_QUANT if draft_quant == "auto" else draft_quant
+            loaded = backends.load_native(name, progress=progress, say=say, keep_tokens=keep, optional=optional,
+                                          quant=quant)
         else:
             precision = str(dtype).replace("torch.", "") if draft_dtype is None else draft_dtype
             loaded = backends.load_dense_draft(name, precision=precision, device=device, fast_linear=fast_linear,

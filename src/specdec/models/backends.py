@@ -38,6 +38,13 @@ __all__ = [
 ]
 
 WEIGHTS = ("auto", "dense", "native")
+DRAFT_QUANTS = ("auto", "file", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+"""How a native draft's linear layers are stored: the file's blocks, or requantized to a smaller format."""
+AUTO_DRAFT_QUANT = "Q4_0"
+"""What `draft_quant="auto"` requantizes a native draft's wider layers to. A draft pass reads every
+weight once, so its cost follows its bytes: the default pair's 0.5B (Q5_0 and Q6_K layers, a Q8_0
+head) reads 278 MB a pass from its file's blocks and 218 MB as Q4_0; its drafts were accepted as
+often on four of six dev prompts and `sps` γ=3 ran 6 % faster (docs/algorithms.md §14.5)."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Say = Callable[[str], None]
 
@@ -50,7 +57,7 @@ class LoadedModel:
     tokenizer: "PreTrainedTokenizerBase | None"
     eos_token_ids: list[int]
     weights: str  # "dense", "native" or "sharded"
-    precision: str  # "float32", "bfloat16", "float16", "int8" or "native"
+    precision: str  # "float32", "bfloat16", "float16", "int8", "native" or "native-Q4_0" (requantized)
     kernel_report: Any = None  # dense: the linear paths chosen (models.dense.kernel_choice)
     precision_choice: Any = None  # dense draft at "auto": the measured precisions
     row_invariant: bool | None = None  # whether the row-invariance check passed (None: not asked for)
@@ -102,14 +109,19 @@ def choose_weights(spec: str, weights: str, device: str | torch.device, dtype: t
 
 
 def load_native(spec: str, *, progress: bool = True, say: Say | None = None,
-                keep_tokens: Callable[[int], torch.Tensor] | None = None, optional: bool = False) -> LoadedModel:
+                keep_tokens: Callable[[int], torch.Tensor] | None = None, optional: bool = False,
+                quant: str = "file") -> LoadedModel:
     """The GGUF model `spec` computing on its own blocks (activations quantized per row and block);
     `keep_tokens(head size)`: the token ids a pruned output head keeps (None: the whole head).
-    `optional`: a model off the lean runner keeps its whole head instead of refusing."""
+    `optional`: a model off the lean runner keeps its whole head instead of refusing.
+    `quant` (drafts): "file" (the file's blocks) or a smaller format its wider layers are requantized
+    to (`native.formats.requantize`)."""
     from specdec.models.hub.load import load_native_lm
+    from specdec.models.native.formats import format_of
     from specdec.models.native.lm import NativeLM
 
-    lm, config, tokenizer = load_native_lm(spec, progress=progress, say=say)
+    to = None if quant == "file" else format_of(quant)
+    lm, config, tokenizer = load_native_lm(spec, progress=progress, say=say, requantize_to=to)
     pruned = keep_tokens is not None and isinstance(lm, NativeLM)
     if keep_tokens is not None and not pruned and not optional:
         raise ValueError(f"a pruned output head needs the lean native runner, which {spec} does not run on; "
@@ -119,7 +131,8 @@ def load_native(spec: str, *, progress: bool = True, say: Say | None = None,
     from transformers import GenerationConfig
 
     source = _ConfigOnly(config, GenerationConfig.from_model_config(config))
-    return LoadedModel(lm, tokenizer, eos_ids(source, tokenizer), "native", "native",
+    precision = "native" if to is None or not isinstance(lm, NativeLM) else f"native-{to.name}"
+    return LoadedModel(lm, tokenizer, eos_ids(source, tokenizer), "native", precision,
                        pruned_head=pruned if keep_tokens is not None else None)
 
 

@@ -80,14 +80,15 @@ def is_gguf(spec: str | os.PathLike[str]) -> bool:
     return resolve(spec).kind in ("registry", "gguf")
 
 
-def load_native_lm(spec: str | os.PathLike[str], *, progress: bool = True,
-                   say: Any = None) -> tuple[Any, Any, PreTrainedTokenizerBase]:
+def load_native_lm(spec: str | os.PathLike[str], *, progress: bool = True, say: Any = None,
+                   requantize_to: Any = None) -> tuple[Any, Any, PreTrainedTokenizerBase]:
     """(language model computing on the GGUF file's blocks, its config, tokenizer).
 
     The lean runner (`models.native.runner`) where the architecture is llama-family and every linear
     layer is in a supported block format; else the transformers model built around the blocks (a
     tensor in another type gets its dequantized values), behind `HFLanguageModel`, with one line to
-    `say` why.
+    `say` why. `requantize_to` (a `BlockFormat`, drafts only): the lean runner's layers in that
+    smaller format where the file's are wider; the transformers fallback keeps the file's blocks.
     """
     from specdec.models.hf import HFLanguageModel
     from specdec.models.native.lm import NativeLM
@@ -104,7 +105,7 @@ def load_native_lm(spec: str | os.PathLike[str], *, progress: bool = True,
     use_measured_prefetch()  # this machine's prefetch distance for the kernels (measured once, ~1 s)
     if (hint := spin_hint()) is not None:
         log.warning(hint)
-    runner, config, tokenizer, why = load_native_runner(*source)
+    runner, config, tokenizer, why = load_native_runner(*source, requantize_to=requantize_to)
     if runner is not None:
         return NativeLM(runner), config, tokenizer
     message = f"{spec}: {why}; computing on its blocks through transformers modules (slower)"

@@ -130,14 +130,57 @@ def load_native(
 
 
 def load_native_runner(
-    gguf_path: Path, directory: Path, meta: dict[str, Any], conversion: Path | None
+    gguf_path: Path, directory: Path, meta: dict[str, Any], conversion: Path | None,
+    requantize_to: BlockFormat | None = None,
 ) -> tuple[NativeModel | None, PretrainedConfig, PreTrainedTokenizerBase, str]:
-    """(the lean runner of the file, or None; config; tokenizer; why there is no runner, or "")."""
+    """(the lean runner of the file, or None; config; tokenizer; why there is no runner, or "");
+    `requantize_to`: a draft's smaller block format (`native.load.build_native_runner`), whose blocks
+    are kept in the native cache after the first load."""
     config, tokenizer, arch, entries = native_cache(gguf_path, directory, meta, conversion)
+    stored = _read_requantized(directory, requantize_to)
+    known = set(stored)
     try:
-        return build_native_runner(gguf_path, config, arch, entries), config, tokenizer, ""
+        runner = build_native_runner(gguf_path, config, arch, entries, requantize_to, stored)
     except UnsupportedFormat as exc:
         return None, config, tokenizer, str(exc)
+    if requantize_to is not None and set(stored) != known:
+        _write_requantized(directory, requantize_to, stored)
+    return runner, config, tokenizer, ""
+
+
+def _requantized_path(directory: Path, fmt: BlockFormat) -> Path:
+    # Inside the file's native cache directory, which is replaced whole when the source file changes.
+    return directory / f"requantized-{fmt.name}.safetensors"
+
+
+def _read_requantized(directory: Path, fmt: BlockFormat | None) -> dict[str, torch.Tensor]:
+    """The blocks requantized to `fmt` by an earlier load, by module path ({} if none or unreadable)."""
+    path = None if fmt is None else _requantized_path(directory, fmt)
+    if path is None or not path.is_file():
+        return {}
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - a truncated file raises safetensors' own error type
+        log.warning("requantizing again (%s unreadable: %s)", path, exc)
+        return {}
+
+
+def _write_requantized(directory: Path, fmt: BlockFormat, blocks: dict[str, torch.Tensor]) -> None:
+    """Keep requantized blocks for later loads (written under a temporary name, then renamed)."""
+    from safetensors.torch import save_file
+
+    path = _requantized_path(directory, fmt)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if not directory.is_dir():  # the native cache could not be written either
+        return
+    try:
+        save_file({k: v.contiguous() for k, v in blocks.items()}, str(tmp))
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only or full cache only costs the next load some time
+        tmp.unlink(missing_ok=True)
+        log.warning("Could not keep the requantized blocks in %s: %s", path, exc)
 
 
 def largest_linear(entries: list[TensorEntry]) -> tuple[BlockFormat, int, int] | None:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from specdec.models.native.attention import use_exact_attention
-from specdec.models.native.formats import UnsupportedFormat, dequantize, format_of
+from specdec.models.native.formats import BlockFormat, UnsupportedFormat, dequantize, format_of, requantize
 from specdec.models.native.linear import GGUFEmbedding, GGUFLinear
 from specdec.models.native.runner import NativeLayer, NativeModel, QLinear, config_unsupported
 
@@ -204,9 +204,23 @@ def _odd_matrices(entries: list[TensorEntry]) -> str:
         " are not computed by the integer kernels" if odd else "")
 
 
-def build_native_runner(path: str | Path, config: PretrainedConfig, arch: str, entries: list[TensorEntry]) -> NativeModel:
+def build_native_runner(path: str | Path, config: PretrainedConfig, arch: str, entries: list[TensorEntry],
+                        requantize_to: BlockFormat | None = None,
+                        requantized: dict[str, torch.Tensor] | None = None) -> NativeModel:
     """The lean `NativeModel` of a llama-family GGUF file, each weight repacked as it is read (the
-    file's bytes are never all in memory at once); UnsupportedFormat says why a file has none."""
+    file's bytes are never all in memory at once); UnsupportedFormat says why a file has none.
+
+    requantize_to: a draft model's linear layers and output head in this smaller format where the
+    file's are wider (`formats.requantize`; fewer bytes to read per pass, other values). The token
+    embedding stays as stored: a pass reads only its tokens' rows. requantized: blocks already in
+    `requantize_to` by module path, used where present; those computed here are added to it.
+    """
+    def packed(name: str, blocks: torch.Tensor, fmt: BlockFormat, cols: int,
+               bias: torch.Tensor | None = None) -> QLinear:
+        if requantize_to is not None:
+            blocks, fmt = _requantized(name, blocks, fmt, cols, requantize_to, requantized)
+        return QLinear(blocks, fmt, cols, bias=bias)
+
     why = config_unsupported(config) or _odd_matrices(entries)
     if why:
         raise UnsupportedFormat(why)
@@ -224,13 +238,13 @@ def build_native_runner(path: str | Path, config: PretrainedConfig, arch: str, e
                 weight = parts.pop("weight")
                 if not isinstance(weight, tuple):
                     raise UnsupportedFormat(f"{module_path} is not stored in a supported block format")
-                linears[module_path] = QLinear(*weight, bias=parts.pop("bias", None))
+                linears[module_path] = packed(module_path, *weight, bias=parts.pop("bias", None))
         else:
             found[f"{module_path}.{param}"] = value
     embed = found.get("model.embed_tokens.weight")
     if not isinstance(embed, tuple):
         raise UnsupportedFormat("the token embedding is not stored in a supported block format")
-    head = linears.get("lm_head") or QLinear(*embed)  # no output.weight: tied to the embedding
+    head = linears.get("lm_head") or packed("lm_head", *embed)  # no output.weight: tied to the embedding
     inner = model.model
     layers = []
     for i, block in enumerate(inner.layers):
@@ -247,8 +261,30 @@ def build_native_runner(path: str | Path, config: PretrainedConfig, arch: str, e
     runner = NativeModel(config, GGUFEmbedding(*embed), layers, found["model.norm.weight"].contiguous(), head,
                          inner.rotary_emb, inner.norm.variance_epsilon)
     if "lm_head" in linears:  # a head of its own: `with_pruned_head` reads its rows again when asked
-        runner.head_source = lambda: _head_blocks(path, config, arch, entries)
+        runner.head_source = lambda kept: _rows(_head_blocks(path, config, arch, entries), kept, requantize_to)
+    elif requantize_to is not None:  # tied: a pruned head's rows are the embedding's, requantized as the head was
+        runner.head_source = lambda kept: _rows(embed, kept, requantize_to)
     return runner
+
+
+def _requantized(name: str, blocks: torch.Tensor, fmt: BlockFormat, cols: int, to: BlockFormat,
+                 known: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, BlockFormat]:
+    """A weight's (blocks, format) in `to` where that is smaller: from `known` where it holds them,
+    else computed (and added to `known`)."""
+    stored = None if known is None else known.get(name)
+    if stored is not None and stored.dtype == torch.uint8 and stored.shape == (blocks.shape[0], to.row_bytes(cols)):
+        return stored, to
+    out, out_fmt = requantize(blocks, fmt, cols, to)
+    if out is not blocks and known is not None:
+        known[name] = out
+    return out, out_fmt
+
+
+def _rows(weight: tuple[Any, ...], kept: torch.Tensor, to: BlockFormat | None) -> tuple[Any, ...]:
+    """Rows `kept` [K] of (blocks, format, in_features), requantized to `to` where that is smaller."""
+    blocks, fmt, cols = weight
+    blocks = blocks.index_select(0, kept)
+    return (blocks, fmt, cols) if to is None else (*requantize(blocks, fmt, cols, to), cols)
 
 
 def _head_blocks(path: Path, config: PretrainedConfig, arch: str, entries: list[TensorEntry]) -> tuple[Any, ...]:

@@ -178,9 +178,10 @@ class NativeModel:
         self.embed, self.layers, self.norm, self.head = embed, layers, norm, head
         self.kept: Tensor | None = None
         """The token ids the head computes (`with_pruned_head`); None: all of them."""
-        self.head_source: Callable[[], tuple[Tensor, BlockFormat, int]] | None = None
-        """Reads the head's (blocks [V, row bytes], format, in_features) from the file again (set by the
-        loader: the packed head alone cannot give its rows back)."""
+        self.head_source: Callable[[Tensor], tuple[Tensor, BlockFormat, int]] | None = None
+        """Reads rows `kept` [K] of the head, (blocks [K, row bytes], format, in_features), from the file
+        again, in the format the head was packed in (set by the loader: the packed head alone cannot
+        give its rows back)."""
         self.rotary, self.eps = rotary, float(eps)
         self.scale = self.head_dim**-0.5
         self.num_layers = len(layers)
@@ -240,16 +241,16 @@ class NativeModel:
         cheaper draft: the 0.5B Qwen's 150k-row Q8_0 head is 145 of its 485 MB; docs/algorithms.md
         §14.4). The rows come from `head_source` (the file's blocks, read again), or from the token
         embedding when the head is tied to it."""
+        kept = torch.unique(kept.long())
         if self.head_source is not None:
-            blocks, fmt, cols = self.head_source()
+            blocks, fmt, cols = self.head_source(kept)
         elif getattr(self.config, "tie_word_embeddings", False) and self.head.out_features == self.embed.num_embeddings:
-            blocks, fmt, cols = self.embed.blocks, self.embed.fmt, self.hidden
+            blocks, fmt, cols = self.embed.blocks.index_select(0, kept), self.embed.fmt, self.hidden
         else:
             raise ValueError("a pruned native head needs the head's blocks: a model loaded from its file, or a head "
                              "tied to the token embedding")
-        kept = torch.unique(kept.long())
         twin = self.with_library(self.lib)
-        twin.head = QLinear(blocks.index_select(0, kept), fmt, cols)
+        twin.head = QLinear(blocks, fmt, cols)
         twin.kept = kept
         return twin
 
