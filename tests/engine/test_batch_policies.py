@@ -10,7 +10,7 @@ import torch
 from specdec.core.sampling import SamplingConfig
 from specdec.engine.batch import LANE_FILL, MIN_FILL, BatchEngine, BatchRequest
 from specdec.engine.pipeline import Pipeline
-from specdec.engine.schedule import PassTimes
+from specdec.engine.schedule import EXPECTED_MIN_ANSWER, PassTimes
 from specdec.models.base import LanguageModel
 from specdec.models.prefix import BLOCK
 from specdec.models.toy import MarkovLM
@@ -165,6 +165,30 @@ def test_a_lone_request_fills_its_draft_model_only_where_drafting_pays_it_back(t
     assert out == pipe.generate(prompt, "sps", max_new, gamma=3).token_ids
     assert ("draft" in before_first_token) is drafts  # the draft model's prompt filled beside the target's
     assert ("draft" in keys) is drafts
+
+
+def test_a_long_prompts_draft_fill_waits_until_the_answer_has_gone_on(tiny, one_thread):
+    """The fill is priced over the tokens the answer is expected to add (as many again as it has, at
+    least `EXPECTED_MIN_ANSWER`), not over what the request allows: with a fill that 32 tokens do not
+    earn back, a request allowed 200 decodes its first tokens without the draft model and fills it
+    once the answer has gone on long enough (priced over the 200, it filled at once)."""
+    target, draft = tiny
+    pipe = Pipeline.from_models(target, None, draft)
+    prompt = _prompts(7, seed=1)[6] * 3
+    engine = pipe.batch_engine(max_batch_size=2, prefill_chunk=LANE_FILL, adaptive=True)
+    _plant(engine, FLAT, _times({1: 0.005, 64: 0.7}))  # a fill of this prompt: ~1.3 s, a target pass 50 ms
+    keys: list[str] = []
+    run = engine._run_timed
+    engine._run_timed = lambda key, calls: keys.append(key) or run(key, calls)
+    rid = engine.submit(BatchRequest(prompt, 200, "sps", {"gamma": 3}))
+    out: list[int] = []
+    first_draft_at = None
+    while engine.has_work():
+        out += [t for ev in engine.step() if ev.request_id == rid for t in ev.tokens]
+        if first_draft_at is None and "draft" in keys:
+            first_draft_at = len(out)
+    assert out == pipe.generate(prompt, "sps", 200, gamma=3).token_ids
+    assert first_draft_at is not None and EXPECTED_MIN_ANSWER <= first_draft_at < 150
 
 
 @pytest.mark.parametrize("long_prompt", [True, False])

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from specdec.engine.schedule import (
-    FREE_PRIOR, POOL_DECAY, POOL_PRIOR_WEIGHT, Acceptance, Candidate, FreeRate, Load, PassTimes, Plan, free_gain_floor,
-    path_floors, plan_depths, take_free, with_free,
+    EXPECTED_MIN_ANSWER, FREE_PRIOR, POOL_DECAY, POOL_PRIOR_WEIGHT, Acceptance, Candidate, FreeRate, Load, PassTimes, Plan, free_gain_floor,
+    expected_remaining, path_floors, plan_depths, take_free, with_free,
 )
 
 
@@ -150,6 +150,17 @@ def test_a_long_catch_up_is_shared_over_the_tokens_left():
     long_run = Candidate(4, CHAIN, 0.9, backlog=500, remaining=4000)
     assert plan_depths([near_end], t, d) == [0]
     assert plan_depths([long_run], t, d)[0] > 0
+
+
+def test_an_answer_is_expected_to_go_on_as_long_as_it_has():
+    assert [expected_remaining(e, cap) for e, cap in ((0, 96), (0, 4000), (50, 46), (500, 3500), (80, 16), (0, 0))] \
+        == [EXPECTED_MIN_ANSWER, EXPECTED_MIN_ANSWER, 46, 500, 16, 1]
+    t = _times({1: 0.035, 8: 0.045, 64: 0.3})
+    d = _times({1: 0.015, 8: 0.02, 64: 0.12, 512: 1.0})
+    fresh = Candidate(4, CHAIN, 0.9, backlog=500, remaining=expected_remaining(0, 4000))
+    under_way = Candidate(4, CHAIN, 0.9, backlog=500, remaining=expected_remaining(600, 3400))
+    assert plan_depths([fresh], t, d) == [0]  # priced over the 4000 it may emit, it would fill now
+    assert plan_depths([under_way], t, d)[0] > 0
 
 
 def test_path_floors_price_the_next_draft_pass_against_plain_decoding():

@@ -62,7 +62,7 @@ from specdec.engine.cost import cost_ratios
 from specdec.engine.decoder import DecodeRun, SpeculativeDecoder
 from specdec.engine.schedule import (
     CALIBRATION_SIZES, POOL_DECAY, POOL_PRIOR_WEIGHT, Acceptance, Candidate, FreeRate, Load, ModeRates, PassTimes,
-    Plan, free_gain_floor, path_floors, plan_step, price_depths, take_free, with_free,
+    Plan, expected_remaining, free_gain_floor, path_floors, plan_step, price_depths, take_free, with_free,
 )
 from specdec.engine.stats import DecodeStats
 from specdec.methods import DEFAULT_METHOD
@@ -786,9 +786,10 @@ class BatchEngine:
         their plan). Where the others decode plainly, one proposes its root alone and the planner judges
         its draft model's prompt fill once it decodes (`Candidate.backlog`): at high load, where no step
         drafts, filling it for every new request was pure loss. Else (alone, or beside a batch that
-        drafts) the planner prices that fill as a backlog shared over the tokens it may emit, and where
-        drafting pays it back the sequence drafts from its first step, its draft model's prompt filled
-        beside the target's; a long prompt with a short answer does not. A probe step fills none."""
+        drafts) the planner prices that fill as a backlog shared over the tokens it is expected to emit
+        (`expected_remaining`), and where drafting pays it back the sequence drafts from its first
+        step, its draft model's prompt filled beside the target's; a long prompt does once its answer
+        has gone on long enough. A probe step fills none."""
         if not filling:
             return {}
         if probe or (ready and not any(depths)):
@@ -822,6 +823,7 @@ class BatchEngine:
             return Candidate(0, [], 0.0, 0, False)
         remaining = run.max_new_tokens - run.stats.new_tokens
         depth = max(0, min(dec.gamma, remaining - 1))
+        expected = expected_remaining(run.stats.new_tokens, remaining)
         models = list(dec.drafter.draft_models)
         unseen = max((run.committed.numel() - m.kv_len for m in models), default=0)
         shape = seq.shape
@@ -829,9 +831,9 @@ class BatchEngine:
             nodes = dec.drafter.max_nodes
             shape = [max(d, -(-nodes * d // max(dec.gamma, 1))) for d in range(1, dec.gamma + 1)]
         if unseen <= LANE_FILL:  # in its first draft pass, beside the root
-            return Candidate(depth, shape, seq.acceptance.rate, max(unseen - 1, 0), bool(models), remaining=remaining)
+            return Candidate(depth, shape, seq.acceptance.rate, max(unseen - 1, 0), bool(models), remaining=expected)
         backlog = unseen - max((self._cached(m, run.committed[:-1]) for m in models), default=0)
-        return Candidate(depth, shape, seq.acceptance.rate, 0, bool(models), backlog, remaining)
+        return Candidate(depth, shape, seq.acceptance.rate, 0, bool(models), backlog, expected)
 
     def _cached(self, row: LanguageModel, tokens: Tensor) -> int:
         """Tokens of a fill a fresh row would find in the prefix cache (`_reuse_prefix`)."""
