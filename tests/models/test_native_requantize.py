@@ -11,7 +11,7 @@ from specdec.core.sampling import SamplingConfig
 from specdec.engine.decoder import SpeculativeDecoder
 from specdec.engine.pipeline import Pipeline
 from specdec.methods.sps import ModelDrafter
-from specdec.models.native import kernels
+from specdec.models.native import formats, kernels
 from specdec.models.native.formats import FORMATS, UnsupportedFormat, dequantize, random_blocks, requantize
 from specdec.models.native.lm import NativeLM
 
@@ -21,7 +21,7 @@ SCALE = {"Q4_1": 0.06, "Q5_0": 0.03, "Q5_1": 0.03, "Q8_0": 0.004, "Q5_K": 0.001,
 
 
 @pytest.mark.parametrize("name", WIDER)
-def test_wider_blocks_land_on_the_q4_0_grid(name):
+def test_wider_blocks_land_on_the_q4_0_grid(name, monkeypatch):
     fmt, cols = FORMATS[name], 512
     blocks = random_blocks(fmt, 6, cols, torch.Generator().manual_seed(3), SCALE[name])
     out, out_fmt = requantize(blocks, fmt, cols, Q4_0)
@@ -35,6 +35,8 @@ def test_wider_blocks_land_on_the_q4_0_grid(name):
     err = (after - before).abs() / step
     assert float(err.max()) <= 1.01 and float(err.mean()) <= 0.35
     assert bool((err[(before.abs() <= 7 * step)] <= 0.51).all())
+    monkeypatch.setattr(formats, "REQUANTIZE_ROWS", 4)  # a few rows at a time: the same blocks
+    assert torch.equal(requantize(blocks, fmt, cols, Q4_0)[0], out)
 
 
 def test_blocks_already_as_small_come_back_as_they_are():

@@ -73,6 +73,7 @@ def _native_profile(role: str, name: str, args: argparse.Namespace, ks: tuple[in
     from specdec.models.hub.load import load_native_lm
     from specdec.models.native import kernels
     from specdec.models.native.formats import format_of
+    from specdec.models.native.lm import NativeLM
 
     try:
         lm, _, _ = load_native_lm(name, progress=True)
@@ -84,7 +85,8 @@ def _native_profile(role: str, name: str, args: argparse.Namespace, ks: tuple[in
     lm = None  # free the blocks before the requantized copy loads
     if role == "draft" and args.draft_quant != "file":
         requantized, _, _ = load_native_lm(name, progress=True, requantize_to=format_of(args.draft_quant))
-        profiles.append(_timed(requantized, f"native, {args.draft_quant} (--draft-quant)", args, ks))
+        if isinstance(requantized, NativeLM):  # the transformers fallback computes on the file's blocks
+            profiles.append(_timed(requantized, f"native, {args.draft_quant} (--draft-quant)", args, ks))
     return profiles
 
 

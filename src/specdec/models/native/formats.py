@@ -179,6 +179,8 @@ def dequantize(blocks: Tensor, fmt: BlockFormat, cols: int) -> Tensor:
 
 REQUANTIZABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 """The formats `requantize` writes (those the gguf package quantizes to)."""
+REQUANTIZE_ROWS = 4096
+"""Rows requantized at a time (bounds the float32 copy)."""
 
 
 def requantize(blocks: Tensor, fmt: BlockFormat, cols: int, to: BlockFormat) -> tuple[Tensor, BlockFormat]:
@@ -193,9 +195,12 @@ def requantize(blocks: Tensor, fmt: BlockFormat, cols: int, to: BlockFormat) -> 
         return blocks, fmt
     from gguf import GGMLQuantizationType, quants
 
-    values = dequantize(blocks, fmt, cols).numpy()
-    out = quants.quantize(values, GGMLQuantizationType(to.ggml_type))
-    return torch.from_numpy(out).reshape(blocks.shape[0], to.row_bytes(cols)), to
+    out = torch.empty(blocks.shape[0], to.row_bytes(cols), dtype=torch.uint8)
+    for start in range(0, blocks.shape[0], REQUANTIZE_ROWS):  # a head's float32 copy would be ~0.5 GB at once
+        values = dequantize(blocks[start : start + REQUANTIZE_ROWS], fmt, cols).numpy()
+        part = quants.quantize(values, GGMLQuantizationType(to.ggml_type))
+        out[start : start + part.shape[0]] = torch.from_numpy(part)
+    return out, to
 
 
 # ---- synthetic blocks ----------------------------------------------------------------------------
