@@ -63,6 +63,8 @@ def test_a_requantized_smollm2_draft_reads_fewer_bytes_and_keeps_the_greedy_outp
     pipe = Pipeline(name, name, weights="native", draft_quant="Q4_0", draft_vocab=None, progress=False)
     file_pipe = Pipeline(name, name, weights="native", draft_quant="file", draft_vocab=None, progress=False)
     assert pipe.draft_precisions == ["native-Q4_0"] and file_pipe.draft_precisions == ["native"]
+    wider = Pipeline(name, name, weights="native", draft_quant="Q8_0", draft_vocab=None, progress=False)
+    assert wider.draft_precisions == ["native"]  # nothing in the file is wider than Q8_0: its blocks as they are
     assert pipe.profile_key(SamplingConfig()) != file_pipe.profile_key(SamplingConfig())
     draft, file_draft = pipe.draft_lm.model, file_pipe.draft_lm.model
     linears = [getattr(layer, n) for layer in draft.layers for n in ("q", "k", "v", "o", "gate", "up", "down")]
@@ -82,34 +84,58 @@ def test_a_requantized_smollm2_draft_reads_fewer_bytes_and_keeps_the_greedy_outp
 
 @pytest.mark.real
 @pytest.mark.skipif(kernels.native_library() is None, reason="the native kernels do not build here")
-def test_requantized_blocks_are_kept_for_later_loads(monkeypatch, caplog):
+def test_requantized_blocks_are_kept_for_later_loads(monkeypatch, caplog, tmp_path):
+    import shutil
+
     from specdec.models.hub import load as hub_load
     from specdec.models.hub import native as hub_native
     from specdec.models.hub.resolve import resolve
     from specdec.models.native import load as native_load
 
     name = "smollm2-135m-instruct"
-    directory = hub_load._native_source(resolve(name), False)[1]
-    kept = hub_native._requantized_path(directory, Q4_0)
-    kept.unlink(missing_ok=True)
+    hub_load.load_native_lm(name, progress=False)  # the shared native cache exists; work on a copy of it
+    shared = hub_load._native_source(resolve(name), False)[1]
+    shutil.copytree(shared, tmp_path / shared.name, ignore=shutil.ignore_patterns("requantized-*"))
+    monkeypatch.setattr(hub_load, "native_root", lambda: tmp_path)
+    kept = hub_native._requantized_path(tmp_path / shared.name, Q4_0)
+    said: list[str] = []
 
     def packed(lm) -> list[torch.Tensor]:
         return [lm.model.layers[0].q.packed, lm.model.layers[-1].down.packed, lm.model.head.packed]
 
-    first, _, _ = hub_load.load_native_lm(name, progress=False, requantize_to=Q4_0)
-    assert kept.is_file()
+    first, _, _ = hub_load.load_native_lm(name, progress=False, requantize_to=Q4_0, say=said.append)
+    assert kept.is_file() and len(said) == 1 and "requantizing" in said[0]
 
     def refuse(*args):
         raise AssertionError("requantized again although the blocks were kept")
 
-    monkeypatch.setattr(native_load, "requantize", refuse)
-    again, _, _ = hub_load.load_native_lm(name, progress=False, requantize_to=Q4_0)
-    assert all(torch.equal(a, b) for a, b in zip(packed(first), packed(again)))
-    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        m.setattr(native_load, "requantize", refuse)
+        again, _, _ = hub_load.load_native_lm(name, progress=False, requantize_to=Q4_0, say=said.append)
+    assert all(torch.equal(a, b) for a, b in zip(packed(first), packed(again))) and len(said) == 1
 
     kept.write_bytes(b"not a safetensors file")  # a damaged copy costs a load its time, nothing else
     with caplog.at_level("WARNING"):
         third, _, _ = hub_load.load_native_lm(name, progress=False, requantize_to=Q4_0)
     assert "requantizing again" in caplog.text
-    assert all(torch.equal(a, b) for a, b in zip(packed(first), packed(third)))
-    assert kept.stat().st_size > 1000
+    assert all(torch.equal(a, b) for a, b in zip(packed(first), packed(third))) and kept.stat().st_size > 1000
+
+    # Blocks made from another file are not used: the metadata names the source.
+    meta = hub_load._native_source(resolve(name), False)[2]
+    hub_native._write_requantized(kept.parent, Q4_0, {"lm_head": torch.zeros(1, 18, dtype=torch.uint8)},
+                                  {**meta, "size": -1})
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert hub_native._read_requantized(kept.parent, Q4_0, meta) == {}
+    assert "another file" in caplog.text
+
+    # A cache that cannot be written (safetensors' own error, not an OSError) costs the load nothing.
+    def full(*args, **kw):
+        from safetensors import SafetensorError
+
+        raise SafetensorError("No space left on device")
+
+    kept.unlink()
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    fourth, _, _ = hub_load.load_native_lm(name, progress=False, requantize_to=Q4_0)
+    assert all(torch.equal(a, b) for a, b in zip(packed(first), packed(fourth))) and not kept.exists()

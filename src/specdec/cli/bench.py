@@ -16,7 +16,8 @@ from specdec.bench.settings import (
 from specdec.bench.store import RESULTS, SUMMARY, check_out_dir, command_line, load_results, row_key
 from specdec.bench.summary import render_tables
 from specdec.cli.common import (
-    add_model_args, add_option_flags, device_of, drafts_of, err, given_options, load_pipeline, tensor_parallel_size_of,
+    AUTO_DRAFT_QUANT_NAME, add_model_args, add_option_flags, device_of, drafts_of, err, given_options, load_pipeline,
+    tensor_parallel_size_of,
 )
 from specdec.core.options import check_positive_int
 from specdec.engine.pipeline import DTYPES
@@ -53,8 +54,8 @@ def run_info_of(args: argparse.Namespace, device: str, tp_size: int) -> dict[str
         run_info["row_invariant"] = args.row_invariant
     if args.draft_vocab is not None:
         run_info["draft_vocab"] = args.draft_vocab
-    if getattr(args, "draft_quant", "auto") != "auto":
-        run_info["draft_quant"] = args.draft_quant
+    quant = getattr(args, "draft_quant", "auto")  # recorded resolved: "auto" meant the file's blocks once
+    run_info["draft_quant"] = AUTO_DRAFT_QUANT_NAME if quant == "auto" else quant
     if args.batch_size != 1:
         run_info["batch_size"] = check_positive_int("--batch-size", args.batch_size)
     return run_info

@@ -298,9 +298,13 @@ class Pipeline:
             loaded = backends.load_native(name, progress=progress, say=say, keep_tokens=keep, optional=optional,
                                           quant=quant)
         else:
+            if draft_quant not in ("auto", "file"):
+                say(f"{name}: --draft-quant {draft_quant} requantizes native drafts; this one loads dense")
             precision = str(dtype).replace("torch.", "") if draft_dtype is None else draft_dtype
             loaded = backends.load_dense_draft(name, precision=precision, device=device, fast_linear=fast_linear,
                                                keep_tokens=keep, tokenizer=tokenizer, progress=progress, say=say)
+        if draft_quant not in ("auto", "file") and chosen == "native" and loaded.precision == "native":
+            say(f"{name}: --draft-quant {draft_quant} left it on the file's blocks (none wider, or no lean runner)")
         loaded.weights_choice = measured
         return loaded
 

@@ -131,7 +131,8 @@ def load_native(spec: str, *, progress: bool = True, say: Say | None = None,
     from transformers import GenerationConfig
 
     source = _ConfigOnly(config, GenerationConfig.from_model_config(config))
-    precision = "native" if to is None or not isinstance(lm, NativeLM) else f"native-{to.name}"
+    done = lm.model.requantized_to if isinstance(lm, NativeLM) else None  # None: the file's blocks throughout
+    precision = "native" if done is None else f"native-{done.name}"
     return LoadedModel(lm, tokenizer, eos_ids(source, tokenizer), "native", precision,
                        pruned_head=pruned if keep_tokens is not None else None)
 

@@ -105,7 +105,7 @@ def load_native_lm(spec: str | os.PathLike[str], *, progress: bool = True, say: 
     use_measured_prefetch()  # this machine's prefetch distance for the kernels (measured once, ~1 s)
     if (hint := spin_hint()) is not None:
         log.warning(hint)
-    runner, config, tokenizer, why = load_native_runner(*source, requantize_to=requantize_to)
+    runner, config, tokenizer, why = load_native_runner(*source, requantize_to=requantize_to, say=say)
     if runner is not None:
         return NativeLM(runner), config, tokenizer
     message = f"{spec}: {why}; computing on its blocks through transformers modules (slower)"

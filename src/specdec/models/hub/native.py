@@ -5,7 +5,9 @@ vocabulary, and transformers reads it again for the config and again for the tok
 `--weights native` that happens once per file: the results are kept in `$SPECDEC_CACHE/native/<name>/`
 (`specdec-native.json` names the source file and holds the tensor table), and later loads only map
 the file. A directory is written under a temporary name and renamed into place, so one that exists
-is complete; it is rebuilt when its source changes.
+is complete; it is rebuilt when its source changes. A draft requantized to a smaller format
+(`--draft-quant`) keeps its blocks there too, in `requantized-<format>.safetensors`, whose metadata
+names the source file.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -131,20 +134,22 @@ def load_native(
 
 def load_native_runner(
     gguf_path: Path, directory: Path, meta: dict[str, Any], conversion: Path | None,
-    requantize_to: BlockFormat | None = None,
+    requantize_to: BlockFormat | None = None, say: Callable[[str], None] | None = None,
 ) -> tuple[NativeModel | None, PretrainedConfig, PreTrainedTokenizerBase, str]:
     """(the lean runner of the file, or None; config; tokenizer; why there is no runner, or "");
     `requantize_to`: a draft's smaller block format (`native.load.build_native_runner`), whose blocks
-    are kept in the native cache after the first load."""
+    are kept in the native cache after the first load (`say` is told when they are computed)."""
     config, tokenizer, arch, entries = native_cache(gguf_path, directory, meta, conversion)
-    stored = _read_requantized(directory, requantize_to)
-    known = set(stored)
+    stored = _read_requantized(directory, requantize_to, meta)
+    before = {name: id(blocks) for name, blocks in stored.items()}
+    if requantize_to is not None and not stored and say is not None:
+        say(f"{gguf_path.name}: requantizing its wider layers to {requantize_to.name} (once; kept in {directory})")
     try:
         runner = build_native_runner(gguf_path, config, arch, entries, requantize_to, stored)
     except UnsupportedFormat as exc:
         return None, config, tokenizer, str(exc)
-    if requantize_to is not None and set(stored) != known:
-        _write_requantized(directory, requantize_to, stored)
+    if requantize_to is not None and {name: id(blocks) for name, blocks in stored.items()} != before:
+        _write_requantized(directory, requantize_to, stored, meta)
     return runner, config, tokenizer, ""
 
 
@@ -153,22 +158,30 @@ def _requantized_path(directory: Path, fmt: BlockFormat) -> Path:
     return directory / f"requantized-{fmt.name}.safetensors"
 
 
-def _read_requantized(directory: Path, fmt: BlockFormat | None) -> dict[str, torch.Tensor]:
-    """The blocks requantized to `fmt` by an earlier load, by module path ({} if none or unreadable)."""
+def _read_requantized(directory: Path, fmt: BlockFormat | None, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The blocks requantized to `fmt` by an earlier load of the file `meta` describes, by module path
+    ({} if none, unreadable or from another file)."""
     path = None if fmt is None else _requantized_path(directory, fmt)
     if path is None or not path.is_file():
         return {}
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     try:
-        return load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            source = f.metadata() or {}
+            if any(source.get(k) != str(meta.get(k)) for k in _SOURCE_KEYS):
+                log.warning("requantizing again (%s was made from another file)", path)
+                return {}
+            return {name: f.get_tensor(name) for name in f.keys()}
     except Exception as exc:  # noqa: BLE001 - a truncated file raises safetensors' own error type
         log.warning("requantizing again (%s unreadable: %s)", path, exc)
         return {}
 
 
-def _write_requantized(directory: Path, fmt: BlockFormat, blocks: dict[str, torch.Tensor]) -> None:
-    """Keep requantized blocks for later loads (written under a temporary name, then renamed)."""
+def _write_requantized(directory: Path, fmt: BlockFormat, blocks: dict[str, torch.Tensor],
+                       meta: dict[str, Any]) -> None:
+    """Keep requantized blocks for later loads, with what identifies their source file (written under
+    a temporary name, then renamed). A cache that cannot be written only costs later loads time."""
     from safetensors.torch import save_file
 
     path = _requantized_path(directory, fmt)
@@ -176,9 +189,10 @@ def _write_requantized(directory: Path, fmt: BlockFormat, blocks: dict[str, torc
     if not directory.is_dir():  # the native cache could not be written either
         return
     try:
-        save_file({k: v.contiguous() for k, v in blocks.items()}, str(tmp))
+        save_file({k: v.contiguous() for k, v in blocks.items()}, str(tmp),
+                  metadata={k: str(meta.get(k)) for k in _SOURCE_KEYS})
         os.replace(tmp, path)
-    except OSError as exc:  # a read-only or full cache only costs the next load some time
+    except Exception as exc:  # noqa: BLE001 - safetensors reports a full or read-only disk as its own error
         tmp.unlink(missing_ok=True)
         log.warning("Could not keep the requantized blocks in %s: %s", path, exc)
 

@@ -215,10 +215,15 @@ def build_native_runner(path: str | Path, config: PretrainedConfig, arch: str, e
     embedding stays as stored: a pass reads only its tokens' rows. requantized: blocks already in
     `requantize_to` by module path, used where present; those computed here are added to it.
     """
+    changed: list[str] = []
+
     def packed(name: str, blocks: torch.Tensor, fmt: BlockFormat, cols: int,
                bias: torch.Tensor | None = None) -> QLinear:
         if requantize_to is not None:
+            was = fmt
             blocks, fmt = _requantized(name, blocks, fmt, cols, requantize_to, requantized)
+            if fmt is not was:
+                changed.append(name)
         return QLinear(blocks, fmt, cols, bias=bias)
 
     why = config_unsupported(config) or _odd_matrices(entries)
@@ -260,6 +265,7 @@ def build_native_runner(path: str | Path, config: PretrainedConfig, arch: str, e
                                   *(linears[n] for n in names)))
     runner = NativeModel(config, GGUFEmbedding(*embed), layers, found["model.norm.weight"].contiguous(), head,
                          inner.rotary_emb, inner.norm.variance_epsilon)
+    runner.requantized_to = requantize_to if changed else None
     if "lm_head" in linears:  # a head of its own: `with_pruned_head` reads its rows again when asked
         runner.head_source = lambda kept: _rows(_head_blocks(path, config, arch, entries), kept, requantize_to)
     elif requantize_to is not None:  # tied: a pruned head's rows are the embedding's, requantized as the head was

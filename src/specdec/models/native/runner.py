@@ -179,9 +179,12 @@ class NativeModel:
         self.kept: Tensor | None = None
         """The token ids the head computes (`with_pruned_head`); None: all of them."""
         self.head_source: Callable[[Tensor], tuple[Tensor, BlockFormat, int]] | None = None
-        """Reads rows `kept` [K] of the head, (blocks [K, row bytes], format, in_features), from the file
-        again, in the format the head was packed in (set by the loader: the packed head alone cannot
-        give its rows back)."""
+        """Gives rows `kept` [K] of the head, (blocks [K, row bytes], format, in_features), in the format
+        the head was packed in: read from the file again, or a tied head's from the embedding (set by
+        the loader: the packed head alone cannot give its rows back)."""
+        self.requantized_to: BlockFormat | None = None
+        """The format the loader requantized some of the layers to (`load.build_native_runner`; None:
+        every layer computes on the file's blocks)."""
         self.rotary, self.eps = rotary, float(eps)
         self.scale = self.head_dim**-0.5
         self.num_layers = len(layers)
@@ -239,8 +242,8 @@ class NativeModel:
         """The same model whose output head computes only the `kept` tokens' rows; the other logits
         are -inf, so a distribution taken from them is exactly the softmax over the kept tokens (a
         cheaper draft: the 0.5B Qwen's 150k-row Q8_0 head is 145 of its 485 MB; docs/algorithms.md
-        §14.4). The rows come from `head_source` (the file's blocks, read again), or from the token
-        embedding when the head is tied to it."""
+        §14.4). The rows come from `head_source` (the file's blocks read again, requantized as the head
+        was), or from the token embedding when the head is tied to it."""
         kept = torch.unique(kept.long())
         if self.head_source is not None:
             blocks, fmt, cols = self.head_source(kept)
