@@ -170,7 +170,7 @@ def _read_requantized(directory: Path, fmt: BlockFormat | None, meta: dict[str, 
         with safe_open(str(path), "pt") as f:
             source = f.metadata() or {}
             if any(source.get(k) != str(meta.get(k)) for k in _SOURCE_KEYS):
-                log.warning("requantizing again (%s was made from another file)", path)
+                log.warning("requantizing again (%s does not name this file as its source)", path)
                 return {}
             return {name: f.get_tensor(name) for name in f.keys()}
     except Exception as exc:  # noqa: BLE001 - a truncated file raises safetensors' own error type
