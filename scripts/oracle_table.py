@@ -22,7 +22,9 @@ def geomean(xs: list[float]) -> float:
 
 
 def after_prefill(st: dict) -> float | None:
-    wall, prefill = st.get("wall_s"), st.get("prefill_s")
+    if st.get("after_prefill_tokens_per_s") is not None:
+        return st["after_prefill_tokens_per_s"]
+    wall, prefill = st.get("wall_s"), st.get("prefill_s")  # rows from before the field
     return st["new_tokens"] / (wall - prefill) if wall is not None and prefill is not None and wall > prefill else None
 
 

@@ -23,9 +23,9 @@ def test_summary_is_geometric_mean_of_per_prompt_ratios():
                                           accepted_per_position=[1.0, 0.5]),
         _row("b", "qa", "ar", 40.0), _row("b", "qa", "sps", 20.0, target_calls=6, accepted_tokens=4,
                                           accepted_per_position=[0.5], swi=0.25, equal=False),
-        _row("c", "math", "ar", 10.0, decode_tokens_per_s=12.0),
+        _row("c", "math", "ar", 10.0, decode_tokens_per_s=12.0, after_prefill_tokens_per_s=11.0),
         _row("c", "math", "sps", 30.0, target_calls=5, accepted_tokens=5, accepted_per_position=[0.0, 0.0], swi=0.75,
-             decode_tokens_per_s=48.0),
+             decode_tokens_per_s=48.0, after_prefill_tokens_per_s=27.5),
         _row("a", "qa", "hf-ar", 5.0), _row("a", "qa", "hf-pld", 20.0, target_calls=None, accepted_tokens=None),
         _row("a", "qa", "ar", 10.0, t=0.7), _row("a", "qa", "sps", 15.0, t=0.7),
     ]
@@ -39,6 +39,7 @@ def test_summary_is_geometric_mean_of_per_prompt_ratios():
     assert sps.swi == pytest.approx(0.5)
     # decode-only: only prompt c reports it on both sides (48 / 12)
     assert sps.decode_speedup == {"math": pytest.approx(4.0), "all": pytest.approx(4.0)}
+    assert sps.after_prefill_speedup == {"math": pytest.approx(2.5), "all": pytest.approx(2.5)}
     assert (sps.mismatches, sps.compared) == (1, 3)
     ar = s.table[("ar", 0.0)]
     assert ar.speedup["all"] == pytest.approx(1.0) and ar.accepted_per_call is None and ar.mismatches is None
@@ -49,7 +50,7 @@ def test_summary_is_geometric_mean_of_per_prompt_ratios():
     assert s.greedy_mismatches() == 1 and s.prompts_per_task == {"math": 1, "qa": 2}
     md = render_summary(s, command="specdec bench --x")
     assert md.splitlines()[3] == "specdec bench --x"
-    assert "| `sps` | 3 | 23.33 | 3.00× | 1.00× | 1.44× | 4.00× | 2.00 | 1.00 | 0.50 0.25 | 0.50 | **1/3** |" in md
+    assert "| `sps` | 3 | 23.33 | 3.00× | 1.00× | 1.44× | 4.00× | 2.50× | 2.00 | 1.00 | 0.50 0.25 | 0.50 | **1/3** |" in md
     assert "| `hf-pld` | 2.00× |" not in md and "| `hf-pld` | — | 4.00× | 4.00× |" in md
     assert "1 greedy outputs differ from AR" in md
     assert math.isnan(geomean([]))

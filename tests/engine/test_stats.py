@@ -1,4 +1,5 @@
-"""Prefill reported apart from decoding: ttft_s, prefill_s and decode_tokens_per_s."""
+"""Prefill reported apart from decoding: ttft_s, prefill_s, decode_tokens_per_s and
+after_prefill_tokens_per_s."""
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from tests.conftest import tiny_lm
 def test_decode_rate_leaves_out_the_first_step(monkeypatch):
     now = [100.0]
     monkeypatch.setattr(stats_mod.time, "perf_counter", lambda: now[0])
-    st = DecodeStats()
+    st = DecodeStats(prefill_s=1.5)
     acct = StepAccounting(st, 4)
     tree = TokenTree.chain(1, torch.tensor([2, 3]))
     for emitted, elapsed in [(3, 2.0), (2, 0.5), (1, 0.5)]:  # 2 s = prefill + first step
@@ -23,9 +24,10 @@ def test_decode_rate_leaves_out_the_first_step(monkeypatch):
         acct.finish()
     assert st.wall_s == 3.0 and st.ttft_s == 2.0 and st.tokens_per_s == pytest.approx(6 / 3)
     assert st.decode_tokens_per_s == pytest.approx((6 - 3) / 1.0)
+    assert st.after_prefill_tokens_per_s == pytest.approx(6 / (3.0 - 1.5))  # every token, the first step's too
     one = DecodeStats()
     StepAccounting(one, 1).finish()
-    assert one.decode_tokens_per_s is None  # nothing after the first step
+    assert one.decode_tokens_per_s is None and one.after_prefill_tokens_per_s is None  # no tokens
 
 
 def test_decoder_fills_prefill_and_ttft():
@@ -33,4 +35,5 @@ def test_decoder_fills_prefill_and_ttft():
     _, st = dec.generate(list(range(3, 40)), 6)
     assert 0 < st.prefill_s <= st.ttft_s <= st.wall_s
     assert st.decode_tokens_per_s is not None and st.decode_tokens_per_s > 0
-    assert {"prefill_s", "ttft_s", "decode_tokens_per_s"} <= set(st.to_dict())
+    assert st.after_prefill_tokens_per_s == pytest.approx(st.new_tokens / (st.wall_s - st.prefill_s))
+    assert {"prefill_s", "ttft_s", "decode_tokens_per_s", "after_prefill_tokens_per_s"} <= set(st.to_dict())

@@ -39,6 +39,8 @@ class MethodSummary:
     """For hf-* peers: the same against hf-ar."""
     decode_speedup: dict[str, float]
     """The same over decode-only tokens/s (`decode_tokens_per_s`: prefill and first step left out)."""
+    after_prefill_speedup: dict[str, float]
+    """The same over every new token after the target's prefill (`after_prefill_tokens_per_s`)."""
     tokens_per_call: float | None
     accepted_per_call: float | None
     acceptance_by_position: list[float]
@@ -101,6 +103,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> Summary:
         ratios: dict[str, list[float]] = defaultdict(list)
         hf_ratios: dict[str, list[float]] = defaultdict(list)
         decode_ratios: dict[str, list[float]] = defaultdict(list)
+        after_ratios: dict[str, list[float]] = defaultdict(list)
         for r in group:
             key = (str(r["id"]), m, t, int(r["repeat"]))
             ar = index.get((key[0], "ar", t, key[3]))
@@ -110,10 +113,11 @@ def summarize(rows: Sequence[dict[str, Any]]) -> Summary:
                 ratios["all"].append(q)
                 if m != "ar" and ar is not None and r.get("session") != ar.get("session"):
                     cross += 1
-            q = _ratio(r, ar, "decode_tokens_per_s")
-            if q is not None:
-                decode_ratios[r["task"]].append(q)
-                decode_ratios["all"].append(q)
+            for field_, into in (("decode_tokens_per_s", decode_ratios), ("after_prefill_tokens_per_s", after_ratios)):
+                q = _ratio(r, ar, field_)
+                if q is not None:
+                    into[r["task"]].append(q)
+                    into["all"].append(q)
             if is_hf(m):
                 q = _ratio(r, index.get((key[0], HF_BASELINE, t, key[3])))
                 if q is not None:
@@ -141,6 +145,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> Summary:
             speedup={k: geomean(v) for k, v in ratios.items()},
             speedup_vs_hf={k: geomean(v) for k, v in hf_ratios.items()},
             decode_speedup={k: geomean(v) for k, v in decode_ratios.items()},
+            after_prefill_speedup={k: geomean(v) for k, v in after_ratios.items()},
             tokens_per_call=tpc,
             accepted_per_call=apc,
             acceptance_by_position=[sum(p) / len(p) for p in positions],
@@ -185,7 +190,9 @@ def render_summary(
         "**Speedup** = geometric mean over prompts (and repeats) of tokens/s of the method ÷ tokens/s of our AR on the "
         "same prompt, temperature and repeat, measured back to back (end to end: prefill included); **decode** = the same "
         "over decoding alone (tokens after the first step ÷ the time after it), which long-prompt, short-answer "
-        "prompts need. **tok/call** = new tokens per target call; "
+        "prompts need; **after prefill** = every new token ÷ the time after the target's prompt pass (the draft's "
+        "prompt and the first step counted: on short answers fairer between methods than **decode**, which leaves "
+        "out the first step's tokens too). **tok/call** = new tokens per target call; "
         "**acc/call** = accepted draft tokens per target call; **acceptance by position** = mean over prompts of the "
         "acceptance rate at draft position 1, 2, … (a prompt that never proposed a position does not count "
         "there); **SWI** where the method reports it; **≠AR** = greedy outputs "
@@ -201,7 +208,7 @@ def render_summary(
     cols = summary.tasks + ["all"]
     for t in summary.temperatures:
         lines += [f"## T = {fmt_temp(t)}" + (" (greedy)" if t == 0 else " (sampling)"), ""]
-        head = ["method", "n", "tok/s"] + cols + ["decode", "tok/call", "acc/call", "acceptance by position", "SWI",
+        head = ["method", "n", "tok/s"] + cols + ["decode", "after prefill", "tok/call", "acc/call", "acceptance by position", "SWI",
                                                    "≠AR"]
         lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
         for m in summary.methods:
@@ -213,7 +220,7 @@ def render_summary(
             if s.mismatches and not is_hf(m):
                 mism = f"**{mism}**"
             cells = [f"`{m}`", str(s.n), _f(s.tokens_per_s)] + [_x(s.speedup.get(c)) for c in cols]
-            cells.append(_x(s.decode_speedup.get("all")))
+            cells += [_x(s.decode_speedup.get("all")), _x(s.after_prefill_speedup.get("all"))]
             cells += [_f(s.tokens_per_call), _f(s.accepted_per_call), apos, _f(s.swi), mism]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")

@@ -45,7 +45,13 @@ class DecodeStats:
     decode_tokens_per_s: float | None = None
     """Decoding alone: the tokens emitted after the first iteration over the time they took
     (None when the first iteration emitted everything). Long-prompt, short-answer runs are
-    dominated by the prefill end to end; this rate is not."""
+    dominated by the prefill end to end; this rate is not. It also leaves out the first iteration's
+    tokens, which favours a method whose first iteration emits fewer: compare short answers on
+    `after_prefill_tokens_per_s`."""
+    after_prefill_tokens_per_s: float | None = None
+    """Every new token over the time after the target's prompt pass (`prefill_s`): the draft's own
+    prompt pass and the first iteration counted, the target's prefill (the same for every method)
+    not. None when no time is left after the prefill."""
     draft_s: float = 0.0
     target_s: float = 0.0
     """Target forward time, prefill included."""
@@ -107,6 +113,8 @@ class StepAccounting:
             self.first_tokens, st.ttft_s = st.new_tokens, st.wall_s
         after, span = st.new_tokens - self.first_tokens, st.wall_s - st.ttft_s
         st.decode_tokens_per_s = after / span if after > 0 and span > 0 else None
+        span = st.wall_s - st.prefill_s
+        st.after_prefill_tokens_per_s = st.new_tokens / span if st.new_tokens > 0 and span > 0 else None
         # Positions never proposed (short proposals, or none at all) have no rate: trim them.
         used = sum(1 for p in self.proposed if p)
         st.accepted_per_position = [a / p for a, p in zip(self.accepted[:used], self.proposed[:used])]
