@@ -119,3 +119,21 @@ def test_seeded_sampling_is_reproducible():
         dec = SpeculativeDecoder(target, ModelDrafter(tiny_lm("llama", seed=1), sampling), sampling, gamma=3)
         runs.append(dec.generate(_prompt(6), 20, torch.Generator().manual_seed(42))[0])
     assert runs[0] == runs[1]
+
+
+def test_greedy_verification_reads_the_logits_without_a_one_hot(monkeypatch):
+    import specdec.engine.decoder as decoder_mod
+    from specdec.verify.greedy import verify_greedy
+
+    target, prompt = tiny_lm("llama", seed=0), _prompt(3)
+    # A rule that is not `verify_greedy` itself gets the one-hot distributions, as every rule did before.
+    via_probs, _ = SpeculativeDecoder(target, ModelDrafter(tiny_lm("llama", seed=1), GREEDY, 3), GREEDY,
+                                      verifier=lambda tree, probs, gen: verify_greedy(tree, probs, gen)).generate(prompt, 30)
+
+    def no_vocabulary_pass(*args, **kwargs):
+        raise AssertionError("greedy verification built the target's distributions")
+
+    monkeypatch.setattr(decoder_mod, "logits_to_probs", no_vocabulary_pass)
+    direct, _ = SpeculativeDecoder(target, ModelDrafter(tiny_lm("llama", seed=1), GREEDY, 3), GREEDY).generate(prompt, 30)
+    ar, _ = _ar(target, prompt, 30)
+    assert direct == via_probs == ar

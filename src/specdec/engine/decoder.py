@@ -227,8 +227,11 @@ class SpeculativeDecoder:
 
     def verify(self, run: "DecodeRun", tree: TokenTree, logits: Tensor) -> VerifyResult:  # logits: [N + 1, V]
         """The exact rule's decision on the target's logits at the tree's nodes."""
-        target_probs = logits_to_probs(logits, self.sampling)  # [N + 1, V]
-        result = self.rule(run)(tree, target_probs, run.generator)
+        rule = self.rule(run)
+        if self.sampling.greedy and rule is verify_greedy:  # it reads only the argmax: no one-hot of the vocabulary
+            result = rule(tree, logits, run.generator)
+        else:
+            result = rule(tree, logits_to_probs(logits, self.sampling), run.generator)  # target probs [N + 1, V]
         if self.drafter is not None:
             # After the decision: what the drafter learns here can only shape later proposals.
             self.drafter.observe_target(tree, logits)
