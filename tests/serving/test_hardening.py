@@ -4,8 +4,10 @@ and OpenAI's and vLLM's conventions (temperature 1.0 by default, `vllm:` metric 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import socket
 import threading
 import time
 
@@ -20,6 +22,7 @@ from specdec.core.hardware import fingerprint  # noqa: E402
 from specdec.core.sampling import SamplingConfig  # noqa: E402
 from specdec.engine.pipeline import Pipeline, register_tuner, registered_tuner  # noqa: E402
 from specdec.serving.app import create_app  # noqa: E402
+from specdec.serving import guards  # noqa: E402
 from specdec.serving.guards import DEFAULT_MAX_DRAFT_TOKENS  # noqa: E402
 from tests.serving.server_helpers import metric_values, running_server  # noqa: E402
 
@@ -113,6 +116,45 @@ def test_a_body_over_the_limit_gets_413_with_a_clear_message(base_url, client):
     with pytest.raises(openai.APIStatusError) as info:
         client.completions.create(model=MODEL, prompt="hello " * 40_000, max_tokens=2)
     assert info.value.status_code == 413 and str(LIMIT) in str(info.value)
+    assert _post(base_url, {"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def _raw(url: str, head: bytes, body: bytes, wait: float) -> bytes:
+    """Send a request's head and part of its body over a raw socket; what the server answers within `wait` s."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait) as sock:
+        sock.sendall(head + body)
+        try:
+            return sock.recv(65536)
+        except TimeoutError:
+            return b""
+
+
+def test_a_declared_length_past_the_drain_is_refused_at_once_and_a_stalled_body_in_time(base_url):
+    head = (b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n")
+    t0 = time.perf_counter()
+    answer = _raw(base_url, head % (guards.DRAIN_BYTES + 1), b"{}", wait=10)
+    assert answer.startswith(b"HTTP/1.1 413") and b"--max-body-bytes" in answer
+    assert time.perf_counter() - t0 < 5
+
+    async def stalled():  # a client that sends its head, then nothing
+        await asyncio.sleep(3600)
+
+    async def never_called(scope, receive, send):
+        raise AssertionError("the app saw a body that never arrived")
+
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    limit = guards.BodyLimit(never_called, max_bytes=LIMIT, timeout_s=0.2)
+    asyncio.run(limit({"type": "http", "headers": [(b"content-length", b"100")]}, stalled, send))
+    assert sent[0]["status"] == 408 and b"did not arrive within 0.2 s" in sent[1]["body"]
+    sent.clear()
+    asyncio.run(limit({"type": "http", "headers": [(b"content-length", str(LIMIT + 1).encode())]}, stalled, send))
+    assert sent[0]["status"] == 413  # known to be too large: its answer, not a timeout's
     assert _post(base_url, {"prompt": "hi", "max_tokens": 2}).status_code == 200
 
 

@@ -8,8 +8,10 @@ app gets it: a larger body is answered 413 without ever being parsed or tokenize
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -56,9 +58,13 @@ class ServerLimits:
 
 
 DRAIN_BYTES = 1 << 30
-"""A body over the limit is still read, and thrown away, up to this many bytes, so that the
-client, which is still sending, reads the 413 instead of a reset connection; past that the server
-answers and closes the connection."""
+"""A body over the limit is still read, and thrown away, up to this many bytes (and for at most
+`BODY_TIMEOUT_S`), so that the client, which is still sending, reads the 413 instead of a reset
+connection; past that the server answers and closes the connection. A declared length over this is
+answered at once."""
+BODY_TIMEOUT_S = 30.0
+"""Longest wait for a request's whole body: a client that stalls mid-body (or trickles it) gets a
+408 rather than holding a connection and its buffer open."""
 
 
 async def send_error(send: Send, status: int, message: str, code: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
@@ -78,32 +84,32 @@ class BodyLimit:
     (the app asking whether the client is still there) go to the server as before.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = BODY_TIMEOUT_S) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-        too_large = declared.isdigit() and int(declared) > self.max_bytes
-        body = bytearray()
-        received = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return  # the client left before sending its whole body: nobody to answer
-            chunk = message.get("body", b"")
-            received += len(chunk)
-            too_large = too_large or received > self.max_bytes
-            if not too_large:
-                body += chunk
-            if not message.get("more_body", False) or received > DRAIN_BYTES:
-                break
-        if too_large:
-            size = f"{int(declared)} bytes" if declared.isdigit() else "more"
-            await send_error(send, 413, f"the request body has {size}, more than this server's limit of "
-                             f"{self.max_bytes} bytes (--max-body-bytes)", "request_too_large")
+        size = f"has {int(declared)} bytes, more" if declared.isdigit() else "is larger"
+        over = declared.isdigit() and int(declared) > self.max_bytes
+        if declared.isdigit() and int(declared) > DRAIN_BYTES:  # never drained: answer now
+            await self._too_large(send, size)
+            return
+        try:
+            body, received = await asyncio.wait_for(self._gather(receive), self.timeout_s)
+        except asyncio.TimeoutError:
+            if over:
+                await self._too_large(send, size)
+            else:
+                await send_error(send, 408, f"the request body did not arrive within {self.timeout_s:g} s",
+                                 "request_timeout", [(b"connection", b"close")])
+            return
+        if body is None:
+            return  # the client left before sending its whole body: nobody to answer
+        if over or received > self.max_bytes:
+            await self._too_large(send, size)
             return
         replayed = False
 
@@ -115,6 +121,24 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _gather(self, receive: Receive) -> tuple[bytearray | None, int]:
+        """The body (its first `max_bytes`; None if the client left) and how many bytes came."""
+        body, received = bytearray(), 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None, received
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received <= self.max_bytes:
+                body += chunk
+            if not message.get("more_body", False) or received > DRAIN_BYTES:
+                return body, received
+
+    async def _too_large(self, send: Send, size: str) -> None:  # size: "has N bytes, more" or "is larger"
+        await send_error(send, 413, f"the request body {size} than this server's limit of {self.max_bytes} bytes "
+                         "(--max-body-bytes)", "request_too_large", [(b"connection", b"close")])
 
 
 OPEN_PATHS = ("/health", "/metrics")
