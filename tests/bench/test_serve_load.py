@@ -56,17 +56,43 @@ def test_bench_serve_flag_errors(tmp_path, capsys):
 
 
 def test_the_long_prompt_and_shared_prefix_scenarios(tmp_path, one_thread):
-    from specdec.bench.serve_load import long_text, prefix_scenario, render_scenarios, stall_scenario
+    from specdec.bench.serve_load import Endpoint, long_text, prefix_scenario, render_scenarios, stall_scenario
 
     target, draft = save_tiny_checkpoints(tmp_path / "ckpt", tiny_tokenizer())
     pipe = Pipeline(str(target), str(draft), fast_linear="off", progress=False)
     assert long_text(64, "a") != long_text(64, "b")  # a tag makes each scenario's text its own
     with running_server(create_app(pipe, "ar", {}, "tiny", max_batch_size=2)) as url:
-        stall = stall_scenario(url, "tiny", "sps", 48, 0.0, chat=False, stream_tokens=64)
-        prefix = prefix_scenario(url, "tiny", "ar", 48, 0.0, chat=False)
+        stall = stall_scenario(Endpoint(url), "tiny", "sps", 48, 0.0, chat=False, stream_tokens=64)
+        prefix = prefix_scenario(Endpoint(url), "tiny", "ar", 48, 0.0, chat=False)
     assert stall.long_prompt_tokens > 50 and stall.long_ttft_s > 0 and all(g >= 0 for g in stall.gaps_s)
     assert prefix.prompt_tokens > 50 and prefix.first_ttft_s > 0 and prefix.second_ttft_s > 0
     assert prefix.second_cached_tokens == 0  # dense rows keep no prefix cache
     text = render_scenarios([stall], [prefix])
     assert "## A long prompt arrives beside a running stream" in text and "| sps |" in text
     assert "## Two requests sharing a prefix" in text and "| ar |" in text
+
+
+def test_bench_serve_names_an_unreachable_server_or_a_refused_key_in_one_line(tmp_path, capsys, one_thread, monkeypatch):
+    import socket
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "p", "task": "qa", "turns": ["hello"]}) + "\n")
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = ["bench-serve", "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--concurrency", "1",
+            "--methods", "ar", "--max-tokens", "2", "--no-plots"]
+    assert main(base + ["--url", f"http://127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach a server at" in err and "Traceback" not in err
+    target, draft = save_tiny_checkpoints(tmp_path / "ckpt", tiny_tokenizer())
+    pipe = Pipeline(str(target), str(draft), fast_linear="off", progress=False)
+    monkeypatch.delenv("SPECDEC_API_KEY", raising=False)
+    with running_server(create_app(pipe, "ar", {}, "tiny", api_key="s3cret")) as url:
+        assert main(base + ["--url", url]) == 2
+        err = capsys.readouterr().err
+        assert "refused the API key" in err and "--api-key" in err and "Traceback" not in err
+        assert main(base + ["--url", url, "--api-key", "s3cret"]) == 0
+        monkeypatch.setenv("SPECDEC_API_KEY", "s3cret")
+        assert main(base + ["--url", url]) == 0
+    assert "s3cret" not in (tmp_path / "out" / "serve-summary.md").read_text()  # the echoed command leaves it out

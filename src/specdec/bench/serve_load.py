@@ -60,12 +60,35 @@ def percentile(values: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def _client(base_url: str, timeout: float) -> Any:
+def _openai() -> Any:
     try:
         import openai
     except ImportError:
         raise ValueError("bench-serve needs the openai client: pip install openai") from None
-    return openai.OpenAI(base_url=base_url.rstrip("/") + "/v1", api_key="unused", max_retries=0, timeout=timeout)
+    return openai
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """The server under load: its URL and the API key it wants (None: it wants none)."""
+
+    url: str
+    api_key: str | None = None
+
+    def client(self, timeout: float = 600.0) -> Any:
+        return _openai().OpenAI(base_url=self.url.rstrip("/") + "/v1", api_key=self.api_key or "unused",
+                                max_retries=0, timeout=timeout)
+
+    def served_model(self) -> str:
+        """The model the server names; ValueError, in one line, when it cannot be reached or refuses the key."""
+        openai = _openai()
+        try:
+            return self.client(30.0).models.list().data[0].id
+        except openai.AuthenticationError:
+            raise ValueError(f"the server at {self.url} refused the API key: pass --api-key "
+                             "(or set SPECDEC_API_KEY)") from None
+        except openai.APIConnectionError:
+            raise ValueError(f"cannot reach a server at {self.url}: start `specdec serve` or check --url") from None
 
 
 @dataclass
@@ -138,7 +161,7 @@ def one_request(client: Any, model: str, prompt: BenchPrompt, method: str, max_t
 
 
 def run_level(
-    base_url: str, model: str, prompts: Sequence[BenchPrompt], method: str, concurrency: int, requests: int,
+    server: Endpoint, model: str, prompts: Sequence[BenchPrompt], method: str, concurrency: int, requests: int,
     max_tokens: int, temperature: float, chat: bool, timeout: float = 600.0,
 ) -> tuple[list[RequestResult], float]:
     """`concurrency` clients, `requests` answers in all (prompts taken in turn): results and wall time."""
@@ -147,7 +170,7 @@ def run_level(
     results: list[RequestResult] = []
 
     def worker() -> None:
-        client = _client(base_url, timeout)
+        client = server.client(timeout)
         while True:
             with lock:
                 i = next_index[0]
@@ -239,7 +262,7 @@ class StallResult:
         return percentile(self.gaps_s, q)
 
 
-def stall_scenario(base_url: str, model: str, method: str, long_tokens: int, temperature: float, chat: bool,
+def stall_scenario(server: Endpoint, model: str, method: str, long_tokens: int, temperature: float, chat: bool,
                    stream_tokens: int = 512) -> StallResult:
     """One stream decodes; once its text flows, a prompt of ~`long_tokens` tokens arrives: the stream's
     gaps while that prompt is filled (until its first token)."""
@@ -247,14 +270,14 @@ def stall_scenario(base_url: str, model: str, method: str, long_tokens: int, tem
     box: dict[str, Answer] = {}
 
     def run_stream() -> None:
-        box["stream"] = stream_answer(_client(base_url, 600.0), model, STREAM_PROMPT, method, stream_tokens,
+        box["stream"] = stream_answer(server.client(), model, STREAM_PROMPT, method, stream_tokens,
                                       temperature, chat, on_text=first.set)
 
     thread = threading.Thread(target=run_stream)
     thread.start()
     first.wait(600)
     sent = time.perf_counter()
-    long = stream_answer(_client(base_url, 600.0), model, long_text(long_tokens, f"stall {time.time_ns()}"),
+    long = stream_answer(server.client(), model, long_text(long_tokens, f"stall {time.time_ns()}"),
                          method, 4, temperature, chat)
     answered = sent + long.ttft_s
     thread.join()
@@ -275,10 +298,10 @@ class PrefixResult:
     second_cached_tokens: int
 
 
-def prefix_scenario(base_url: str, model: str, method: str, prefix_tokens: int, temperature: float,
+def prefix_scenario(server: Endpoint, model: str, method: str, prefix_tokens: int, temperature: float,
                     chat: bool) -> PrefixResult:
     """Two requests sharing a ~`prefix_tokens`-token prefix, one after the other: their times to first token."""
-    client = _client(base_url, 600.0)
+    client = server.client()
     shared = long_text(prefix_tokens, f"prefix {time.time_ns()}")
     one = stream_answer(client, model, shared + "\nWhich animal jumps?", method, 4, temperature, chat)
     two = stream_answer(client, model, shared + "\nWhich animal is lazy?", method, 4, temperature, chat)
@@ -358,7 +381,7 @@ def make_serve_plots(levels: Sequence[LevelSummary], out_dir: Path) -> list[Path
             by_clients(out_dir / "ttft.png", "time to first token (s)", "specdec serve: time to first token", ttft)]
 
 
-def run_scenarios(base_url: str, model: str, methods: Sequence[str], temperature: float, chat: bool,
+def run_scenarios(server: Endpoint, model: str, methods: Sequence[str], temperature: float, chat: bool,
                   stall_tokens: int, prefix_tokens: int,
                   log: Callable[[str], None]) -> tuple[list[StallResult], list[PrefixResult]]:
     """Per method, the long-prompt scenario (`stall_tokens` > 0) and the shared-prefix one (`prefix_tokens` > 0)."""
@@ -366,12 +389,12 @@ def run_scenarios(base_url: str, model: str, methods: Sequence[str], temperature
     prefixes: list[PrefixResult] = []
     for m in methods:
         if stall_tokens:
-            r = stall_scenario(base_url, model, m, stall_tokens, temperature, chat)
+            r = stall_scenario(server, model, m, stall_tokens, temperature, chat)
             stalls.append(r)
             log(f"{m}: a {r.long_prompt_tokens}-token prompt beside a stream: its TTFT {r.long_ttft_s:.2f} s, "
                 f"the stream's p95 gap {r.gap(0.95):.2f} s")
         if prefix_tokens:
-            p = prefix_scenario(base_url, model, m, prefix_tokens, temperature, chat)
+            p = prefix_scenario(server, model, m, prefix_tokens, temperature, chat)
             prefixes.append(p)
             log(f"{m}: shared prefix, TTFT {p.first_ttft_s:.2f} s then {p.second_ttft_s:.2f} s "
                 f"({p.second_cached_tokens} of {p.prompt_tokens} prompt tokens cached)")
@@ -379,7 +402,7 @@ def run_scenarios(base_url: str, model: str, methods: Sequence[str], temperature
 
 
 def run_serve_bench(
-    base_url: str,
+    server: Endpoint,
     prompts: Sequence[BenchPrompt],
     out_dir: str | Path,
     *,
@@ -397,15 +420,15 @@ def run_serve_bench(
     stall_tokens: int = 0,
     prefix_tokens: int = 0,
 ) -> tuple[list[LevelSummary], list[Path]]:
-    """Every (method, concurrency) level against the server at `base_url`; writes the per-request
+    """Every (method, concurrency) level against `server`; writes the per-request
     rows, the summary table and the plots into `out_dir`. With `stall_tokens` / `prefix_tokens`, each
     method also runs the long-prompt and the shared-prefix scenarios (`stall_scenario`, `prefix_scenario`)."""
     if not prompts:
         raise ValueError("no prompts to send")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    client = _client(base_url, 600.0)
-    model = model or client.models.list().data[0].id
+    model = model or server.served_model()
+    client = server.client()
     if warmup:  # the first request of a method pays one-off costs (allocations, tables)
         for m in methods:
             one_request(client, model, prompts[0], m, min(8, max_tokens), temperature, chat)
@@ -414,14 +437,14 @@ def run_serve_bench(
         for c in concurrency:
             for m in methods:
                 n = requests if requests is not None else max(len(prompts), 2 * c)
-                rows, wall = run_level(base_url, model, prompts, m, c, n, max_tokens, temperature, chat)
+                rows, wall = run_level(server, model, prompts, m, c, n, max_tokens, temperature, chat)
                 for r in rows:
                     f.write(json.dumps(r.record()) + "\n")
                 s = summarize_level(rows, wall)
                 levels.append(s)
                 log(f"{m} x{c}: {s.requests} requests, {s.completion_tokens} tokens in {s.wall_s:.1f} s = "
                     f"{s.tokens_per_s:.2f} tokens/s, p50 {s.p50_latency_s:.2f} s, p95 {s.p95_latency_s:.2f} s")
-    stalls, prefixes = run_scenarios(base_url, model, methods, temperature, chat, stall_tokens, prefix_tokens, log)
+    stalls, prefixes = run_scenarios(server, model, methods, temperature, chat, stall_tokens, prefix_tokens, log)
     with (out / SCENARIOS).open("w", encoding="utf-8") as f:
         for row in [*stalls, *prefixes]:
             f.write(json.dumps({"scenario": type(row).__name__, **asdict(row)}) + "\n")

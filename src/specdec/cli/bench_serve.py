@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from specdec.bench.prompts import load_prompts, select_prompts
-from specdec.bench.serve_load import RESULTS, SUMMARY, run_serve_bench
+from specdec.bench.serve_load import RESULTS, SUMMARY, Endpoint, run_serve_bench
 from specdec.bench.store import command_line
+from specdec.cli.serve import API_KEY_ENV
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -43,8 +45,9 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         if value < 0:
             raise ValueError(f"{flag} must be >= 0, got {value}")
         argv += [flag, str(value)] if value else []
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     levels, plots = run_serve_bench(
-        args.url, prompts, args.out, concurrency=levels_c, methods=methods, requests=args.requests,
+        Endpoint(args.url, api_key), prompts, args.out, concurrency=levels_c, methods=methods, requests=args.requests,
         max_tokens=args.max_tokens, temperature=args.temperature, chat=not args.completions,
         plots=not args.no_plots, command=command_line(argv), log=lambda msg: print(msg, file=sys.stderr),
         stall_tokens=args.stall_prompt_tokens, prefix_tokens=args.prefix_tokens,
@@ -65,6 +68,8 @@ def configure(p: argparse.ArgumentParser) -> None:
         "beside a running stream and two requests sharing a prefix. Needs the openai package (pip install openai) and, for plots, matplotlib."
     )
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
+    p.add_argument("--api-key", default=None,
+                   help=f"the key of a server started with --api-key (default: ${API_KEY_ENV}, as `specdec serve` reads it)")
     p.add_argument("--prompts", required=True, help="JSONL prompt file (id, task, turns; the first turn is sent)")
     p.add_argument("--concurrency", default="1,2,4,8,16", help="client counts, comma-separated (default 1,2,4,8,16)")
     p.add_argument("--methods", default="ar,sps", help="methods to compare, comma-separated (default ar,sps)")
