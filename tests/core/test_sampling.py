@@ -38,6 +38,20 @@ def test_top_p_keeps_smallest_set_reaching_mass():
     assert torch.equal(probs, torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tiny_temperature_and_top_p_still_give_distributions(dtype):
+    """Valid settings at the edge of the float range: the most likely token, not a NaN row (the
+    division overflowed to ±inf; a top_p under the dtype's smallest number compared as 0)."""
+    logits = torch.tensor([[1.0, 30.0, -2.0, 29.5], [-1.0, -0.5, -3.0, -0.75]], dtype=dtype)
+    expected = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]], dtype=dtype)
+    for cfg in (SamplingConfig(temperature=1e-300), SamplingConfig(temperature=1e-38),
+                SamplingConfig(temperature=1.0, top_p=1e-46), SamplingConfig(temperature=1.0, top_p=1e-320)):
+        assert torch.equal(logits_to_probs(logits, cfg), expected), cfg
+    # Just above the shift's threshold the division alone, as before.
+    torch.testing.assert_close(logits_to_probs(logits, SamplingConfig(temperature=2e-4)),
+                               torch.softmax(logits / 2e-4, -1))
+
+
 def test_top_p_breaks_ties_at_the_cut_by_token_id():
     """Exactly tied logits across the cut: the lowest token ids are kept (a stable sort). With
     torch's unstable sort (32 or more values on the CPU) other ids of the tie would survive."""

@@ -16,6 +16,10 @@ import torch
 from torch import Tensor
 
 
+TINY_TEMPERATURE = 1e-4
+"""Below this temperature the logits are shifted before the division (`logits_to_probs`)."""
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How tokens are chosen from the model's logits."""
@@ -51,7 +55,14 @@ def logits_to_probs(
     logits = logits.to(work_dtype)
     if cfg.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(work_dtype)
-    logits = logits / cfg.temperature
+    if cfg.temperature < TINY_TEMPERATURE:
+        # The largest logit to 0 first: divided by so small a temperature the others would overflow to
+        # ±inf, and inf − inf is NaN; and 0 kept as 0 where the temperature rounds to 0 in the dtype.
+        # The same distribution; the common path below keeps its rounding.
+        shifted = logits - logits.amax(-1, keepdim=True)
+        logits = torch.where(shifted == 0, shifted, shifted / cfg.temperature)
+    else:
+        logits = logits / cfg.temperature
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -64,6 +75,7 @@ def logits_to_probs(
         # is still short of top_p, so the most likely token is always kept.
         mass_before = sorted_probs.cumsum(-1) - sorted_probs
         drop_sorted = mass_before >= cfg.top_p
+        drop_sorted[..., 0] = False  # a top_p under the dtype's smallest number compares as 0
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
         probs = probs / probs.sum(-1, keepdim=True)

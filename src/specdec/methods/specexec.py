@@ -27,7 +27,7 @@ from torch import Tensor
 
 from specdec.core.options import MethodOptions, check_positive_int, option, positive_int, probability
 from specdec.core.results import VerifyResult
-from specdec.core.sampling import SamplingConfig
+from specdec.core.sampling import TINY_TEMPERATURE, SamplingConfig
 from specdec.core.tree import TokenTree, keep_subtree
 from specdec.drafting.base import Proposal
 from specdec.drafting.draft_model import DraftModel, OneModelTreeDrafter
@@ -78,7 +78,8 @@ class SpecExecDrafter(OneModelTreeDrafter):
         # that is the draft at the same temperature; at T = 0 the target is one-hot and any
         # ranking works, so the plain softmax is used. Top-k/top-p are left out on purpose: a
         # token the draft filters out may still be one the target samples.
-        self.scoring_temperature = 1.0 if sampling.greedy else sampling.temperature
+        # (Floored: scores only rank the nodes, and a near-zero temperature would overflow them.)
+        self.scoring_temperature = 1.0 if sampling.greedy else max(sampling.temperature, TINY_TEMPERATURE)
         self.last_scores: Tensor | None = None
         """[N] float64: each node of the last proposed tree's score (sum of draft log-probs on its path)."""
         self._node_slots: Tensor | None = None  # [N + 1] per tree node: its slot in the draft's pending block
