@@ -200,6 +200,14 @@ BAD_BODIES = [
     ("unknown parameter", "/v1/completions", {"prompt": "hi", "mirostat": 2}, "mirostat"),
     ("logprobs", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True},
      "logprobs"),
+    ("completions logprobs 0", "/v1/completions", {"prompt": "hi", "logprobs": 0}, "logprobs"),
+    ("stream_options without stream", "/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}},
+     "stream_options"),
+    ("two different lengths", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "max_completion_tokens": 4},
+     "max_completion_tokens"),
+    ("user message without content", "/v1/chat/completions", {"messages": [{"role": "user"}]},
+     "messages.0.content"),
     ("no messages", "/v1/chat/completions", {"messages": []}, "messages"),
     ("bad role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
     ("image part", "/v1/chat/completions",
@@ -235,6 +243,13 @@ def test_openai_client_sees_errors(client):
         client.completions.create(model=MODEL, prompt="hi", frequency_penalty=1.0)
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="gpt-9", prompt="hi")
+    # What a client sends when it fills in defaults is accepted, as is one length under both names.
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2, frequency_penalty=0, presence_penalty=0.0,
+                                     best_of=1, echo=False, logprobs=None, temperature=0).choices
+    assert client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": None},
+                               {"role": "user", "content": "go on"}], max_tokens=2, max_completion_tokens=2,
+        logprobs=False, top_logprobs=0, tool_choice="none", response_format={"type": "text"}, temperature=0).choices
     with pytest.raises(openai.BadRequestError, match="context"):
         client.completions.create(model=MODEL, prompt="hi " * 600, max_tokens=2)
 

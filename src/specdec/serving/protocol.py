@@ -41,7 +41,9 @@ _NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
 
 def _check_neutral(value: Any, info: ValidationInfo) -> Any:
     name = info.field_name or "?"
-    if value not in _NEUTRAL_VALUES[name]:
+    # Of the same type too: completions' `logprobs: 0` asks for the sampled token's log-probability,
+    # although 0 == False.
+    if not any(value == v and type(value) is type(v) for v in _NEUTRAL_VALUES[name]):
         raise ValueError(f"{name}={value!r} is not supported by this server (leave it out)")
     return value
 
@@ -132,6 +134,13 @@ class GenerationRequest(BaseModel):
     def _neutral(cls, value: Any, info: ValidationInfo) -> Any:
         return _check_neutral(value, info)
 
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_with_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed with stream: true")
+        return value
+
 
 class CompletionRequest(GenerationRequest):
     """POST /v1/completions: a raw prompt, no chat template."""
@@ -171,11 +180,14 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart] | None = Field(None, validate_default=True)
 
     @field_validator("content", mode="before")
     @classmethod
-    def _text_only(cls, value: Any) -> Any:
+    def _text_only(cls, value: Any, info: ValidationInfo) -> Any:
+        # An assistant turn may be empty (OpenAI's null content beside tool calls); any other has text.
+        if value is None and info.data.get("role", "assistant") != "assistant":
+            raise ValueError(f"a {info.data['role']} message needs its content")
         if isinstance(value, list):
             for part in value:
                 kind = part.get("type") if isinstance(part, dict) else None
@@ -196,7 +208,7 @@ class ChatCompletionRequest(GenerationRequest):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    """OpenAI's newer name for max_tokens; wins when both are given."""
+    """OpenAI's newer name for max_tokens; both may be given only with the same value."""
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[Any] | None = None
@@ -207,6 +219,14 @@ class ChatCompletionRequest(GenerationRequest):
     @classmethod
     def _neutral_chat(cls, value: Any, info: ValidationInfo) -> Any:
         return _check_neutral(value, info)
+
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _one_length(cls, value: int | None, info: ValidationInfo) -> int | None:
+        given = info.data.get("max_tokens")
+        if None not in (value, given) and value != given:
+            raise ValueError(f"max_tokens ({given}) and max_completion_tokens ({value}) differ: send one of them")
+        return value
 
     def template_messages(self) -> list[dict[str, str]]:
         """The messages as chat templates take them (`developer` is OpenAI's new name for `system`)."""
