@@ -103,7 +103,7 @@ def test_32_streaming_clients_with_random_disconnects(pipe, one_thread):
 
 
 def test_kv_budget_refuses_what_can_never_fit_and_queues_the_rest(pipe, one_thread):
-    app = create_app(pipe, "ar", {}, MODEL, max_kv_tokens=120, max_batch_size=4)
+    app = create_app(pipe, "ar", {}, MODEL, max_kv_tokens=120, max_batch_size=4, default_max_tokens=16)
     with running_server(app) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
         with pytest.raises(openai.BadRequestError, match="KV budget"):
@@ -130,6 +130,10 @@ def test_serve_batching_flags(checkpoints, monkeypatch, capsys):
     cfg = launched["app"].state.config.batch
     assert (cfg.max_batch_size, cfg.max_kv_tokens, cfg.prefill_chunk, cfg.spec_disable_batch_size) == (3, 5000, 64, None)
     assert launched["app"].state.engine.batch.max_batch_size == 3
+    # A budget that no request of the default length fits is refused at start, not on every request.
+    assert main([*base, "--max-kv-tokens", "10", "--max-new-tokens", "32"]) == 2
+    assert "--max-kv-tokens 10 cannot hold a request of the default length" in capsys.readouterr().err
+    assert main([*base, "--max-kv-tokens", "34", "--max-new-tokens", "32"]) == 0
     assert main(base) == 0  # defaults: a memory-sized budget, the default threshold (no tune profile here)
     cfg = launched["app"].state.config.batch
     assert cfg.max_kv_tokens is not None and cfg.max_kv_tokens > 1000 and cfg.spec_disable_batch_size == 8

@@ -56,6 +56,11 @@ class ServerConfig:
             raise ValueError(f"--max-new-tokens must be a positive integer, got {self.max_tokens!r}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("--api-key must not be empty")
+        kv = self.batch.max_kv_tokens
+        if kv is not None and kv < self.max_tokens + 2:  # a 1-token prompt, the answer, the pending root
+            raise ValueError(f"--max-kv-tokens {kv} cannot hold a request of the default length (--max-new-tokens "
+                             f"{self.max_tokens} after a 1-token prompt needs {self.max_tokens + 2}): raise it or lower "
+                             "--max-new-tokens")
         check_default_options(self.default_opts)
         options = get_method(self.default_method).make_options(self.options_for(self.default_method))
         drafted = options.draft_tokens_per_step(num_drafts) if num_drafts is not None else None
