@@ -231,6 +231,16 @@ def test_bad_requests_get_openai_style_400(base_url, client, what, path, body, p
     assert ok.usage.completion_tokens >= 1
 
 
+def test_a_json_body_sent_as_text_is_told_its_content_type(base_url):
+    body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2})
+    for content_type in ("text/plain", None):
+        headers = {"content-type": content_type} if content_type else {}
+        res = httpx.post(base_url + "/v1/completions", content=body, headers=headers, timeout=30)
+        assert res.status_code == 400 and "Content-Type: application/json" in res.json()["error"]["message"], res.text
+    ok = httpx.post(base_url + "/v1/completions", content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert ok.status_code == 200
+
+
 def test_openai_client_sees_errors(client):
     with pytest.raises(openai.BadRequestError, match="unknown method"):
         client.completions.create(model=MODEL, prompt="hi", extra_body={"speculative": {"method": "nope"}})

@@ -24,10 +24,13 @@ class APIError(Exception):
 _UNION_TAGS = {"str", "int", "float", "bool", "list[int]", "list[str]", "list[TextPart]", "dict[str,float]"}
 
 
-def validation_error_to_api_error(errors: list[dict[str, Any]]) -> APIError:
+def validation_error_to_api_error(errors: list[dict[str, Any]], content_type: str = "application/json") -> APIError:
     """The first of FastAPI's validation errors as an OpenAI-style 400 (OpenAI answers 400, not 422)."""
     if not errors:
         return APIError("invalid request")
+    if "json" not in content_type.lower():  # the body was never read as JSON, whatever it holds
+        return APIError(f"send the request body as JSON with the header 'Content-Type: application/json' "
+                        f"(got {content_type or 'none'!r})")
     err = errors[0]
     loc = [part for part in err.get("loc", ()) if part != "body" and str(part).replace(" ", "") not in _UNION_TAGS]
     param = ".".join(str(p) for p in loc) or None

@@ -38,7 +38,7 @@ async def api_error(request: Request, exc: APIError) -> JSONResponse:
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    err = validation_error_to_api_error(list(exc.errors()))
+    err = validation_error_to_api_error(list(exc.errors()), request.headers.get("content-type", ""))
     return JSONResponse(err.body(), status_code=err.status)
 
 
