@@ -99,7 +99,8 @@ def block_size(batch: BatchEngine, request: BatchRequest) -> int:
         raise APIError(f"speculative: {exc}", param="speculative", code="invalid_value") from exc
 
 
-def max_tokens_of(cfg: ServerConfig, body: "GenerationRequest", prompt_len: int, room: int, context: int) -> int:
+def max_tokens_of(cfg: ServerConfig, body: "GenerationRequest", prompt_len: int, room: int, context: int,
+                  block: int) -> int:
     """The request's max_tokens: as asked (400 above the limit or the room in the context), or the
     server's default cut to both."""
     requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
@@ -112,7 +113,8 @@ def max_tokens_of(cfg: ServerConfig, body: "GenerationRequest", prompt_len: int,
     if requested > room:
         raise APIError(
             f"max_tokens={requested} does not fit: the prompt has {prompt_len} tokens and the model's context "
-            f"{context}, which leaves room for {room}", param="max_tokens", code="context_length_exceeded",
+            f"{context}, which leaves room for {room} ({block} kept for a step's block: the pending token and the "
+            "drafts)", param="max_tokens", code="context_length_exceeded",
         )
     return requested
 
@@ -138,14 +140,16 @@ def prepare_job(
     seed = body.seed if body.seed is not None else cfg.seed
     request = BatchRequest(list(prompt_ids), 1, method, options, request_sampling(cfg, body), seed)
     context = pipe.target_lm.context_length
-    room = context - len(prompt_ids) - block_size(batch, request)  # new tokens that fit beside the prompt
+    block = block_size(batch, request)
+    room = context - len(prompt_ids) - block  # new tokens that fit beside the prompt
     if room < 1:
         raise APIError(
             f"{prompt_param}: the prompt has {len(prompt_ids)} tokens, which leaves no room for a completion in the "
-            f"model's context of {context} tokens", param=prompt_param, code="context_length_exceeded",
+            f"model's context of {context} tokens ({block} of them kept for a step's block: the pending token and "
+            f"{method}'s drafts)", param=prompt_param, code="context_length_exceeded",
         )
-    request = BatchRequest(request.prompt_ids, max_tokens_of(cfg, body, len(prompt_ids), room, context), method,
-                           options, request.sampling, seed)
+    request = BatchRequest(request.prompt_ids, max_tokens_of(cfg, body, len(prompt_ids), room, context, block),
+                           method, options, request.sampling, seed)
     try:
         batch.check(request)  # the KV budget
     except ValueError as exc:
