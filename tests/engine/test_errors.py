@@ -92,6 +92,13 @@ def test_cli_reports_bad_input_clearly(argv, needle, capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("seed", ["-1", str(2**63), "x"])
+def test_cli_refuses_a_seed_the_generators_cannot_take(seed, capsys):
+    with pytest.raises(SystemExit) as info:  # argparse's own error, before anything loads
+        main(["generate", "hi", "--seed", seed])
+    assert info.value.code == 2 and "argument --seed" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("method,opts,needle", [
     ("pld", {"gamma": 100_000}, "gamma=100000: pld would draft up to 100000 tokens per step"),
     ("sps", {"gamma": 510}, "gamma=510: sps would draft up to 510"),

@@ -1,6 +1,7 @@
 """`recycle` (Token Recycling): the table and the tree on hand traces, greedy equivalence with drafts
 accepted, exact sampling end to end, and a planted verifier bug that the chi-square test catches."""
 
+import pytest
 import torch
 
 from specdec.core.sampling import SamplingConfig
@@ -94,3 +95,11 @@ def test_the_shape_follows_which_rank_the_target_picks():
         d.observe_target(TokenTree(t(3), t(-1)), torch.tensor([[0.0, 1, 5, 0, 0, 0]]))
     assert d.rank_accept[1] > 0.9 and d.rank_accept[0] < 0.1
     assert {int(d.ranks[p]) for p in d.parents[d.depth == 1]} == {1}  # reshaped: rank 1 gets the subtree
+
+
+def test_more_successors_than_the_table_keeps_is_refused_not_clamped():
+    from specdec.methods.recycle import RANK_PRIOR, Options
+
+    assert Options.from_mapping({"successors": len(RANK_PRIOR)}).successors == len(RANK_PRIOR)
+    with pytest.raises(ValueError, match=f"at most {len(RANK_PRIOR)}"):
+        Options.from_mapping({"successors": 100})

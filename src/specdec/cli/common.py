@@ -332,7 +332,18 @@ def add_sampling_args(p: argparse.ArgumentParser, seed: bool = True, temperature
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     if seed:
-        p.add_argument("--seed", type=int, default=None, help="seed for sampling (T > 0)")
+        p.add_argument("--seed", type=seed_value, default=None, help="seed for sampling (T > 0)")
+
+
+def seed_value(text: str) -> int:
+    """--seed: an integer in [0, 2^63), what torch's generators and the server take."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2^63), got {value}")
+    return value
 
 
 def sampling_of(args: argparse.Namespace) -> SamplingConfig:

@@ -148,6 +148,17 @@ def positive_int(value: Any) -> int:
     return int(value)
 
 
+def int_up_to(high: int) -> Parser:
+    """An int in [1, high] (`positive_int`, bounded)."""
+    def parse(value: Any) -> int:
+        number = positive_int(value)
+        if number > high:
+            raise ValueError(f"must be at most {high}, got {value!r}")
+        return number
+
+    return parse
+
+
 def check_positive_int(name: str, value: Any) -> int:
     """`positive_int` with the option's name in the message."""
     try:

@@ -116,7 +116,8 @@ def read_profile(path: str | Path, fp: dict[str, Any] | None = None) -> dict[str
     of an older version, or (with `fp`) measured on another machine than `fp`."""
     path = Path(path)
     if not path.is_file():
-        raise ProfileProblem(f"no tune profile at {path}; run `specdec tune` first")
+        raise ProfileProblem(f"no tune profile at {path} (no such file): check the path, or run `specdec tune` "
+                             "to write one")
     try:
         profile = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from specdec.core.options import MethodOptions, check_positive_int, option, positive_int, probability
+from specdec.core.options import MethodOptions, check_positive_int, int_up_to, option, positive_int, probability
 from specdec.core.tree import TokenTree, depths, paths_to_parents
 from specdec.drafting.base import ModelFreeDrafter, Proposal, finished
 from specdec.drafting.scored_tree import Scored
@@ -159,7 +159,8 @@ class RecyclingDrafter(ModelFreeDrafter):
 class Options(MethodOptions):
     budget: int = option(24, "tree tokens the target verifies per call", positive_int)
     max_depth: int = option(6, "deepest tree level", positive_int)
-    successors: int = option(8, "next tokens the table keeps per token (the target's top-k; at most 8)", positive_int)
+    successors: int = option(8, "next tokens the table keeps per token (the target's top-k; at most 8)",
+                             int_up_to(len(RANK_PRIOR)))
     min_prob: float = option(0.0, "leave out nodes whose estimated path probability is below P (0 = the whole shape)",
                              probability, metavar="P")
 
