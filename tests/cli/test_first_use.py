@@ -238,6 +238,11 @@ def test_a_target_without_a_known_draft_gets_a_draft_free_method(capsys, monkeyp
     rc, err = _err(capsys, ["generate", "--target", "smollm2-135m-instruct", "--weights", "dense", "hi"])
     assert "using --method pld" in err
     assert calls == [("load_model", "smollm2-135m-instruct")]
+    # `auto` uses a draft model where there is one: asked for, it loads the target alone, as the API does.
+    calls.clear()
+    rc, err = _err(capsys, ["generate", "--target", "smollm2-135m-instruct", "--weights", "dense", "--method", "auto",
+                            "hi"])
+    assert "needs a draft model" not in err and calls == [("load_model", "smollm2-135m-instruct")]
 
 
 # ---- 4 and 5: `specdec serve` checks where it listens before loading models ----------------------

@@ -281,7 +281,10 @@ def check_max_new_tokens(args: argparse.Namespace) -> None:
                          "tokens (with the prompt); ask for fewer")
 
 
-def load_pipeline(args: argparse.Namespace, need_draft: bool) -> Pipeline:
+def load_pipeline(args: argparse.Namespace, need_draft: bool, optional_draft: bool = False) -> Pipeline:
+    """The models (one line on stderr): the target and, with `need_draft`, the --draft models or the
+    target's known one — an error when there is none, unless `optional_draft` (a method such as
+    `auto` that uses a draft model where there is one)."""
     import torch
 
     from specdec.engine.pipeline import DTYPES, Pipeline
@@ -294,7 +297,7 @@ def load_pipeline(args: argparse.Namespace, need_draft: bool) -> Pipeline:
     rank0 = int(os.environ.get("RANK", "0") or 0) == 0  # under torchrun only rank 0 talks
     device = device_of(args)
     t0 = time.perf_counter()
-    drafts = drafts_of(args, need=True) if need_draft else []
+    drafts = drafts_of(args, need=not optional_draft) if need_draft else []
     # One line per load: the names now, the time when done.
     if rank0:
         print(f"loading {args.target}" + "".join(f" + {d}" for d in drafts)

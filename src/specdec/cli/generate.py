@@ -59,7 +59,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     method.make_options(opts)  # a bad value is reported now, not after the models have loaded
     check_target(args)
     check_max_new_tokens(args)
-    pipe = load_pipeline(args, method.loads_draft_model)
+    pipe = load_pipeline(args, method.loads_draft_model, optional_draft=not method.needs_draft_model)
     dec, chunks = pipe.stream(text, args.method, args.max_new_tokens, sampling, seed=args.seed, chat=chat, **opts)
     text_out = TextAssembler(pipe.decode, [])
     if args.json:

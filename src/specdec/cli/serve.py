@@ -88,7 +88,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         prefix_cache_mb=args.prefix_cache_mb,
     )
     # A --draft given with a draft-free default method is still loaded: requests may switch to sps.
-    pipe = load_pipeline(args, get_method(args.method).loads_draft_model or args.draft is not None)
+    method = get_method(args.method)
+    pipe = load_pipeline(args, method.loads_draft_model or args.draft is not None,
+                         optional_draft=not method.needs_draft_model)
     tune_offered_modes(pipe, cfg)
     cfg.batch = replace(cfg.batch, max_kv_tokens=kv_budget(args.max_kv_tokens, pipe),
                         spec_disable_batch_size=spec_disable_batch_size(args.spec_disable_batch_size, pipe, sampling))
