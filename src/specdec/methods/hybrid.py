@@ -136,7 +136,8 @@ class Options(MethodOptions):
     stop_below: float = option(0.3, "end the model's chain before a position where its largest probability is "
                                "below this", probability, metavar="P")
     model_below: float = option(1.5, "call the draft model only when the free nodes promise fewer accepted tokens "
-                                "than this (0 = never)", number_at_least(0.0), metavar="TOKENS")
+                                "than this (0 = never; the method still loads one: without a draft model use "
+                                "suffix or recycle)", number_at_least(0.0), metavar="TOKENS")
     min_prob: float = option(0.0, "leave out nodes whose estimated path probability is below P (0 = fill the budget)",
                              probability, metavar="P")
 
