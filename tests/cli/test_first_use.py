@@ -245,6 +245,15 @@ def test_a_target_without_a_known_draft_gets_a_draft_free_method(capsys, monkeyp
     assert "needs a draft model" not in err and calls == [("load_model", "smollm2-135m-instruct")]
 
 
+def test_serve_refuses_a_default_that_drafts_past_its_cap_before_loading(capsys, monkeypatch, checkpoints):
+    calls = _loads_nothing(monkeypatch)
+    target, draft = checkpoints
+    rc, err = _err(capsys, ["serve", "--target", str(target), "--draft", str(draft), "--method", "sps", "--gamma", "100",
+                            "--port", "0"])
+    assert rc == 2 and "more than --max-draft-tokens (64)" in err, err
+    assert calls == [] and "loading" not in err
+
+
 # ---- 4 and 5: `specdec serve` checks where it listens before loading models ----------------------
 def test_serve_refuses_a_taken_port_before_loading(capsys):
     with socket.socket() as s:

@@ -12,8 +12,8 @@ import sys
 from typing import TYPE_CHECKING
 
 from specdec.cli.common import (
-    add_method_args, add_model_args, add_sampling_args, check_target, given_options, load_pipeline, resolve_method,
-    sampling_of,
+    add_method_args, add_model_args, add_sampling_args, check_target, drafts_of, given_options, load_pipeline,
+    resolve_method, sampling_of,
 )
 
 from specdec.engine.limits import (
@@ -87,8 +87,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_fill_ms=None if args.max_fill_ms == "none" else _number("--max-fill-ms", args.max_fill_ms),
         prefix_cache_mb=args.prefix_cache_mb,
     )
-    # A --draft given with a draft-free default method is still loaded: requests may switch to sps.
     method = get_method(args.method)
+    if method.needs_draft_model:  # what it drafts is known from the flags: too much is refused before loading
+        cfg.check(max(len(drafts_of(args)), 1))
+    # A --draft given with a draft-free default method is still loaded: requests may switch to sps.
     pipe = load_pipeline(args, method.loads_draft_model or args.draft is not None,
                          optional_draft=not method.needs_draft_model)
     tune_offered_modes(pipe, cfg)
