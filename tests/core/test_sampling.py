@@ -47,9 +47,10 @@ def test_tiny_temperature_and_top_p_still_give_distributions(dtype):
     for cfg in (SamplingConfig(temperature=1e-300), SamplingConfig(temperature=1e-38),
                 SamplingConfig(temperature=1.0, top_p=1e-46), SamplingConfig(temperature=1.0, top_p=1e-320)):
         assert torch.equal(logits_to_probs(logits, cfg), expected), cfg
-    # Just above the shift's threshold the division alone, as before.
-    torch.testing.assert_close(logits_to_probs(logits, SamplingConfig(temperature=2e-4)),
-                               torch.softmax(logits / 2e-4, -1))
+    # Just below the shift's threshold, where the plain division is still finite: the same distribution.
+    wide = torch.tensor([[0.0, 1e-3, -2e-3, 5e-4]], dtype=torch.float64)
+    torch.testing.assert_close(logits_to_probs(wide.to(dtype), SamplingConfig(temperature=5e-5)),
+                               torch.softmax(wide / 5e-5, -1).to(dtype))
 
 
 def test_top_p_breaks_ties_at_the_cut_by_token_id():

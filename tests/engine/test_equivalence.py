@@ -127,13 +127,17 @@ def test_greedy_verification_reads_the_logits_without_a_one_hot(monkeypatch):
 
     target, prompt = tiny_lm("llama", seed=0), _prompt(3)
     # A rule that is not `verify_greedy` itself gets the one-hot distributions, as every rule did before.
+    def via_probs_rule(tree, probs, gen):
+        return verify_greedy(tree, probs, gen)
+
     via_probs, _ = SpeculativeDecoder(target, ModelDrafter(tiny_lm("llama", seed=1), GREEDY, 3), GREEDY,
-                                      verifier=lambda tree, probs, gen: verify_greedy(tree, probs, gen)).generate(prompt, 30)
+                                      verifier=via_probs_rule).generate(prompt, 30)
 
     def no_vocabulary_pass(*args, **kwargs):
         raise AssertionError("greedy verification built the target's distributions")
 
     monkeypatch.setattr(decoder_mod, "logits_to_probs", no_vocabulary_pass)
-    direct, _ = SpeculativeDecoder(target, ModelDrafter(tiny_lm("llama", seed=1), GREEDY, 3), GREEDY).generate(prompt, 30)
+    drafter = ModelDrafter(tiny_lm("llama", seed=1), GREEDY, 3)
+    direct, _ = SpeculativeDecoder(target, drafter, GREEDY).generate(prompt, 30)
     ar, _ = _ar(target, prompt, 30)
     assert direct == via_probs == ar

@@ -132,8 +132,10 @@ def test_serve_batching_flags(checkpoints, monkeypatch, capsys):
     assert launched["app"].state.engine.batch.max_batch_size == 3
     # A budget that no request of the default length fits is refused at start, not on every request.
     assert main([*base, "--max-kv-tokens", "10", "--max-new-tokens", "32"]) == 2
-    assert "--max-kv-tokens 10 cannot hold a request of the default length" in capsys.readouterr().err
-    assert main([*base, "--max-kv-tokens", "34", "--max-new-tokens", "32"]) == 0
+    assert "KV budget of 10 tokens (--max-kv-tokens) cannot hold a request of the default length" \
+        in capsys.readouterr().err
+    assert main([*base, "--max-kv-tokens", "37", "--max-new-tokens", "32", "--gamma", "4"]) == 2  # sps drafts 4 more
+    assert main([*base, "--max-kv-tokens", "38", "--max-new-tokens", "32", "--gamma", "4"]) == 0
     assert main(base) == 0  # defaults: a memory-sized budget, the default threshold (no tune profile here)
     cfg = launched["app"].state.config.batch
     assert cfg.max_kv_tokens is not None and cfg.max_kv_tokens > 1000 and cfg.spec_disable_batch_size == 8

@@ -83,12 +83,18 @@ class Endpoint:
         """The model the server names; ValueError, in one line, when it cannot be reached or refuses the key."""
         openai = _openai()
         try:
-            return self.client(30.0).models.list().data[0].id
+            models = self.client(30.0).models.list().data
         except openai.AuthenticationError:
             raise ValueError(f"the server at {self.url} refused the API key: pass --api-key "
                              "(or set SPECDEC_API_KEY)") from None
         except openai.APIConnectionError:
             raise ValueError(f"cannot reach a server at {self.url}: start `specdec serve` or check --url") from None
+        except openai.APIStatusError as exc:
+            raise ValueError(f"the server at {self.url} answered GET /v1/models with {exc.status_code}: {exc.message}"
+                             ) from None
+        if not models:
+            raise ValueError(f"the server at {self.url} serves no model (GET /v1/models is empty)")
+        return models[0].id
 
 
 @dataclass

@@ -208,7 +208,8 @@ def render_summary(
     cols = summary.tasks + ["all"]
     for t in summary.temperatures:
         lines += [f"## T = {fmt_temp(t)}" + (" (greedy)" if t == 0 else " (sampling)"), ""]
-        head = ["method", "n", "tok/s"] + cols + ["decode", "after prefill", "tok/call", "acc/call", "acceptance by position", "SWI",
+        head = ["method", "n", "tok/s"] + cols + ["decode", "after prefill", "tok/call", "acc/call",
+                                                   "acceptance by position", "SWI",
                                                    "≠AR"]
         lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
         for m in summary.methods:

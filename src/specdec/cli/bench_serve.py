@@ -45,6 +45,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         if value < 0:
             raise ValueError(f"{flag} must be >= 0, got {value}")
         argv += [flag, str(value)] if value else []
+    if args.api_key == "":
+        raise ValueError("--api-key must not be empty")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     levels, plots = run_serve_bench(
         Endpoint(args.url, api_key), prompts, args.out, concurrency=levels_c, methods=methods, requests=args.requests,
@@ -69,7 +71,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
     p.add_argument("--api-key", default=None,
-                   help=f"the key of a server started with --api-key (default: ${API_KEY_ENV}, as `specdec serve` reads it)")
+                   help=f"the key of a server started with --api-key (default: ${API_KEY_ENV}, as `specdec serve` "
+                   "reads it)")
     p.add_argument("--prompts", required=True, help="JSONL prompt file (id, task, turns; the first turn is sent)")
     p.add_argument("--concurrency", default="1,2,4,8,16", help="client counts, comma-separated (default 1,2,4,8,16)")
     p.add_argument("--methods", default="ar,sps", help="methods to compare, comma-separated (default ar,sps)")

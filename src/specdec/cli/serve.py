@@ -88,8 +88,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         prefix_cache_mb=args.prefix_cache_mb,
     )
     method = get_method(args.method)
-    if method.needs_draft_model:  # what it drafts is known from the flags: too much is refused before loading
-        cfg.check(max(len(drafts_of(args)), 1))
+    cfg.check(max(len(drafts_of(args)), 1))  # what it drafts is known from the flags: too much is refused now
     # A --draft given with a draft-free default method is still loaded: requests may switch to sps.
     pipe = load_pipeline(args, method.loads_draft_model or args.draft is not None,
                          optional_draft=not method.needs_draft_model)

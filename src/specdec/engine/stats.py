@@ -113,8 +113,9 @@ class StepAccounting:
             self.first_tokens, st.ttft_s = st.new_tokens, st.wall_s
         after, span = st.new_tokens - self.first_tokens, st.wall_s - st.ttft_s
         st.decode_tokens_per_s = after / span if after > 0 and span > 0 else None
-        span = st.wall_s - st.prefill_s
-        st.after_prefill_tokens_per_s = st.new_tokens / span if st.new_tokens > 0 and span > 0 else None
+        after_prefill_s = st.wall_s - st.prefill_s
+        st.after_prefill_tokens_per_s = st.new_tokens / after_prefill_s if st.new_tokens > 0 and after_prefill_s > 0 \
+            else None
         # Positions never proposed (short proposals, or none at all) have no rate: trim them.
         used = sum(1 for p in self.proposed if p)
         st.accepted_per_position = [a / p for a, p in zip(self.accepted[:used], self.proposed[:used])]

@@ -56,11 +56,6 @@ class ServerConfig:
             raise ValueError(f"--max-new-tokens must be a positive integer, got {self.max_tokens!r}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("--api-key must not be empty")
-        kv = self.batch.max_kv_tokens
-        if kv is not None and kv < self.max_tokens + 2:  # a 1-token prompt, the answer, the pending root
-            raise ValueError(f"--max-kv-tokens {kv} cannot hold a request of the default length (--max-new-tokens "
-                             f"{self.max_tokens} after a 1-token prompt needs {self.max_tokens + 2}): raise it or lower "
-                             "--max-new-tokens")
         check_default_options(self.default_opts)
         options = get_method(self.default_method).make_options(self.options_for(self.default_method))
         drafted = options.draft_tokens_per_step(num_drafts) if num_drafts is not None else None
@@ -70,6 +65,16 @@ class ServerConfig:
                 f"{drafted} tokens per step, more than --max-draft-tokens ({self.limits.max_draft_tokens}); raise it "
                 "or ask for fewer"
             )
+        self._check_kv_budget(drafted or 0)
+
+    def _check_kv_budget(self, drafted: int) -> None:
+        """ValueError when the KV budget cannot hold a request of the default length (a 1-token prompt,
+        the answer, a step's block: the pending token and the default method's drafts)."""
+        kv, need = self.batch.max_kv_tokens, self.max_tokens + 2 + drafted
+        if kv is not None and kv < need:
+            raise ValueError(f"the KV budget of {kv} tokens (--max-kv-tokens) cannot hold a request of the default "
+                             f"length: --max-new-tokens {self.max_tokens} after a 1-token prompt with "
+                             f"{self.default_method}'s drafts needs {need}; raise the budget or lower --max-new-tokens")
 
 
 def check_default_options(default_opts: dict[str, Any]) -> None:

@@ -28,7 +28,9 @@ def validation_error_to_api_error(errors: list[dict[str, Any]], content_type: st
     """The first of FastAPI's validation errors as an OpenAI-style 400 (OpenAI answers 400, not 422)."""
     if not errors:
         return APIError("invalid request")
-    if "json" not in content_type.lower():  # the body was never read as JSON, whatever it holds
+    media = content_type.split(";")[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        # FastAPI's own rule: the body was never read as JSON, whatever it holds.
         return APIError(f"send the request body as JSON with the header 'Content-Type: application/json' "
                         f"(got {content_type or 'none'!r})")
     err = errors[0]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -91,25 +90,25 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-        size = f"has {int(declared)} bytes, more" if declared.isdigit() else "is larger"
-        over = declared.isdigit() and int(declared) > self.max_bytes
-        if declared.isdigit() and int(declared) > DRAIN_BYTES:  # never drained: answer now
-            await self._too_large(send, size)
+        header = dict(scope.get("headers") or []).get(b"content-length", b"")
+        declared = int(header) if header.isdigit() else None
+        if declared is not None and declared > DRAIN_BYTES:  # never drained: answer now
+            await self._too_large(send, declared)
             return
+        body, received = bytearray(), [0]  # the count outlives a `_gather` cut off by the timeout
         try:
-            body, received = await asyncio.wait_for(self._gather(receive), self.timeout_s)
+            complete = await asyncio.wait_for(self._gather(receive, body, received), self.timeout_s)
         except asyncio.TimeoutError:
-            if over:
-                await self._too_large(send, size)
+            if max(declared or 0, received[0]) > self.max_bytes:
+                await self._too_large(send, declared)
             else:
                 await send_error(send, 408, f"the request body did not arrive within {self.timeout_s:g} s",
                                  "request_timeout", [(b"connection", b"close")])
             return
-        if body is None:
+        if not complete:
             return  # the client left before sending its whole body: nobody to answer
-        if over or received > self.max_bytes:
-            await self._too_large(send, size)
+        if max(declared or 0, received[0]) > self.max_bytes:
+            await self._too_large(send, declared)
             return
         replayed = False
 
@@ -122,24 +121,24 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _gather(self, receive: Receive) -> tuple[bytearray | None, int]:
-        """The body (its first `max_bytes`; None if the client left) and how many bytes came."""
-        body, received = bytearray(), 0
+    async def _gather(self, receive: Receive, body: bytearray, received: list[int]) -> bool:
+        """Read the body into `body` (its first `max_bytes`), counting every byte in `received[0]`;
+        False when the client left before the end."""
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return None, received
+                return False
             chunk = message.get("body", b"")
-            received += len(chunk)
-            if received <= self.max_bytes:
+            received[0] += len(chunk)
+            if received[0] <= self.max_bytes:
                 body += chunk
-            if not message.get("more_body", False) or received > DRAIN_BYTES:
-                return body, received
+            if not message.get("more_body", False) or received[0] > DRAIN_BYTES:
+                return True
 
-    async def _too_large(self, send: Send, size: str) -> None:  # size: "has N bytes, more" or "is larger"
+    async def _too_large(self, send: Send, declared: int | None) -> None:
+        size = f"has {declared} bytes, more" if declared is not None else "is larger"
         await send_error(send, 413, f"the request body {size} than this server's limit of {self.max_bytes} bytes "
                          "(--max-body-bytes)", "request_too_large", [(b"connection", b"close")])
-
 
 OPEN_PATHS = ("/health", "/metrics")
 """What answers without the API key: load balancers and Prometheus call these."""

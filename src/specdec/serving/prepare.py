@@ -113,8 +113,9 @@ def max_tokens_of(cfg: ServerConfig, body: "GenerationRequest", prompt_len: int,
     if requested > room:
         raise APIError(
             f"max_tokens={requested} does not fit: the prompt has {prompt_len} tokens and the model's context "
-            f"{context}, which leaves room for {room} ({block} kept for a step's block: the pending token and the "
-            "drafts)", param="max_tokens", code="context_length_exceeded",
+            f"{context}, which leaves room for {room}" + (f" ({block} kept for a step's block: the pending token and the "
+                                                         "drafts)" if block > 1 else ""),
+            param="max_tokens", code="context_length_exceeded",
         )
     return requested
 
@@ -143,10 +144,10 @@ def prepare_job(
     block = block_size(batch, request)
     room = context - len(prompt_ids) - block  # new tokens that fit beside the prompt
     if room < 1:
+        kept = f" ({block} of them kept for a step's block: the pending token and {method}'s drafts)" if block > 1 else ""
         raise APIError(
             f"{prompt_param}: the prompt has {len(prompt_ids)} tokens, which leaves no room for a completion in the "
-            f"model's context of {context} tokens ({block} of them kept for a step's block: the pending token and "
-            f"{method}'s drafts)", param=prompt_param, code="context_length_exceeded",
+            f"model's context of {context} tokens{kept}", param=prompt_param, code="context_length_exceeded",
         )
     request = BatchRequest(request.prompt_ids, max_tokens_of(cfg, body, len(prompt_ids), room, context, block),
                            method, options, request.sampling, seed)
