@@ -203,6 +203,9 @@ def test_offloaded_target_gives_the_same_logits():
     with pytest.raises(ValueError, match="nothing to offload.*--project-offload"):
         offload_target(pipe.target_lm, pipe.device)
     assert not getattr(pipe.target_lm, "offloaded", False)  # a refused offload leaves the model as it was
+    # A pipeline refuses it before it looks for the model, whatever weights `auto` would have chosen.
+    with pytest.raises(ValueError, match="nothing to offload"):
+        Pipeline("no-such-model-xyz", device="cpu", offload=True)
     # Offloading is a property of the loaded target (`Pipeline(offload=True)`), no longer a method option.
     with pytest.raises(ValueError, match="no option 'offload'"):
         pipe.generate([1, 2, 3], "specexec", 4, offload=True)

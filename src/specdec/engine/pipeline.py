@@ -237,6 +237,10 @@ class Pipeline:
         _check_load_options(weights=weights, draft_weights=draft_weights, draft_dtype=draft_dtype,
                             draft_vocab=draft_vocab, tensor_parallel_size=tensor_parallel_size, offload=offload,
                             row_invariant=row_invariant, draft_quant=draft_quant)
+        if offload:
+            from specdec.models.dense.offload import check_offload_device
+
+            check_offload_device(device)
         say = _progress_printer(progress)
         _check_drafts(target, draft_names)
         invariant = row_invariant == "on" or (row_invariant == "auto" and dtype in (torch.bfloat16, torch.float16))
@@ -267,7 +271,9 @@ class Pipeline:
         if tensor_parallel_size != 1 or isinstance(tensor_parallel_size, bool):
             return backends.load_sharded_target(target, tensor_parallel_size, dtype=dtype, device=device,
                                                 progress=progress)
-        chosen, measured = choose_weights(target, weights, device, dtype, say)
+        # Offloading streams dense weights: it decides `auto` (and refuses a CPU run with its own reason).
+        chosen, measured = choose_weights(target, "dense" if offload and weights == "auto" else weights, device, dtype,
+                                          say)
         if chosen == "native":
             loaded = backends.load_native(target, progress=progress, say=say)
         else:

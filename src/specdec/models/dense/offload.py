@@ -11,6 +11,16 @@ import torch
 from specdec.models.hf import HFLanguageModel
 
 
+def check_offload_device(device: str | torch.device) -> None:
+    """ValueError unless `device` is a GPU, what offloading streams the weights to (checked before loading)."""
+    if torch.device(device).type != "cuda":
+        raise ValueError(
+            f"offloading keeps the target's weights in CPU RAM and streams them to a GPU layer by layer; this run is "
+            f"on {device}, where there is nothing to offload to. For what offloading would give, run "
+            "`specdec tune --project-offload --bandwidth GB/s --target-params N` (a projection from measured acceptance)"
+        )
+
+
 def offload_target(lm: HFLanguageModel, execution_device: str | torch.device, *, allow_cpu: bool = False) -> None:
     """Keep `lm`'s weights in CPU RAM and stream them to `execution_device` one decoder layer at a
     time during each forward (accelerate's CPU offload hooks). Idempotent.
@@ -21,12 +31,8 @@ def offload_target(lm: HFLanguageModel, execution_device: str | torch.device, *,
     from accelerate import cpu_offload
 
     device = torch.device(execution_device)
-    if device.type != "cuda" and not allow_cpu:
-        raise ValueError(
-            f"offloading keeps the target's weights in CPU RAM and streams them to a GPU layer by layer; this run is "
-            f"on {device}, where there is nothing to offload to. For what offloading would give, run "
-            "`specdec tune --project-offload --bandwidth GB/s --target-params N` (a projection from measured acceptance)"
-        )
+    if not allow_cpu:
+        check_offload_device(device)
     if getattr(lm, "offloaded", False):
         return
     model = lm.model
