@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -289,7 +290,8 @@ def test_serve_passes_the_key_and_caps_to_the_app(checkpoints, monkeypatch):
     monkeypatch.setenv("SPECDEC_API_KEY", "from-env")
     target, draft = checkpoints
     assert main(["serve", "--target", str(target), "--draft", str(draft), "--fast-linear", "off", "--method", "sps", "--port", "0",
-                 "--max-draft-tokens", "5", "--max-body-bytes", "1000", "--log-level", "warning"]) == 0
+                 "--max-draft-tokens", "5", "--max-body-bytes", "1000", "--body-timeout", "0.5",
+                 "--log-level", "warning"]) == 0
     with running_server(launched["app"]) as url:
         post = lambda body, key="from-env": httpx.post(  # noqa: E731
             f"{url}/v1/completions", json=body, headers={"authorization": f"Bearer {key}"}, timeout=60)
@@ -298,3 +300,13 @@ def test_serve_passes_the_key_and_caps_to_the_app(checkpoints, monkeypatch):
         res = post({"prompt": "hi", "speculative": {"method": "sps", "gamma": 6}})
         assert res.status_code == 400 and "limit of 5 (--max-draft-tokens)" in res.json()["error"]["message"]
         assert post({"prompt": "x" * 2000}).status_code == 413
+
+        def trickled():  # less than the whole body within --body-timeout
+            yield b'{"prompt": '
+            time.sleep(1.0)
+            yield b'"hi"}'
+
+        res = httpx.post(f"{url}/v1/completions", content=trickled(), timeout=60,
+                         headers={"authorization": "Bearer from-env", "content-type": "application/json"})
+        assert res.status_code == 408 and "within 0.5 s" in res.json()["error"]["message"]
+    assert main(["serve", "--target", str(target), "--body-timeout", "0", "--port", "0"]) == 2

@@ -22,7 +22,8 @@ from specdec.engine.limits import (
 )
 from specdec.serving import SERVER_EXTRA_HINT
 from specdec.serving.guards import (
-    DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_DRAFT_TOKENS, DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS_LIMIT, OPEN_PATHS,
+    BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_DRAFT_TOKENS, DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS_LIMIT,
+    OPEN_PATHS,
 )
 
 if TYPE_CHECKING:
@@ -82,7 +83,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.method, given_options(args), args.model_name or args.target, default_sampling=sampling,
         default_max_tokens=args.max_new_tokens, default_seed=args.seed, api_key=api_key,
         max_tokens_limit=args.max_tokens_limit, max_draft_tokens=args.max_draft_tokens,
-        max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, max_batch_size=args.max_batch_size,
+        max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout, max_queue=args.max_queue,
+        max_batch_size=args.max_batch_size,
         prefill_chunk=args.prefill_chunk, adaptive=args.speculation == "adaptive",
         max_fill_ms=None if args.max_fill_ms == "none" else _number("--max-fill-ms", args.max_fill_ms),
         prefix_cache_mb=args.prefix_cache_mb,
@@ -195,6 +197,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    f"expansion's tree, the k-matrix's chain; default {DEFAULT_MAX_DRAFT_TOKENS})")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help=f"answer larger request bodies 413 before reading them (default {DEFAULT_MAX_BODY_BYTES})")
+    p.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_S, metavar="SECONDS",
+                   help=f"answer 408 to a request whose body has not arrived whole within this (default "
+                   f"{BODY_TIMEOUT_S:g})")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help=f"requests that may wait for the engine; more are answered 503 (default {DEFAULT_MAX_QUEUE})")
     p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,

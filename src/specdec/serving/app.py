@@ -146,7 +146,7 @@ def build_app(pipe: Pipeline, cfg: ServerConfig) -> "FastAPI":
     app.state.created = int(time.time())
     add_routes(app)
     # Added innermost first: the key is checked before the body is read.
-    app.add_middleware(BodyLimit, max_bytes=cfg.limits.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=cfg.limits.max_body_bytes, timeout_s=cfg.limits.body_timeout_s)
     if cfg.api_key is not None:
         app.add_middleware(BearerAuth, api_key=cfg.api_key)
     return app

@@ -32,6 +32,9 @@ DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
 
 DEFAULT_MAX_QUEUE = 64
 """Requests that may wait for the engine (`--max-queue`); more are answered 503."""
+BODY_TIMEOUT_S = 30.0
+"""Longest wait for a request's whole body (`--body-timeout`): a client that stalls mid-body (or
+trickles it) gets a 408 rather than holding a connection and its buffer open."""
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,12 @@ class ServerLimits:
     """The most tokens a request's method and options may draft per step (checked before building)."""
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_queue: int = DEFAULT_MAX_QUEUE
+    body_timeout_s: float = BODY_TIMEOUT_S
 
     def __post_init__(self) -> None:
+        timeout = self.body_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+            raise ValueError(f"--body-timeout must be a positive number of seconds, got {timeout!r}")
         for flag, value in (("--max-tokens-limit", self.max_tokens_limit),
                             ("--max-draft-tokens", self.max_draft_tokens),
                             ("--max-body-bytes", self.max_body_bytes), ("--max-queue", self.max_queue)):
@@ -61,9 +68,6 @@ DRAIN_BYTES = 1 << 30
 `BODY_TIMEOUT_S`), so that the client, which is still sending, reads the 413 instead of a reset
 connection; past that the server answers and closes the connection. A declared length over this is
 answered at once."""
-BODY_TIMEOUT_S = 30.0
-"""Longest wait for a request's whole body: a client that stalls mid-body (or trickles it) gets a
-408 rather than holding a connection and its buffer open."""
 
 
 async def send_error(send: Send, status: int, message: str, code: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
