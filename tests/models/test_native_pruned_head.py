@@ -61,3 +61,54 @@ def test_a_pruned_native_draft_keeps_the_greedy_output(one_thread):
                     HybridDrafter(NativeLM(_tied_native(0).with_pruned_head(KEPT)), greedy, 8, 4, 3, 0.0, 100.0)):
         out, stats = SpeculativeDecoder(target, drafter, greedy).generate(prompt, 24)
         assert out == ref and stats.accepted_tokens > 0
+
+
+def test_compact_logits_are_the_kept_columns_whoever_runs_the_call(one_thread):
+    """`compact` calls return the kept tokens' logits only, alone or beside a widened call in one batched pass."""
+    from specdec.models.base import kept_token_ids
+    from specdec.models.batch import ModelCall, batched_model, run_calls
+
+    pruned = _tied_native(0).with_pruned_head(KEPT)
+    ids = torch.randint(0, TINY_VOCAB, (7,), generator=torch.Generator().manual_seed(2))
+    wide, narrow = NativeLM(pruned), NativeLM(pruned)
+    for lm in (wide, narrow):
+        lm.reset(32)
+    reference = wide.forward(ids)  # [7, V]
+    kept = torch.unique(KEPT)
+    assert torch.equal(kept_token_ids(narrow), kept)
+    assert torch.equal(ModelCall(narrow, ids, compact=True).run(), reference[:, kept])
+    batched = batched_model(NativeLM(pruned), max_rows=2)
+    a, b = batched.new_row(), batched.new_row()
+    for row in (a, b):
+        row.reset(32)
+    out_a, out_b = run_calls([ModelCall(a, ids, compact=True), ModelCall(b, ids)])
+    assert torch.equal(out_a, reference[:, kept]) and torch.equal(out_b, reference)
+    assert kept_token_ids(NativeLM(_tied_native(0))) is None
+
+
+def test_a_compact_draft_proposes_what_a_wide_one_does(one_thread):
+    """The sps drafter on a pruned head reads compact logits: the same drafts, and each draft's
+    distribution over the whole vocabulary, zero outside the kept tokens (what the verifier needs)."""
+    from specdec.drafting.base import run_proposal
+    from specdec.drafting.draft_model import DraftModel
+
+    prompt = torch.randint(0, TINY_VOCAB, (10,), generator=torch.Generator().manual_seed(3))
+    for sampling in (SamplingConfig(), SamplingConfig(temperature=0.8, top_p=0.9)):
+        trees = []
+        for compact in (True, False):
+            drafter = ModelDrafter(NativeLM(_tied_native(0).with_pruned_head(KEPT)), sampling, 4, stop_below=0.01)
+            drafter.draft = DraftModel(drafter.model, compact=compact)
+            assert (drafter.draft.kept is not None) == compact
+            drafter.begin(prompt, 64)
+            trees.append(run_proposal(drafter.propose(prompt, 4, torch.Generator().manual_seed(7))))
+        narrow, wide = trees
+        assert torch.equal(narrow.tokens, wide.tokens) and narrow.tokens.numel() == 5
+        assert bool(torch.isin(narrow.tokens[1:], KEPT).all())
+        if sampling.greedy:
+            assert narrow.draft_probs is None and wide.draft_probs is None
+            continue
+        assert narrow.draft_probs.shape == wide.draft_probs.shape == (4, TINY_VOCAB)
+        torch.testing.assert_close(narrow.draft_probs, wide.draft_probs)
+        outside = torch.ones(TINY_VOCAB, dtype=torch.bool)
+        outside[KEPT] = False
+        assert bool((narrow.draft_probs[:, outside] == 0).all())

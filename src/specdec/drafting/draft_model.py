@@ -25,7 +25,7 @@ from torch import Tensor
 
 from specdec.core.results import VerifyResult
 from specdec.core.tree import TokenTree
-from specdec.models.base import LanguageModel
+from specdec.models.base import LanguageModel, kept_token_ids
 from specdec.models.batch import ModelCall
 
 
@@ -61,12 +61,16 @@ class DraftModel:
     that the target verifies, so a narrower view changes acceptance, never the output.
     """
 
-    def __init__(self, lm: LanguageModel, window: int = 0) -> None:
+    def __init__(self, lm: LanguageModel, window: int = 0, compact: bool = False) -> None:
         if window < 0:
             raise ValueError(f"the draft's window must be >= 0 tokens (0 = the whole text), got {window}")
         self.lm = lm
         self.window = window
         """Prompt tokens the draft reads after the sink (0 = all of them)."""
+        self.kept = kept_token_ids(lm) if compact else None
+        """[K] int64, ascending: with `compact` and a pruned head, `catch_up` and `extend` return the
+        logits of these tokens only ([.., K]: a drafter maps an index i back to token `kept[i]`, and a
+        pruned head's other logits are -inf anyway); None: logits over the whole vocabulary."""
         self.calls = 0
         """Forward passes since `begin` (the SWI cost model charges each one)."""
         self.pending = 0
@@ -99,10 +103,10 @@ class DraftModel:
     def catch_up(self, committed_ids: Tensor) -> Generator[ModelCall, Tensor, Tensor]:  # [L] -> [V] logits
         """Run every committed token the cache lacks (at least the pending root) and commit them
         (one fill); returns the logits after the last one."""
-        logits = yield ModelCall(self.lm, self.unseen(committed_ids), fill=True)
+        logits = yield ModelCall(self.lm, self.unseen(committed_ids), fill=True, compact=self.kept is not None)
         self.calls += 1
         self.pending = 0
-        return logits[-1]
+        return self._as_asked(logits[-1])
 
     def extend(
         self,
@@ -110,10 +114,28 @@ class DraftModel:
         slot_parents: Tensor | None = None,  # [n] parent slot in the pending block, -1 = the last committed token
     ) -> Generator[ModelCall, Tensor, Tensor]:  # -> [n, V] logits
         """Run a block of drafted nodes after the pending ones; None parents = continue the pending chain."""
-        logits = yield ModelCall(self.lm, tokens, slot_parents, append=True)
+        logits = yield ModelCall(self.lm, tokens, slot_parents, append=True, compact=self.kept is not None)
         self.calls += 1
         self.pending += tokens.shape[0]
+        return self._as_asked(logits)
+
+    def _as_asked(self, logits: Tensor) -> Tensor:  # [..., V or K] -> [..., K] when compact
+        """Compact logits whoever ran the call (a caller that rebuilt it may have widened them)."""
+        if self.kept is not None and logits.shape[-1] != self.kept.shape[0]:
+            return logits.index_select(-1, self.kept.to(logits.device))
         return logits
+
+    def token_ids(self, index: Tensor) -> Tensor:  # [...] int64 -> [...] int64
+        """The tokens at these positions of the logits `catch_up` and `extend` return."""
+        return index if self.kept is None else self.kept.to(index.device)[index]
+
+    def full_probs(self, probs: Tensor) -> Tensor:  # [..., V or K] -> [..., V]
+        """Distributions over those logits' positions as distributions over the whole vocabulary
+        (what the verifiers compare with the target's)."""
+        if self.kept is None:
+            return probs
+        full = probs.new_zeros(*probs.shape[:-1], self.vocab_size)
+        return full.index_copy_(-1, self.kept.to(probs.device), probs)
 
     def keep(
         self,

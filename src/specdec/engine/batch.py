@@ -562,7 +562,7 @@ class BatchEngine:
                     if k <= 0:
                         continue
                     seconds -= float(times.predict(k))
-                jobs.append((seq, fill, ModelCall(fill.call.lm, fill.call.tokens[fill.done : fill.done + k], fill=True)))
+                jobs.append((seq, fill, replace(fill.call, tokens=fill.call.tokens[fill.done : fill.done + k])))
                 budget -= k
         for key in ("target", "draft"):
             part = [job for job in jobs if (job[2].lm is job[0].target_row) == (key == "target")]

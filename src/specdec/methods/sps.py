@@ -48,7 +48,7 @@ class ModelDrafter(OneModelDrafter):
         draft is kept: its pass has run, and scoring one more token costs the target little. Exact for
         the same reason as `stop_below`: it reads only the distributions the drafts are drawn from."""
         self.model = model
-        self.draft = DraftModel(model, window)
+        self.draft = DraftModel(model, window, compact=True)
         self.draft_models = [model]
         self.sampling = sampling
         self.max_depth = self.max_nodes = check_positive_int("gamma", gamma)
@@ -59,12 +59,15 @@ class ModelDrafter(OneModelDrafter):
         root = int(committed_ids[-1])
         if gamma <= 0:
             return (yield from finished(TokenTree.chain(root, committed_ids.new_empty(0))))
-        logits = yield from self.draft.catch_up(committed_ids)  # [V]
+        # Logits over the draft's kept tokens when its head is pruned (`DraftModel.kept`): the
+        # argmax, softmax and draw then skip the -inf of the rest of the vocabulary (the same
+        # token: kept ids ascend, so the first largest logit is the same one).
+        logits = yield from self.draft.catch_up(committed_ids)  # [V] or [K]
         tokens: list[Tensor] = []
         probs: list[Tensor] = []
         path = 1.0  # product of the draft's largest probabilities so far
         for i in range(gamma):  # autoregressive by nature: each draft conditions the next pass
-            dist = None if self.sampling.greedy else logits_to_probs(logits, self.sampling)  # [V] what x_i is drawn from
+            dist = None if self.sampling.greedy else logits_to_probs(logits, self.sampling)  # [V] or [K]: x_i's law
             if self.stop_below > 0.0 or self.path_floor > 0.0:
                 # Confidence: the largest probability of the distribution the draft would draw from
                 # (its softmax at T = 0, where the draw is the argmax).
@@ -72,7 +75,8 @@ class ModelDrafter(OneModelDrafter):
                 path *= top
                 if top < self.stop_below:
                     break
-            token = logits.argmax(-1, keepdim=True) if dist is None else sample(dist, generator).view(1)
+            index = logits.argmax(-1, keepdim=True) if dist is None else sample(dist, generator).view(1)
+            token = self.draft.token_ids(index)
             if dist is not None:
                 probs.append(dist)
             tokens.append(token)
@@ -82,7 +86,7 @@ class ModelDrafter(OneModelDrafter):
                 logits = (yield from self.draft.extend(token))[-1]
         if not tokens:  # unsure from the first position: a plain target step
             return (yield from finished(TokenTree.chain(root, committed_ids.new_empty(0))))
-        return TokenTree.chain(root, torch.cat(tokens), torch.stack(probs) if probs else None)
+        return TokenTree.chain(root, torch.cat(tokens), self.draft.full_probs(torch.stack(probs)) if probs else None)
 
     def observe(self, committed_ids: Tensor, result: VerifyResult) -> None:
         self.draft.keep_chain(result.num_accepted)

@@ -48,3 +48,13 @@ class LanguageModel(Protocol):
 
     def crop(self, length: int) -> None:
         """Forget committed tokens past `length`."""
+
+
+def kept_token_ids(lm: LanguageModel) -> Tensor | None:
+    """[K] int64, ascending: the tokens a model with a pruned head computes logits for, or None (all).
+
+    Such a model (`NativeLM`, a row of its batched form) also takes `forward(..., compact=True)`
+    and then returns [n, K] logits over these tokens in this order, leaving out the -inf of every
+    other token; others neither have the ids nor take the argument.
+    """
+    return getattr(lm, "kept_ids", None)

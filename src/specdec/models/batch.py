@@ -30,9 +30,10 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from specdec.core.tree import ancestor_mask, chain_parents, depths, validate_parents
-from specdec.models.base import LanguageModel
+from specdec.models.base import LanguageModel, kept_token_ids
 from specdec.models.hf import HFLanguageModel, commit_plan
 from specdec.models.native.lm import NativeLM, block_plan, flat_visibility
+from specdec.models.native.runner import widen
 from specdec.models.toy import MarkovLM
 
 PAD_SLACK = 64
@@ -54,6 +55,9 @@ class ModelCall:
     fill: bool = False
     """Run `tokens` as a chain right after the committed prefix and commit them all; the result is
     the logits after the last one ([1, V]). Callers may split a long fill into chunks."""
+    compact: bool = False
+    """On a model with a pruned head (`models.base.kept_token_ids`), return the kept tokens' logits
+    only ([n, K]); other models ignore it."""
 
     @property
     def size(self) -> int:
@@ -61,11 +65,12 @@ class ModelCall:
 
     def run(self) -> Tensor:
         """Run this call alone."""
+        extra = {"compact": True} if self.compact and kept_token_ids(self.lm) is not None else {}
         if self.fill:
-            logits = self.lm.forward(self.tokens, last_only=True)
+            logits = self.lm.forward(self.tokens, last_only=True, **extra)
             self.lm.commit(self.size)
             return logits
-        return self.lm.forward(self.tokens, self.parents, last_only=self.last_only, append=self.append)
+        return self.lm.forward(self.tokens, self.parents, last_only=self.last_only, append=self.append, **extra)
 
 
 class RowView:
@@ -108,10 +113,16 @@ class RowView:
     def reset(self, max_len: int) -> None:
         self.owner.reserve(self.index, max_len)
 
+    @property
+    def kept_ids(self) -> Tensor | None:
+        """The owner's pruned head's tokens (`models.base.kept_token_ids`)."""
+        return self.owner.kept_ids
+
     def forward(
-        self, input_ids: Tensor, parents: Tensor | None = None, last_only: bool = False, append: bool = False
+        self, input_ids: Tensor, parents: Tensor | None = None, last_only: bool = False, append: bool = False,
+        compact: bool = False,
     ) -> Tensor:
-        return self.owner.forward_rows([ModelCall(self, input_ids, parents, last_only, append)])[0]
+        return self.owner.forward_rows([ModelCall(self, input_ids, parents, last_only, append, compact=compact)])[0]
 
     def commit(self, keep: Tensor | int) -> None:
         self.owner.commit(self.index, keep)
@@ -236,6 +247,8 @@ class _RowPool:
     exact_prefixes = False
     """Whether a token's K/V are the same bits however its prefix was computed, so that a prefix's
     K/V may be copied between rows (`models.prefix`): native rows only."""
+    kept_ids: Tensor | None = None
+    """The tokens a pruned head computes (`models.base.kept_token_ids`): native models only."""
 
     def __init__(self, vocab_size: int, context_length: int, device: torch.device, dtype: torch.dtype,
                  max_rows: int | None) -> None:
@@ -475,6 +488,7 @@ class BatchedNativeModel(_RowPool):
         self.base = lm
         self.model = lm.model
         self.num_parameters = lm.num_parameters
+        self.kept_ids = lm.kept_ids
         self._cache = lm.model.new_cache(0, 0)
 
     def _cache_shape(self) -> tuple[int, int]:
@@ -518,12 +532,15 @@ class BatchedNativeModel(_RowPool):
                 torch.cat([p.positions for p in plans]), self._cache, torch.cat([p.slots for p in plans]),
                 torch.cat([p.prefix for p in plans]), vis, offsets, keep,
                 torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in zip(index, sizes)]),
+                compact=self.kept_ids is not None,
             )
         out, at = [], 0
         for call, row, plan in zip(calls, rows, plans):
             row.pending = plan.all_parents
             kept = 1 if call.last_only or call.fill else call.size
-            out.append(logits[at : at + kept])
+            part = logits[at : at + kept]
+            wide = self.kept_ids is not None and not call.compact
+            out.append(widen(part, self.kept_ids, self.vocab_size) if wide else part)
             at += kept
         return out
 

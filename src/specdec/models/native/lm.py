@@ -102,9 +102,15 @@ class NativeLM:
         self.kv_len = 0
         self._pending = self._pending[:0]
 
+    @property
+    def kept_ids(self) -> Tensor | None:
+        """[K] int64, ascending: the tokens a pruned head computes (`compact` logits are theirs); None: all."""
+        return self.model.kept
+
     def forward(
-        self, input_ids: Tensor, parents: Tensor | None = None, last_only: bool = False, append: bool = False
-    ) -> Tensor:  # [n, V] (or [1, V])
+        self, input_ids: Tensor, parents: Tensor | None = None, last_only: bool = False, append: bool = False,
+        compact: bool = False,
+    ) -> Tensor:  # [n, V] (or [1, V]); [n, K] with `compact` and a pruned head
         n = input_ids.shape[0]
         plan = block_plan(self.kv_len, self._pending, parents, n, append)
         if int(plan.slots[-1]) >= self.cache.capacity:
@@ -114,7 +120,7 @@ class NativeLM:
         keep = torch.tensor([n - 1]) if last_only else None
         with torch.inference_mode():
             logits = self.model.forward(input_ids.cpu().to(torch.long).contiguous(), plan.positions, self.cache,
-                                        plan.slots, plan.prefix, vis, offsets, keep)
+                                        plan.slots, plan.prefix, vis, offsets, keep, compact=compact)
         self._pending = plan.all_parents
         return logits
 

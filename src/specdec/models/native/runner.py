@@ -313,9 +313,13 @@ class NativeModel:
         prefix: Tensor,  # [T] int64: token t sees its row's slots [0, prefix[t]) ...
         vis: Tensor,  # [E] int64: ... then these slots, vis[vis_off[t]:vis_off[t+1]] (increasing)
         vis_off: Tensor,  # [T + 1] int64
-        keep: Tensor | None = None,  # [K] int64: the tokens whose logits are returned (None: all)
+        keep: Tensor | None = None,  # [R] int64: the tokens whose logits are returned (None: all)
         rows: Tensor | None = None,  # [T] int64: each token's cache row (None: row 0)
-    ) -> Tensor:  # [K, V] float32 logits
+        compact: bool = False,
+    ) -> Tensor:  # [R, V] float32 logits; [R, len(kept)] with `compact` and a pruned head
+        """With a pruned head and `compact`, the logits of the kept tokens only (in `kept`'s ascending
+        order): a drafter that reads them there saves widening to the whole vocabulary and working
+        over its -inf entries."""
         t = ids.numel()
         x = self.embed(ids).float().contiguous()  # [T, D], the residual stream
         table = self.rope_table(int(positions.max()) + 1)
@@ -333,11 +337,9 @@ class NativeModel:
                                  hid.data_ptr())
         logits = torch.empty(hid.shape[0], self.head.out_features)
         self._linear(self.head, self._quantized(hid, [self.head.fmt])[self.head.fmt.block_size], hid.shape[0], logits)
-        if self.kept is None:
+        if self.kept is None or compact:
             return logits
-        full = torch.full((hid.shape[0], self.vocab_size), float("-inf"))
-        full[:, self.kept] = logits
-        return full
+        return widen(logits, self.kept, self.vocab_size)
 
     def _layers_on(self, cache: KVCache) -> ctypes.Array:
         """The C layer array pointing at `cache`'s buffers (updated when the cache changes)."""
@@ -346,6 +348,17 @@ class NativeModel:
                 c.kt, c.vc = kt.data_ptr(), vc.data_ptr()
             self._c_cache = cache.version
         return self._c_layers
+
+
+def widen(
+    logits: Tensor,  # [R, K] over the kept tokens
+    kept: Tensor,  # [K] int64 token ids
+    vocab_size: int,
+) -> Tensor:  # [R, vocab_size], -inf outside `kept`
+    """A pruned head's logits over the whole vocabulary."""
+    full = torch.full((logits.shape[0], vocab_size), float("-inf"), dtype=logits.dtype)
+    full[:, kept] = logits
+    return full
 
 
 def config_unsupported(config) -> str | None:
