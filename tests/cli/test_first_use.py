@@ -211,6 +211,16 @@ def test_a_known_mismatched_pair_is_refused_before_anything_loads(monkeypatch):
     assert calls == []
 
 
+def test_a_draft_given_twice_is_refused_before_anything_loads(monkeypatch, capsys):
+    calls = _loads_nothing(monkeypatch)
+    with pytest.raises(ValueError, match="'qwen2.5-coder-0.5b-instruct' is given twice"):
+        Pipeline(DEFAULT_TARGET, draft=["qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-0.5b-instruct"])
+    rc, err = _err(capsys, ["generate", "--prompt", "hi", "--method", "sps", "--draft", "qwen2.5-coder-0.5b-instruct",
+                            "--draft", "qwen2.5-coder-0.5b-instruct"])
+    assert rc == 2 and "given twice" in err and "Traceback" not in err
+    assert calls == []
+
+
 def test_any_mismatched_pair_is_refused_on_its_tokenizers_before_weights_load(monkeypatch, tmp_path, checkpoints):
     from transformers import AutoTokenizer
 

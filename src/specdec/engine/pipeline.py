@@ -159,6 +159,9 @@ def _check_drafts(target: str, drafts: list[str]) -> None:
     their registry entries, any model by its tokenizer (loaded first, cheaply)."""
     from specdec.models.hub import load_tokenizer
 
+    twice = next((name for i, name in enumerate(drafts) if name in drafts[:i]), None)
+    if twice is not None:  # a second copy costs its memory and drafts nothing the first would not
+        raise ValueError(f"draft model {twice!r} is given twice; give each draft model once")
     for name in drafts:
         check_known_pair(target, name)
     if drafts:
