@@ -102,13 +102,39 @@ def test_a_compact_draft_proposes_what_a_wide_one_does(one_thread):
             drafter.begin(prompt, 64)
             trees.append(run_proposal(drafter.propose(prompt, 4, torch.Generator().manual_seed(7))))
         narrow, wide = trees
-        assert torch.equal(narrow.tokens, wide.tokens) and narrow.tokens.numel() == 5
-        assert bool(torch.isin(narrow.tokens[1:], KEPT).all())
-        if sampling.greedy:
+        assert narrow.tokens.numel() == 5 and bool(torch.isin(narrow.tokens[1:], KEPT).all())
+        if sampling.greedy:  # the same argmax (kept ids ascend)
+            assert torch.equal(narrow.tokens, wide.tokens)
             assert narrow.draft_probs is None and wide.draft_probs is None
             continue
-        assert narrow.draft_probs.shape == wide.draft_probs.shape == (4, TINY_VOCAB)
-        torch.testing.assert_close(narrow.draft_probs, wide.draft_probs)
+        # Sampled: the same distributions up to rounding (sums over K entries, not V), zero outside
+        # the kept tokens, and each draft has mass in the row it was drawn from.
+        q = narrow.draft_probs
+        assert q.shape == wide.draft_probs.shape == (4, TINY_VOCAB)
+        torch.testing.assert_close(q, wide.draft_probs)
         outside = torch.ones(TINY_VOCAB, dtype=torch.bool)
         outside[KEPT] = False
-        assert bool((narrow.draft_probs[:, outside] == 0).all())
+        assert bool((q[:, outside] == 0).all())
+        assert bool((q[narrow.cand_draft_row, narrow.tokens[1:]] > 0).all())
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_pruned_draft_through_the_batch_engine_equals_it_alone(temperature, one_thread):
+    """A long prompt's draft catch-up runs in the engine's fill lane over several steps and still
+    hands the drafter the kept logits it asked for; output equals the request decoded alone (and AR's
+    when greedy)."""
+    from specdec.engine.batch import LANE_FILL
+    from specdec.engine.pipeline import Pipeline
+
+    target = NativeLM(_tied_native(0))
+    draft = NativeLM(_tied_native(0).with_pruned_head(KEPT))
+    pipe = Pipeline.from_models(target, None, draft)
+    prompt = torch.randint(0, TINY_VOCAB, (3 * LANE_FILL,), generator=torch.Generator().manual_seed(4)).tolist()
+    sampling = SamplingConfig(temperature=temperature)
+    seed = 11 if temperature else None
+    alone = pipe.generate(prompt, "sps", 20, sampling=sampling, seed=seed, gamma=3).token_ids
+    if sampling.greedy:
+        assert alone == pipe.generate(prompt, "ar", 20).token_ids
+    batched = pipe.generate_batch([prompt, prompt[:9]], "sps", [20, 12], sampling=sampling, seed=[seed, seed],
+                                  prefill_chunk=LANE_FILL // 2, gamma=3)
+    assert batched[0].token_ids == alone and batched[0].stats.accepted_tokens > 0

@@ -70,7 +70,7 @@ class DraftModel:
         self.kept = kept_token_ids(lm) if compact else None
         """[K] int64, ascending: with `compact` and a pruned head, `catch_up` and `extend` return the
         logits of these tokens only ([.., K]: a drafter maps an index i back to token `kept[i]`, and a
-        pruned head's other logits are -inf anyway); None: logits over the whole vocabulary."""
+        pruned head's other logits are -inf anyway); None: logits over the whole vocabulary (V)."""
         self.calls = 0
         """Forward passes since `begin` (the SWI cost model charges each one)."""
         self.pending = 0
@@ -100,29 +100,31 @@ class DraftModel:
             return torch.cat([committed_ids[:SINK], committed_ids[SINK + skipped :]])
         return committed_ids[self.lm.kv_len + self.skipped :]
 
-    def catch_up(self, committed_ids: Tensor) -> Generator[ModelCall, Tensor, Tensor]:  # [L] -> [V] logits
+    def catch_up(self, committed_ids: Tensor) -> Generator[ModelCall, Tensor, Tensor]:  # [L] -> [V or K] logits
         """Run every committed token the cache lacks (at least the pending root) and commit them
         (one fill); returns the logits after the last one."""
         logits = yield ModelCall(self.lm, self.unseen(committed_ids), fill=True, compact=self.kept is not None)
         self.calls += 1
         self.pending = 0
-        return self._as_asked(logits[-1])
+        return self._checked(logits[-1])
 
     def extend(
         self,
         tokens: Tensor,  # [n] int64
         slot_parents: Tensor | None = None,  # [n] parent slot in the pending block, -1 = the last committed token
-    ) -> Generator[ModelCall, Tensor, Tensor]:  # -> [n, V] logits
+    ) -> Generator[ModelCall, Tensor, Tensor]:  # -> [n, V or K] logits (K: `kept`)
         """Run a block of drafted nodes after the pending ones; None parents = continue the pending chain."""
         logits = yield ModelCall(self.lm, tokens, slot_parents, append=True, compact=self.kept is not None)
         self.calls += 1
         self.pending += tokens.shape[0]
-        return self._as_asked(logits)
+        return self._checked(logits)
 
-    def _as_asked(self, logits: Tensor) -> Tensor:  # [..., V or K] -> [..., K] when compact
-        """Compact logits whoever ran the call (a caller that rebuilt it may have widened them)."""
+    def _checked(self, logits: Tensor) -> Tensor:  # [..., V or K]
+        """The logits as asked for: a runner that rebuilt the call and lost `compact` would hand back
+        the whole vocabulary, whose indices are not positions in `kept`."""
         if self.kept is not None and logits.shape[-1] != self.kept.shape[0]:
-            return logits.index_select(-1, self.kept.to(logits.device))
+            raise ValueError(f"the draft model returned {logits.shape[-1]} logits per token where the "
+                             f"{self.kept.shape[0]} kept ones were asked for (a call rebuilt without `compact`?)")
         return logits
 
     def token_ids(self, index: Tensor) -> Tensor:  # [...] int64 -> [...] int64

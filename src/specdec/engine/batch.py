@@ -489,7 +489,9 @@ class BatchEngine:
             for r in range(repeats + 1):
                 for key, _, row in rows:
                     for k in sorted(set(sizes)):
-                        seconds = self._timed(lambda: run_calls([ModelCall(row, tokens[:k])]))
+                        # A draft pass as the chain drafter asks for it (a pruned head's kept logits only).
+                        call = ModelCall(row, tokens[:k], compact=key == "draft")
+                        seconds = self._timed(lambda: run_calls([call]))
                         if r > 0:  # round 0 is the untimed one
                             best[key, k] = min(best.get((key, k), seconds), seconds)
             for (key, k), seconds in best.items():

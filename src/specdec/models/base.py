@@ -53,8 +53,9 @@ class LanguageModel(Protocol):
 def kept_token_ids(lm: LanguageModel) -> Tensor | None:
     """[K] int64, ascending: the tokens a model with a pruned head computes logits for, or None (all).
 
-    Such a model (`NativeLM`, a row of its batched form) also takes `forward(..., compact=True)`
+    Such a model (`NativeLM`, a row of a batched native model) also takes `forward(..., compact=True)`
     and then returns [n, K] logits over these tokens in this order, leaving out the -inf of every
-    other token; others neither have the ids nor take the argument.
+    other token. Models without a pruned head return None here and are never asked for compact
+    logits (`ModelCall.run`); a batched row may accept the argument and ignore it.
     """
     return getattr(lm, "kept_ids", None)

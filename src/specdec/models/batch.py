@@ -54,7 +54,8 @@ class ModelCall:
     append: bool = False
     fill: bool = False
     """Run `tokens` as a chain right after the committed prefix and commit them all; the result is
-    the logits after the last one ([1, V]). Callers may split a long fill into chunks."""
+    the logits after the last one ([1, V], or [1, K] with `compact`). Callers may split a long fill
+    into chunks (`dataclasses.replace`, so that the flags stay)."""
     compact: bool = False
     """On a model with a pruned head (`models.base.kept_token_ids`), return the kept tokens' logits
     only ([n, K]); other models ignore it."""
@@ -119,9 +120,13 @@ class RowView:
         return self.owner.kept_ids
 
     def forward(
-        self, input_ids: Tensor, parents: Tensor | None = None, last_only: bool = False, append: bool = False,
-        compact: bool = False,
-    ) -> Tensor:
+        self,
+        input_ids: Tensor,  # [n] int64
+        parents: Tensor | None = None,  # [n] int64 within the pending region; None = a chain
+        last_only: bool = False,
+        append: bool = False,
+        compact: bool = False,  # a pruned head's kept logits only (`ModelCall.compact`)
+    ) -> Tensor:  # [n, V] (or [1, V]); [.., K] with `compact` on a pruned native model
         return self.owner.forward_rows([ModelCall(self, input_ids, parents, last_only, append, compact=compact)])[0]
 
     def commit(self, keep: Tensor | int) -> None:
