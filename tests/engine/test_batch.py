@@ -273,6 +273,26 @@ def test_stop_strings_in_generate_batch(models, one_thread):
     (res,) = pipe.generate_batch([prompt], "sps", 12, stop=[stop])
     assert res.stats.stopped_by == "stop" and res.token_ids == full[:cut]
     assert res.text == "".join(f"<{i}>" for i in full[: cut - 1])
+    # The statistics count the tokens returned, not the rest of the step that completed the stop
+    # (a stop at each token in turn: some complete inside a step that accepted more drafts).
+    for token in full[:8]:
+        cut = full.index(token) + 1
+        (res,) = pipe.generate_batch([prompt], "sps", 12, stop=[f"<{token}>"])
+        stats = res.stats
+        assert len(res.token_ids) == stats.new_tokens == cut
+        assert stats.tokens_per_call == pytest.approx(cut / stats.target_calls) and stats.accepted_tokens <= cut - 1
+
+
+def test_stats_cut_to_the_tokens_returned():
+    from specdec.engine.stats import DecodeStats
+
+    stats = DecodeStats(new_tokens=10, target_calls=4, accepted_tokens=6, wall_s=2.0, prefill_s=1.0, ttft_s=1.2,
+                        decode_tokens_per_s=8 / 0.8, after_prefill_tokens_per_s=10.0)
+    stats.cut_to(7)  # the last step's bonus token and two of its accepted drafts
+    assert (stats.new_tokens, stats.accepted_tokens) == (7, 4)
+    assert stats.tokens_per_call == 7 / 4 and stats.mean_accepted_per_call == 1.0 and stats.tokens_per_s == 3.5
+    assert stats.decode_tokens_per_s == pytest.approx(5 / 0.8) and stats.after_prefill_tokens_per_s == 7.0
+    assert stats.cut_to(9).new_tokens == 7  # never more than it has
 
 
 # ---- sampling under batching (exact toy model) ------------------------------------------------

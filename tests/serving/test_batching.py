@@ -136,6 +136,11 @@ def test_serve_batching_flags(checkpoints, monkeypatch, capsys):
         in capsys.readouterr().err
     assert main([*base, "--max-kv-tokens", "37", "--max-new-tokens", "32", "--gamma", "4"]) == 2  # sps drafts 4 more
     assert main([*base, "--max-kv-tokens", "38", "--max-new-tokens", "32", "--gamma", "4"]) == 0
+    # So is a default answer length above the per-request cap (it was cut to the cap without a word).
+    capsys.readouterr()
+    assert main([*base, "--max-new-tokens", "5000"]) == 2
+    assert "--max-new-tokens 5000 is above --max-tokens-limit 4096" in capsys.readouterr().err
+    assert main([*base, "--max-new-tokens", "5000", "--max-tokens-limit", "5000"]) == 0
     assert main(base) == 0  # defaults: a memory-sized budget, the default threshold (no tune profile here)
     cfg = launched["app"].state.config.batch
     assert cfg.max_kv_tokens is not None and cfg.max_kv_tokens > 1000 and cfg.spec_disable_batch_size == 8

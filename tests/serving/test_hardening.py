@@ -321,7 +321,9 @@ def test_auto_without_a_profile_is_refused_and_never_tunes(pipe, tmp_path, monke
             assert res.status_code == 400, res.text
             err = res.json()["error"]
             assert err["param"] == "speculative.method" and "never starts a tune" in err["message"]
-            assert "greedy decoding" in err["message"]
+            assert "greedy decoding" in err["message"] and "specdec tune --quick" in err["message"]
+            # Nothing of the server's files or flags a client cannot pass.
+            assert str(tmp_path) not in err["message"] and "--tree" not in err["message"]
             # A profile for greedy decoding only: greedy requests follow it, sampled ones are refused.
             store.save_profile({"version": store.PROFILE_VERSION, "key": pipe.profile_key(SamplingConfig()),
                                 "fingerprint": fingerprint("cpu"), "winner": {"method": "ar", "label": "ar"}})

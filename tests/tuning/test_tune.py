@@ -64,6 +64,34 @@ def test_tune_on_tiny_models_writes_a_valid_profile():
     assert "winner" in format_candidates(saved)
 
 
+@pytest.mark.parametrize("dtype,draft,draft_dtype,expect", [
+    ("float32", None, "", {"dtype": "float32"}),
+    ("float32-weights-native-dense", None, "", {"weights": "native"}),
+    ("float32-weights-native-native", "d", "native-Q4_0+vocab32768",
+     {"weights": "native", "draft_weights": "native", "draft_quant": "Q4_0", "draft_vocab": 32768}),
+    ("bfloat16-weights-dense-native", "d", "native", {"dtype": "bfloat16", "draft_quant": "file", "draft_vocab": 0}),
+    ("float32", "d", "int8+vocab4096", {"draft_dtype": "int8", "draft_vocab": 4096}),
+])
+def test_the_suggested_tune_command_is_one_the_cli_takes(dtype, draft, draft_dtype, expect):
+    """A missing profile's message names a `specdec tune` whose flags parse and say what the key says."""
+    import shlex
+
+    from specdec.cli import build_parser
+    from specdec.core.store import ProfileProblem, tune_command
+
+    key = profile_key("t", draft, "cpu", dtype, 0.7, draft_dtype)
+    command = tune_command(key)
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert args.target == "t" and args.temperature == 0.7 and args.quick
+    assert (args.draft == [draft] if isinstance(args.draft, list) else args.draft == draft) if draft else not args.draft
+    for name, value in expect.items():
+        got = getattr(args, name)
+        assert (int(got) if name == "draft_vocab" else got) == value, (name, command)
+    with pytest.raises(ProfileProblem) as problem:
+        find_profile(key)
+    assert problem.value.command == command and command in str(problem.value)
+
+
 def _flat_costs(draft_ms_per_token):
     """Synthetic timings: a target pass costs 10 ms whatever the block, the draft a fixed ms per token."""
     def measure(target, draft, ks, repeats=2, context=200):

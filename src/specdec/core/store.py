@@ -76,6 +76,11 @@ class ProfileProblem(ValueError):
     specdec, measured on other hardware, or left by an interrupted tune. `auto` re-tunes on it;
     everything else reports it."""
 
+    def __init__(self, message: str, command: str | None = None) -> None:
+        super().__init__(message)
+        self.command = command
+        """The `specdec tune` that would write the profile (None: not known here)."""
+
 
 def profile_key(
     target: str, draft: str | None, device: str, dtype: str, temperature: float, draft_dtype: str = "",
@@ -104,11 +109,31 @@ def profile_path(key: dict[str, Any]) -> Path:
 
 
 def tune_command(key: dict[str, Any]) -> str:
-    """The `specdec tune` that makes the profile for `key`."""
+    """The `specdec tune` that makes the profile for `key`: its flags read back from the key's dtype
+    fields, which `Pipeline.profile_key` writes as "<dtype>[-weights-<target>-<draft>]" and
+    "<draft precision>[+vocab<N>]" (a precision "native" or "native-<format>" for native drafts)."""
     temp = "0" if key.get("mode") == "greedy" else "0.7"
-    draft = f" --draft {key['draft']}" if key.get("draft") not in (None, "none") else ""
-    return (f"specdec tune --quick --target {key['target']}{draft} --device {key['device']} --dtype {key['dtype']} "
-            f"--draft-dtype {key.get('draft_dtype', key['dtype'])} --temperature {temp}")
+    dtype, _, weights = str(key["dtype"]).partition("-weights-")
+    target_weights, _, draft_weights = weights.partition("-")
+    has_draft = key.get("draft") not in (None, "none")
+    flags = [f"--target {key['target']}"] + ([f"--draft {key['draft']}"] if has_draft else [])
+    flags += [f"--device {key['device']}", f"--dtype {dtype}"]
+    if target_weights:
+        flags.append(f"--weights {target_weights}")
+    if has_draft:
+        precision, _, vocab = str(key.get("draft_dtype") or dtype).partition("+vocab")
+        if draft_weights:
+            flags.append(f"--draft-weights {draft_weights}")
+        if precision == "native":
+            flags.append("--draft-quant file")
+        elif precision.startswith("native-"):
+            flags.append(f"--draft-quant {precision.removeprefix('native-')}")
+        else:
+            flags.append(f"--draft-dtype {precision}")
+        flags.append(f"--draft-vocab {vocab or 0}")
+    if key.get("tensor_parallel_size"):
+        flags.append(f"--tensor-parallel-size {key['tensor_parallel_size']}")
+    return f"specdec tune --quick {' '.join(flags)} --temperature {temp}"
 
 
 def read_profile(path: str | Path, fp: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -180,19 +205,20 @@ def find_profile(key: dict[str, Any], fp: dict[str, Any] | None = None) -> dict[
     path = profile_path(key)
     what = (f"target {key['target']}, draft {key['draft']}, device {key['device']}, dtype {key['dtype']}, "
             f"draft dtype {key.get('draft_dtype')}, {key.get('mode')} decoding")
+    command = tune_command(key)
     interrupted = interrupted_tune(key)
     if interrupted is not None and not path.is_file():
-        raise ProfileProblem(f"{interrupted}: no profile for {what}; run `{tune_command(key)}`")
+        raise ProfileProblem(f"{interrupted}: no profile for {what}; run `{command}`", command)
     if not path.is_file():
         raise ProfileProblem(f"no tune profile for {what} on this machine (looked for {path}); run "
-                             f"`{tune_command(key)}` first, or pass --tree PROFILE.json")
+                             f"`{command}` first, or pass --tree PROFILE.json", command)
     try:
         profile = read_profile(path, fp if fp is not None else fingerprint(key["device"]))
     except ProfileProblem as exc:
-        raise ProfileProblem(f"{exc}; run `{tune_command(key)}`") from None
+        raise ProfileProblem(f"{exc}; run `{command}`", command) from None
     if profile.get("key") != key:
         raise ProfileProblem(f"{path} holds a profile for another setting ({profile.get('key')}); run "
-                             f"`{tune_command(key)}`")
+                             f"`{command}`", command)
     return profile
 
 

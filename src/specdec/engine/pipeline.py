@@ -631,7 +631,7 @@ class Pipeline:
             assert stats is not None
             if rid in texts and stats.stopped_by == "stop":
                 ids = ids[: texts[rid].completion_tokens]
-                results.append(GenerationResult(texts[rid].released, ids, stats))
+                results.append(GenerationResult(texts[rid].released, ids, stats.cut_to(len(ids))))
             else:
                 results.append(GenerationResult(self.decode(ids), ids, stats))
         return results

@@ -71,6 +71,29 @@ class DecodeStats:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def cut_to(self, n: int) -> "DecodeStats":
+        """These statistics for the first `n` of the new tokens, where the completion ended inside the
+        last step (a stop string) and the rest of that step's tokens are not returned. The tokens cut
+        are the last step's: its bonus token first, then its accepted drafts; the rates count `n`
+        tokens over the same times."""
+        cut = self.new_tokens - n
+        if cut <= 0:
+            return self
+        if cut > 1:  # the bonus token, then accepted drafts
+            self.accepted_tokens = max(self.accepted_tokens - (cut - 1), 0)
+        span = self.wall_s - self.ttft_s
+        if self.decode_tokens_per_s is not None and span > 0:
+            after = round(self.decode_tokens_per_s * span) - cut
+            self.decode_tokens_per_s = after / span if after > 0 else None
+        calls = max(self.target_calls, 1)
+        self.new_tokens = n
+        self.mean_accepted_per_call = self.accepted_tokens / calls
+        self.tokens_per_call = n / calls
+        self.tokens_per_s = n / self.wall_s if self.wall_s > 0 else 0.0
+        after_prefill_s = self.wall_s - self.prefill_s
+        self.after_prefill_tokens_per_s = n / after_prefill_s if n > 0 and after_prefill_s > 0 else None
+        return self
+
 
 class StepAccounting:
     """Counts one generation's steps into a `DecodeStats` (timings, acceptance by depth, totals)."""

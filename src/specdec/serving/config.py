@@ -34,7 +34,8 @@ class ServerConfig:
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=DEFAULT_TEMPERATURE))
     """temperature, top_p and top_k for requests that leave them out (a request's own values win)."""
     max_tokens: int = 128
-    """max_tokens when a request leaves it out (cut to the room left in the context and to the limit)."""
+    """max_tokens when a request leaves it out (within the limit, checked at start; cut to the room a
+    long prompt leaves in the context)."""
     seed: int | None = None
     limits: ServerLimits = field(default_factory=ServerLimits)
     batch: BatchLimits = field(default_factory=lambda: BatchLimits(**SERVER_BATCH_DEFAULTS))
@@ -47,13 +48,17 @@ class ServerConfig:
         return get_method(method).own_options(self.default_opts)
 
     def check(self, num_drafts: int | None = None) -> None:
-        """ValueError unless the defaults can serve: a known method, positive max tokens, a
-        non-empty key, every default option taken by some method and the default method's share
+        """ValueError unless the defaults can serve: a known method, positive max tokens within the
+        limit, a non-empty key, every default option taken by some method and the default method's share
         taken as a whole; with `num_drafts` (once the models are known), the default method's
         drafts within the cap. Checked once, so that a mistyped default is not a 400 on every request."""
         get_method(self.default_method)  # ValueError: unknown method
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"--max-new-tokens must be a positive integer, got {self.max_tokens!r}")
+        limit = self.limits.max_tokens_limit
+        if limit is not None and self.max_tokens > limit:
+            raise ValueError(f"--max-new-tokens {self.max_tokens} is above --max-tokens-limit {limit}: a request "
+                             "that left max_tokens out would be refused its default; lower it or raise the limit")
         if self.api_key is not None and not self.api_key:
             raise ValueError("--api-key must not be empty")
         check_default_options(self.default_opts)

@@ -89,11 +89,13 @@ def block_size(batch: BatchEngine, request: BatchRequest) -> int:
     try:
         return batch.block_size(request)
     except ProfileProblem as exc:
+        # The client is told what to do about it, never the server's files (the message names its path).
         mode = "greedy" if request.sampling.greedy else "sampling"
+        how = f" (`{exc.command}`)" if exc.command else ""
         raise APIError(
             f"speculative: method {request.method!r} follows this machine's tune profile, and this server has none "
-            f"for {mode} decoding; a request never starts a tune: ask for another method, or have the operator "
-            f"tune it ({exc})", param="speculative.method", code="invalid_value",
+            f"usable for {mode} decoding; a request never starts a tune: ask for another method, or have the "
+            f"operator tune it{how}", param="speculative.method", code="invalid_value",
         ) from None
     except (ValueError, TypeError) as exc:  # a missing draft, a drafter refusing its options
         raise APIError(f"speculative: {exc}", param="speculative", code="invalid_value") from exc
@@ -102,7 +104,7 @@ def block_size(batch: BatchEngine, request: BatchRequest) -> int:
 def max_tokens_of(cfg: ServerConfig, body: "GenerationRequest", prompt_len: int, room: int, context: int,
                   block: int) -> int:
     """The request's max_tokens: as asked (400 above the limit or the room in the context), or the
-    server's default cut to both."""
+    server's default (within the limit, `ServerConfig.check`) cut to the room in the context."""
     requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
     limit = cfg.limits.max_tokens_limit
     if requested is None:
