@@ -192,6 +192,10 @@ BAD_BODIES = [
      "speculative.ngram"),
     ("gamma of a tree method", "/v1/completions", {"prompt": "hi", "speculative": {"method": "specinfer", "gamma": 2}},
      "speculative.gamma"),
+    ("option number as a string", "/v1/completions",
+     {"prompt": "hi", "speculative": {"method": "pld", "max_ngram": "2"}}, "speculative.max_ngram"),
+    ("option flag as a string", "/v1/completions",
+     {"prompt": "hi", "speculative": {"method": "auto", "no_planner": "yes"}}, "speculative.no_planner"),
     ("bad method option value", "/v1/completions",
      {"prompt": "hi", "speculative": {"method": "specinfer", "expansion": "1,x"}}, "speculative"),
     ("n > 1", "/v1/completions", {"prompt": "hi", "n": 2}, "n"),
@@ -423,7 +427,8 @@ def test_specdec_serve_command(checkpoints, monkeypatch):
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: launched.update(app=app, **kw))
     target, draft = checkpoints
     argv = ["serve", "--target", str(target), "--draft", str(draft), "--method", "pld", "--fast-linear", "off",
-            "--port", "8123", "--model-name", "tiny-cli", "--max-tokens-limit", "8", "--log-level", "warning"]
+            "--port", "8123", "--model-name", "tiny-cli", "--max-tokens-limit", "8", "--max-new-tokens", "8",
+            "--log-level", "warning"]
     assert main(argv) == 0
     assert (launched["host"], launched["port"], launched["log_level"]) == ("127.0.0.1", 8123, "warning")
     with running_server(launched["app"]) as url:

@@ -10,9 +10,9 @@ without a tune profile for the request's decoding mode is a 400.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from specdec.core.options import MethodOptions
+from specdec.core.options import MethodOptions, OptionSpec
 from specdec.core.sampling import SamplingConfig
 from specdec.core.store import ProfileProblem
 from specdec.engine.batch import BatchEngine, BatchRequest
@@ -41,6 +41,7 @@ def request_options(cfg: ServerConfig, method: str, spec: "SpeculativeOptions | 
         raise APIError(f"speculative: unknown option {unknown[0]!r} for method {method!r}; known: {known}",
                        param=f"speculative.{unknown[0]}", code="invalid_value")
     for name, value in extra.items():
+        check_json_type(specs[name], value)
         # Only the operator names files on this machine. Refused before anything looks at the
         # value, with one message whatever it is, so that the answer says nothing about the disk.
         if specs[name].may_name_a_file(value):
@@ -53,6 +54,17 @@ def request_options(cfg: ServerConfig, method: str, spec: "SpeculativeOptions | 
         return m.make_options({**cfg.options_for(method), **extra})
     except (ValueError, TypeError) as exc:
         raise APIError(f"speculative: {exc}", param="speculative", code="invalid_value") from exc
+
+
+def check_json_type(spec: OptionSpec, value: Any) -> None:
+    """400 for a number or a flag sent as a string: the option parsers take text because the command
+    line gives text, but a JSON request states its types, as it must for `max_tokens` (a string
+    there is refused too)."""
+    numeric = isinstance(spec.default, (int, float)) and not isinstance(spec.default, bool)
+    if isinstance(value, str) and (spec.flag or (numeric and not spec.symbols)):
+        kind = "true or false" if spec.flag else "a JSON number"
+        raise APIError(f"speculative.{spec.name}: must be {kind}, not the string {value!r}",
+                       param=f"speculative.{spec.name}", code="invalid_value")
 
 
 def check_cost(cfg: ServerConfig, method: str, options: MethodOptions, num_drafts: int) -> None:
