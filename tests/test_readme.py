@@ -76,6 +76,8 @@ def test_shell_lines_parse(line, words):
         return
     if words[-1] == "&":  # started in the background
         words = words[:-1]
+    if "|" in words:  # a pipeline into specdec: its last command
+        words = words[len(words) - words[::-1].index("|"):]
     while re.fullmatch(r"[A-Z_]+=.*", words[0]):  # an environment assignment before the command
         words = words[1:]
     if words[0] == "torchrun":  # torchrun's own flags, then the specdec command every rank runs

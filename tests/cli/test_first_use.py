@@ -145,6 +145,22 @@ def test_mistakes_that_need_no_model_are_refused_before_one_loads(capsys, checkp
     assert calls == [] and "loading" not in err and "Traceback" not in err
 
 
+def test_a_prompt_of_dash_is_read_from_stdin(monkeypatch):
+    import argparse
+    import io
+
+    from specdec.cli.generate import prompt_of
+
+    def given(stdin: str, **flags) -> tuple[str, bool | None]:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        return prompt_of(argparse.Namespace(**{"text": None, "prompt": None, "chat": None, **flags}))
+
+    assert given("def f():\n", text="-") == ("def f():\n", None)
+    assert given("hi", chat="-") == ("hi", True) and given("hi", prompt="-") == ("hi", False)
+    with pytest.raises(ValueError, match="--prompt from stdin is empty"):
+        given("", prompt="-")
+
+
 def test_version_answers_without_torch(tmp_path):
     code = ("import sys, atexit\n"
             "atexit.register(lambda: print('TORCH' if 'torch' in sys.modules else 'NO-TORCH'))\n"

@@ -19,7 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("specdec.cli.demo", "AR vs speculative decoding on the default models"),
     "bench": ("specdec.cli.bench", "benchmark methods and Hugging Face peers on a prompt file (resumable)"),
     "profile": ("specdec.cli.profile", "t(k): ms per forward over k new tokens, plain vs fast path"),
-    "tune": ("specdec.cli.tune", "measure this machine and pick the fastest Sequoia tree (for --method auto)"),
+    "tune": ("specdec.cli.tune", "measure this machine and save the fastest method and options (what --method auto follows)"),
     "serve": ("specdec.cli.serve", "OpenAI-compatible HTTP server (completions, chat, streaming, Prometheus metrics)"),
     "bench-serve": ("specdec.cli.bench_serve", "load-test a running specdec serve with concurrent openai clients"),
     "bigram": ("specdec.cli.bigram", "the Max-Gram bigram table (csd, maxgram)"),

@@ -153,7 +153,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    "hf-assisted-tuned, hf-pld ('hf' = all peers). ar always runs (the baseline), and hf-ar "
                    "when a peer is asked for (default ar,sps,pld)")
     p.add_argument("--temperatures", default="0", help="comma-separated, 0 = greedy (default 0)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens each run generates at most (default 128)")
     p.add_argument("--repeats", type=int, default=1, help="runs per prompt, method and temperature (default 1)")
     p.add_argument("--per-task", type=int, default=None, metavar="N",
                    help="the first N prompts of each task category, in file order (deterministic)")

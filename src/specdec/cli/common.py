@@ -404,7 +404,8 @@ def add_method_args(p: argparse.ArgumentParser, default_method: str | None = Non
 def add_generation_args(p: argparse.ArgumentParser) -> None:
     """What a command that generates on the command line takes: --max-new-tokens, the model flags,
     the sampling flags and the method flags (`generate`, `demo`)."""
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="tokens to generate at most (default 128; the prompt and they must fit the context)")
     add_model_args(p)
     add_sampling_args(p)
     add_method_args(p)

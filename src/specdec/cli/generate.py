@@ -22,6 +22,12 @@ def prompt_of(args: argparse.Namespace) -> tuple[str, bool | None]:
     if len(given) != 1:
         raise ValueError("give exactly one prompt: TEXT, --prompt TEXT (raw) or --chat TEXT (chat message)")
     text, chat, flag = given[0]
+    if text == "-":  # as other command-line tools read stdin
+        try:
+            text = sys.stdin.read()
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{flag} from stdin is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        flag = f"{flag} from stdin"
     if not text:
         raise ValueError(f"{flag} is empty: give the text to continue")
     check_text(text, flag)
@@ -82,7 +88,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("text", nargs="?", help="prompt; rendered as a chat message when the model has a chat template")
+    p.add_argument("text", nargs="?", help="prompt; rendered as a chat message when the model has a chat template "
+                   "(- reads it from stdin, as --prompt - and --chat - do)")
     p.add_argument("--prompt", help="raw prompt text (no chat template)")
     p.add_argument("--chat", help="user message rendered with the target's chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")

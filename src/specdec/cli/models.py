@@ -26,7 +26,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    msub = p.add_subparsers(dest="models_command", required=True)
+    msub = p.add_subparsers(dest="models_command", metavar="{list,fetch}", required=True)
     msub.add_parser("list", help="known models and whether they are cached").set_defaults(func=cmd_list)
     fetch = msub.add_parser("fetch", help="download, assemble and verify a known model")
     fetch.add_argument("names", nargs="+")

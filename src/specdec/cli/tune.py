@@ -1,4 +1,4 @@
-"""`specdec tune`: measure this machine, pick the fastest Sequoia tree (or none) and save it as a profile;
+"""`specdec tune`: measure this machine, pick the fastest method and options (or none) and save it as a profile;
 with --project-offload, also project SpecExec/Sequoia speedups for a target offloaded to CPU RAM."""
 
 from __future__ import annotations
