@@ -97,6 +97,20 @@ def test_invalid_sampling_parameters_are_rejected(kwargs):
         SamplingConfig(**kwargs)
 
 
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "0.7"])
+def test_every_bad_temperature_gets_the_same_message(bad):
+    with pytest.raises(ValueError, match=r"temperature must be a finite number >= 0 \(0 = greedy\)"):
+        SamplingConfig(temperature=bad)
+
+
+@pytest.mark.parametrize("bad", [2, -0.5, "nan", float("inf"), "x"])
+def test_every_bad_probability_option_gets_the_same_message(bad):
+    from specdec.core.options import probability
+
+    with pytest.raises(ValueError, match=r"must be a probability in \[0, 1\]"):
+        probability(bad)
+
+
 def test_residual_guards_zero_mass():
     p = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
     r = residual(p, p.clone())

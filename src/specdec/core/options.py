@@ -184,8 +184,11 @@ def number_at_least(low: float) -> Parser:
 
 def probability(value: Any) -> float:
     """A number in [0, 1]."""
-    number = number_at_least(0.0)(value)
-    if number > 1.0:
+    try:
+        number = number_at_least(0.0)(value)
+    except ValueError:
+        number = math.nan
+    if not 0.0 <= number <= 1.0:
         raise ValueError(f"must be a probability in [0, 1], got {value!r}")
     return number
 

@@ -32,10 +32,9 @@ class SamplingConfig:
     """Keep the smallest set of most likely tokens whose mass reaches top_p (1.0 = off)."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature):
-            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
-        if self.temperature < 0 or math.isinf(self.temperature):
-            raise ValueError(f"temperature must be >= 0 and finite (0 = greedy), got {self.temperature}")
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
+                or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):

@@ -78,7 +78,7 @@ from specdec.verify.batched import Verification, verify_batch
 
 from specdec.engine.limits import (  # noqa: E402  (re-exported: the engine's defaults)
     DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_FILL_MS, DEFAULT_PREFILL_CHUNK, DEFAULT_SPEC_DISABLE_BATCH_SIZE, PROFILE_FIELD,
-    BatchLimits,
+    BatchLimits, context_overflow,
 )
 
 
@@ -312,10 +312,7 @@ class BatchEngine:
         need = len(request.prompt_ids) + request.max_new_tokens + block
         context = self.target_lm.context_length
         if need > context:
-            raise ValueError(
-                f"prompt of {len(request.prompt_ids)} tokens + {request.max_new_tokens} new tokens "
-                f"(+{block} for drafts) exceeds the target's context of {context} tokens"
-            )
+            raise ValueError(context_overflow(len(request.prompt_ids), request.max_new_tokens, block, context))
         if self.max_kv_tokens is not None and need > self.max_kv_tokens:
             raise ValueError(
                 f"the request needs {need} KV slots (prompt {len(request.prompt_ids)} + {request.max_new_tokens} new "

@@ -24,6 +24,7 @@ from specdec.core.sampling import SamplingConfig, logits_to_probs
 from specdec.core.tree import TokenTree
 from specdec.drafting.base import Drafter, Proposal, finished, run_proposal
 from specdec.engine.cost import cost_ratios, standardized_walltime_improvement
+from specdec.engine.limits import context_overflow
 from specdec.engine.stats import DecodeStats, StepAccounting
 from specdec.models.base import LanguageModel
 from specdec.verify.base import Verifier
@@ -128,10 +129,7 @@ class SpeculativeDecoder:
         block = self.block_size()
         max_len = prompt_len + max_new_tokens + block
         if max_len > self.target.context_length:
-            raise ValueError(
-                f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens (+{block} for drafts) "
-                f"exceeds the target's context of {self.target.context_length} tokens"
-            )
+            raise ValueError(context_overflow(prompt_len, max_new_tokens, block, self.target.context_length))
         return max_len
 
     def stream(

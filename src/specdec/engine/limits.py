@@ -64,3 +64,11 @@ class BatchLimits:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
                 raise ValueError(f"{flag} must be a finite number >= 0, got {value!r}")
+
+
+def context_overflow(prompt_len: int, max_new_tokens: int, block: int, context: int) -> str:
+    """Why a request does not fit the target's context: its prompt, its answer and one step's block
+    (the pending token, and the drafts where the method drafts)."""
+    step = "the step's pending token" if block == 1 else f"a step's pending token and {block - 1} drafts"
+    return (f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens (+{block} for {step}) exceeds the "
+            f"target's context of {context} tokens")
