@@ -161,6 +161,18 @@ def test_a_prompt_of_dash_is_read_from_stdin(monkeypatch):
         given("", prompt="-")
 
 
+def test_flags_a_run_will_not_use_get_a_note_before_anything_loads(capsys, monkeypatch):
+    calls = _loads_nothing(monkeypatch)
+    _, err = _err(capsys, ["generate", "--method", "suffix", "--draft", "qwen2.5-coder-0.5b-instruct", "--top-p", "0.9",
+                            "--seed", "3", "--target", "smollm2-135m-instruct", "hi"])
+    assert "note: --top-p, --seed have no effect at --temperature 0" in err
+    assert "note: --method suffix uses no draft model: --draft is not loaded" in err
+    assert ("load_model", "qwen2.5-coder-0.5b-instruct") not in calls
+    _, err = _err(capsys, ["generate", "--method", "suffix", "--temperature", "0.7", "--top-p", "0.9",
+                            "--target", "smollm2-135m-instruct", "hi"])
+    assert "note:" not in err
+
+
 def test_version_answers_without_torch(tmp_path):
     code = ("import sys, atexit\n"
             "atexit.register(lambda: print('TORCH' if 'torch' in sys.modules else 'NO-TORCH'))\n"

@@ -34,6 +34,20 @@ def prompt_of(args: argparse.Namespace) -> tuple[str, bool | None]:
     return text, chat
 
 
+def unused_flags(args: argparse.Namespace, method) -> list[str]:
+    """Notes on flags given that this run will not use (said, not refused: they are valid, only idle)."""
+    notes = []
+    if args.temperature == 0:
+        idle = [flag for flag, value, off in (("--top-p", args.top_p, 1.0), ("--top-k", args.top_k, 0),
+                                              ("--seed", args.seed, None)) if value != off]
+        if idle:
+            notes.append(f"{', '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect at --temperature 0 "
+                         "(greedy decoding draws nothing)")
+    if args.draft and not method.loads_draft_model:
+        notes.append(f"--method {method.name} uses no draft model: --draft is not loaded")
+    return notes
+
+
 def method_label(pipe, method: str, sampling, run=None) -> str:
     """The method, and for auto what it follows (`run`: what `Pipeline.stream` returned)."""
     if method != "auto":
@@ -65,6 +79,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     method.make_options(opts)  # a bad value is reported now, not after the models have loaded
     check_target(args)
     check_max_new_tokens(args)
+    for note in unused_flags(args, method):
+        print(f"specdec: note: {note}", file=sys.stderr)
     pipe = load_pipeline(args, method.loads_draft_model, optional_draft=not method.needs_draft_model)
     dec, chunks = pipe.stream(text, args.method, args.max_new_tokens, sampling, seed=args.seed, chat=chat, **opts)
     text_out = TextAssembler(pipe.decode, [])
