@@ -104,6 +104,9 @@ def test_a_body_over_the_limit_gets_413_with_a_clear_message(base_url, client):
     assert res.status_code == 413, res.text
     err = res.json()["error"]
     assert err["code"] == "request_too_large" and str(LIMIT) in err["message"] and "--max-body-bytes" in err["message"]
+    bad = _post(base_url, {"prompt": "hi", "n": 2})  # an error from the app itself: the same rendering
+    assert bad.status_code == 400 and res.content.startswith(b'{"error":{"message":"') \
+        and bad.content.startswith(b'{"error":{"message":"')
 
     def chunks():  # no content-length: the limit is counted as the body arrives
         for _ in range(40):

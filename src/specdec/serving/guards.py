@@ -73,7 +73,9 @@ answered at once."""
 async def send_error(send: Send, status: int, message: str, code: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
     """An OpenAI-style error answer, straight on the ASGI channel."""
     kind = "invalid_request_error" if status < 500 else "server_error"
-    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+    # Rendered as Starlette's JSONResponse renders the app's other errors, byte for byte alike.
+    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}},
+                      ensure_ascii=False, separators=(",", ":")).encode()
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers,
     ]})
