@@ -102,6 +102,16 @@ def test_failure_mid_run_keeps_rows_and_resume_finishes(tmp_path, tiny_pipe, mon
     assert rep.ran == 4 and len(rep.rows) == 6 and rep.summary.greedy_mismatches() == 0
 
 
+def test_progress_off_a_terminal_is_one_line_per_row(tmp_path, tiny_pipe, capsys):
+    prompts = load_prompts(write_lines(tmp_path / "p.jsonl", [prompt_line("a", "qa"), prompt_line("b", "qa")]))
+    settings = BenchSettings(methods=parse_methods("ar,pld"), max_new_tokens=3)
+    capsys.readouterr()
+    run_bench(tiny_pipe, prompts, tmp_path / "o", settings, encode=encode, progress=True, plots=False)
+    err = capsys.readouterr().err  # captured: not a terminal
+    assert "\r" not in err and [ln.split(" ")[1] for ln in err.splitlines() if ln.startswith("bench [")] == \
+        ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
+
+
 def test_new_methods_and_their_options_go_through(tmp_path, tiny_pipe, monkeypatch):
     seen = []
     fancy_method(monkeypatch, seen, ("budget", "max_ngram"))

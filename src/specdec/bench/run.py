@@ -285,7 +285,11 @@ def _run_plan(
         f"methods {','.join(settings.methods)}, temperatures {','.join(map(fmt_temp, settings.temperatures))}, "
         f"{settings.max_new_tokens} new tokens, {settings.repeats} repeat(s)"
     )
-    bar = tqdm(total=len(plan), desc="bench", unit="row", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    # A bar redraws one line with carriage returns: on a terminal. Elsewhere (a log, CI) each row's
+    # log line goes to stderr instead.
+    on_terminal = sys.stderr.isatty()
+    bar = tqdm(total=len(plan), desc="bench", unit="row", file=sys.stderr, disable=not (progress and on_terminal),
+               dynamic_ncols=True)
     ran = 0
     t_start = time.perf_counter()
     try:
@@ -303,11 +307,12 @@ def _run_plan(
                 eta = elapsed / ran * (len(plan) - ran)
                 equal = row["output_equals_ar"]
                 verdict = "" if equal is None or m == "ar" else (", equal to AR" if equal else ", DIFFERS FROM AR")
-                log(
-                    f"[{skipped + ran}/{skipped + len(plan)}] {p.id} {m} T={fmt_temp(t)} r={r}: "
-                    f"{row['stats']['new_tokens']} tokens, {row['stats']['tokens_per_s']:.2f} tokens/s{verdict} | "
-                    f"elapsed {_fmt_duration(elapsed)}, ETA {_fmt_duration(eta)}"
-                )
+                line = (f"[{skipped + ran}/{skipped + len(plan)}] {p.id} {m} T={fmt_temp(t)} r={r}: "
+                        f"{row['stats']['new_tokens']} tokens, {row['stats']['tokens_per_s']:.2f} tokens/s{verdict} | "
+                        f"elapsed {_fmt_duration(elapsed)}, ETA {_fmt_duration(eta)}")
+                log(line)
+                if progress and not on_terminal:
+                    print(f"bench {line}", file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         log(f"interrupted after {ran} rows; re-run the same command to resume")
         return ran, True

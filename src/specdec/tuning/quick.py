@@ -285,7 +285,9 @@ def quick_tune(
     prompts = prompts[: settings.num_prompts]
     t0 = time.perf_counter()
     stages = 3 + len(prompts) + (1 if draft is not None else 0)
-    bar = tqdm(total=stages, desc="tuning", unit="step", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    # A bar on a terminal only: elsewhere (a log, CI) its carriage-return redraws make one long line.
+    bar = tqdm(total=stages, desc="tuning", unit="step", file=sys.stderr, disable=not (progress and sys.stderr.isatty()),
+               dynamic_ncols=True)
     try:
         bar.set_postfix_str("forward times", refresh=True)
         target_ms, draft_ms = measure_costs(target, draft, key, settings)
