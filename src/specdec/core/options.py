@@ -184,12 +184,13 @@ def number_at_least(low: float) -> Parser:
 
 def probability(value: Any) -> float:
     """A number in [0, 1]."""
+    message = f"must be a probability in [0, 1], got {value!r}"  # one message for every bad value
     try:
         number = number_at_least(0.0)(value)
     except ValueError:
-        number = math.nan
-    if not 0.0 <= number <= 1.0:
-        raise ValueError(f"must be a probability in [0, 1], got {value!r}")
+        raise ValueError(message) from None
+    if number > 1.0:
+        raise ValueError(message)
     return number
 
 
