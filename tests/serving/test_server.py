@@ -130,6 +130,16 @@ def test_default_method_and_default_max_tokens(client):
     assert res.choices[0].finish_reason in ("stop", "length")
 
 
+def test_a_message_name_is_accepted_and_changes_nothing(client):
+    """OpenAI's optional `name` of a message is not a 400, and the answer is the one without it."""
+    def answer(**named) -> tuple[str, int]:
+        messages = [{"role": "system", "content": "Be brief.", **named}, {"role": "user", "content": PROMPT, **named}]
+        res = client.chat.completions.create(model=MODEL, max_tokens=12, temperature=0, messages=messages)
+        return res.choices[0].message.content, res.usage.prompt_tokens
+
+    assert answer(name="alice") == answer()
+
+
 def test_stop_strings_cut_text_streamed_or_not(client):
     base = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=32, temperature=0)
     text = base.choices[0].text
@@ -214,6 +224,8 @@ BAD_BODIES = [
      "messages.0.content"),
     ("no messages", "/v1/chat/completions", {"messages": []}, "messages"),
     ("bad role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+    ("message name not a string", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "name": 7}]},
+     "messages.0.name"),
     ("image part", "/v1/chat/completions",
      {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages.0.content"),

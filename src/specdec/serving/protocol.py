@@ -181,6 +181,10 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = Field(None, validate_default=True)
+    name: str | None = None
+    """OpenAI's optional name of the participant: accepted and not used (`template_messages` gives
+    the chat template each message's role and content only). Unbounded like `user`: the body limit
+    caps it, and it costs no work."""
 
     @field_validator("content", mode="before")
     @classmethod
