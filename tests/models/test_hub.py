@@ -348,6 +348,35 @@ def test_local_directory_loads_with_identical_logits(tmp_path: Path, cache: Path
     assert hub.load_tokenizer(tmp_path / "ckpt")("w5").input_ids == [7]
 
 
+def test_loading_shows_no_transformers_bar_and_puts_its_switches_back(
+    tmp_path: Path, cache: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    if not hf_logging.is_progress_bar_enabled():
+        pytest.skip("transformers' progress bars are off in this environment: nothing to hide")
+    ckpt = tmp_path / "ckpt"
+    _save_tiny_checkpoint(ckpt)
+    hub_bars = not are_progress_bars_disabled()
+    capfd.readouterr()
+    hub.load_model(str(ckpt), progress=False)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled() and (not are_progress_bars_disabled()) == hub_bars
+    AutoModelForCausalLM.from_pretrained(str(ckpt))
+    assert "Loading weights" in capfd.readouterr().err  # what transformers shows by itself, as before the load
+    with hub_load.transformers_bars():  # the CLI's --verbose
+        hub.load_model(str(ckpt), progress=False)
+    assert "Loading weights" in capfd.readouterr().err
+    hf_logging.disable_progress_bar()  # a caller's own choice stays
+    try:
+        hub.load_model(str(ckpt), progress=False)
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def test_local_directory_without_tokenizer(tmp_path: Path, cache: Path) -> None:
     _save_tiny_checkpoint(tmp_path / "ckpt", with_tokenizer=False)
     with pytest.raises(ModelError, match="no tokenizer files"):

@@ -209,7 +209,10 @@ def resolve_method(args: argparse.Namespace, default: str = DEFAULT_METHOD) -> s
 def quiet_loading(verbose: bool) -> Iterator[None]:
     """Loading prints one line; transformers' progress bars and warnings only with --verbose."""
     if verbose:
-        yield
+        from specdec.models.hub.load import transformers_bars
+
+        with transformers_bars():  # the library's loaders hide them otherwise
+            yield
         return
     import warnings
 

@@ -9,9 +9,12 @@ first, and a GGUF is dequantized once and read from its converted safetensors co
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -37,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "WEIGHTS", "hub_call", "hub_reachable", "is_gguf", "load_config", "load_model", "load_native_lm", "load_tokenizer",
-    "native_linear_shape", "prepare_model",
+    "native_linear_shape", "prepare_model", "transformers_bars",
 ]
 
 WEIGHTS = ("dense", "native")
@@ -200,10 +203,23 @@ def load_model(
         from transformers.distributed import DistributedConfig
 
         sharded["distributed_config"] = DistributedConfig(tp_size=tensor_parallel_size)
+    with _no_loading_bar():
+        model, tokenizer = _read_dense(src, dtype, sharded, progress)
+    if not sharded:  # a sharded model already sits on its rank's device, in `dtype`
+        model = model.to(device)
+        if model.dtype != dtype:
+            model = model.to(dtype)
+    model.eval()
+    return model, tokenizer
+
+
+def _read_dense(src: Source, dtype: torch.dtype, sharded: dict[str, Any],
+                progress: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The transformers model and tokenizer of a resolved source, as stored (`load_model` places them)."""
     if src.kind == "dir":
         assert src.path is not None
-        model, tokenizer = load_dir(src.path, dtype, **sharded)
-    elif src.kind == "hub":
+        return load_dir(src.path, dtype, **sharded)
+    if src.kind == "hub":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = hub_call(src.spec, lambda local: AutoTokenizer.from_pretrained(src.spec, local_files_only=local))
@@ -213,21 +229,51 @@ def load_model(
                 src.spec, dtype=dtype, use_safetensors=True, local_files_only=local, **sharded
             ),
         )
-    else:
-        target, source_sha = _conversion_for(src)
-        if conversion_ok(target, source_sha):
-            model, tokenizer = load_dir(target, dtype, **sharded)
-        elif sharded:
-            raise ModelError(f"{spec} has no converted safetensors copy yet; every tensor-parallel rank reads one "
-                             "(rank 0 makes it first with prepare_model)")
-        else:
-            model, tokenizer = _convert(src, progress)
-    if not sharded:  # a sharded model already sits on its rank's device, in `dtype`
-        model = model.to(device)
-        if model.dtype != dtype:
-            model = model.to(dtype)
-    model.eval()
-    return model, tokenizer
+        return model, tokenizer
+    target, source_sha = _conversion_for(src)
+    if conversion_ok(target, source_sha):
+        return load_dir(target, dtype, **sharded)
+    if sharded:
+        raise ModelError(f"{src.spec} has no converted safetensors copy yet; every tensor-parallel rank reads one "
+                         "(rank 0 makes it first with prepare_model)")
+    return _convert(src, progress)
+
+
+_show_transformers_bars: contextvars.ContextVar[bool] = contextvars.ContextVar("show_transformers_bars", default=False)
+
+
+@contextlib.contextmanager
+def transformers_bars() -> Iterator[None]:
+    """Let transformers show its own loading bars in this block (`--verbose`); `load_model` hides them otherwise."""
+    token = _show_transformers_bars.set(True)
+    try:
+        yield
+    finally:
+        _show_transformers_bars.reset(token)
+
+
+@contextlib.contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights") off while a model loads: callers show
+    their own progress (the CLI's loading line). transformers' switch turns the hub's download bars
+    off as well; those stay as they were, since a hub id's first load downloads for minutes. Both
+    switches are global, so both are put back afterwards."""
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    if _show_transformers_bars.get() or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hub_bars = not hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    if hub_bars:
+        hub_utils.enable_progress_bars()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+        if not hub_bars:
+            hub_utils.disable_progress_bars()
 
 
 def _convert(src: Source, progress: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
