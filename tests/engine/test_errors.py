@@ -55,6 +55,19 @@ def test_empty_prompt_and_bad_gamma():
         SpeculativeDecoder(target, ModelDrafter(tiny_lm("llama"), SamplingConfig()), gamma=0)
 
 
+def test_an_empty_text_prompt_is_refused_as_the_cli_refuses_it():
+    from tests.serving.server_helpers import tiny_tokenizer
+
+    tok = tiny_tokenizer()  # with a chat template: an empty prompt used to become an empty user turn
+    pipe = Pipeline.from_models(tiny_lm("llama", vocab=len(tok)), tok)
+    for chat in (None, True, False):
+        with pytest.raises(ValueError, match="^the prompt is empty: give the text to continue$"):
+            pipe.generate("", "pld", 4, chat=chat)
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        pipe.generate_batch(["hi", ""], "pld", 4)
+    assert len(pipe.generate(" ", "pld", 4).token_ids) == 4  # whitespace is text, as on the command line
+
+
 def test_gamma_is_the_draft_length_of_chain_methods_and_nothing_else():
     pipe = Pipeline.from_models(tiny_lm("llama"), None, tiny_lm("llama", 1))
     for method, opts in (("sps", {}), ("pld", {}), ("maxgram", {"maxgram_fill": "none"})):

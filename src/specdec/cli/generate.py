@@ -28,9 +28,7 @@ def prompt_of(args: argparse.Namespace) -> tuple[str, bool | None]:
         except UnicodeDecodeError as exc:
             raise ValueError(f"{flag} from stdin is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         flag = f"{flag} from stdin"
-    if not text:
-        raise ValueError(f"{flag} is empty: give the text to continue")
-    check_text(text, flag)
+    check_text(text, flag)  # not empty, and UTF-8
     return text, chat
 
 

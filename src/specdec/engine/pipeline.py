@@ -104,9 +104,12 @@ def _progress_printer(progress: bool) -> Callable[[str], None]:
 
 
 def check_text(text: str, what: str = "the prompt") -> None:
-    """ValueError unless `text` can be encoded as UTF-8, which tokenizers need. Bytes that are not
+    """ValueError unless `text` is not empty and can be encoded as UTF-8, which tokenizers need.
+    Empty, a chat prompt would still render a turn with no text to continue. Bytes that are not
     UTF-8 on the command line reach Python as lone surrogates (U+DC80…U+DCFF), and so does an
     unpaired \\ud800-style escape in JSON."""
+    if not text:
+        raise ValueError(f"{what} is empty: give the text to continue")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
