@@ -284,6 +284,44 @@ def test_gguf_embedding_gathers_exact_rows():
     assert torch.equal(out, dequantize(blocks, FORMATS["Q6_K"], 256)[ids])
 
 
+def test_gguf_embedding_kept_rows_are_the_dequantized_rows():
+    """Small lookups go through the kept (least recently used) rows: the same values as a fresh
+    dequantization, through hits, misses, repeats within a lookup and rows dropped for room."""
+    blocks = _blocks("Q4_K", 40, 256)
+    table = dequantize(blocks, FORMATS["Q4_K"], 256)
+    emb = GGUFEmbedding(blocks, "Q4_K", 256)
+    emb.CACHED_ROWS = 3
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(60):
+        ids = torch.randint(0, 8, (int(torch.randint(1, 5, (1,), generator=gen)),), generator=gen)
+        assert torch.equal(emb(ids), table[ids])
+        assert len(emb._kept) <= 3
+    big = torch.arange(40).flip(0)  # a prompt's lookup: dequantized at once, past the kept rows
+    assert torch.equal(emb(big), table[big])
+    emb(torch.tensor([5]))
+    emb(torch.tensor([5]))[0].fill_(0.0)  # a caller writing into its result leaves the kept row as it was
+    assert torch.equal(emb(torch.tensor([5])), table[[5]])
+    with pytest.raises(IndexError):
+        emb(torch.tensor([40]))
+
+
+def test_a_chain_block_plans_as_the_general_plan_of_the_same_chain():
+    """`block_plan` plans a chain (after a pending chain) without a mask; its positions, slots and
+    visibility are those the general plan gives the same chain as explicit parents."""
+    from specdec.core.tree import chain_parents
+    from specdec.models.native.lm import block_plan, flat_visibility
+
+    for kv_len, n_prev, n, append in ((0, 0, 1, False), (37, 0, 5, False), (37, 3, 2, True), (9, 4, 3, False)):
+        pending = chain_parents(n_prev)
+        parents = chain_parents(n) + (n_prev if append else 0)
+        fast, general = block_plan(kv_len, pending, None, n, append), block_plan(kv_len, pending, parents, n, append)
+        for field in ("positions", "slots", "prefix", "all_parents"):
+            assert torch.equal(getattr(fast, field), getattr(general, field)), (kv_len, n_prev, n, append, field)
+        assert all(torch.equal(a, b) for a, b in zip(flat_visibility(fast.vis), flat_visibility(general.vis)))
+    tree = torch.tensor([-1, 0, 0])  # after a pending tree, a chain goes the general way
+    assert torch.equal(block_plan(5, tree, None, 2, True).all_parents, torch.tensor([-1, 0, 0, 2, 3]))
+
+
 def test_without_a_compiler_layers_fall_back_to_dequantizing(monkeypatch):
     kernels._library.cache_clear()
     monkeypatch.setenv(kernels.ISA_ENV, "generic")

@@ -19,6 +19,8 @@ Only inference: nothing here is differentiable.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -117,8 +119,16 @@ class GGUFEmbedding(nn.Module):
     """Token embeddings kept as quantized GGUF rows: forward(ids [...]) -> [..., dim] float32.
 
     Only the looked-up rows are dequantized (exactly, `formats.dequantize`), so a 150k-token table
-    costs its file size in memory, not four bytes per value.
+    costs its file size in memory, not four bytes per value. The rows of the last `CACHED_ROWS`
+    tokens of small lookups are kept dequantized: a decoding pass looks up one to a few tokens, mostly
+    ones it has seen, and dequantizing a K-format row costs ~0.15 ms of torch calls, ~2 % of a draft
+    model's one-token pass. A kept row is the same values a fresh one would be.
     """
+
+    CACHED_ROWS = 4096
+    """Rows kept (least recently used dropped first): ~25 MB for a 1,536-wide model."""
+    CACHED_LOOKUP = 16
+    """Lookups of at most this many tokens go through the kept rows; a prompt's are dequantized at once."""
 
     def __init__(self, blocks: Tensor, fmt: BlockFormat | str, embedding_dim: int) -> None:  # blocks: [V, row_bytes]
         super().__init__()
@@ -128,10 +138,36 @@ class GGUFEmbedding(nn.Module):
             raise ValueError(f"GGUFEmbedding: expected uint8 blocks [V, {self.fmt.row_bytes(self.embedding_dim)}], "
                              f"got {tuple(blocks.shape)} {blocks.dtype}")
         self.register_buffer("blocks", blocks.contiguous(), persistent=False)
+        self._kept: OrderedDict[int, Tensor] = OrderedDict()  # token -> [dim] float32, oldest use first
 
     def forward(self, ids: Tensor) -> Tensor:  # ids: [...] int64 -> [..., dim]
-        rows = self.blocks.index_select(0, ids.reshape(-1).to(self.blocks.device))
-        return dequantize(rows, self.fmt, self.embedding_dim).reshape(*ids.shape, self.embedding_dim)
+        flat = ids.reshape(-1)
+        if flat.numel() > self.CACHED_LOOKUP or self.blocks.device.type != "cpu":
+            rows = self._dequantized(flat)
+        else:
+            rows = self._kept_rows(flat.tolist())
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+    def _dequantized(self, ids: Tensor) -> Tensor:  # [n] -> [n, dim]
+        return dequantize(self.blocks.index_select(0, ids.to(self.blocks.device)), self.fmt, self.embedding_dim)
+
+    def _kept_rows(self, ids: list[int]) -> Tensor:  # -> [n, dim]
+        kept = self._kept
+        missing = [t for t in dict.fromkeys(ids) if t not in kept]
+        for t in ids:
+            if t in kept:
+                kept.move_to_end(t)
+        if missing:
+            for t, row in zip(missing, self._dequantized(torch.tensor(missing, dtype=torch.long))):
+                kept[t] = row.clone()  # its own storage: a dropped row frees its memory
+        rows = torch.stack([kept[t] for t in ids])
+        while len(kept) > self.CACHED_ROWS:
+            kept.popitem(last=False)
+        return rows
+
+    def _apply(self, fn, recurse=True):  # .to(device) and friends: kept rows belong to the old place
+        self._kept.clear()
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, format={self.fmt.name}"

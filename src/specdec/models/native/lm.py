@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from specdec.core.tree import ancestor_mask, chain_parents, depths, validate_parents
+from specdec.core.tree import ancestor_mask, chain_parents, depths, is_chain, validate_parents
 from specdec.models.hf import commit_plan
 from specdec.models.native.runner import KVCache, NativeModel
 
@@ -44,6 +44,8 @@ def block_plan(kv_len: int, pending: Tensor, parents: Tensor | None, n: int, app
     """
     prev = pending if append else pending[:0]
     n_prev = prev.shape[0]
+    if parents is None and (n_prev == 0 or is_chain(prev)):
+        return _chain_plan(kv_len, n_prev, n)
     if parents is None:
         parents = chain_parents(n) + n_prev
         if n_prev == 0:
@@ -63,6 +65,18 @@ def block_plan(kv_len: int, pending: Tensor, parents: Tensor | None, n: int, app
     vis = [torch.empty(0, dtype=torch.long) if c else seen[i].nonzero().squeeze(1) + kv_len
            for i, c in enumerate(contiguous.tolist())]
     return _Block(kv_len + depths(all_parents)[n_prev:], start + torch.arange(n), prefix, vis, all_parents)
+
+
+_NOTHING = torch.empty(0, dtype=torch.long)
+
+
+def _chain_plan(kv_len: int, n_prev: int, n: int) -> _Block:
+    """`block_plan` of a chain after a pending chain of n_prev (the usual block: a catch-up, a draft's
+    next level, a chain to verify), in a few arange calls: every token sees all slots up to its own,
+    so no mask is built (a draft's one-token pass is ~8 ms, and the general plan cost ~0.15 ms of it)."""
+    start = kv_len + n_prev
+    return _Block(start + torch.arange(n), start + torch.arange(n), start + 1 + torch.arange(n), [_NOTHING] * n,
+                  chain_parents(n_prev + n))
 
 
 def flat_visibility(vis: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
