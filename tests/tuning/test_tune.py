@@ -135,7 +135,11 @@ def test_no_speculation_wins_when_drafting_is_too_slow(monkeypatch):
     prompt = list(range(10, 22))
     res = pipe.generate(prompt, "auto", 12)
     assert res.token_ids == pipe.generate(prompt, "ar", 12).token_ids and res.stats.draft_tokens == 0
-    with pytest.raises(ValueError, match="no tree faster than plain decoding"):
+    with pytest.raises(ValueError, match=r"'ar \(no speculation\)': no tree was faster than plain decoding"):
+        pipe.generate(prompt, "sequoia", 12, tree="auto")
+    profile["winner"] = {**profile["winner"], "method": "pld", "label": "pld gamma=3"}  # a winner that is no tree
+    save_profile(profile)
+    with pytest.raises(ValueError, match="'pld gamma=3': not a Sequoia tree; use --method auto"):
         pipe.generate(prompt, "sequoia", 12, tree="auto")
 
 

@@ -232,10 +232,10 @@ def build(ctx: MethodContext, opts: Options) -> SequoiaDrafter:
     profile = tuned_profile(ctx, opts.tree)
     drafter = tuned_drafter(ctx, profile, opts.sequoia_mode)
     if drafter is None:
-        raise ValueError(
-            f"the tuned winner for this setting is {profile['winner'].get('label', profile['winner']['method'])!r}, "
-            "no tree faster than plain decoding; use --method auto (which follows the winner) or --tree dp"
-        )
+        winner = profile["winner"]
+        why = "no tree was faster than plain decoding" if winner["method"] == "ar" else "not a Sequoia tree"
+        raise ValueError(f"the tuned winner for this setting is {winner.get('label', winner['method'])!r}: {why}; "
+                         "use --method auto (which follows the winner) or --tree dp")
     return drafter
 
 
