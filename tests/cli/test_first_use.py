@@ -348,3 +348,13 @@ def test_serve_passes_the_key_and_caps_to_the_app(checkpoints, monkeypatch):
                          headers={"authorization": "Bearer from-env", "content-type": "application/json"})
         assert res.status_code == 408 and "within 0.5 s" in res.json()["error"]["message"]
     assert main(["serve", "--target", str(target), "--body-timeout", "0", "--port", "0"]) == 2
+
+
+def test_demo_compares_the_method_given_by_method(capsys, checkpoints):
+    target, draft = checkpoints
+    rc, err = _err(capsys, ["demo", "--target", str(target), "--draft", str(draft), "--method", "pld",
+                            "--methods", "sps"])
+    assert rc == 2 and "give --methods (a list to compare with AR) or --method, not both" in err
+    rc = main(["demo", "--target", str(target), "--fast-linear", "off", "--method", "pld", "--max-new-tokens", "4"])
+    shown = "".join(capsys.readouterr())
+    assert rc == 0 and "pld" in shown and "sps" not in shown, shown

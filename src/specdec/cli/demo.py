@@ -9,13 +9,17 @@ from specdec.cli.common import (
     add_generation_args, check_all_known, format_stats, given_options, load_pipeline, options_for, sampling_of,
 )
 
+DEFAULT_METHODS = "sps,pld"
 DEMO_PROMPT = "Write a Python function that checks whether a string is a palindrome, with a short docstring."
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from specdec.methods.registry import get_method
 
-    methods = ["ar"] + [m for m in args.methods.split(",") if m and m != "ar"]
+    if args.method is not None and args.methods is not None:
+        raise ValueError("give --methods (a list to compare with AR) or --method, not both")
+    names = args.methods or args.method or DEFAULT_METHODS
+    methods = ["ar"] + [m for m in names.split(",") if m and m != "ar"]
     given = given_options(args)
     check_all_known(given, methods)
     pipe = load_pipeline(args, any(get_method(m).loads_draft_model for m in methods))
@@ -49,6 +53,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", help=f"the user message (default: {DEMO_PROMPT!r})")
-    p.add_argument("--methods", default="sps,pld", help="methods to compare with AR (default sps,pld)")
+    p.add_argument("--methods", help=f"methods to compare with AR (default {DEFAULT_METHODS}; --method M compares one)")
     add_generation_args(p)
     p.set_defaults(func=cmd_demo)
