@@ -176,7 +176,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.description = DESCRIPTION
     add_model_args(p)
     p.add_argument("--max-new-tokens", type=int, default=128,
-                   help="max_tokens of requests that leave it out (default 128; cut to --max-tokens-limit)")
+                   help="max_tokens of requests that leave it out (default 128; at most --max-tokens-limit)")
     add_sampling_args(p, temperature=1.0, temperature_help=(
         "temperature of requests that leave it out (default 1.0, OpenAI's; 0 makes them greedy); a request's own "
         "temperature always wins"))
