@@ -136,3 +136,97 @@ def test_text_that_is_not_utf8_is_a_clear_error():
     for text, needle in (("\udcff\udcfe", "byte 0xff at character 0"), ("ok \ud800", "unpaired surrogate U+D800")):
         with pytest.raises(ValueError, match=re.escape(needle)):
             pipe.encode(text)
+
+
+def _tiny_pipe() -> Pipeline:
+    from tests.serving.server_helpers import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    return Pipeline.from_models(tiny_lm("llama", vocab=len(tok)), tok, tiny_lm("llama", 1, vocab=len(tok)))
+
+
+def test_a_stream_resumed_after_another_run_began_is_refused_not_corrupted():
+    pipe = _tiny_pipe()
+    for method in ("sps", "csd", "ar"):
+        alone = pipe.generate("abc def", method, 12).token_ids
+        _, chunks = pipe.stream("abc def", method, 12)
+        first = next(chunks)
+        pipe.generate("hello world", method, 4)  # a run inside the loop resets the shared caches
+        with pytest.raises(RuntimeError, match="consume one stream at a time"):
+            next(chunks)
+        assert alone[: len(first)] == first and pipe.generate("abc def", method, 12).token_ids == alone
+    # Streams made first and consumed one after the other are each a run of their own.
+    (_, a), (_, b) = pipe.stream("abc def", "sps", 6), pipe.stream("hello world", "sps", 6)
+    assert sum(a, []) == pipe.generate("abc def", "sps", 6).token_ids
+    assert sum(b, []) == pipe.generate("hello world", "sps", 6).token_ids
+
+
+@pytest.mark.parametrize("prompt,needle", [
+    ([1, 2, 10**6], "token id 1000000 is outside the vocabulary"),
+    ([1, -3, 5], "token id -3 is outside the vocabulary"),
+    ([1.7, 2.0], "one flat sequence of integers, got a 1-D float32"),
+    ([[1, 2, 3]], "one flat sequence of integers, got a 2-D"),
+    ([True, False], "one flat sequence of integers, got a 1-D bool"),
+    (b"hello", "not bytes"),
+    (__import__("torch").tensor([[1, 2]]), "got a 2-D int64"),
+    (["a", "b"], "one flat sequence of integers"),
+    ([], "the prompt is empty"),
+])
+def test_prompt_ids_that_are_not_token_ids_are_refused_before_any_work(prompt, needle):
+    pipe = _tiny_pipe()
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        pipe.generate(prompt, "sps", 4)
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        pipe.generate_batch([[5, 6, 7], prompt], "sps", 4)
+
+
+def test_a_bad_request_is_refused_at_submit_and_leaves_the_others_running():
+    import numpy as np
+
+    from specdec.engine.batch import BatchRequest
+
+    pipe = _tiny_pipe()
+    engine = pipe.batch_engine()
+    good = engine.submit(BatchRequest(np.array([5, 6, 7, 8]), 4, "sps", seed=np.int64(3)))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.submit(BatchRequest([5, 6, 10**6], 4, "sps"))
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        engine.submit(BatchRequest([5, 6], 4, "sps", seed=1.5))
+    assert engine.num_waiting == 1  # the good request alone
+    done = []
+    while engine.has_work():
+        done += [e for e in engine.step() if e.request_id == good and e.error is None]
+    assert sum((e.tokens for e in done), []) == pipe.generate([5, 6, 7, 8], "sps", 4).token_ids
+
+
+def test_generate_batch_arguments_of_the_wrong_shape_are_refused():
+    pipe = _tiny_pipe()
+    with pytest.raises(TypeError, match="prompts must be a list of prompts"):
+        pipe.generate_batch("hello", "sps", 3)
+    with pytest.raises(TypeError, match=re.escape("stop must be a list of strings, got str (one string: stop=['x'])")):
+        pipe.generate_batch(["hello"], "sps", 3, stop="x")
+    for bad in ([""], [None]):
+        with pytest.raises(ValueError, match="every stop string must be a non-empty string"):
+            pipe.generate_batch(["hello"], "sps", 3, stop=bad)
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer, got 3.0"):
+        pipe.generate_batch(["hello", "world"], "sps", 3.0)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        pipe.generate_batch(["hello", "world"], "sps", 3, sampling=SamplingConfig(temperature=0.7), seed="12")
+
+
+def test_seeds_and_sampling_of_the_wrong_type_are_refused():
+    import numpy as np
+
+    pipe = _tiny_pipe()
+    hot = SamplingConfig(temperature=0.8)
+    for seed in (1.5, True, "3", 2**64, -1):
+        with pytest.raises(ValueError, match="seed must be an integer in"):
+            pipe.generate("hello", "sps", 4, sampling=hot, seed=seed)
+    assert pipe.generate("hello", "sps", 6, sampling=hot, seed=np.int64(3)).token_ids == \
+        pipe.generate("hello", "sps", 6, sampling=hot, seed=3).token_ids
+    with pytest.raises(TypeError, match="sampling must be a SamplingConfig"):
+        pipe.generate("hello", "sps", 4, sampling={"temperature": 0.7})
+    for bad in ({"temperature": True}, {"top_p": True}):
+        with pytest.raises(ValueError, match="must be"):
+            SamplingConfig(**bad)
+

@@ -108,10 +108,17 @@ def profile_path(key: dict[str, Any]) -> Path:
     return measurement_dir() / "profiles" / f"tune__{safe}__{digest}.json"
 
 
+CUSTOM_MODELS = "custom"
+"""The name a pipeline of model objects (`Pipeline.from_models`) gives its models in profile keys."""
+
+
 def tune_command(key: dict[str, Any]) -> str:
     """The `specdec tune` that makes the profile for `key`: its flags read back from the key's dtype
     fields, which `Pipeline.profile_key` writes as "<dtype>[-weights-<target>-<draft>]" and
-    "<draft precision>[+vocab<N>]" (a precision "native" or "native-<format>" for native drafts)."""
+    "<draft precision>[+vocab<N>]" (a precision "native" or "native-<format>" for native drafts).
+    Models passed as objects have no name the command line could load: their pipeline tunes itself."""
+    if key.get("target") == CUSTOM_MODELS:
+        return "pipe.autotune = True"
     temp = "0" if key.get("mode") == "greedy" else "0.7"
     dtype, _, weights = str(key["dtype"]).partition("-weights-")
     target_weights, _, draft_weights = weights.partition("-")

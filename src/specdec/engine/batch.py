@@ -59,7 +59,7 @@ from specdec.drafting.base import Proposal, check_proposal
 from specdec.drafting.scored_tree import Scored, best_nodes
 from specdec.engine.build import build_decoder, parse_options
 from specdec.engine.cost import cost_ratios
-from specdec.engine.decoder import DecodeRun, SpeculativeDecoder
+from specdec.engine.decoder import DecodeRun, SpeculativeDecoder, prompt_tensor
 from specdec.engine.schedule import (
     CALIBRATION_SIZES, POOL_DECAY, POOL_PRIOR_WEIGHT, Acceptance, Candidate, FreeRate, Load, ModeRates, PassTimes,
     Plan, expected_remaining, free_gain_floor, path_floors, plan_step, price_depths, take_free, with_free,
@@ -78,7 +78,7 @@ from specdec.verify.batched import Verification, verify_batch
 
 from specdec.engine.limits import (  # noqa: E402  (re-exported: the engine's defaults)
     DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_FILL_MS, DEFAULT_PREFILL_CHUNK, DEFAULT_SPEC_DISABLE_BATCH_SIZE, PROFILE_FIELD,
-    BatchLimits, context_overflow,
+    BatchLimits, check_seed, context_overflow,
 )
 
 
@@ -304,8 +304,8 @@ class BatchEngine:
         never run: a bad method or option, a missing draft model, too long for the context or the
         KV budget."""
         block = self.block_size(request)
-        if not 0 < len(request.prompt_ids):
-            raise ValueError("the prompt is empty; give at least one token")
+        prompt_tensor(request.prompt_ids, self.target_lm.vocab_size)
+        check_seed(request.seed)
         if isinstance(request.max_new_tokens, bool) or not isinstance(request.max_new_tokens, int) \
                 or request.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive integer, got {request.max_new_tokens!r}")
@@ -324,6 +324,8 @@ class BatchEngine:
         """Queue a request (checked now, see `check`); its id names it in `step`'s events."""
         request = self._as_planned(replace(request, options=parse_options(request.method, request.options)))
         need = self.check(request)
+        request = replace(request, seed=check_seed(request.seed),
+                          prompt_ids=prompt_tensor(request.prompt_ids, self.target_lm.vocab_size).tolist())
         rid = self._next_id
         self._next_id += 1
         self._waiting.append((rid, request, need))

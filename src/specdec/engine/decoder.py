@@ -32,6 +32,29 @@ from specdec.verify.greedy import verify_greedy
 from specdec.verify.match import verify_sample_and_match
 
 
+def prompt_tensor(prompt_ids: object, vocab_size: int) -> Tensor:  # -> [L] int64 on the CPU
+    """A prompt's token ids, checked: one flat, non-empty sequence of integers (a list, a 1-D integer
+    tensor or array), each in [0, vocab_size). ValueError otherwise, before any work: an id past the
+    embedding would fail inside the first pass (on CUDA, a device assert that ends the process's GPU
+    use), and floats, bools or nested lists would be read as other ids."""
+    if isinstance(prompt_ids, (str, bytes)):
+        raise ValueError(f"the prompt's token ids must be a sequence of integers, not {type(prompt_ids).__name__} "
+                         "(encode text first)")
+    try:
+        ids = torch.as_tensor(prompt_ids)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise ValueError(f"the prompt's token ids must be one flat sequence of integers ({exc})") from None
+    if ids.numel() == 0 and ids.dim() <= 1:  # [] reads as an empty float tensor
+        raise ValueError("the prompt is empty; give at least one token")
+    if ids.dim() != 1 or ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise ValueError("the prompt's token ids must be one flat sequence of integers, got a "
+                         f"{ids.dim()}-D {str(ids.dtype).removeprefix('torch.')} tensor")
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bool(bad.any()):
+        raise ValueError(f"prompt: token id {int(ids[bad][0])} is outside the vocabulary (0 … {vocab_size - 1})")
+    return ids.to(device="cpu", dtype=torch.long)
+
+
 def _sync(device: torch.device) -> None:
     # Timings are only honest when queued GPU work is finished.
     if device.type == "cuda":
@@ -176,9 +199,7 @@ class SpeculativeDecoder:
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten().cpu()
-        if prompt.numel() == 0:
-            raise ValueError("the prompt is empty; give at least one token")
+        prompt = prompt_tensor(prompt_ids, self.target.vocab_size)
         max_len = self.check_fits(prompt.numel(), max_new_tokens)
         stats = DecodeStats(prompt_tokens=prompt.numel())
         self.last_stats = stats

@@ -3,6 +3,7 @@ command line can show and check them without importing torch."""
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 DEFAULT_MAX_BATCH_SIZE = 8
@@ -29,6 +30,23 @@ def _check_int(flag: str, value: object, low: int, none_ok: bool = False) -> Non
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         what = "a positive integer" if low == 1 else f"an integer >= {low}"
         raise ValueError(f"{flag} must be {what}, got {value!r}")
+
+
+SEED_BOUND = 2**63
+"""Seeds are integers in [0, SEED_BOUND): what a torch generator takes (it keeps the low 64 bits)."""
+
+
+def check_seed(seed: object) -> int | None:
+    """A run's seed as an int (numpy integers too), or None; ValueError names anything else."""
+    if seed is None:
+        return None
+    try:
+        value = operator.index(seed)  # type: ignore[arg-type]
+    except TypeError:
+        value = None
+    if isinstance(seed, bool) or value is None or not 0 <= value < SEED_BOUND:
+        raise ValueError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
+    return value
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from specdec.core.sampling import SamplingConfig
-from specdec.core.store import profile_key
+from specdec.core.store import CUSTOM_MODELS, profile_key
 from specdec.engine.batch import (
     DEFAULT_MAX_BATCH_SIZE, DEFAULT_PREFILL_CHUNK, DEFAULT_SPEC_DISABLE_BATCH_SIZE, BatchEngine, BatchRequest, StepEvent,
 )
 from specdec.engine.build import build_decoder
-from specdec.engine.decoder import SpeculativeDecoder
+from specdec.engine.limits import check_seed
+from specdec.engine.decoder import SpeculativeDecoder, prompt_tensor
 from specdec.engine.stats import DecodeStats
 from specdec.engine.text import TextAssembler
 from specdec.methods import DEFAULT_METHOD
@@ -101,6 +102,38 @@ def _progress_printer(progress: bool) -> Callable[[str], None]:
             print(msg, file=sys.stderr)
 
     return say
+
+
+def _resumed_only_if(chunks: Iterator[list[int]], still_mine: Callable[[], bool]) -> Iterator[list[int]]:
+    """`chunks`, each next one asked for only while `still_mine()` (RuntimeError otherwise)."""
+    while True:
+        if not still_mine():
+            raise RuntimeError("another generation has started on this pipeline since this stream began, and it "
+                               "shares the models' caches: consume one stream at a time (or use generate_batch)")
+        try:
+            chunk = next(chunks)
+        except StopIteration:
+            return
+        yield chunk
+
+
+def _many(value: object) -> bool:
+    """Whether a per-prompt argument was given as one value per prompt (a list), not one for all."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+def _check_stops(stop: object) -> None:
+    if isinstance(stop, (str, bytes)) or not isinstance(stop, Sequence):
+        raise TypeError(f"stop must be a list of strings, got {type(stop).__name__} (one string: stop=[{stop!r}])")
+    for s in stop:
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"every stop string must be a non-empty string, got {s!r}")
+
+
+def _check_sampling(sampling: object) -> None:
+    if not isinstance(sampling, SamplingConfig):
+        raise TypeError(f"sampling must be a SamplingConfig (e.g. SamplingConfig(temperature=0.7)), got "
+                        f"{type(sampling).__name__}")
 
 
 def check_text(text: str, what: str = "the prompt") -> None:
@@ -340,7 +373,7 @@ class Pipeline:
         self.fast_linears = getattr(target.kernel_report, "replaced", 0)
         self.row_invariant: bool | None = target.row_invariant
         """Whether the target passed the row-invariance check (None: not asked for)."""
-        custom = target.weights == "custom"
+        custom = target.weights == CUSTOM_MODELS
         self.weights = ("dense" if custom else target.weights.replace("sharded", "dense"),
                         drafts[0].weights if drafts and not custom else "dense")
         self.weights_choices = {n: m.weights_choice for n, m in (("target", target), ("draft", drafts[0] if drafts
@@ -376,11 +409,11 @@ class Pipeline:
         """Wrap models that are already loaded (tests, custom models); `auto` then needs a profile
         (or set `autotune = True`)."""
         def custom(lm: LanguageModel) -> LoadedModel:
-            return LoadedModel(lm, tokenizer, list(eos_token_ids or []), "custom",
+            return LoadedModel(lm, tokenizer, list(eos_token_ids or []), CUSTOM_MODELS,
                                str(lm.dtype).replace("torch.", ""))
 
         pipe = cls.__new__(cls)
-        pipe._assemble("custom", "custom" if draft_lm is not None else None, custom(target_lm),
+        pipe._assemble(CUSTOM_MODELS, CUSTOM_MODELS if draft_lm is not None else None, custom(target_lm),
                        [custom(draft_lm)] if draft_lm is not None else [], device=target_lm.device,
                        dtype=target_lm.dtype, draft_vocab=None,
                        tensor_parallel_size=int(getattr(target_lm, "tensor_parallel_size", 1)), autotune=False)
@@ -462,7 +495,9 @@ class Pipeline:
         found drafting pays (`methods.auto.planned_request`); a seeded sampled run through one whose
         plans depend on no timing (`BatchEngine.fix_plans`), so that it repeats. Its `PlannedRun`
         holds `last_stats` as a decoder does."""
-        ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
+        _check_sampling(sampling)
+        seed = check_seed(seed)
+        ids = self._prompt_ids(prompt, chat)
         planned = self.auto_plan(sampling, seed, **opts) if method == "auto" else None
         if planned is not None:
             return self._planned_stream(ids, planned, max_new_tokens, sampling, seed)
@@ -472,7 +507,22 @@ class Pipeline:
             generator = torch.Generator(device=self.device)
             # An unseeded run draws its seed without touching torch's global RNG.
             generator.manual_seed(seed if seed is not None else secrets.randbits(63))
-        return dec, dec.stream(ids, max_new_tokens, generator)
+        return dec, self._one_at_a_time(dec.stream(ids, max_new_tokens, generator))
+
+    def _prompt_ids(self, prompt: object, chat: bool | None) -> list[int]:
+        """A prompt as token ids: text encoded, ids checked (`decoder.prompt_tensor`)."""
+        if isinstance(prompt, str):
+            return self.encode(prompt, chat)
+        return prompt_tensor(prompt, self.target_lm.vocab_size).tolist()
+
+    def _one_at_a_time(self, chunks: Iterator[list[int]]) -> Iterator[list[int]]:
+        """A decoder's chunks, refused once another run has begun on this pipeline: every decoder it
+        builds shares the models' caches, so a run started meanwhile (a second stream, a `generate`
+        inside the loop) has replaced this one's cache, and going on would score against it."""
+        self._runs = getattr(self, "_runs", 0) + 1
+        mine = self._runs
+        for chunk in _resumed_only_if(chunks, lambda: self._runs == mine):
+            yield chunk
 
     def auto_plan(self, sampling: SamplingConfig = SamplingConfig(), seed: int | None = None,
                   **opts: Any) -> Planned | None:
@@ -603,19 +653,21 @@ class Pipeline:
         steps.
         `stop`: strings that end a completion (the text stops before the first; `stopped_by` "stop").
         """
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise TypeError(f"prompts must be a list of prompts (texts or token-id lists), got "
+                            f"{type(prompts).__name__}; for one prompt use generate")
         n = len(prompts)
-        news = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        seeds = list(seed) if isinstance(seed, Sequence) else [seed] * n
+        news = list(max_new_tokens) if _many(max_new_tokens) else [max_new_tokens] * n
+        seeds = list(seed) if _many(seed) else [seed] * n
         if len(news) != n or len(seeds) != n:
             raise ValueError(f"give one max_new_tokens and one seed per prompt ({n}), or one for all")
+        _check_sampling(sampling)
+        _check_stops(stop)
         if stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this pipeline has none")
         self.decoder(method, sampling, **opts)  # the options checked now, and `auto` tuned on first use as in generate
-        requests = [
-            BatchRequest(self.encode(p, chat) if isinstance(p, str) else list(p), k, method, dict(opts), sampling,
-                         seed=s)
-            for p, k, s in zip(prompts, news, seeds)
-        ]
+        requests = [BatchRequest(self._prompt_ids(p, chat), k, method, dict(opts), sampling, seed=check_seed(s))
+                    for p, k, s in zip(prompts, news, seeds)]
         engine = self.batch_engine(max_batch_size=max_batch_size, max_kv_tokens=max_kv_tokens,
                                    prefill_chunk=prefill_chunk, spec_disable_batch_size=spec_disable_batch_size)
         cleans = bool(getattr(self.tokenizer, "clean_up_tokenization_spaces", False))

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specdec.core.sampling import SamplingConfig
 from specdec.core.store import profile_modes
+from specdec.engine.decoder import prompt_tensor
 from specdec.engine.pipeline import Pipeline, check_text
 from specdec.methods.registry import all_methods
 from specdec.serving.engine import Job
@@ -112,12 +113,10 @@ def render_chat(pipe: Pipeline, body: ChatCompletionRequest) -> list[int]:
 
 
 def token_prompt(pipe: Pipeline, ids: list[int]) -> list[int]:
-    vocab = pipe.target_lm.vocab_size
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
-        raise APIError(f"prompt: token id {bad[0]} is outside the vocabulary (0 … {vocab - 1})", param="prompt",
-                       code="invalid_value")
-    return list(ids)
+    try:
+        return prompt_tensor(ids, pipe.target_lm.vocab_size).tolist()
+    except ValueError as exc:
+        raise APIError(str(exc), param="prompt", code="invalid_value") from None
 
 
 # ---- generation ------------------------------------------------------------------------------------
