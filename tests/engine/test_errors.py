@@ -155,15 +155,30 @@ def test_a_stream_resumed_after_another_run_began_is_refused_not_corrupted():
         with pytest.raises(RuntimeError, match="consume one stream at a time"):
             next(chunks)
         assert alone[: len(first)] == first and pipe.generate("abc def", method, 12).token_ids == alone
-    # Streams made first and consumed one after the other are each a run of their own.
+    # A decoder of the pipeline's used directly inside the loop is another run on the same models.
+    _, chunks = pipe.stream("abc def", "sps", 12)
+    next(chunks)
+    pipe.decoder("sps").generate(pipe.encode("hello world"), 4)
+    with pytest.raises(RuntimeError, match="consume one stream at a time"):
+        next(chunks)
+    # Streams made first and consumed one after the other are each a run of their own; a run that
+    # fails its own checks before it starts takes nothing; a finished stream just ends.
     (_, a), (_, b) = pipe.stream("abc def", "sps", 6), pipe.stream("hello world", "sps", 6)
-    assert sum(a, []) == pipe.generate("abc def", "sps", 6).token_ids
-    assert sum(b, []) == pipe.generate("hello world", "sps", 6).token_ids
+    first = next(a)
+    with pytest.raises(ValueError, match="exceeds the target's context"):
+        pipe.generate("hello world", "sps", 10**6)
+    assert first + sum(a, []) == pipe.generate("abc def", "sps", 6).token_ids
+    whole = sum(b, [])
+    pipe.generate("xyz", "sps", 3)
+    assert next(b, None) is None and whole == pipe.generate("hello world", "sps", 6).token_ids
 
 
 @pytest.mark.parametrize("prompt,needle", [
     ([1, 2, 10**6], "token id 1000000 is outside the vocabulary"),
     ([1, -3, 5], "token id -3 is outside the vocabulary"),
+    ([1, 10**30], "prompt: a token id is outside the vocabulary"),
+    (__import__("numpy").array([1, 2**64 - 1], dtype="uint64"), "prompt: a token id is outside the vocabulary"),
+    (bytearray(b"hi"), "not bytearray"),
     ([1.7, 2.0], "one flat sequence of integers, got a 1-D float32"),
     ([[1, 2, 3]], "one flat sequence of integers, got a 2-D"),
     ([True, False], "one flat sequence of integers, got a 1-D bool"),
@@ -178,6 +193,27 @@ def test_prompt_ids_that_are_not_token_ids_are_refused_before_any_work(prompt, n
         pipe.generate(prompt, "sps", 4)
     with pytest.raises(ValueError, match=re.escape(needle)):
         pipe.generate_batch([[5, 6, 7], prompt], "sps", 4)
+
+
+def test_prompt_ids_of_any_integer_type_are_read_as_ids():
+    import numpy as np
+    import torch
+
+    pipe = _tiny_pipe()
+    want = pipe.generate([5, 6, 7], "sps", 4).token_ids
+    for ids in (np.array([5, 6, 7], dtype=np.uint16), np.array([5, 6, 7], dtype=np.uint32),
+                torch.tensor([5, 6, 7], dtype=torch.int32), (5, 6, 7), range(5, 8)):
+        assert pipe.generate(ids, "sps", 4).token_ids == want, ids
+
+
+def test_generate_batch_checks_its_prompts_before_auto_tunes(monkeypatch):
+    pipe = _tiny_pipe()
+    built = []
+    monkeypatch.setattr(pipe, "decoder", lambda *a, **k: built.append(a))  # where auto's first-use tune runs
+    for bad in ({"prompts": [[1, 10**6]]}, {"prompts": [[1, 2]], "seed": 1.5}, {"prompts": [[1, 2]], "max_new_tokens": 0}):
+        with pytest.raises(ValueError):
+            pipe.generate_batch(**{"max_new_tokens": 4, **bad}, sampling=SamplingConfig(temperature=0.5))
+    assert built == []
 
 
 def test_a_bad_request_is_refused_at_submit_and_leaves_the_others_running():

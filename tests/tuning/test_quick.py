@@ -211,7 +211,7 @@ def test_generate_batch_follows_auto_and_tunes_on_first_use_as_generate_does(tun
 def test_without_a_tuner_auto_reports_what_to_run(monkeypatch):
     pipe = Pipeline.from_models(tiny_lm("llama", 0), None, tiny_lm("llama", 1))
     # Models passed as objects have no name a command could load: the pipeline is told to tune itself.
-    with pytest.raises(ProfileProblem, match=re.escape("run `pipe.autotune = True` first")):
+    with pytest.raises(ProfileProblem, match=re.escape("set `pipe.autotune = True` (auto then tunes on first use)")):
         pipe.generate([1, 2, 3], max_new_tokens=4)
     pipe.autotune = True  # a tuner may be registered, but SPECDEC_AUTOTUNE=0 (the tests' setting) turns it off
     with pytest.raises(ProfileProblem, match="no tune profile"):

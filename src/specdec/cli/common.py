@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from specdec.core.options import OptionSpec
+from specdec.engine.limits import SEED_BOUND
 from specdec.methods import DEFAULT_METHOD
 from specdec.models.hub.registry import DEFAULT_TARGET, default_draft
 
@@ -347,7 +348,7 @@ def seed_value(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if not 0 <= value < 2**63:
+    if not 0 <= value < SEED_BOUND:
         raise argparse.ArgumentTypeError(f"must be in [0, 2^63), got {value}")
     return value
 
@@ -385,15 +386,17 @@ def _fmt_default(value: Any) -> str:
     return str(value)
 
 
-def add_method_args(p: argparse.ArgumentParser, default_method: str | None = None) -> None:
+def add_method_args(p: argparse.ArgumentParser, default_method: str | None = None, method_help: str | None = None) -> None:
     """--method and one flag per method option (`--gamma`, `--budget`, …; default None = the
     method's own default), each declared once, by the methods' `Options`.
 
     default_method None: the command resolves it (`resolve_method`: auto with a draft model, else pld).
+    method_help: what --method means to a command that reads it otherwise.
     """
-    default_help = (f"default {default_method}" if default_method else
-                    f"default {DEFAULT_METHOD} (the tuned fastest method; tuned on first use) when a draft model is given or "
-                    f"known for the target, else {DRAFT_FREE_METHOD}")
+    default_help = method_help or (
+        f"default {default_method}" if default_method else
+        f"default {DEFAULT_METHOD} (the tuned fastest method; tuned on first use) when a draft model is given or "
+        f"known for the target, else {DRAFT_FREE_METHOD}")
     if not _with_method_flags:  # a first look at the command line: no methods imported
         p.add_argument("--method", default=default_method, help=f"decoding method ({default_help})")
         return
@@ -404,14 +407,14 @@ def add_method_args(p: argparse.ArgumentParser, default_method: str | None = Non
     add_option_flags(p)
 
 
-def add_generation_args(p: argparse.ArgumentParser) -> None:
+def add_generation_args(p: argparse.ArgumentParser, method_help: str | None = None) -> None:
     """What a command that generates on the command line takes: --max-new-tokens, the model flags,
     the sampling flags and the method flags (`generate`, `demo`)."""
     p.add_argument("--max-new-tokens", type=int, default=128,
                    help="tokens to generate at most (default 128; the prompt and they must fit the context)")
     add_model_args(p)
     add_sampling_args(p)
-    add_method_args(p)
+    add_method_args(p, method_help=method_help)
 
 
 def add_option_flags(p: argparse.ArgumentParser, skip: Iterable[str] = ()) -> None:

@@ -54,5 +54,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", help=f"the user message (default: {DEMO_PROMPT!r})")
     p.add_argument("--methods", help=f"methods to compare with AR (default {DEFAULT_METHODS}; --method M compares one)")
-    add_generation_args(p)
+    add_generation_args(p, method_help="one method to compare with AR, instead of --methods")
     p.set_defaults(func=cmd_demo)

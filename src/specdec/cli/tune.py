@@ -107,8 +107,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         pipe = load_pipeline(args, True)  # --offload is applied while loading
         if not isinstance(pipe.target_lm, (HFLanguageModel, ShardedTarget)) or not isinstance(pipe.draft_lm,
                                                                                             HFLanguageModel):
-            raise ValueError("the full specdec tune measures transformers models: add --weights dense (the native "
-                             "default is tuned by `specdec tune --quick`, which auto runs on first use)")
+            raise ValueError("the full specdec tune measures transformers models: add --weights dense (and "
+                             "--draft-weights dense where you set it); the native default is tuned by "
+                             "`specdec tune --quick`, which auto runs on first use")
         key = pipe.profile_key(sampling)
         if key is None:
             raise ValueError("tune profiles are for one draft model; give a single --draft")

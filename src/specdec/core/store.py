@@ -217,8 +217,9 @@ def find_profile(key: dict[str, Any], fp: dict[str, Any] | None = None) -> dict[
     if interrupted is not None and not path.is_file():
         raise ProfileProblem(f"{interrupted}: no profile for {what}; run `{command}`", command)
     if not path.is_file():
-        raise ProfileProblem(f"no tune profile for {what} on this machine (looked for {path}); run "
-                             f"`{command}` first, or pass --tree PROFILE.json", command)
+        advice = (f"set `{command}` (auto then tunes on first use) or pass tree=PROFILE.json"
+                  if key.get("target") == CUSTOM_MODELS else f"run `{command}` first, or pass --tree PROFILE.json")
+        raise ProfileProblem(f"no tune profile for {what} on this machine (looked for {path}); {advice}", command)
     try:
         profile = read_profile(path, fp if fp is not None else fingerprint(key["device"]))
     except ProfileProblem as exc:

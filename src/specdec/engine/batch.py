@@ -78,7 +78,7 @@ from specdec.verify.batched import Verification, verify_batch
 
 from specdec.engine.limits import (  # noqa: E402  (re-exported: the engine's defaults)
     DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_FILL_MS, DEFAULT_PREFILL_CHUNK, DEFAULT_SPEC_DISABLE_BATCH_SIZE, PROFILE_FIELD,
-    BatchLimits, check_seed, context_overflow,
+    BatchLimits, check_max_new_tokens, check_seed, context_overflow,
 )
 
 
@@ -306,9 +306,7 @@ class BatchEngine:
         block = self.block_size(request)
         prompt_tensor(request.prompt_ids, self.target_lm.vocab_size)
         check_seed(request.seed)
-        if isinstance(request.max_new_tokens, bool) or not isinstance(request.max_new_tokens, int) \
-                or request.max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {request.max_new_tokens!r}")
+        check_max_new_tokens(request.max_new_tokens)
         need = len(request.prompt_ids) + request.max_new_tokens + block
         context = self.target_lm.context_length
         if need > context:

@@ -13,6 +13,7 @@ their proposals and their target passes batched (docs/algorithms.md §4.10).
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from specdec.core.sampling import SamplingConfig, logits_to_probs
 from specdec.core.tree import TokenTree
 from specdec.drafting.base import Drafter, Proposal, finished, run_proposal
 from specdec.engine.cost import cost_ratios, standardized_walltime_improvement
-from specdec.engine.limits import context_overflow
+from specdec.engine.limits import check_max_new_tokens, context_overflow
 from specdec.engine.stats import DecodeStats, StepAccounting
 from specdec.models.base import LanguageModel
 from specdec.verify.base import Verifier
@@ -34,25 +35,42 @@ from specdec.verify.match import verify_sample_and_match
 
 def prompt_tensor(prompt_ids: object, vocab_size: int) -> Tensor:  # -> [L] int64 on the CPU
     """A prompt's token ids, checked: one flat, non-empty sequence of integers (a list, a 1-D integer
-    tensor or array), each in [0, vocab_size). ValueError otherwise, before any work: an id past the
-    embedding would fail inside the first pass (on CUDA, a device assert that ends the process's GPU
-    use), and floats, bools or nested lists would be read as other ids."""
-    if isinstance(prompt_ids, (str, bytes)):
+    tensor or array of any integer type), each in [0, vocab_size). ValueError otherwise, before any
+    work: an id past the embedding would fail inside the first pass (on CUDA, a device assert that
+    ends the process's GPU use), and floats, nested lists or a list of bools would be read as other
+    ids (torch promotes a bool among ints to 0 or 1, as Python does)."""
+    out_of_range = f"a token id is outside the vocabulary (0 … {vocab_size - 1})"
+    if isinstance(prompt_ids, (str, bytes, bytearray, memoryview)):
         raise ValueError(f"the prompt's token ids must be a sequence of integers, not {type(prompt_ids).__name__} "
                          "(encode text first)")
     try:
         ids = torch.as_tensor(prompt_ids)
-    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+    except OverflowError:
+        raise ValueError(f"prompt: {out_of_range}") from None
+    except (TypeError, ValueError, RuntimeError) as exc:
+        if "overflow" in str(exc).lower():  # an int past 64 bits, as torch words it
+            raise ValueError(f"prompt: {out_of_range}") from None
         raise ValueError(f"the prompt's token ids must be one flat sequence of integers ({exc})") from None
     if ids.numel() == 0 and ids.dim() <= 1:  # [] reads as an empty float tensor
         raise ValueError("the prompt is empty; give at least one token")
     if ids.dim() != 1 or ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
         raise ValueError("the prompt's token ids must be one flat sequence of integers, got a "
                          f"{ids.dim()}-D {str(ids.dtype).removeprefix('torch.')} tensor")
+    if ids.dtype == torch.uint64:  # the same bits as int64, where ids past 2**63 read negative
+        ids = ids.view(torch.long)
+        if bool((ids < 0).any()):
+            raise ValueError(f"prompt: {out_of_range}")
+    ids = ids.to(device="cpu", dtype=torch.long)  # wider unsigned tensors have no comparisons on the CPU
     bad = (ids < 0) | (ids >= vocab_size)
     if bool(bad.any()):
         raise ValueError(f"prompt: token id {int(ids[bad][0])} is outside the vocabulary (0 … {vocab_size - 1})")
-    return ids.to(device="cpu", dtype=torch.long)
+    return ids
+
+
+_RUN_ON: "weakref.WeakKeyDictionary[LanguageModel, DecodeRun]" = weakref.WeakKeyDictionary()
+"""Per target model, the run whose tokens its cache holds. Decoders over one model (one pipeline's,
+two pipelines' over the same objects, a tune's) share its cache: a run resumed after another began
+would score its tokens against the other's cache."""
 
 
 def _sync(device: torch.device) -> None:
@@ -165,6 +183,9 @@ class SpeculativeDecoder:
         run = self.start(prompt_ids, max_new_tokens, generator)
         stats = run.stats
         while not run.stopped:
+            if _RUN_ON.get(self.target, run) is not run:
+                raise RuntimeError("another generation has started on this model since this stream began, and it "
+                                   "shares the model's cache: consume one stream at a time (or use generate_batch)")
             # 1. Draft a tree below the pending root (a chain is a tree; no drafter: the root alone).
             t0 = time.perf_counter()
             tree = run_proposal(self.propose(run))
@@ -197,8 +218,7 @@ class SpeculativeDecoder:
         Without `prefill` the caller fills `run.prompt[:-1]` into the target's cache before the
         first step (the batch engine does it in chunks).
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        check_max_new_tokens(max_new_tokens)
         prompt = prompt_tensor(prompt_ids, self.target.vocab_size)
         max_len = self.check_fits(prompt.numel(), max_new_tokens)
         stats = DecodeStats(prompt_tokens=prompt.numel())
@@ -207,6 +227,10 @@ class SpeculativeDecoder:
         # target's cache: each iteration scores [root, drafts…] in one pass.
         run = DecodeRun(prompt, prompt.clone(), max_new_tokens, generator, stats, StepAccounting(stats, self.gamma))
         self.target.reset(max_len)
+        try:
+            _RUN_ON[self.target] = run
+        except TypeError:  # a model that cannot be weakly referenced or hashed: not watched
+            pass
         if self.drafter is not None:
             self.drafter.begin(prompt, max_len)
         if prefill and prompt.numel() > 1:  # the last prompt token is the first pending root

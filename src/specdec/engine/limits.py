@@ -33,7 +33,12 @@ def _check_int(flag: str, value: object, low: int, none_ok: bool = False) -> Non
 
 
 SEED_BOUND = 2**63
-"""Seeds are integers in [0, SEED_BOUND): what a torch generator takes (it keeps the low 64 bits)."""
+"""Seeds are integers in [0, SEED_BOUND) everywhere (CLI, server, Python): the non-negative int64s,
+which every torch generator takes."""
+
+
+def check_max_new_tokens(value: object) -> None:
+    _check_int("max_new_tokens", value, 1)
 
 
 def check_seed(seed: object) -> int | None:
@@ -45,7 +50,7 @@ def check_seed(seed: object) -> int | None:
     except TypeError:
         value = None
     if isinstance(seed, bool) or value is None or not 0 <= value < SEED_BOUND:
-        raise ValueError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
+        raise ValueError(f"seed must be an integer in [0, 2**{SEED_BOUND.bit_length() - 1}) or None, got {seed!r}")
     return value
 
 

@@ -30,7 +30,7 @@ from specdec.engine.batch import (
     DEFAULT_MAX_BATCH_SIZE, DEFAULT_PREFILL_CHUNK, DEFAULT_SPEC_DISABLE_BATCH_SIZE, BatchEngine, BatchRequest, StepEvent,
 )
 from specdec.engine.build import build_decoder
-from specdec.engine.limits import check_seed
+from specdec.engine.limits import check_max_new_tokens, check_seed
 from specdec.engine.decoder import SpeculativeDecoder, prompt_tensor
 from specdec.engine.stats import DecodeStats
 from specdec.engine.text import TextAssembler
@@ -102,19 +102,6 @@ def _progress_printer(progress: bool) -> Callable[[str], None]:
             print(msg, file=sys.stderr)
 
     return say
-
-
-def _resumed_only_if(chunks: Iterator[list[int]], still_mine: Callable[[], bool]) -> Iterator[list[int]]:
-    """`chunks`, each next one asked for only while `still_mine()` (RuntimeError otherwise)."""
-    while True:
-        if not still_mine():
-            raise RuntimeError("another generation has started on this pipeline since this stream began, and it "
-                               "shares the models' caches: consume one stream at a time (or use generate_batch)")
-        try:
-            chunk = next(chunks)
-        except StopIteration:
-            return
-        yield chunk
 
 
 def _many(value: object) -> bool:
@@ -507,22 +494,13 @@ class Pipeline:
             generator = torch.Generator(device=self.device)
             # An unseeded run draws its seed without touching torch's global RNG.
             generator.manual_seed(seed if seed is not None else secrets.randbits(63))
-        return dec, self._one_at_a_time(dec.stream(ids, max_new_tokens, generator))
+        return dec, dec.stream(ids, max_new_tokens, generator)
 
     def _prompt_ids(self, prompt: object, chat: bool | None) -> list[int]:
         """A prompt as token ids: text encoded, ids checked (`decoder.prompt_tensor`)."""
         if isinstance(prompt, str):
             return self.encode(prompt, chat)
         return prompt_tensor(prompt, self.target_lm.vocab_size).tolist()
-
-    def _one_at_a_time(self, chunks: Iterator[list[int]]) -> Iterator[list[int]]:
-        """A decoder's chunks, refused once another run has begun on this pipeline: every decoder it
-        builds shares the models' caches, so a run started meanwhile (a second stream, a `generate`
-        inside the loop) has replaced this one's cache, and going on would score against it."""
-        self._runs = getattr(self, "_runs", 0) + 1
-        mine = self._runs
-        for chunk in _resumed_only_if(chunks, lambda: self._runs == mine):
-            yield chunk
 
     def auto_plan(self, sampling: SamplingConfig = SamplingConfig(), seed: int | None = None,
                   **opts: Any) -> Planned | None:
@@ -665,9 +643,11 @@ class Pipeline:
         _check_stops(stop)
         if stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this pipeline has none")
-        self.decoder(method, sampling, **opts)  # the options checked now, and `auto` tuned on first use as in generate
+        for k in news:
+            check_max_new_tokens(k)
         requests = [BatchRequest(self._prompt_ids(p, chat), k, method, dict(opts), sampling, seed=check_seed(s))
                     for p, k, s in zip(prompts, news, seeds)]
+        self.decoder(method, sampling, **opts)  # the options checked, and `auto` tuned on first use as in generate
         engine = self.batch_engine(max_batch_size=max_batch_size, max_kv_tokens=max_kv_tokens,
                                    prefill_chunk=prefill_chunk, spec_disable_batch_size=spec_disable_batch_size)
         cleans = bool(getattr(self.tokenizer, "clean_up_tokenization_spaces", False))

@@ -16,7 +16,7 @@ autoregressive step, and more whenever the cheaper level guessed right.
   reviewer and levels r, r+1, … draft for it. Entries below the diagonal are unused (0).
   The cheapest level proposes exactly what its quota still needs (Max-Gram for free; a neural
   bottom level, with `--no-maxgram`, autoregressively). The chain sent to the target is at most
-  sum(K[0]) tokens (`--gamma` is not used).
+  sum(K[0]) tokens (`--gamma` is refused).
 - **Lenience** l ≥ 1 (reference code `model.py::review`): a reviewer below the target also keeps
   a draft x that is not its argmax when P_reviewer(x) > q(x) / l, where q(x) is the probability
   the level that proposed x gave it (1 for Max-Gram, so the bar is 1/l). P is the reviewer's

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from specdec.engine.limits import SEED_BOUND
 from specdec.methods.registry import all_methods
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
@@ -91,7 +92,7 @@ class GenerationRequest(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=-1)
     """Not in OpenAI's API (vLLM's extension): keep the k most likely tokens; 0 or -1 = off."""
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = Field(None, ge=0, lt=SEED_BOUND)
     stop: list[str] | None = None
     n: int = 1
     stream: bool = False

@@ -19,6 +19,7 @@ Only inference: nothing here is differentiable.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import torch
@@ -139,13 +140,15 @@ class GGUFEmbedding(nn.Module):
                              f"got {tuple(blocks.shape)} {blocks.dtype}")
         self.register_buffer("blocks", blocks.contiguous(), persistent=False)
         self._kept: OrderedDict[int, Tensor] = OrderedDict()  # token -> [dim] float32, oldest use first
+        self._keeping = threading.Lock()  # one model may serve a pipeline and an engine from two threads
 
     def forward(self, ids: Tensor) -> Tensor:  # ids: [...] int64 -> [..., dim]
         flat = ids.reshape(-1)
         if flat.numel() > self.CACHED_LOOKUP or self.blocks.device.type != "cpu":
             rows = self._dequantized(flat)
         else:
-            rows = self._kept_rows(flat.tolist())
+            with self._keeping:
+                rows = self._kept_rows(flat.tolist())
         return rows.reshape(*ids.shape, self.embedding_dim)
 
     def _dequantized(self, ids: Tensor) -> Tensor:  # [n] -> [n, dim]
@@ -166,7 +169,8 @@ class GGUFEmbedding(nn.Module):
         return rows
 
     def _apply(self, fn, recurse=True):  # .to(device) and friends: kept rows belong to the old place
-        self._kept.clear()
+        with self._keeping:
+            self._kept.clear()
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
