@@ -303,6 +303,11 @@ def test_gguf_embedding_kept_rows_are_the_dequantized_rows():
     assert torch.equal(emb(torch.tensor([5])), table[[5]])
     with pytest.raises(IndexError):
         emb(torch.tensor([40]))
+    import copy
+    import pickle
+
+    for twin in (copy.deepcopy(emb), pickle.loads(pickle.dumps(emb))):  # the lock is made anew, no rows kept
+        assert len(twin._kept) == 0 and torch.equal(twin(torch.tensor([5, 6])), table[[5, 6]])
 
 
 def test_a_chain_block_plans_as_the_general_plan_of_the_same_chain():

@@ -30,8 +30,8 @@ from specdec.engine.batch import (
     DEFAULT_MAX_BATCH_SIZE, DEFAULT_PREFILL_CHUNK, DEFAULT_SPEC_DISABLE_BATCH_SIZE, BatchEngine, BatchRequest, StepEvent,
 )
 from specdec.engine.build import build_decoder
-from specdec.engine.limits import check_max_new_tokens, check_seed
 from specdec.engine.decoder import SpeculativeDecoder, prompt_tensor
+from specdec.engine.limits import check_max_new_tokens, check_seed
 from specdec.engine.stats import DecodeStats
 from specdec.engine.text import TextAssembler
 from specdec.methods import DEFAULT_METHOD

@@ -168,6 +168,13 @@ class GGUFEmbedding(nn.Module):
             kept.popitem(last=False)
         return rows
 
+    def __getstate__(self) -> dict:  # copies and pickles: a lock cannot be copied, and kept rows need not be
+        return {**super().__getstate__(), "_kept": OrderedDict(), "_keeping": None}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._keeping = threading.Lock()
+
     def _apply(self, fn, recurse=True):  # .to(device) and friends: kept rows belong to the old place
         with self._keeping:
             self._kept.clear()
