@@ -304,8 +304,8 @@ class BatchEngine:
         never run: a bad method or option, a missing draft model, too long for the context or the
         KV budget."""
         block = self.block_size(request)
-        prompt_tensor(request.prompt_ids, self.target_lm.vocab_size)
-        check_seed(request.seed)
+        if not 0 < len(request.prompt_ids):
+            raise ValueError("the prompt is empty; give at least one token")
         check_max_new_tokens(request.max_new_tokens)
         need = len(request.prompt_ids) + request.max_new_tokens + block
         context = self.target_lm.context_length
@@ -320,10 +320,11 @@ class BatchEngine:
 
     def submit(self, request: BatchRequest) -> int:
         """Queue a request (checked now, see `check`); its id names it in `step`'s events."""
-        request = self._as_planned(replace(request, options=parse_options(request.method, request.options)))
-        need = self.check(request)
-        request = replace(request, seed=check_seed(request.seed),
+        # The ids and the seed checked and made plain ints once, here (`check` takes them as such).
+        request = replace(request, options=parse_options(request.method, request.options), seed=check_seed(request.seed),
                           prompt_ids=prompt_tensor(request.prompt_ids, self.target_lm.vocab_size).tolist())
+        request = self._as_planned(request)
+        need = self.check(request)
         rid = self._next_id
         self._next_id += 1
         self._waiting.append((rid, request, need))

@@ -73,6 +73,21 @@ two pipelines' over the same objects, a tune's) share its cache: a run resumed a
 would score its tokens against the other's cache."""
 
 
+def _take(target: LanguageModel, run: "DecodeRun") -> None:
+    try:
+        _RUN_ON[target] = run
+    except TypeError:  # a model that cannot be weakly referenced or hashed: not watched
+        pass
+
+
+def _holds(target: LanguageModel, run: "DecodeRun") -> bool:
+    """Whether `run` still owns `target`'s cache (an unwatched model: assumed so)."""
+    try:
+        return _RUN_ON.get(target, run) is run
+    except TypeError:
+        return True
+
+
 def _sync(device: torch.device) -> None:
     # Timings are only honest when queued GPU work is finished.
     if device.type == "cuda":
@@ -183,7 +198,7 @@ class SpeculativeDecoder:
         run = self.start(prompt_ids, max_new_tokens, generator)
         stats = run.stats
         while not run.stopped:
-            if _RUN_ON.get(self.target, run) is not run:
+            if not _holds(self.target, run):
                 raise RuntimeError("another generation has started on this model since this stream began, and it "
                                    "shares the model's cache: consume one stream at a time (or use generate_batch)")
             # 1. Draft a tree below the pending root (a chain is a tree; no drafter: the root alone).
@@ -227,10 +242,7 @@ class SpeculativeDecoder:
         # target's cache: each iteration scores [root, drafts…] in one pass.
         run = DecodeRun(prompt, prompt.clone(), max_new_tokens, generator, stats, StepAccounting(stats, self.gamma))
         self.target.reset(max_len)
-        try:
-            _RUN_ON[self.target] = run
-        except TypeError:  # a model that cannot be weakly referenced or hashed: not watched
-            pass
+        _take(self.target, run)
         if self.drafter is not None:
             self.drafter.begin(prompt, max_len)
         if prefill and prompt.numel() > 1:  # the last prompt token is the first pending root
