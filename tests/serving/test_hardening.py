@@ -216,11 +216,16 @@ def test_health_and_small_requests_answer_while_large_ones_are_tokenized_or_refu
 
 
 def test_text_the_tokenizer_cannot_take_is_a_400(base_url):
-    for path, body in (("/v1/completions", '{"prompt": "a\\ud800b"}'),
-                       ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\udcff"}]}')):
+    for path, body, param, message in (
+        ("/v1/completions", '{"prompt": "a\\ud800b"}', "prompt",
+         "the prompt is not valid UTF-8 text: it holds an unpaired surrogate U+D800 at character 1"),
+        ("/v1/chat/completions", '{"messages": [{"role": "system", "content": ""}, {"role": "user", "content": "\\udcff"}]}',
+         "messages[1].content", "messages[1].content is not valid UTF-8 text: byte 0xff at character 0"),
+        ("/v1/completions", '{"prompt": ""}', "prompt", "the prompt is empty: give the text to continue"),
+    ):
         res = httpx.post(base_url + path, content=body, headers={"content-type": "application/json"}, timeout=30)
         assert res.status_code == 400, res.text
-        assert "not valid UTF-8" in res.json()["error"]["message"]
+        assert res.json()["error"]["message"] == message and res.json()["error"]["param"] == param, res.text
 
 
 # ---- 3: client-chosen work is bounded before anything is built -----------------------------------

@@ -134,7 +134,7 @@ def check_text(text: str, what: str = "the prompt") -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         code = ord(text[exc.start])
-        detail = (f"byte 0x{code - 0xDC00:02x} at character {exc.start} is not UTF-8" if 0xDC80 <= code <= 0xDCFF
+        detail = (f"byte 0x{code - 0xDC00:02x} at character {exc.start}" if 0xDC80 <= code <= 0xDCFF
                   else f"it holds an unpaired surrogate U+{code:04X} at character {exc.start}")
         raise ValueError(f"{what} is not valid UTF-8 text: {detail}") from None
 

@@ -94,18 +94,25 @@ async def models(request: Request) -> dict[str, Any]:
 def encode(pipe: Pipeline, text: str, param: str) -> list[int]:
     try:
         return pipe.encode(text, chat=False)
-    except ValueError as exc:  # text the tokenizer cannot take (lone surrogates)
-        raise APIError(f"{param}: {exc}", param=param, code="invalid_value") from None
+    except ValueError as exc:  # empty, or text the tokenizer cannot take (lone surrogates); it names the prompt
+        raise APIError(str(exc), param=param, code="invalid_value") from None
 
 
 def render_chat(pipe: Pipeline, body: ChatCompletionRequest) -> list[int]:
+    for i, message in enumerate(body.messages):  # a message may be empty (OpenAI's are), never unencodable
+        text = message.text()
+        if text:
+            try:
+                check_text(text, f"messages[{i}].content")
+            except ValueError as exc:
+                raise APIError(str(exc), param=f"messages[{i}].content", code="invalid_value") from None
     try:
         rendered = pipe.tokenizer.apply_chat_template(body.template_messages(), add_generation_prompt=True,
                                                       tokenize=False)
     except Exception as exc:  # jinja raises its own errors (e.g. roles a template refuses)
         raise APIError(f"messages: the chat template refused them ({exc})", param="messages") from exc
     try:
-        check_text(rendered, "the messages")
+        check_text(rendered, "the rendered chat")
     except ValueError as exc:
         raise APIError(str(exc), param="messages", code="invalid_value") from None
     # The rendered template already holds the special tokens (as Pipeline.encode does for --chat).
