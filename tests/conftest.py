@@ -91,9 +91,14 @@ def _kernels_missing() -> str | None:
     return kernels.unavailable_reason()
 
 
+def kernels_required() -> bool:
+    """Whether this run must test the compiled kernels (SPECDEC_REQUIRE_KERNELS=1: `make test`, CI)."""
+    return os.environ.get("SPECDEC_REQUIRE_KERNELS") == "1"
+
+
 _missing = _kernels_missing()
 needs_kernels = pytest.mark.skipif(
-    _missing is not None and os.environ.get("SPECDEC_REQUIRE_KERNELS") != "1",
+    _missing is not None and not kernels_required(),
     reason=f"no compiled native kernels here: {_missing}",
 )
 """Marks tests of the compiled kernels: skipped (with the reason) where they cannot be built, except

@@ -16,6 +16,19 @@ PROFILE = "profile"
 """In `every_method_example()`: the method decodes by a tune profile, which the test supplies."""
 
 
+def noisy_copy(model: torch.nn.Module, noise: float = 0.05, seed: int = 1) -> torch.nn.Module:
+    """A draft for a tiny random model: a copy with Gaussian noise on every parameter, which agrees with
+    it on most tokens and not on all, so that a test's drafts are both accepted and rejected."""
+    import copy
+
+    draft = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(noise * torch.randn(p.shape, generator=gen))
+    return draft
+
+
 def every_method_example(include_profile_methods: bool = True) -> list[tuple[str, Any]]:
     """(method, options) for every registered method and every option set it declares for these
     tests (`Method.examples`), in listing order; `PROFILE` for a method that runs from a tune

@@ -25,10 +25,11 @@ from specdec.core.sampling import SamplingConfig
 from specdec.core.store import PROFILE_VERSION
 from specdec.engine.batch import BatchEngine, BatchRequest
 from specdec.engine.pipeline import Pipeline
+from specdec.methods.registry import get_method
 from specdec.models.hf import HFLanguageModel
 from specdec.models.toy import MarkovLM
 from tests.conftest import TINY_VOCAB, needs_kernels, tiny_hf_model
-from tests.helpers import PROFILE, example_ids, every_method_example
+from tests.helpers import PROFILE, example_ids, every_method_example, noisy_copy
 from tests.engine.test_distribution import ALPHA, L, PROMPT, V, chi_square_pvalue, detectable_effect, exact_continuations
 
 GREEDY = SamplingConfig()
@@ -36,21 +37,10 @@ TIE = 1e-4
 """Top-2 logit gap below which float32 round-off of a different batch shape may pick either."""
 
 
-def _noisy_copy(model, noise: float = 0.05, seed: int = 1):
-    import copy
-
-    draft = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(noise * torch.randn(p.shape, generator=gen))
-    return draft
-
-
 @pytest.fixture(scope="module")
 def models():
     target = tiny_hf_model("llama", seed=0)
-    return HFLanguageModel(target), HFLanguageModel(_noisy_copy(target))
+    return HFLanguageModel(target), HFLanguageModel(noisy_copy(target))
 
 
 @pytest.fixture(scope="module")
@@ -128,10 +118,10 @@ def test_greedy_batch_equals_alone_for_every_method(models, eos_setting, profile
 def native_models():
     from specdec.models.native.lm import NativeLM
     from specdec.models.native.runner import NativeModel
-    from tests.models.test_native import _tiny_native
+    from tests.models.test_native import _near_native, _tiny_native
 
     return (NativeLM(NativeModel.from_hf(_tiny_native("Q4_K", "llama", 0))),
-            NativeLM(NativeModel.from_hf(_tiny_native("Q4_K", "llama", 1))))
+            NativeLM(NativeModel.from_hf(_near_native("Q4_K", "llama", 0))))
 
 
 @needs_kernels
@@ -146,6 +136,9 @@ def test_native_batch_equals_alone_bit_for_bit(native_models, profile_file, meth
     alone = _alone(pipe, prompts, method, opts, news)
     results = pipe.generate_batch(prompts, method, news, max_batch_size=5, prefill_chunk=8, **opts)
     assert [r.token_ids for r in results] == alone
+    if get_method(method).needs_draft_model:  # drafts kept and drafts refused, both compared
+        accepted = sum(r.stats.accepted_tokens for r in results)
+        assert 0 < accepted < sum(r.stats.draft_tokens for r in results), method
 
 
 def test_mixed_methods_share_steps_and_each_equals_alone(models, profile_file, one_thread):

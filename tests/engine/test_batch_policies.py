@@ -32,12 +32,12 @@ def _plant(engine: BatchEngine, target: PassTimes, draft: PassTimes) -> None:
 # ---- the engine with adaptive speculation ------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny():
-    from tests.engine.test_batch import _noisy_copy
+    from tests.helpers import noisy_copy
     from specdec.models.hf import HFLanguageModel
     from tests.conftest import tiny_hf_model
 
     target = tiny_hf_model("llama", seed=0)
-    return HFLanguageModel(target), HFLanguageModel(_noisy_copy(target))
+    return HFLanguageModel(target), HFLanguageModel(noisy_copy(target))
 
 
 def _run(engine: BatchEngine, reqs: list[BatchRequest]) -> tuple[list[list[int]], list]:

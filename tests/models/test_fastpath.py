@@ -9,6 +9,7 @@ from specdec.models.dense.fastpath import PackedLinear, enable_packed_linears, p
 from specdec.models.hf import HFLanguageModel
 from specdec.core.sampling import SamplingConfig
 from tests.conftest import TINY_VOCAB, tiny_hf_model
+from tests.helpers import noisy_copy
 
 pytestmark = pytest.mark.skipif(
     not torch.backends.mkldnn.is_available(), reason="oneDNN (mkldnn) is not available in this torch build"
@@ -39,9 +40,10 @@ def test_packed_model_gives_identical_greedy_output(arch):
     out, _ = SpeculativeDecoder(fast).generate(prompt, 40)
     assert out == ref
     greedy = SamplingConfig()
-    spec, _ = SpeculativeDecoder(fast, ModelDrafter(HFLanguageModel(tiny_hf_model(arch, seed=5)), greedy), greedy,
-                                 gamma=4).generate(prompt, 40)
+    draft = HFLanguageModel(noisy_copy(tiny_hf_model(arch, seed=0)))
+    spec, stats = SpeculativeDecoder(fast, ModelDrafter(draft, greedy), greedy, gamma=4).generate(prompt, 40)
     assert spec == ref
+    assert 0 < stats.accepted_tokens < stats.draft_tokens  # drafts kept and drafts refused
 
 
 def test_mode_off_and_unsupported_dtype_leave_model_alone():

@@ -8,14 +8,13 @@ from specdec.core.sampling import SamplingConfig
 from specdec.engine.decoder import SpeculativeDecoder
 from specdec.methods.hybrid import HybridDrafter
 from specdec.methods.sps import ModelDrafter
-from specdec.models.native import kernels
 from specdec.models.native.linear import GGUFLinear
 from specdec.models.native.lm import NativeLM
 from specdec.models.native.runner import NativeModel
-from tests.conftest import TINY_VOCAB
+from tests.conftest import TINY_VOCAB, needs_kernels
 from tests.models.test_native import _tiny_native
 
-pytestmark = pytest.mark.skipif(kernels.native_library() is None, reason="the native kernels do not build here")
+pytestmark = needs_kernels
 KEPT = torch.cat([torch.arange(0, TINY_VOCAB, 3), torch.tensor([TINY_VOCAB - 1])])  # not a multiple of 16 rows
 
 

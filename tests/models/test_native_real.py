@@ -13,6 +13,7 @@ import torch
 
 from specdec.cli import main
 from specdec.engine.pipeline import Pipeline, eos_ids
+from specdec.methods.registry import get_method
 from specdec.models.hub import load_model
 from specdec.models.hub.load import load_native_lm
 from specdec.models.hub.registry import KNOWN_MODELS
@@ -156,6 +157,8 @@ def test_greedy_native_smollm2_equals_ar_with_every_method(smol_lean):
         res = pipe.generate(prompt, method, 20, **opts)
         assert res.token_ids == ref, (method, opts)
         accepted += res.stats.accepted_tokens
+        if get_method(method).needs_draft_model:  # the real blocks' commit of kept drafts and of refused ones
+            assert 0 < res.stats.accepted_tokens < res.stats.draft_tokens, (method, opts, res.stats)
     assert accepted > 0
 
 

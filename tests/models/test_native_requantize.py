@@ -11,9 +11,10 @@ from specdec.core.sampling import SamplingConfig
 from specdec.engine.decoder import SpeculativeDecoder
 from specdec.engine.pipeline import Pipeline
 from specdec.methods.sps import ModelDrafter
-from specdec.models.native import formats, kernels
+from specdec.models.native import formats
 from specdec.models.native.formats import FORMATS, UnsupportedFormat, dequantize, random_blocks, requantize
 from specdec.models.native.lm import NativeLM
+from tests.conftest import needs_kernels
 
 Q4_0 = FORMATS["Q4_0"]
 WIDER = ["Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q5_K", "Q6_K"]
@@ -57,7 +58,7 @@ def test_draft_quant_is_checked_before_any_load():
 
 
 @pytest.mark.real
-@pytest.mark.skipif(kernels.native_library() is None, reason="the native kernels do not build here")
+@needs_kernels
 def test_a_requantized_smollm2_draft_reads_fewer_bytes_and_keeps_the_greedy_output(one_thread):
     name = "smollm2-135m-instruct"  # Q4_1 layers and a tied Q8_0 embedding-head
     pipe = Pipeline(name, name, weights="native", draft_quant="Q4_0", draft_vocab=None, progress=False)
@@ -83,7 +84,7 @@ def test_a_requantized_smollm2_draft_reads_fewer_bytes_and_keeps_the_greedy_outp
 
 
 @pytest.mark.real
-@pytest.mark.skipif(kernels.native_library() is None, reason="the native kernels do not build here")
+@needs_kernels
 def test_requantized_blocks_are_kept_for_later_loads(monkeypatch, caplog, tmp_path):
     import shutil
 

@@ -22,7 +22,7 @@ from specdec.cli import build_parser, main
 from specdec.core.sampling import SamplingConfig
 from specdec.core.store import profile_path, save_profile
 from specdec.engine.pipeline import Pipeline
-from specdec.methods.registry import all_methods
+from specdec.methods.registry import all_methods, get_method
 from specdec.models.parallel.group import TensorParallelError
 from specdec.models.parallel.launch import check_shardable
 from specdec.models.parallel.target import ShardedTarget
@@ -93,6 +93,8 @@ def test_greedy_output_of_every_method_equals_the_single_process_output(pipes, s
     assert got.token_ids == ref.token_ids == sharded_ar and len(sharded_ar) == 16
     # The same drafts were proposed and accepted: the ranks agreed on every step, not only on the text.
     assert (got.stats.target_calls, got.stats.accepted_tokens) == (ref.stats.target_calls, ref.stats.accepted_tokens)
+    if get_method(method).needs_draft_model:  # the sharded commit of kept drafts and of refused ones
+        assert 0 < got.stats.accepted_tokens < got.stats.draft_tokens, (method, got.stats)
 
 
 def test_a_rank_that_commits_the_wrong_slots_is_caught(pipes, sharded_ar, monkeypatch):
