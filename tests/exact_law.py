@@ -2,7 +2,8 @@
 
 A verifier draws its randomness in two ways only (docs/algorithms.md §2.3, §3.8): uniforms that it
 compares with acceptance probabilities (`torch.rand(k) < accept`), and categorical draws
-(`sample(probs, generator)`). `exact_law` replaces both with scripted choices and calls the
+(`sample(probs, generator)`, or `pick(probs, u)` on uniforms drawn for it). `exact_law` replaces
+them with scripted choices and calls the
 verifier once per combination of choices (a depth-first search over the choice points the calls
 meet), weighting each call by the probabilities the verifier itself attached to its choices:
 a or 1 − a for a uniform compared with a, probs[token] for a draw. So the law is that of the
@@ -71,6 +72,12 @@ def scripted_randomness(script: _Script, modules: tuple[str, ...] = VERIFY_MODUL
         picks = [script.choose(row.tolist()) for row in rows]
         return torch.tensor(picks, dtype=torch.long, device=probs.device).reshape(probs.shape[:-1])
 
+    def fake_pick(probs: Tensor, u: Tensor) -> Tensor:  # probs [R, V], u [R] (`fake_uniforms`'): a draw per row
+        return fake_sample(probs)
+
+    def fake_uniforms(n: int, generator: torch.Generator | None = None, device="cpu") -> Tensor:
+        return torch.zeros(n, dtype=torch.float64, device=device)  # read only by `pick`, which draws by script
+
     def fake_rand(*size, generator=None, device=None, dtype=None, **kw) -> _Uniforms:
         shape = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
         return _Uniforms(script, int(torch.Size(shape).numel()))
@@ -81,6 +88,9 @@ def scripted_randomness(script: _Script, modules: tuple[str, ...] = VERIFY_MODUL
             module = importlib.import_module(name)
             if hasattr(module, "sample"):
                 mp.setattr(module, "sample", fake_sample)
+            if hasattr(module, "pick"):  # a draw made where a walk needs it: one uniform, then `pick`
+                mp.setattr(module, "pick", fake_pick)
+                mp.setattr(module, "uniforms", fake_uniforms)
         yield
 
 

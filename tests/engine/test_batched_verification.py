@@ -195,6 +195,42 @@ def test_one_batch_of_many_sequences_keeps_the_target_distribution(kind):
     assert _pvalue(_first_tokens(kind, seed=1)) > ALPHA
 
 
+# Sample-and-match on a deterministic tree: the root's children hold tokens 0 and 3, the node of 0 holds
+# 0 and 5. The walk emits one token where the root's draw matches no child, two where it does.
+MATCH_TREE = TokenTree.from_drafted(6, torch.tensor([0, 3, 0, 5]), torch.tensor([-1, -1, 0, 0]))
+
+
+def _match_outcomes(seed: int) -> Counter:
+    """N sequences of the same tree in ONE batched call, each with its own generator: the first two
+    tokens each emits (one where it emits one)."""
+    items = [Verification(MATCH_TREE, SamplingConfig(temperature=1.0), verify_sample_and_match,
+                          torch.Generator().manual_seed(seed * N + i)) for i in range(N)]
+    logits = [TARGET.log().expand(MATCH_TREE.num_nodes, V).clone() for _ in range(N)]
+    return Counter((tuple(int(MATCH_TREE.tokens[n]) for n in res.accepted_nodes) + (res.next_token,))[:2]
+                   for res in verify_batch(items, logits))
+
+
+def _match_pvalue(counts: Counter) -> float:
+    t = (TARGET.double() / TARGET.double().sum()).tolist()
+    exact = {(a, b): t[a] * t[b] for a in (0, 3) for b in range(V)}  # the same target at every position
+    exact.update({(a,): t[a] for a in range(V) if a not in (0, 3)})
+    return chi_square_pvalue(counts, exact, N)
+
+
+def test_one_batch_of_sample_and_match_walks_keeps_the_target_distribution():
+    assert _match_pvalue(_match_outcomes(seed=4)) > ALPHA
+
+
+def test_mutation_match_walks_sharing_one_uniform_fail(monkeypatch):
+    """Each node needs a uniform of its own: one drawn for the root and read at every level makes the
+    second token repeat the first's interval."""
+    def shared(n, generator=None, device="cpu"):
+        return torch.rand(1, dtype=torch.float64, generator=generator).expand(n).to(device)
+
+    monkeypatch.setattr(batched, "uniforms", shared)
+    assert _match_pvalue(_match_outcomes(seed=5)) < ALPHA
+
+
 def test_mutation_swor_without_removal_fails(monkeypatch):
     monkeypatch.setattr(batched, "_without", lambda q, token: q)  # MSS on SWOR children: biased
     assert _pvalue(_first_tokens("swor", seed=2)) < ALPHA

@@ -7,9 +7,9 @@ given the same generator state, consuming each generator exactly as the verifier
 
 - greedy (any tree, any rule at T = 0): one argmax over every node of every tree, then the path of
   matching children found for all trees together by pointer jumping over the flattened parents;
-- sample-and-match, and any root-only step: one target draw per node, `core.sampling.pick` on one
-  uniform each (inverse transform); each sequence draws its uniforms from its own generator and
-  one batched pick serves the batch;
+- sample-and-match, and any root-only step: a walk one level of every tree at a time; each sequence
+  draws one uniform per node from its own generator, and the nodes the walks reach are processed
+  and picked (`core.sampling.pick`, inverse transform) together, one batched pick per level;
 - classic speculative sampling on chains (sps, MSS on a chain): the acceptance tests of every chain
   in one elementwise op, the accepted prefixes by a padded cumprod, the residuals and the recovered
   or bonus tokens in one batched step;
@@ -96,14 +96,12 @@ def verify_batch(items: Sequence[Verification], logits: Sequence[Tensor]) -> lis
         flat = joined([logits[i] for i in idx])
         choice = flat.to(torch.float64 if flat.dtype == torch.float64 else torch.float32).argmax(-1)
         _put(results, idx, follow_matching_batch([items[i].tree for i in idx], choice))
-    sampled = [i for k in ("match", "chain", "mss", "swor") for i in groups.get(k, [])]
+    if "match" in groups:
+        idx = groups["match"]
+        _put(results, idx, match_batch([items[i] for i in idx], [logits[i] for i in idx]))
+    sampled = [i for k in ("chain", "mss", "swor") for i in groups.get(k, [])]
     if sampled:
         probs = _processed(items, logits, sampled)
-        if "match" in groups:
-            idx = groups["match"]
-            rows = joined([probs[i] for i in idx])
-            choice = _draw_rows(rows, [(items[i].generator, probs[i].shape[0]) for i in idx])
-            _put(results, idx, follow_matching_batch([items[i].tree for i in idx], choice))
         if "chain" in groups:
             idx = groups["chain"]
             _put(results, idx, chains_batch([items[i] for i in idx], [probs[i] for i in idx]))
@@ -150,10 +148,54 @@ def _processed(items: Sequence[Verification], logits: Sequence[Tensor], idx: Seq
     return out
 
 
-def _draw_rows(rows: Tensor, draws: Sequence[tuple[torch.Generator | None, int]]) -> Tensor:  # rows [R, V] -> [R]
-    """One draw per row, `n` rows from each sequence's own generator, as `core.sampling.sample` draws
-    them (so the same generator state gives the same token)."""
-    return pick(rows, torch.cat([uniforms(n, g, rows.device) for g, n in draws]))
+def _processed_rows(items: Sequence[Verification], logits: Tensor, rows: Tensor, item: Tensor) -> Tensor:
+    """The processed target distributions of flat `rows` of `logits` [T, V] ([R] global rows, `item` [R]
+    each one's sequence): one `logits_to_probs` per distinct sampling setting, row-wise, so each row
+    is what the sequence's own verification computes for it."""
+    settings = [items[i].sampling for i in item.tolist()]
+    if all(cfg == settings[0] for cfg in settings):
+        return logits_to_probs(logits[rows], settings[0])
+    out = torch.empty(rows.shape[0], logits.shape[1], dtype=torch.float64 if logits.dtype == torch.float64
+                      else torch.float32, device=logits.device)
+    for cfg in dict.fromkeys(settings):
+        mine = torch.tensor([c == cfg for c in settings], device=logits.device)
+        out[mine] = logits_to_probs(logits[rows[mine]], cfg)
+    return out
+
+
+def match_batch(items: Sequence[Verification], logits: Sequence[Tensor]) -> list[VerifyResult]:
+    """Sample-and-match (`match.verify_sample_and_match`) on many trees at once, one level of every walk
+    at a time: each sequence draws one uniform per node from its own generator, as its own rule
+    does, and a node's distribution is processed and picked only where its walk reaches it."""
+    trees = [it.tree for it in items]
+    flat = joined(logits)  # [T, V]
+    device = flat.device
+    offsets, item_of, _ = _segments([t.num_nodes for t in trees], device)
+    parent = _flat_parents(trees, offsets)  # [T] global, -1 at roots
+    tokens = torch.cat([t.tokens for t in trees]).to(device)
+    u = torch.cat([uniforms(t.num_nodes, it.generator, device) for t, it in zip(trees, items)])  # [T]
+    out: list[VerifyResult | None] = [None] * len(items)
+    paths: list[list[int]] = [[] for _ in items]
+    live = torch.arange(len(items), device=device)
+    at, offs = offsets.clone(), offsets.tolist()  # [S]: the node each walk is at (global); each tree's root
+    while live.numel():
+        rows = at[live]
+        choice = pick(_processed_rows(items, flat, rows, live), u[rows])  # [A]
+        wanted = torch.full((len(items),), -1, dtype=torch.long, device=device)
+        wanted[live] = choice
+        # The child of each walk's node that holds its pick (siblings hold distinct tokens: ≤ 1 each).
+        hit = (parent >= 0) & (parent == at[item_of]) & (tokens == wanted[item_of])
+        child = torch.full((len(items),), -1, dtype=torch.long, device=device)
+        child[item_of[hit]] = hit.nonzero().flatten()
+        found = child[live] >= 0
+        for i, c, f, token in zip(live.tolist(), child[live].tolist(), found.tolist(), choice.tolist()):
+            if f:
+                paths[i].append(c - offs[i])
+            else:
+                out[i] = VerifyResult(tuple(paths[i]), int(token))
+        at = torch.where(child >= 0, child, at)
+        live = live[found]
+    return out  # type: ignore[return-value]
 
 
 def _segments(sizes: Sequence[int], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:

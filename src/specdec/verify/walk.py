@@ -46,6 +46,25 @@ def follow_matching_children(
     return VerifyResult(tuple(tree.path(deepest)), int(choice[deepest].item()))
 
 
+def follow_drawn_children(
+    tree: TokenTree,
+    draw: Callable[[int], int],  # node -> the target's pick after it, drawn when the walk asks
+) -> VerifyResult:
+    """`follow_matching_children` where the target's pick after a node is drawn only once the walk
+    reaches that node: a sampled pick costs a pass over the vocabulary, and the walk reaches one
+    path's nodes, not the tree's. One tensor comparison per level finds the matching child."""
+    parents, tokens = tree.parents, tree.tokens
+    path: list[int] = []
+    node = 0
+    while True:
+        token = draw(node)
+        child = ((parents == node) & (tokens == token)).nonzero()  # siblings hold distinct tokens: ≤ 1
+        if child.numel() == 0:
+            return VerifyResult(tuple(path), token)
+        node = int(child[0, 0])
+        path.append(node)
+
+
 def walk_candidates(
     tree: TokenTree,
     target_probs: Tensor,  # [N + 1, V]
