@@ -79,6 +79,19 @@ def test_tiny_run_writes_results_resumes_and_tolerates_truncation(tmp_path, tiny
                   progress=False)
     assert len(load_results(out / "results.jsonl").rows) == rep.ran
 
+    # so is another text under a prompt id that has rows, even for a method that has none yet
+    edited = load_prompts(write_lines(tmp_path / "p2.jsonl", [
+        prompt_line("qa-1", "qa", "the cat sat on the mat, the cat sat"),
+        prompt_line("math-1", "math", "2 + 2 = 4, 1 + 1 ="),
+        prompt_line("qa-2", "qa", "abc abc abc"),
+    ]))
+    more = BenchSettings(methods=parse_methods("sps,pld,hf-assisted,hf-assisted-tuned,hf-pld,suffix"),
+                         temperatures=[0.0, 0.7], max_new_tokens=8, gamma=3)
+    with pytest.raises(ValueError, match="another text of prompt 'math-1' \\(line 2\\)"):
+        run_bench(tiny_pipe, edited, out, more, encode=encode, progress=False)
+    assert len(load_results(out / "results.jsonl").rows) == rep.ran
+    assert all(r["prompt_digest"] == {p.id: p.digest for p in prompts}[r["id"]] for r in rows)
+
 
 def test_failure_mid_run_keeps_rows_and_resume_finishes(tmp_path, tiny_pipe, monkeypatch):
     prompts = load_prompts(write_lines(tmp_path / "p.jsonl", [prompt_line(f"t-{i}", "t", f"x{i} y z") for i in range(3)]))

@@ -5,6 +5,7 @@ import re
 import time
 
 import pytest
+import torch
 
 from specdec.cli import main
 from specdec.engine.decoder import SpeculativeDecoder
@@ -19,6 +20,30 @@ def test_mismatched_vocabularies_are_refused():
     draft = tiny_lm("llama", vocab=101)
     with pytest.raises(ValueError, match="vocabular"):
         SpeculativeDecoder(target, ModelDrafter(draft, SamplingConfig()), SamplingConfig())
+
+
+def test_a_greedy_drafter_under_a_sampling_decoder_is_refused():
+    """Its rule is the greedy walk: the decoder would return the argmax of the target's sampled
+    distribution at every seed, silently."""
+    lm = tiny_lm("llama")
+    hot = SamplingConfig(temperature=1.0)
+    with pytest.raises(ValueError, match="built for greedy decoding and this decoder samples"):
+        SpeculativeDecoder(lm, ModelDrafter(lm, SamplingConfig(), gamma=2), hot)
+    SpeculativeDecoder(lm, ModelDrafter(lm, hot, gamma=2), hot)  # the same setting on both sides
+    SpeculativeDecoder(lm, ModelDrafter(lm, hot, gamma=2), SamplingConfig())  # greedy output reads no draw
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"dtype": "float32"}, "dtype must be one of torch.float32, torch.bfloat16, torch.float16, got 'float32'"),
+    ({"dtype": torch.float64}, "dtype must be one of"),
+    ({"weights": "native", "dtype": torch.bfloat16},
+     "--weights native computes in float32 on the GGUF blocks; --dtype bfloat16 applies to dense weights"),
+    ({"device": "meta"}, "device='meta': this torch"),
+    ({"device": "nosuch"}, "device='nosuch': not a device torch knows"),
+])
+def test_pipeline_arguments_that_cannot_load_are_refused_before_any_file_is_read(kwargs, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        Pipeline("/nonexistent/model.gguf", **kwargs)
 
 
 def test_mismatched_tokenizers_are_refused():

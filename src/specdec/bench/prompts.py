@@ -21,6 +21,12 @@ class BenchPrompt:
     line: int
     turns: int
 
+    @property
+    def digest(self) -> str:
+        """A short hash of the text: a results row records it, so that rows run on a prompt's earlier
+        text are never compared with rows run on its new one (`bench.run`)."""
+        return hashlib.sha256(self.text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
 
 def load_prompts(path: str | os.PathLike[str]) -> list[BenchPrompt]:
     """Read a prompt file (one JSON object a line: `id`, `task`, `turns`), with line-numbered errors."""

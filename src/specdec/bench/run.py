@@ -103,6 +103,7 @@ def run_bench(
         if loaded.duplicates:
             warn(f"{RESULTS} has {loaded.duplicates} duplicate rows; the first of each is used")
         done: dict[RowKey, dict[str, Any]] = {row_key(r): r for r in loaded.rows}
+        check_prompt_texts(prompts, loaded.rows)
 
         plan = [
             (p, t, r, m)
@@ -142,6 +143,21 @@ def run_bench(
     if interrupted:
         raise KeyboardInterrupt
     return report
+
+
+def check_prompt_texts(prompts: Sequence[BenchPrompt], rows: Sequence[dict[str, Any]]) -> None:
+    """ValueError (before any work) where the results hold rows of a prompt id run on another text:
+    resumed, the old rows would stand beside new ones of the same id (an AR row of one text against
+    a method's row of the other reads as a lossless violation). Rows of older versions, which did
+    not record a digest, are not compared."""
+    ran_on = {str(r["id"]): r["prompt_digest"] for r in rows if "prompt_digest" in r}
+    changed = [p for p in prompts if p.id in ran_on and ran_on[p.id] != p.digest]
+    if changed:
+        names = ", ".join(f"{p.id!r} (line {p.line})" for p in changed[:5]) + (" …" if len(changed) > 5 else "")
+        raise ValueError(
+            f"the results here were run on another text of prompt {names}; rows of different texts cannot be "
+            "compared: use another --out, or the texts they were run on to resume"
+        )
 
 
 Plan = list[tuple[BenchPrompt, float, int, str]]
@@ -249,7 +265,7 @@ class _PlanRunner:
         if t == 0:
             equal = True if m == "ar" else (None if ar is None else tokens == ar["token_ids"])
         row: dict[str, Any] = {
-            "id": p.id, "task": p.task, "method": m, "temperature": t, "repeat": r,
+            "id": p.id, "prompt_digest": p.digest, "task": p.task, "method": m, "temperature": t, "repeat": r,
             "seed": prompt_seed(p.id, r) if t > 0 else None, "output_equals_ar": equal,
             "text": self.pipe.decode(tokens), "token_ids": tokens, "stats": stats,
         }

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from specdec.core.hardware import check_device
 from specdec.core.options import OptionSpec
 from specdec.engine.limits import SEED_BOUND
 from specdec.methods import DEFAULT_METHOD
@@ -150,31 +151,12 @@ def forget_measurements(device: str) -> None:
 
 def device_of(args: argparse.Namespace) -> str:
     """--device, checked against this torch build (a one-line error, not a traceback, when this torch
-    cannot compute on it), or cuda when available, else cpu."""
+    cannot compute on it: `core.hardware.check_device`), or cuda when available, else cpu."""
     import torch
 
     if args.device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(args.device)
-    except (RuntimeError, ValueError) as exc:
-        raise ValueError(f"--device {args.device}: not a device torch knows ({exc})") from None
-    if device.type not in ("cpu", "cuda", "mps"):
-        # meta holds no data; other backends (xpu, …) count only when this torch has them working.
-        backend = getattr(torch, device.type, None)
-        available = getattr(backend, "is_available", None)
-        if device.type == "meta" or available is None or not available():
-            raise ValueError(f"--device {args.device}: this torch ({torch.__version__}) cannot run models there; "
-                             "use --device cpu, or cuda / mps where available")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            build = "a CPU-only build" if torch.version.cuda is None else "a CUDA build, but no GPU is visible"
-            raise ValueError(f"--device {args.device}: this torch ({torch.__version__}) is {build}; use --device cpu, "
-                             "or install a CUDA build of torch (make setup TORCH_SPEC=torch)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {args.device}: only {torch.cuda.device_count()} GPU(s) are visible")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {args.device}: MPS is not available in this torch build or on this machine")
+    check_device(args.device, f"--device {args.device}")
     return args.device
 
 

@@ -88,3 +88,31 @@ def available_memory_bytes() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def check_device(device: "str | torch.device", name: str) -> None:
+    """ValueError (one line, `name` first) unless this torch build can compute on `device`: a device
+    string torch knows, cpu, or a backend that is available here (a CUDA build with a visible GPU of
+    that index, MPS on a Mac that has it); never meta, which holds no data."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ValueError(f"{name}: not a device torch knows ({exc})") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        # meta holds no data; other backends (xpu, …) count only when this torch has them working.
+        backend = getattr(torch, dev.type, None)
+        available = getattr(backend, "is_available", None)
+        if dev.type == "meta" or available is None or not available():
+            raise ValueError(f"{name}: this torch ({torch.__version__}) cannot run models there; use cpu, or cuda / "
+                             "mps where available")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "a CUDA build, but no GPU is visible"
+            raise ValueError(f"{name}: this torch ({torch.__version__}) is {build}; use cpu, or install a CUDA build "
+                             "of torch (make setup TORCH_SPEC=torch)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}: only {torch.cuda.device_count()} GPU(s) are visible")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name}: MPS is not available in this torch build or on this machine")

@@ -148,6 +148,10 @@ class SpeculativeDecoder:
                 verifier = verify_greedy
             else:
                 verifier = drafter.verifier if drafter is not None else verify_sample_and_match
+                if verifier is verify_greedy:  # it would return the argmax of the target's sampled distribution
+                    raise ValueError(
+                        "the drafter was built for greedy decoding and this decoder samples: build the drafter "
+                        "with the decoder's SamplingConfig (its draws and its verification rule depend on it)")
         self.verifier = verifier
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.last_stats: DecodeStats | None = None

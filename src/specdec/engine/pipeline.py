@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from specdec.core.hardware import check_device
 from specdec.core.sampling import SamplingConfig
 from specdec.core.store import CUSTOM_MODELS, profile_key
 from specdec.engine.batch import (
@@ -140,10 +141,17 @@ def check_text(text: str, what: str = "the prompt") -> None:
 
 
 def _check_load_options(*, weights: str, draft_weights: str, draft_dtype: str | None, draft_vocab: int | str | None,
-                        tensor_parallel_size: int, offload: bool, row_invariant: str, draft_quant: str = "auto") -> None:
+                        tensor_parallel_size: int, offload: bool, row_invariant: str, draft_quant: str = "auto",
+                        dtype: torch.dtype = torch.float32) -> None:
     """Refuse combinations that cannot load, before anything is read (one line each)."""
-    from specdec.models.backends import DRAFT_QUANTS, WEIGHTS
+    from specdec.models.backends import DRAFT_QUANTS, DTYPES, WEIGHTS
     from specdec.models.dense.draft_precision import DRAFT_PRECISIONS
+
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be one of torch.{', torch.'.join(DTYPES)}, got {dtype!r}")
+    if weights == "native" and dtype != torch.float32:
+        raise ValueError(f"--weights native computes in float32 on the GGUF blocks; --dtype {str(dtype)[6:]} "
+                         "applies to dense weights (pass --weights dense, or drop --dtype)")
 
     for name, value in (("weights", weights), ("draft weights", draft_weights)):
         if value not in WEIGHTS:
@@ -262,7 +270,8 @@ class Pipeline:
         draft_weights = draft_weights or weights
         _check_load_options(weights=weights, draft_weights=draft_weights, draft_dtype=draft_dtype,
                             draft_vocab=draft_vocab, tensor_parallel_size=tensor_parallel_size, offload=offload,
-                            row_invariant=row_invariant, draft_quant=draft_quant)
+                            row_invariant=row_invariant, draft_quant=draft_quant, dtype=dtype)
+        check_device(device, f"device={str(device)!r}")
         if offload:
             from specdec.models.dense.offload import check_offload_device
 
