@@ -286,7 +286,7 @@ def test_cli_tune_quick(monkeypatch, capsys):
 
     pipe = Pipeline.from_models(tiny_lm("llama", 0), None, tiny_lm("llama", 1))
     pipe.target_name, pipe.draft_name = "tiny-t", "tiny-d"
-    monkeypatch.setattr(cli_tune, "load_pipeline", lambda args, need_draft: pipe)
+    monkeypatch.setattr(cli_tune, "load_pipeline", lambda args, need_draft, optional_draft=False: pipe)
     monkeypatch.setattr(autotune, "DEFAULT_SETTINGS", SMALL)
     monkeypatch.setattr(autotune, "tune_prompts", lambda pipe, texts=None: PROMPTS)
     assert main(["tune", "--quick", "--target", "tiny-t", "--draft", "tiny-d", "--num-prompts", "2",
@@ -380,3 +380,28 @@ def test_chains_and_replays_are_charged_their_own_rules_overhead_not_the_combs(m
     assert min(by_basis["positional"]) >= 1000.0  # trees priced on the comb keep its figure
     for basis in ("measured chain", "replay"):
         assert max(by_basis[basis]) < 100.0, (basis, by_basis[basis])
+
+
+def test_cli_tune_quick_without_a_draft_tunes_the_draft_free_methods(monkeypatch, capsys):
+    """What an untuned `auto` on a target without a known draft says to run: it tunes (the methods
+    that need no draft), rather than asking for a draft."""
+    import specdec.cli.tune as cli_tune
+    from specdec.methods.registry import get_method
+
+    pipe = Pipeline.from_models(tiny_lm("llama", 0), None)
+    pipe.target_name = "tiny-t"
+    asked = {}
+
+    def load(args, need_draft, optional_draft=False):
+        asked["optional"] = optional_draft
+        return pipe
+
+    monkeypatch.setattr(cli_tune, "load_pipeline", load)
+    monkeypatch.setattr(autotune, "DEFAULT_SETTINGS", SMALL)
+    monkeypatch.setattr(autotune, "tune_prompts", lambda pipe, texts=None: PROMPTS)
+    assert main(["tune", "--quick", "--target", "tiny-t", "--num-prompts", "2", "--gen-tokens", "8"]) == 0
+    assert asked["optional"] is True
+    profile = find_profile(pipe.profile_key(GREEDY))
+    methods = {c["method"] for c in profile["candidates"]}
+    assert "ar" in methods and len(methods) > 2 and not any(get_method(m).needs_draft_model for m in methods)
+

@@ -170,8 +170,10 @@ def drafts_of(args: argparse.Namespace, need: bool = False) -> list[str]:
     if known is None and need:
         method = getattr(args, "method", None)
         who = f"method {method}" if method else "this command"
+        # Only commands with --method can take one; the others are told of the kind of method.
+        instead = f"--method {DRAFT_FREE_METHOD}" if hasattr(args, "method") else DRAFT_FREE_METHOD
         raise ValueError(f"{who} needs a draft model and {args.target} has no known one: give --draft NAME (a model "
-                         f"with the same tokenizer), or use a draft-free method such as --method {DRAFT_FREE_METHOD}")
+                         f"with the same tokenizer), or use a draft-free method such as {instead}")
     return [known] if known is not None else []
 
 

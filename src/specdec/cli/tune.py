@@ -71,7 +71,9 @@ def cmd_quick(args: argparse.Namespace, sampling: SamplingConfig) -> int:
         gen_tokens=check_positive_int("--gen-tokens", defaults.gen_tokens if args.gen_tokens is None
                                       else args.gen_tokens),
         seed=args.seed)
-    pipe = load_pipeline(args, True)
+    # A target without a known draft is tuned over the draft-free methods (the profile `auto` then
+    # follows there, as the error of an untuned `auto` says to make).
+    pipe = load_pipeline(args, True, optional_draft=True)
     texts = None
     if args.prompts:
         from specdec.bench.prompts import load_prompts
