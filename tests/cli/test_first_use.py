@@ -122,6 +122,29 @@ def test_a_device_torch_knows_but_cannot_run_on_here(capsys, device):
     assert err.count("\n") == 1 and MISSING not in err  # one line, before the model was looked for
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["profile", "--ks", "1,abc"], "--ks must be a positive integer, got 'abc'"),
+    (["profile", "--context", "-5"], "--context must be a positive integer, got -5"),
+    (["profile", "--prompt", "0"], "--prompt must be a positive integer, got '0'"),
+    (["profile", "--repeats", "0"], "--repeats must be a positive integer, got 0"),
+    (["profile", "--threads", "0"], "--threads must be a positive integer, got 0"),
+])
+def test_profile_sizes_are_checked_before_a_model_loads(capsys, args, needle):
+    rc, err = _err(capsys, [*args, "--target", MISSING])
+    assert rc == 2 and needle in err and err.count("\n") == 1 and MISSING not in err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "--seed", "abc", "hi"], "specdec generate: error: argument --seed: must be an integer, got 'abc'"),
+    (["profile", "--draft-vocab", "x"], "specdec profile: error: argument --draft-vocab: invalid int value: 'x'"),
+])
+def test_a_flag_argparse_refuses_is_one_line_too(capsys, args, needle):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith(needle) and err.count("\n") == 1
+
+
 def test_an_unknown_target_says_only_that(capsys):
     rc, err = _err(capsys, ["generate", "--target", MISSING, "hi"])
     assert rc == 2 and MISSING in err and err.startswith("specdec: error:")

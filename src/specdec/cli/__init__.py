@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 # name -> (module with `configure(parser)`, one line of help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -26,12 +27,19 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose mistakes are one line (as the commands' own are) rather than the
+    whole usage block; `--help` still shows it. Subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(only: str | None = None, allow_abbrev: bool = True) -> argparse.ArgumentParser:
     """The parser; subcommands other than `only` get their name and help but no flags (None = all)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    parser = argparse.ArgumentParser(prog="specdec", description="Lossless speculative decoding.",
-                                     allow_abbrev=allow_abbrev)
+    parser = _Parser(prog="specdec", description="Lossless speculative decoding.", allow_abbrev=allow_abbrev)
     try:
         installed = version("specdec")
     except PackageNotFoundError:  # run from a source tree that was never installed

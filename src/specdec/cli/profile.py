@@ -16,6 +16,7 @@ import torch
 
 from specdec.cli.common import AUTO_DRAFT_QUANT_NAME, DRAFT_QUANT_NAMES, device_of, forget_measurements
 from specdec.core.hardware import describe, fingerprint
+from specdec.core.options import check_positive_int, int_list
 from specdec.core.store import cache_dir
 from specdec.engine.pipeline import DEFAULT_TARGET, DTYPES
 from specdec.models.timing import DEFAULT_KS, ForwardProfile, format_table, measure_forward, measure_prompt
@@ -40,9 +41,15 @@ def _paths_for(name: str, requested: str) -> list[str]:
 
 
 def _timed(lm: Any, label: str, args: argparse.Namespace, ks: tuple[int, ...]) -> ForwardProfile:
+    room = getattr(lm, "context_length", None)
+    if room is not None and args.context + max(ks) + 1 > room:
+        raise ValueError(f"--context {args.context} and the largest of --ks ({max(ks)}) do not fit the model's context "
+                         f"of {room} tokens")
+    if room is not None and args.prompt_lengths and max(args.prompt_lengths) + 1 > room:
+        raise ValueError(f"--prompt {max(args.prompt_lengths)} does not fit the model's context of {room} tokens")
     profile = measure_forward(lm, ks, args.context, args.repeats, path=label)
-    if args.prompt:
-        measure_prompt(lm, profile, tuple(int(n) for n in args.prompt.split(",")))
+    if args.prompt_lengths:
+        measure_prompt(lm, profile, args.prompt_lengths)
     return profile
 
 
@@ -163,10 +170,25 @@ def _profile_model(role: str, name: str, args: argparse.Namespace, ks: tuple[int
             "linear_paths": [s.to_dict() for s in kernels.shapes] if kernels else [], "ms_per_draft_level": levels}
 
 
+def _check_sizes(args: argparse.Namespace) -> tuple[int, ...]:
+    """The block sizes to time; every size flag checked (one line each) before any model is loaded."""
+    def parsed(flag: str, value: str) -> tuple[int, ...]:
+        try:
+            return int_list(value)
+        except ValueError as exc:
+            raise ValueError(f"{flag} {exc}") from None
+
+    ks = parsed("--ks", args.ks)
+    args.prompt_lengths = parsed("--prompt", args.prompt) if args.prompt else ()
+    check_positive_int("--context", args.context)
+    check_positive_int("--repeats", args.repeats)
+    if args.threads is not None:
+        check_positive_int("--threads", args.threads)
+    return ks
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
-    ks = tuple(int(k) for k in args.ks.split(","))
-    if not ks or min(ks) < 1:
-        raise ValueError("--ks must be a comma-separated list of positive integers")
+    ks = _check_sizes(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = device_of(args)

@@ -99,9 +99,9 @@ def format_table(name: str, profiles: list[ForwardProfile]) -> str:
                  + "".join(f" prompt {n} tok/s |" for n in prompts))
     lines.append("|---" * (len(ks) + 3 + len(prompts)) + "|")
     for p in profiles:
-        ratios = [p.ms[k] / p.ms[1] if k in p.ms and 1 in p.ms else float("nan") for k in (8, 16)]
-        lines.append(f"| {p.path} | " + " | ".join(f"{p.ms.get(k, float('nan')):.1f}" for k in ks)
-                     + "".join(f" | {r:.2f}" for r in ratios) + " |"
+        ratios = [f"{p.ms[k] / p.ms[1]:.2f}" if k in p.ms and 1 in p.ms else "–" for k in (8, 16)]  # – : not timed
+        lines.append(f"| {p.path} | " + " | ".join(f"{p.ms[k]:.1f}" if k in p.ms else "–" for k in ks)
+                     + "".join(f" | {r}" for r in ratios) + " |"
                      + "".join(f" {p.prompt_tokens_per_s[n]:.0f} |" if n in p.prompt_tokens_per_s else " – |"
                                for n in prompts))
     return "\n".join(lines)
