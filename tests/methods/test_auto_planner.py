@@ -245,14 +245,21 @@ def test_the_batch_engine_runs_auto_requests_as_the_planner_does(one_thread):
         assert outs[0][0] == ref
 
 
-def test_unseeded_streams_read_in_turns_fail_clearly_rather_than_hang(one_thread):
+def test_unseeded_streams_read_in_turns_each_get_their_own_tokens(one_thread):
     """Unseeded auto runs share the pipeline's one-row engine: reading a second stream to its end drives
-    the first request too, whose tokens that loop does not keep; the first stream then says so."""
+    the first request too, and the first stream's tokens are kept for it; an abandoned third one's
+    rows are freed while the others go on."""
     pipe = _pipe({"method": "sps", "options": {"gamma": 2}})
+    ref = pipe.generate(PROMPT, "ar", 24).token_ids
+    other = [5, 9, 2, 7, 7, 3]
+    ref_other = pipe.generate(other, "ar", 20).token_ids
     first = pipe.stream(PROMPT, "auto", 24)[1]
-    assert next(first)
-    second = [t for chunk in pipe.stream(PROMPT, "auto", 24)[1] for t in chunk]
-    assert second == pipe.generate(PROMPT, "ar", 24).token_ids
-    with pytest.raises(RuntimeError, match="one unseeded auto stream at a time"):
-        list(first)
-    assert not pipe._solo_engine.has_work()
+    head = next(first)
+    abandoned = pipe.stream(other, "auto", 20)[1]
+    second = pipe.stream(other, "auto", 20)[1]
+    assert next(abandoned)  # it waited for the first (one row), which ran to its end meanwhile
+    abandoned.close()
+    assert [t for chunk in second for t in chunk] == ref_other
+    assert head + [t for chunk in first for t in chunk] == ref
+    engine = pipe._solo_engine
+    assert not engine.has_work() and engine.kv_slots_in_use() == 0

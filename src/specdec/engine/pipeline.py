@@ -18,6 +18,8 @@ import importlib
 import os
 import secrets
 import sys
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -54,6 +56,9 @@ Tuner = Callable[["Pipeline", SamplingConfig, str], dict[str, Any]]
 tuning layer (`tuning.autotune`), which sits above this one."""
 _TUNERS: list[Tuner] = []
 TUNER_ENTRY = "specdec.tuning.autotune"
+
+_MAILBOXES: "weakref.WeakKeyDictionary[BatchEngine, dict[int, deque[StepEvent]]]" = weakref.WeakKeyDictionary()
+"""The events of the auto streams open on a one-sequence engine, by request id, until each stream reads them."""
 """The module that registers the first-use tuner when imported: named here, not imported (its
 layer sits above this one), and imported the first time a tuner is asked for, so this module
 tunes on first use however it was imported."""
@@ -563,26 +568,33 @@ class Pipeline:
         def chunks() -> Iterator[list[int]]:
             request = BatchRequest(ids, max_new_tokens, planned.method, planned.options, sampling, seed)
             rid = engine.submit(request)
+            # Streams over one engine read in turns: whichever steps it keeps the others' events for them.
+            mail = _MAILBOXES.setdefault(engine, {})
+            mine = mail[rid] = deque()
             done = False
             try:
                 while not done:
-                    for event in engine.step():
-                        if event.request_id != rid:
-                            continue
-                        run.last_stats = event.stats or run.last_stats
-                        if event.error is not None:
-                            raise event.error
-                        done = bool(event.finished)
-                        if event.tokens:
-                            yield event.tokens
-                    if not done and not engine.has_work():  # its events went to another stream's loop
-                        raise RuntimeError("auto's one-sequence engine finished this request from another "
-                                           "stream's loop: consume one unseeded auto stream at a time")
+                    if not mine:
+                        if not engine.has_work():  # never expected: fail rather than spin
+                            raise RuntimeError("auto's one-sequence engine dropped this request")
+                        for event in engine.step():
+                            if event.request_id in mail:
+                                mail[event.request_id].append(event)
+                        continue
+                    event = mine.popleft()
+                    run.last_stats = event.stats or run.last_stats
+                    if event.error is not None:
+                        raise event.error
+                    done = bool(event.finished)
+                    if event.tokens:
+                        yield event.tokens
             finally:
-                if not done:  # abandoned or failed: its rows are freed before the next run
+                del mail[rid]
+                if not done:  # abandoned or failed: the step that applies the abort frees its rows now
                     engine.abort(rid)
-                    while engine.has_work():
-                        engine.step()
+                    for event in engine.step() if engine.has_work() else ():
+                        if event.request_id in mail:
+                            mail[event.request_id].append(event)
 
         return run, chunks()
 
