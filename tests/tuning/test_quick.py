@@ -232,6 +232,11 @@ def _bad_profiles(pipe, key):
         marker = tune_marker(key)
         marker.write_text(json.dumps({"pid": 2 ** 22 + 12345, "started": "2020-01-01 00:00:00"}))  # no such process
 
+    def edited(winner, **extra):  # a good profile, hand-edited
+        profile = quick_tune(pipe.target_lm, pipe.draft_lm, PROMPTS, GREEDY, key, settings=SMALL, progress=False)
+        profile.update({"winner": winner or profile["winner"], **extra})
+        save_profile(profile)
+
     return [
         ("corrupt", lambda: path.write_text("{half a profile"), "not a readable tune profile"),
         ("old", lambda: path.write_text(json.dumps({"version": 1, "key": key, "winner": {"method": "sequoia"}})),
@@ -239,6 +244,11 @@ def _bad_profiles(pipe, key):
         ("not a profile", lambda: path.write_text(json.dumps([1, 2])), "not a tune profile"),
         ("other hardware", other_machine, "was tuned on Some Other CPU"),
         ("interrupted", interrupted, "was interrupted"),
+        ("a method this version lacks", lambda: edited({"method": "nosuch", "label": "nosuch"}),
+         "its winner 'nosuch' is not one this specdec can run"),
+        ("options it refuses", lambda: edited({"method": "sps", "label": "sps", "options": {"gamma": -1}}),
+         "its winner 'sps' is not one this specdec can run"),
+        ("candidates that are not rows", lambda: edited(None, candidates="x"), "its candidates are not a list of rows"),
     ]
 
 

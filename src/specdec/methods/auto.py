@@ -59,11 +59,35 @@ def auto_profile(ctx: MethodContext, tree: str = "auto") -> dict[str, Any]:
     if not given and ctx.profile_key is None:
         raise ValueError("auto is tuned for one draft model at a time; give a single --draft (or a --method)")
     try:
-        return tuned_profile(ctx, tree)
+        return _runnable(tuned_profile(ctx, tree), tree if given else None, ctx.profile_key)
     except ProfileProblem as exc:
         if given or ctx.tuner is None:  # an operator's file is reported, never replaced by a tune
             raise
         return ctx.tuner(str(exc))
+
+
+def _runnable(profile: dict[str, Any], given: str | None, key: dict[str, Any] | None) -> dict[str, Any]:
+    """`profile`, or a ProfileProblem naming its file where this version cannot follow it: a winner
+    whose method it lacks or whose options it refuses (a hand-edited file, another version's), or
+    candidates that are not rows."""
+    from specdec.core import store
+
+    where = given or (str(store.profile_path(key)) if key is not None else "the tune profile")
+    command = store.tune_command(key) if key is not None and given is None else None
+    again = f"; run `{command}`" if command else "; tune again"
+    winner, candidates = profile["winner"], profile.get("candidates", [])
+    try:
+        method = get_method(str(winner.get("method")))
+        options = winner.get("options") or {}
+        if not isinstance(options, dict):
+            raise ValueError(f"options {options!r} are not a mapping")
+        method.make_options(options)
+    except (ValueError, TypeError) as exc:
+        raise ProfileProblem(f"{where}: its winner {winner.get('label', winner.get('method'))!r} is not one this "
+                             f"specdec can run ({exc}){again}", command) from None
+    if not isinstance(candidates, list) or not all(isinstance(c, dict) for c in candidates):
+        raise ProfileProblem(f"{where}: its candidates are not a list of rows{again}", command)
+    return profile
 
 
 PLANNER_DEPTH = 6
