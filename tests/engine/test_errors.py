@@ -46,6 +46,19 @@ def test_pipeline_arguments_that_cannot_load_are_refused_before_any_file_is_read
         Pipeline("/nonexistent/model.gguf", **kwargs)
 
 
+def test_a_stream_refuses_what_it_cannot_run_when_it_is_asked_for_not_at_its_first_step():
+    pipe = Pipeline.from_models(tiny_lm("llama", seed=0), None, tiny_lm("llama", seed=1))
+    for method in ("sps", "pld", "ar"):
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            pipe.stream([1, 2, 3], method, 0)
+        with pytest.raises(ValueError, match="context"):
+            pipe.stream([1, 2, 3], method, 10**6)
+    with pytest.raises(TypeError, match="chat must be True, False or None"):
+        pipe.stream([1, 2, 3], "ar", 4, chat="no")
+    with pytest.raises(ValueError, match="token ids are sent as they are"):
+        pipe.stream([1, 2, 3], "ar", 4, chat=True)
+
+
 def test_mismatched_tokenizers_are_refused():
     class Tok:
         def __init__(self, vocab):

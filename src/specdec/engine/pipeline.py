@@ -498,11 +498,13 @@ class Pipeline:
         holds `last_stats` as a decoder does."""
         _check_sampling(sampling)
         seed = check_seed(seed)
+        check_max_new_tokens(max_new_tokens)  # now, not at the iterator's first step
         ids = self._prompt_ids(prompt, chat)
         planned = self.auto_plan(sampling, seed, **opts) if method == "auto" else None
         if planned is not None:
             return self._planned_stream(ids, planned, max_new_tokens, sampling, seed)
         dec = self.decoder(method, sampling, **opts)
+        dec.check_fits(len(ids), max_new_tokens)  # now, not at the iterator's first step
         generator = None
         if not sampling.greedy:
             generator = torch.Generator(device=self.device)
@@ -512,8 +514,12 @@ class Pipeline:
 
     def _prompt_ids(self, prompt: object, chat: bool | None) -> list[int]:
         """A prompt as token ids: text encoded, ids checked (`decoder.prompt_tensor`)."""
+        if chat is not None and not isinstance(chat, bool):
+            raise TypeError(f"chat must be True, False or None (the template where the tokenizer has one), got {chat!r}")
         if isinstance(prompt, str):
             return self.encode(prompt, chat)
+        if chat:
+            raise ValueError("chat=True renders a text prompt with the chat template; token ids are sent as they are")
         return prompt_tensor(prompt, self.target_lm.vocab_size).tolist()
 
     def auto_plan(self, sampling: SamplingConfig = SamplingConfig(), seed: int | None = None,
@@ -564,9 +570,10 @@ class Pipeline:
         adapts = planner_adapts(sampling, seed)
         engine = self._solo_planner(planned) if adapts else self._fixed_planner(planned)
         run = PlannedRun(planned)
+        request = BatchRequest(ids, max_new_tokens, planned.method, planned.options, sampling, seed)
+        engine.check(request)  # now, not at the iterator's first step
 
         def chunks() -> Iterator[list[int]]:
-            request = BatchRequest(ids, max_new_tokens, planned.method, planned.options, sampling, seed)
             rid = engine.submit(request)
             # Streams over one engine read in turns: whichever steps it keeps the others' events for them.
             mail = _MAILBOXES.setdefault(engine, {})
