@@ -59,6 +59,12 @@ def test_a_stream_refuses_what_it_cannot_run_when_it_is_asked_for_not_at_its_fir
         pipe.stream([1, 2, 3], "ar", 4, chat=True)
 
 
+def test_engine_limits_are_named_as_python_and_the_command_line_name_them():
+    pipe = Pipeline.from_models(tiny_lm("llama", seed=0), None)
+    with pytest.raises(ValueError, match=re.escape("max_batch_size (--max-batch-size) must be a positive integer, got 0")):
+        pipe.generate_batch([[1, 2, 3]], "ar", 4, max_batch_size=0)
+
+
 def test_mismatched_tokenizers_are_refused():
     class Tok:
         def __init__(self, vocab):

@@ -24,12 +24,18 @@ PROFILE_FIELD = "speculative_disable_by_batch_size"
 """The optional tune-profile field (an int) that `specdec serve` reads as its threshold."""
 
 
+def _named(flag: str) -> str:
+    """A limit as both front ends name it: the Python argument, then the command-line flag (a name
+    that is not a flag as it is)."""
+    return f"{flag[2:].replace('-', '_')} ({flag})" if flag.startswith("--") else flag
+
+
 def _check_int(flag: str, value: object, low: int, none_ok: bool = False) -> None:
     if value is None and none_ok:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         what = "a positive integer" if low == 1 else f"an integer >= {low}"
-        raise ValueError(f"{flag} must be {what}, got {value!r}")
+        raise ValueError(f"{_named(flag)} must be {what}, got {value!r}")
 
 
 SEED_BOUND = 2**63
@@ -56,8 +62,8 @@ def check_seed(seed: object) -> int | None:
 
 @dataclass(frozen=True)
 class BatchLimits:
-    """What bounds the continuous-batching engine, checked once, here (named by their command-line
-    flags, which `specdec serve` builds this from before any model loads)."""
+    """What bounds the continuous-batching engine, checked once, here (named by their Python arguments
+    and their command-line flags: `specdec serve` builds this before any model loads)."""
 
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     """Sequences decoded together; more wait in the queue."""
@@ -86,7 +92,7 @@ class BatchLimits:
             if value is None and flag == "--max-fill-ms":
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-                raise ValueError(f"{flag} must be a finite number >= 0, got {value!r}")
+                raise ValueError(f"{_named(flag)} must be a finite number >= 0, got {value!r}")
 
 
 def context_overflow(prompt_len: int, max_new_tokens: int, block: int, context: int) -> str:
