@@ -254,12 +254,14 @@ def chains_batch(items: Sequence[Verification], probs: Sequence[Tensor]) -> list
     target = joined(probs)  # [T, V]
     offsets, _, _ = _segments([g + 1 for g in gammas], device)
     drafted = torch.cat([it.tree.tokens[1:] for it in items]).to(device)  # [G]
-    draft_rows = torch.cat([it.tree.draft_probs.to(device)[it.tree.cand_draft_row.to(device)]  # type: ignore[union-attr]
-                            for it in items])  # [G, V]: row j = the distribution draft j was drawn from
+    # Draft j's row of its tree's draft distributions (the one it was drawn from), and what that row
+    # gives draft j: read in place, as the rows are wide and only the stopping one is needed whole.
+    q_rows = [it.tree.draft_probs.to(device) for it in items]  # type: ignore[union-attr]  # [n_i, V] each
+    q_row_of = [it.tree.cand_draft_row.to(device) for it in items]  # type: ignore[union-attr]  # [γ_i] each
+    q_drafted = torch.cat([q[r, it.tree.tokens[1:].to(device)] for q, r, it in zip(q_rows, q_row_of, items)])  # [G]
     row = torch.repeat_interleave(offsets, torch.tensor(gammas, device=device)) + torch.cat(
         [torch.arange(g, device=device) for g in gammas])  # target row of each draft
-    accept_p = _chain.ratio_acceptance(target[row, drafted], draft_rows[torch.arange(drafted.shape[0]), drafted])
-    g_off = torch.tensor(gammas, device=device).cumsum(0) - torch.tensor(gammas, device=device)
+    accept_p = _chain.ratio_acceptance(target[row, drafted], q_drafted)
     steps = torch.arange(max(gammas), device=device)
     valid = steps[None] < torch.tensor(gammas, device=device)[:, None]
     passed = torch.zeros(len(items), max(gammas), dtype=torch.bool, device=device)
@@ -268,7 +270,8 @@ def chains_batch(items: Sequence[Verification], probs: Sequence[Tensor]) -> list
     rejected = n < torch.tensor(gammas, device=device)
     at = offsets + n
     rows = target[at]  # [S, V]: the target where the walk stopped
-    draft_at = draft_rows[(g_off + n).clamp_max(draft_rows.shape[0] - 1)]
+    # The draft distribution where each walk stopped (any row where none was rejected: unused there).
+    draft_at = torch.stack([q[r[min(k, g - 1)]] for q, r, k, g in zip(q_rows, q_row_of, n.tolist(), gammas)])
     dist = torch.where(rejected[:, None], _chain.recovery_distribution(rows, draft_at), rows)
     token = pick(dist, torch.cat(final_u))
     return [VerifyResult(tuple(range(1, k + 1)), int(t)) for k, t in zip(n.tolist(), token.tolist())]
