@@ -56,12 +56,12 @@ Tuner = Callable[["Pipeline", SamplingConfig, str], dict[str, Any]]
 tuning layer (`tuning.autotune`), which sits above this one."""
 _TUNERS: list[Tuner] = []
 TUNER_ENTRY = "specdec.tuning.autotune"
-
-_MAILBOXES: "weakref.WeakKeyDictionary[BatchEngine, dict[int, deque[StepEvent]]]" = weakref.WeakKeyDictionary()
-"""The events of the auto streams open on a one-sequence engine, by request id, until each stream reads them."""
 """The module that registers the first-use tuner when imported: named here, not imported (its
 layer sits above this one), and imported the first time a tuner is asked for, so this module
 tunes on first use however it was imported."""
+
+_MAILBOXES: "weakref.WeakKeyDictionary[BatchEngine, dict[int, deque[StepEvent]]]" = weakref.WeakKeyDictionary()
+"""The events of the auto streams open on a one-sequence engine, by request id, until each stream reads them."""
 
 
 def register_tuner(tuner: Tuner) -> None:
