@@ -294,7 +294,13 @@ def test_a_target_without_a_known_draft_gets_a_draft_free_method(capsys, monkeyp
     calls = _loads_nothing(monkeypatch)
     rc, err = _err(capsys, ["generate", "--target", "smollm2-135m-instruct", "--method", "sps", "hi"])
     assert rc == 2 and "method sps needs a draft model and smollm2-135m-instruct has no known one" in err
-    assert calls == []
+    assert "--method pld" in err and calls == []
+    # Commands without --method are told what they can do instead, in their own flags.
+    rc, err = _err(capsys, ["tune", "--target", "smollm2-135m-instruct"])
+    assert rc == 2 and "run `specdec tune --quick`" in err and calls == []
+    rc, err = _err(capsys, ["bench", "--target", "smollm2-135m-instruct", "--methods", "ar,sps",
+                            "--prompts", "../shared/bench/prompts-dev.jsonl", "--out", "/nonexistent/out"])
+    assert rc == 2 and "--methods ar,pld" in err and calls == []
     # Without --method: pld, said in one line, and only the target is loaded (here: refused at once;
     # dense weights, since where the file is cached and native measures faster nothing is patched).
     rc, err = _err(capsys, ["generate", "--target", "smollm2-135m-instruct", "--weights", "dense", "hi"])

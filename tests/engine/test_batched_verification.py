@@ -123,6 +123,31 @@ def test_batched_equals_each_sequences_own_verifier(seed):
         assert torch.equal(it.generator.get_state(), g.get_state())
 
 
+def test_sample_and_match_sequences_of_two_logits_dtypes_each_equal_their_own_verifier():
+    """Joined, float32 logits beside float64 ones would be processed in float64: a top-p cut at a
+    float32 boundary then falls elsewhere. Each dtype is walked apart."""
+    def cut_at(gap: float) -> tuple[torch.Tensor, SamplingConfig]:  # top-p exactly at the first token's mass
+        near = torch.tensor([0.0, -gap])
+        return near, SamplingConfig(temperature=1.0, top_p=float(torch.softmax(near, -1)[0]))
+
+    def splits(gap: float) -> bool:  # its top-p keeps one token in float32 and two in float64, or the reverse
+        near, cfg = cut_at(gap)
+        return bool((logits_to_probs(near, cfg)[1] == 0) != (logits_to_probs(near.double(), cfg)[1] == 0))
+
+    near, cfg = cut_at(next(i * 1e-4 for i in range(1, 20000) if splits(i * 1e-4)))  # found, not assumed
+    root = TokenTree.chain(0, torch.zeros(0, dtype=torch.long))
+    differs = 0
+    for seed in range(60):
+        items = [Verification(root, cfg, verify_sample_and_match, torch.Generator().manual_seed(seed)),
+                 Verification(root, SamplingConfig(temperature=0.5), verify_sample_and_match, torch.Generator())]
+        got = verify_batch(items, [near[None].clone(), torch.zeros(1, 2, dtype=torch.float64)])[0]
+        alone = verify_sample_and_match(root, logits_to_probs(near[None], cfg), torch.Generator().manual_seed(seed))
+        assert (got.accepted_nodes, got.next_token) == (alone.accepted_nodes, alone.next_token)
+        differs += verify_sample_and_match(root, logits_to_probs(near[None].double(), cfg),
+                                           torch.Generator().manual_seed(seed)).next_token != alone.next_token
+    assert differs > 0  # float64 processing would have drawn other tokens
+
+
 def test_accepted_paths_are_exercised():
     accepted = Counter()
     for seed in range(25):

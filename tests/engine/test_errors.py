@@ -65,6 +65,23 @@ def test_engine_limits_are_named_as_python_and_the_command_line_name_them():
         pipe.generate_batch([[1, 2, 3]], "ar", 4, max_batch_size=0)
 
 
+def test_a_bandit_of_greedy_drafters_under_a_sampling_decoder_is_refused():
+    from specdec.drafting.bandit import Arm, BanditDrafter
+
+    lm = tiny_lm("llama")
+    greedy = BanditDrafter([Arm(ModelDrafter(lm, SamplingConfig(), gamma=2), 10.0, 2.0), Arm(None, 5.0, 1.0)], 5.0)
+    with pytest.raises(ValueError, match="built for greedy decoding"):
+        SpeculativeDecoder(lm, greedy, SamplingConfig(temperature=1.0))
+
+
+def test_a_prompt_that_can_never_fit_is_refused_before_auto_may_tune(monkeypatch):
+    pipe = Pipeline.from_models(tiny_lm("llama", seed=0), None, tiny_lm("llama", seed=1))
+    pipe.autotune = True
+    monkeypatch.setattr(Pipeline, "auto_plan", lambda *a, **k: pytest.fail("auto was asked to plan (and tune)"))
+    with pytest.raises(ValueError, match="exceeds the target's context"):
+        pipe.stream([1, 2, 3], "auto", 10**6)
+
+
 def test_mismatched_tokenizers_are_refused():
     class Tok:
         def __init__(self, vocab):

@@ -249,6 +249,8 @@ def _bad_profiles(pipe, key):
         ("options it refuses", lambda: edited({"method": "sps", "label": "sps", "options": {"gamma": -1}}),
          "its winner 'sps' is not one this specdec can run"),
         ("candidates that are not rows", lambda: edited(None, candidates="x"), "its candidates are not a list of rows"),
+        ("a candidate this version lacks", lambda: edited(None, candidates=[{"method": "nosuch", "label": "nosuch"}]),
+         "its candidate 'nosuch' is not one this specdec can run"),
     ]
 
 

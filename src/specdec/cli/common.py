@@ -170,10 +170,15 @@ def drafts_of(args: argparse.Namespace, need: bool = False) -> list[str]:
     if known is None and need:
         method = getattr(args, "method", None)
         who = f"method {method}" if method else "this command"
-        # Only commands with --method can take one; the others are told of the kind of method.
-        instead = f"--method {DRAFT_FREE_METHOD}" if hasattr(args, "method") else DRAFT_FREE_METHOD
+        # What this command can do without a draft, in its own flags.
+        if hasattr(args, "method"):
+            instead = f"use a draft-free method such as --method {DRAFT_FREE_METHOD}"
+        elif hasattr(args, "methods"):
+            instead = f"use draft-free methods only (such as --methods ar,{DRAFT_FREE_METHOD})"
+        else:
+            instead = "run `specdec tune --quick`, which tunes the draft-free methods"
         raise ValueError(f"{who} needs a draft model and {args.target} has no known one: give --draft NAME (a model "
-                         f"with the same tokenizer), or use a draft-free method such as {instead}")
+                         f"with the same tokenizer), or {instead}")
     return [known] if known is not None else []
 
 

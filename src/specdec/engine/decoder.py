@@ -112,6 +112,14 @@ class DecodeRun:
     """Whether this step's proposal is one the caller drafted without the drafter (`propose_free`)."""
 
 
+def _greedy_rule(drafter: Drafter) -> bool:
+    """Whether the drafter (or an arm of a bandit over drafters) verifies by the greedy walk: built for
+    greedy decoding."""
+    if drafter.verifier is verify_greedy:
+        return True
+    return any(arm.drafter is not None and _greedy_rule(arm.drafter) for arm in getattr(drafter, "arms", ()))
+
+
 class SpeculativeDecoder:
     """Generate with a target model, an optional drafter and an exact verifier (batch 1).
 
@@ -148,7 +156,7 @@ class SpeculativeDecoder:
                 verifier = verify_greedy
             else:
                 verifier = drafter.verifier if drafter is not None else verify_sample_and_match
-                if verifier is verify_greedy:  # it would return the argmax of the target's sampled distribution
+                if drafter is not None and _greedy_rule(drafter):  # it would return the argmax of the sampled target
                     raise ValueError(
                         "the drafter was built for greedy decoding and this decoder samples: build the drafter "
                         "with the decoder's SamplingConfig (its draws and its verification rule depend on it)")

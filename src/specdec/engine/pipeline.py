@@ -34,7 +34,7 @@ from specdec.engine.batch import (
 )
 from specdec.engine.build import build_decoder
 from specdec.engine.decoder import SpeculativeDecoder, prompt_tensor
-from specdec.engine.limits import check_max_new_tokens, check_seed
+from specdec.engine.limits import check_max_new_tokens, check_seed, context_overflow
 from specdec.engine.stats import DecodeStats
 from specdec.engine.text import TextAssembler
 from specdec.methods import DEFAULT_METHOD
@@ -500,6 +500,9 @@ class Pipeline:
         seed = check_seed(seed)
         check_max_new_tokens(max_new_tokens)  # now, not at the iterator's first step
         ids = self._prompt_ids(prompt, chat)
+        room = self.target_lm.context_length
+        if len(ids) + max_new_tokens + 1 > room:  # never fits, whatever drafts: refused before auto may tune
+            raise ValueError(context_overflow(len(ids), max_new_tokens, 1, room))
         planned = self.auto_plan(sampling, seed, **opts) if method == "auto" else None
         if planned is not None:
             return self._planned_stream(ids, planned, max_new_tokens, sampling, seed)

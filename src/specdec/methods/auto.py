@@ -76,17 +76,18 @@ def _runnable(profile: dict[str, Any], given: str | None, key: dict[str, Any] | 
     command = store.tune_command(key) if key is not None and given is None else None
     again = f"; run `{command}`" if command else "; tune again"
     winner, candidates = profile["winner"], profile.get("candidates", [])
-    try:
-        method = get_method(str(winner.get("method")))
-        options = winner.get("options") or {}
-        if not isinstance(options, dict):
-            raise ValueError(f"options {options!r} are not a mapping")
-        method.make_options(options)
-    except (ValueError, TypeError) as exc:
-        raise ProfileProblem(f"{where}: its winner {winner.get('label', winner.get('method'))!r} is not one this "
-                             f"specdec can run ({exc}){again}", command) from None
     if not isinstance(candidates, list) or not all(isinstance(c, dict) for c in candidates):
         raise ProfileProblem(f"{where}: its candidates are not a list of rows{again}", command)
+    for role, row in [("winner", winner), *(("candidate", c) for c in candidates)]:  # auto may build any of them
+        try:
+            method = get_method(str(row.get("method")))
+            options = row.get("options") or {}
+            if not isinstance(options, dict):
+                raise ValueError(f"options {options!r} are not a mapping")
+            method.make_options(options)
+        except (ValueError, TypeError) as exc:
+            raise ProfileProblem(f"{where}: its {role} {row.get('label', row.get('method'))!r} is not one this "
+                                 f"specdec can run ({exc}){again}", command) from None
     return profile
 
 

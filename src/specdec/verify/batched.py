@@ -96,8 +96,10 @@ def verify_batch(items: Sequence[Verification], logits: Sequence[Tensor]) -> lis
         flat = joined([logits[i] for i in idx])
         choice = flat.to(torch.float64 if flat.dtype == torch.float64 else torch.float32).argmax(-1)
         _put(results, idx, follow_matching_batch([items[i].tree for i in idx], choice))
-    if "match" in groups:
-        idx = groups["match"]
+    by_dtype: dict[torch.dtype, list[int]] = {}  # joined, logits of two dtypes would promote each other
+    for i in groups.get("match", []):
+        by_dtype.setdefault(logits[i].dtype, []).append(i)
+    for idx in by_dtype.values():
         _put(results, idx, match_batch([items[i] for i in idx], [logits[i] for i in idx]))
     sampled = [i for k in ("chain", "mss", "swor") for i in groups.get(k, [])]
     if sampled:
