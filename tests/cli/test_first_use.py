@@ -290,7 +290,7 @@ def test_any_mismatched_pair_is_refused_on_its_tokenizers_before_weights_load(mo
     assert weights == []
 
 
-def test_a_target_without_a_known_draft_gets_a_draft_free_method(capsys, monkeypatch):
+def test_a_target_without_a_known_draft_gets_a_draft_free_method(capsys, monkeypatch, tmp_path):
     calls = _loads_nothing(monkeypatch)
     rc, err = _err(capsys, ["generate", "--target", "smollm2-135m-instruct", "--method", "sps", "hi"])
     assert rc == 2 and "method sps needs a draft model and smollm2-135m-instruct has no known one" in err
@@ -298,8 +298,10 @@ def test_a_target_without_a_known_draft_gets_a_draft_free_method(capsys, monkeyp
     # Commands without --method are told what they can do instead, in their own flags.
     rc, err = _err(capsys, ["tune", "--target", "smollm2-135m-instruct"])
     assert rc == 2 and "run `specdec tune --quick`" in err and calls == []
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "task": "qa", "turns": ["hi"]}\n')
     rc, err = _err(capsys, ["bench", "--target", "smollm2-135m-instruct", "--methods", "ar,sps",
-                            "--prompts", "../shared/bench/prompts-dev.jsonl", "--out", "/nonexistent/out"])
+                            "--prompts", str(prompts), "--out", str(tmp_path / "out")])
     assert rc == 2 and "--methods ar,pld" in err and calls == []
     # Without --method: pld, said in one line, and only the target is loaded (here: refused at once;
     # dense weights, since where the file is cached and native measures faster nothing is patched).

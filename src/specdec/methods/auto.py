@@ -69,7 +69,8 @@ def auto_profile(ctx: MethodContext, tree: str = "auto") -> dict[str, Any]:
 def _runnable(profile: dict[str, Any], given: str | None, key: dict[str, Any] | None) -> dict[str, Any]:
     """`profile`, or a ProfileProblem naming its file where this version cannot follow it: a winner
     whose method it lacks or whose options it refuses (a hand-edited file, another version's), or
-    candidates that are not rows."""
+    candidates that are not rows. Candidates it cannot run are left out of what auto considers (a
+    method this version no longer has: the tune's other rows still stand)."""
     from specdec.core import store
 
     where = given or (str(store.profile_path(key)) if key is not None else "the tune profile")
@@ -78,17 +79,27 @@ def _runnable(profile: dict[str, Any], given: str | None, key: dict[str, Any] | 
     winner, candidates = profile["winner"], profile.get("candidates", [])
     if not isinstance(candidates, list) or not all(isinstance(c, dict) for c in candidates):
         raise ProfileProblem(f"{where}: its candidates are not a list of rows{again}", command)
-    for role, row in [("winner", winner), *(("candidate", c) for c in candidates)]:  # auto may build any of them
+    try:
+        _check_row(winner)
+    except (ValueError, TypeError) as exc:
+        raise ProfileProblem(f"{where}: its winner {winner.get('label', winner.get('method'))!r} is not one this "
+                             f"specdec can run ({exc}){again}", command) from None
+    runnable = []
+    for row in candidates:
         try:
-            method = get_method(str(row.get("method")))
-            options = row.get("options") or {}
-            if not isinstance(options, dict):
-                raise ValueError(f"options {options!r} are not a mapping")
-            method.make_options(options)
-        except (ValueError, TypeError) as exc:
-            raise ProfileProblem(f"{where}: its {role} {row.get('label', row.get('method'))!r} is not one this "
-                                 f"specdec can run ({exc}){again}", command) from None
-    return profile
+            _check_row(row)
+        except (ValueError, TypeError):
+            continue
+        runnable.append(row)
+    return profile if len(runnable) == len(candidates) else {**profile, "candidates": runnable}
+
+
+def _check_row(row: dict[str, Any]) -> None:
+    """ValueError/TypeError unless this version has the row's method and takes its options."""
+    options = row.get("options") or {}
+    if not isinstance(options, dict):
+        raise ValueError(f"options {options!r} are not a mapping")
+    get_method(str(row.get("method"))).make_options(options)
 
 
 PLANNER_DEPTH = 6
